@@ -1,0 +1,587 @@
+"""Side-by-side onnxruntime CPU latency of several models: ``onnx-dwdecomp bench A.onnx B.onnx``.
+
+Method
+------
+Each model gets its own onnxruntime CPU session with the settings of a real deployment:
+``ORT_ENABLE_ALL`` graph optimisation, sequential execution, ``intra_op_num_threads = threads``
+(default: the CPUs this process may use), ``inter_op_num_threads = 1``. Sessions are created
+from the model *path*, so weights stored as external data beside the model are found.
+
+Every model is fed the same seeded inputs (``numpy.random.default_rng(seed)``: float inputs
+standard normal, integer and bool inputs zeros) whenever the input signatures match, at each
+requested batch size. For each batch size::
+
+    warm-up:   A × warmup, B × warmup, ...
+    timing:    A, B, A, B, ... (``runs`` rounds), each call timed with time.perf_counter
+
+Why interleave. Machine noise — frequency scaling, a background process, thermal throttling, a
+noisy neighbour on a shared host — comes in bursts lasting far longer than one inference. Timing
+all runs of A and then all runs of B lets a burst land on one model only and shows up as a fake
+speed-up; alternating A and B spreads every burst over both. It also puts every model in the
+same cache situation: each call follows a call of another model (with two or more models), so
+no model profits from a cache left hot by its own previous call while the other does not.
+Python's garbage collector is paused during the timing loop so its pauses do not land at random.
+
+Why median and p90, not mean. Latency distributions are skewed: a few slow calls (a preemption,
+a page fault) can move the mean a lot while telling nothing about the model. The median is the
+typical latency and is robust to those outliers; p90 shows the tail a user sees one call in ten.
+The speed-up is the ratio of medians, ``median(first model) / median(this model)``, so > 1 means
+faster than the first model, the reference.
+
+MACs are multiply-accumulates of Conv/Gemm/MatMul nodes *per inference at that batch size*
+(i.e. batch × per-sample MACs), parameters count the elements of all initializers and
+``Constant`` tensors, and the size is that of the model file plus its external data files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import ModelError, OptionError
+from .modelio import iter_graph_tensors, load_model
+from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
+
+__all__ = ["ModelBench", "interleaved_timings", "run_bench", "format_table", "bench_main"]
+
+#: run_bench forwards progress messages at most this often (seconds); phase changes always pass.
+PROGRESS_INTERVAL_S = 0.25
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
+                        on_round: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Time several callables in interleaved rounds.
+
+    Each fn is first called ``warmup`` times (fn0 × warmup, then fn1 × warmup, ...), then the fns
+    are called in the order fn0, fn1, ..., fn0, fn1, ... for ``runs`` rounds, so machine noise
+    hits all alike. The garbage collector is paused while timing.
+
+    Parameters
+    ----------
+    fns : sequence of zero-argument callables
+    runs : int, ≥ 1
+        Timed rounds; each fn is timed once per round.
+    warmup : int, ≥ 0
+        Untimed calls of each fn before the first round.
+    on_round : callable, optional
+        Called with the 1-based round number after each round (outside the timed calls).
+
+    Returns
+    -------
+    list of ndarray, shape (runs,)
+        Per fn, the seconds each timed call took (``time.perf_counter``), in call order.
+    """
+    if not isinstance(runs, (int, np.integer)) or isinstance(runs, bool) or runs < 1:
+        raise OptionError(f"--runs must be an integer >= 1, got {runs!r}")
+    if not isinstance(warmup, (int, np.integer)) or isinstance(warmup, bool) or warmup < 0:
+        raise OptionError(f"--warmup must be an integer >= 0, got {warmup!r}")
+    fns = list(fns)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = np.empty((len(fns), runs), dtype=np.float64)
+    clock = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(runs):
+            for i, fn in enumerate(fns):
+                t0 = clock()
+                fn()
+                times[i, r] = clock() - t0
+            if on_round is not None:
+                on_round(r + 1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [times[i].copy() for i in range(len(fns))]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelBench:
+    """One model at one batch size.
+
+    Attributes
+    ----------
+    path : Path
+        The model file.
+    batch_size : int
+    median_ms, p90_ms : float
+        Median and 90th percentile of the per-call latency, milliseconds, for one inference of
+        the whole batch.
+    macs : int
+        Multiply-accumulates per inference at this batch size (batch × per-sample MACs).
+    params : int
+        Elements of all initializers and ``Constant`` tensors.
+    file_size : int
+        Bytes on disk: the model file plus its external data files.
+    speedup : float
+        ``median_ms`` of the first model at this batch size / this ``median_ms``; > 1 is faster.
+    times_ms : tuple of float
+        Every timed call, milliseconds, in call order (for your own statistics).
+    """
+
+    path: Path
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    macs: int
+    params: int
+    file_size: int
+    speedup: float
+    times_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["times_ms"] = list(self.times_ms)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Models, inputs, sessions
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the timing needs of one model; the ModelProto itself is not kept."""
+
+    path: Path
+    label: str
+    input_names: tuple[str, ...]
+    input_dtypes: tuple[np.dtype, ...]
+    shapes: dict[int, tuple[tuple[int, ...], ...]]  # batch size -> shape per input
+    macs: dict[int, int]                            # batch size -> MACs per inference
+    params: int
+    file_size: int
+
+
+def _file_size_on_disk(path: Path, used_external_data: bool, main_size: int) -> int:
+    """Size of the model file plus every distinct external data file it refers to."""
+    if not used_external_data:
+        return main_size
+    stub = onnx.load(str(path), load_external_data=False)  # weights not read: cheap
+    files = set()
+    for t in iter_graph_tensors(stub.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    files.add((path.parent / entry.value).resolve())
+    return main_size + sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _prepare(path: Path, label: str, batch_sizes: Sequence[int],
+             overrides: Mapping[str, tuple[int, ...]]) -> _Prepared:
+    loaded = load_model(path)
+    model = loaded.model
+    specs = graph_inputs(model)
+    if not specs:
+        raise ModelError(f"{label}: the model has no inputs to feed")
+    for spec in specs:
+        if spec.dtype.kind not in "fiub":
+            raise ModelError(f"{label}: input {spec.name!r} has dtype {spec.dtype}; bench can only "
+                             f"feed float, integer and bool inputs")
+    shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
+    macs: dict[int, int] = {}
+    params = 0
+    for b in batch_sizes:
+        mine: dict[str, tuple[int, ...]] = {}
+        for spec in specs:
+            if not spec.shape:
+                continue  # a scalar input has no batch dim
+            fixed = spec.shape[0]
+            if fixed is not None and fixed != b:
+                raise OptionError(f"{label}: input {spec.name!r} has a fixed batch size of {fixed} "
+                                  f"{_fmt_dims(spec.shape)}, but --batch-sizes asks for {b}; "
+                                  f"use --batch-sizes {fixed} or export the model with a dynamic batch")
+            if spec.name in overrides:
+                mine[spec.name] = (b,) + tuple(overrides[spec.name][1:])
+        try:
+            resolved, _notes = resolve_input_shapes(specs, mine)  # notes are about batch 1: moot
+        except OptionError as exc:
+            raise OptionError(f"{label}: {exc}") from None
+        per_input = tuple((b,) + tuple(resolved[s.name][1:]) if s.shape else tuple(resolved[s.name])
+                          for s in specs)
+        shapes[b] = per_input
+        cost = model_cost(model, infer_tensor_info(model, dict(zip((s.name for s in specs), per_input))))
+        macs[b] = cost.macs
+        params = cost.params
+    file_size = _file_size_on_disk(path, loaded.used_external_data, loaded.file_size or 0)
+    return _Prepared(path, label, tuple(s.name for s in specs), tuple(s.dtype for s in specs),
+                     shapes, macs, params, file_size)
+
+
+def _fmt_dims(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], seed: int,
+                 cache: dict) -> list[np.ndarray]:
+    """Seeded inputs; identical (the same arrays) for every model with the same dtypes and shapes."""
+    key = (tuple(str(d) for d in dtypes), tuple(shapes))
+    if key not in cache:
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for dtype, shape in zip(dtypes, shapes):
+            if dtype.kind == "f":
+                arrays.append(rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False))
+            else:
+                arrays.append(np.zeros(shape, dtype=dtype))
+        cache[key] = arrays
+    return cache[key]
+
+
+def _session(path: Path, label: str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unrelated types
+        raise ModelError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _runner(sess, feeds: dict, label: str, batch: int) -> Callable[[], object]:
+    run = sess.run
+
+    def call():
+        try:
+            return run(None, feeds)
+        except Exception as exc:
+            raise ModelError(f"{label}: onnxruntime failed at batch {batch}: {_first_line(exc)}") from exc
+
+    return call
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """File names, or the paths as given where two models share a file name."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_int(value, flag: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OptionError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] = (1,),
+              threads: int | None = None, runs: int = 50, warmup: int = 5,
+              input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> list[ModelBench]:
+    """Benchmark models side by side with onnxruntime on the CPU (see the module docstring).
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Model files; the first is the reference of the speed-up.
+    batch_sizes : sequence of int
+        Each is benchmarked in turn; replaces the batch dim (dim 0) of every input.
+    threads : int, optional
+        ``intra_op_num_threads``; default :func:`default_threads`.
+    runs, warmup : int
+        Timed rounds and untimed warm-up calls per model and batch size.
+    input_shapes : mapping name -> dims, optional
+        Fixes dynamic dims, like ``--input-shape``; dim 0 is replaced by the batch size. A name
+        applies to every model with such an input and must belong to at least one.
+    seed : int
+        Seed of the random inputs.
+    progress : callable(str), optional
+        Receives short status lines, at most every 0.25 s except at a change of phase.
+
+    Returns
+    -------
+    list of ModelBench
+        Batch-size-major: all models at ``batch_sizes[0]``, then at ``batch_sizes[1]``, ...
+
+    Raises
+    ------
+    OptionError
+        Bad argument, unknown input name, or a batch size that a model's fixed batch forbids.
+    ModelError
+        Missing or unreadable model, or onnxruntime cannot load or run it.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise OptionError("bench needs at least one model file")
+    if isinstance(batch_sizes, (int, str)) or not batch_sizes:
+        raise OptionError(f"--batch-sizes must be a non-empty list of positive integers, got {batch_sizes!r}")
+    batch_sizes = [_check_int(b, "--batch-sizes", 1) for b in batch_sizes]
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise OptionError(f"--batch-sizes lists a batch size twice: {batch_sizes}")
+    threads = default_threads() if threads is None else _check_int(threads, "--threads", 1)
+    runs = _check_int(runs, "--runs", 1)
+    warmup = _check_int(warmup, "--warmup", 0)
+    seed = _check_int(seed, "--seed", 0)
+    overrides = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+
+    last_sent = [-math.inf]
+
+    def say(msg: str, *, force: bool = False) -> None:
+        if progress is None:
+            return
+        now = time.monotonic()
+        if force or now - last_sent[0] >= PROGRESS_INTERVAL_S:
+            last_sent[0] = now
+            progress(msg)
+
+    # Load and check everything before the first (possibly long) timing loop.
+    labels = _labels(paths)
+    prepared = []
+    for path, label in zip(paths, labels):
+        say(f"bench: loading {label}", force=True)
+        prepared.append(_prepare(path, label, batch_sizes, overrides))
+    used = {name for p in prepared for name in p.input_names}
+    unknown = sorted(set(overrides) - used)
+    if unknown:
+        raise OptionError(f"--input-shape names {unknown}, but no model has such an input "
+                          f"(inputs: {sorted(used)})")
+    sessions = [_session(p.path, p.label, threads) for p in prepared]
+
+    results: list[ModelBench] = []
+    for b in batch_sizes:
+        cache: dict = {}
+        fns = []
+        for p, sess in zip(prepared, sessions):
+            arrays = _make_inputs(p.input_dtypes, p.shapes[b], seed, cache)
+            fns.append(_runner(sess, dict(zip(p.input_names, arrays)), p.label, b))
+        say(f"bench: batch {b}, warm-up", force=True)
+        timings = interleaved_timings(
+            fns, runs=runs, warmup=warmup,
+            on_round=lambda r, b=b: say(f"bench: batch {b}, round {r}/{runs}", force=(r == runs)))
+        medians = [float(np.median(t)) * 1e3 for t in timings]
+        for p, t, med in zip(prepared, timings, medians):
+            results.append(ModelBench(
+                path=p.path, batch_size=b, median_ms=med,
+                p90_ms=float(np.percentile(t, 90)) * 1e3, macs=p.macs[b], params=p.params,
+                file_size=p.file_size, speedup=medians[0] / med if med > 0 else math.inf,
+                times_ms=tuple(float(x) * 1e3 for x in t)))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def _fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(results: Sequence[ModelBench]) -> str:
+    """Plain-text table with aligned columns, one row per model and batch size."""
+    labels = dict(zip(dict.fromkeys(r.path for r in results), _labels(list(dict.fromkeys(r.path for r in results)))))
+    header = ("model", "batch", "median ms", "p90 ms", "speed-up", "MMACs", "params", "size")
+    rows = [(labels[r.path], str(r.batch_size), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}",
+             f"{r.speedup:.2f}x", f"{r.macs / 1e6:.2f}", f"{r.params:,}", _fmt_bytes(r.file_size))
+            for r in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequence[int]) -> dict:
+    import onnxruntime as ort
+
+    return {
+        "tool": "onnx-dwdecomp bench",
+        "onnxruntime": ort.__version__,
+        "provider": "CPUExecutionProvider",
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "threads": threads,
+        "inter_op_threads": 1,
+        "runs": runs,
+        "warmup": warmup,
+        "seed": seed,
+        "batch_sizes": list(batch_sizes),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+class _StderrProgress:
+    """Progress on stderr: one rewritten line on a terminal, else a line at most every second."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last = -math.inf
+        self.width = 0
+
+    def __call__(self, msg: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + msg.ljust(self.width))
+            self.width = len(msg)
+        else:
+            now = time.monotonic()
+            if now - self.last < 1.0:
+                return
+            self.last = now
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we raise, the CLI prints
+        raise OptionError(f"bench: {message} (see onnx-dwdecomp bench --help)")
+
+
+def _int_flag(text: str, flag: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(f"{flag} expects an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise OptionError(f"{flag} expects an integer >= {minimum}, got {value}")
+    return value
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        sizes = [int(t) for t in parts]
+    except ValueError:
+        raise OptionError(f"--batch-sizes expects positive integers separated by commas, "
+                          f"e.g. 1,8; got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise OptionError(f"--batch-sizes expects positive integers separated by commas, "
+                          f"e.g. 1,8; got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnx-dwdecomp bench",
+                description="Side-by-side onnxruntime CPU latency (ORT_ENABLE_ALL, interleaved "
+                            "runs A, B, A, B, ...; median and p90). The first model is the "
+                            "reference of the speed-up column.")
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare")
+    p.add_argument("--batch-sizes", default="1", metavar="B1,B2,...",
+                   help="batch sizes to benchmark, e.g. 1,8 (default: 1)")
+    p.add_argument("--threads", default=None, metavar="N",
+                   help=f"onnxruntime intra-op threads (default: CPUs available, {default_threads()})")
+    p.add_argument("--runs", default="50", metavar="N", help="timed rounds (default: 50)")
+    p.add_argument("--warmup", default="5", metavar="N", help="warm-up calls per model (default: 5)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="fix the dims of an input (repeatable); dim 0 is replaced by the batch size")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results and a header (versions, settings, date) as JSON")
+    p.add_argument("--seed", default="0", metavar="N", help="seed of the random inputs (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """``onnx-dwdecomp bench ...`` (``argv`` without the word ``bench``); returns the exit code.
+
+    Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    batch_sizes = _parse_batch_sizes(args.batch_sizes)
+    threads = None if args.threads is None else _int_flag(args.threads, "--threads", 1)
+    runs = _int_flag(args.runs, "--runs", 1)
+    warmup = _int_flag(args.warmup, "--warmup", 0)
+    seed = _int_flag(args.seed, "--seed", 0)
+    overrides: dict[str, tuple[int, ...]] = {}
+    for text in args.input_shape:
+        name, shape = parse_input_shape(text)
+        if name in overrides:
+            raise OptionError(f"--input-shape given twice for {name!r}")
+        overrides[name] = shape
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:
+        if json_path.is_dir():
+            raise OptionError(f"--json expects a file path, got a directory: {json_path}")
+        if not json_path.parent.exists():
+            raise OptionError(f"--json: folder does not exist: {json_path.parent}")
+
+    reporter = None if args.quiet else _StderrProgress()
+    try:
+        results = run_bench(args.models, batch_sizes=batch_sizes, threads=threads, runs=runs,
+                            warmup=warmup, input_shapes=overrides, seed=seed, progress=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    threads_used = default_threads() if threads is None else threads
+    header = _header(threads_used, runs, warmup, seed, batch_sizes)
+    print(f"onnxruntime {header['onnxruntime']} CPU, {threads_used} intra-op thread"
+          f"{'s' if threads_used != 1 else ''}, ORT_ENABLE_ALL; {runs} interleaved runs after "
+          f"{warmup} warm-up; speed-up = first model's median / median")
+    print(format_table(results))
+    if json_path is not None:
+        payload = {"header": header, "results": [r.to_json() for r in results]}
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, json_path)
+    return 0

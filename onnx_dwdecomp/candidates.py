@@ -1,0 +1,220 @@
+"""Which ``Conv`` nodes can be decomposed, and why the others are skipped. Read-only.
+
+A ``Conv`` of the main graph is a *candidate* when
+
+- its kernel is 2-D with ``kh·kw > 1`` (a 1×1 conv is already pointwise),
+- ``group == 1`` (depthwise and grouped convs are skipped),
+- its weight (and bias) are constants: an initializer, a ``Constant`` node, or either of those
+  behind ``Identity``/``Cast`` nodes, as some exporters write them,
+- its weight is floating point, and
+- it matches ``--include`` (if given) and no ``--exclude`` glob (matched against node names).
+
+Every other ``Conv`` — including those inside ``If``/``Loop``/``Scan`` subgraphs — is reported
+with the reason it was left alone. Nothing here modifies the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError, OptionError
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """A decomposable regular conv, with everything the later stages need."""
+
+    name: str  # display name: the node name, or a stand-in derived from its output tensor
+    node_index: int  # position in model.graph.node
+    input: str
+    output: str
+    weight: np.ndarray  # (n, c, kh, kw)
+    bias: np.ndarray | None  # (n,)
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # (top, left, bottom, right), ONNX order is (t, l, b, r)
+    dilations: tuple[int, int]
+    auto_pad: str
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Candidates:
+    layers: tuple[ConvLayer, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def node_display_name(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or ``Conv@<output tensor>`` for unnamed nodes."""
+    return node.name or f"{node.op_type}@{node.output[0] if node.output else index}"
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of every tensor of ``graph`` that is known before run time.
+
+    Initializers, ``Constant`` nodes (``value`` and the ``value_float(s)``/``value_int(s)``
+    forms), and ``Identity``/``Cast`` of those.
+    """
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # Graph inputs that share an initializer's name may be overridden at run time (IR < 4 style).
+    for vi in graph.input:
+        values.pop(vi.name, None)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = _constant_node_value(node)
+            if value is not None:
+                values[node.output[0]] = value
+        elif node.op_type == "Identity" and node.input and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+        elif node.op_type == "Cast" and node.input and node.input[0] in values:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(to)
+                values[node.output[0]] = values[node.input[0]].astype(dtype)
+    return values
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _subgraph_convs(graph: onnx.GraphProto, owner: str):
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                where = f"{owner}/{node.name or node.op_type}"
+                for inner in sub.node:
+                    if inner.op_type == "Conv":
+                        yield inner, f"inside the {node.op_type} subgraph of {node.name or node.op_type!r}"
+                yield from _subgraph_convs(sub, where)
+
+
+def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = ()) -> Candidates:
+    """Classify every ``Conv`` node of ``model`` (see module docstring).
+
+    Raises
+    ------
+    OptionError
+        An ``include`` pattern matches no Conv node.
+    ModelError
+        A Conv's weight shape contradicts its attributes (kernel_shape, group).
+    """
+    graph = model.graph
+    constants = constant_values(graph)
+    layers: list[ConvLayer] = []
+    skipped: list[Skipped] = []
+    conv_names: list[str] = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = node_display_name(node, index)
+        conv_names.append(name)
+        reason, layer = _classify(node, index, name, constants)
+        if layer is not None:
+            if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+                reason, layer = "not matched by --include", None
+            elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                reason, layer = "excluded by --exclude", None
+        if layer is not None:
+            layers.append(layer)
+        else:
+            skipped.append(Skipped(name, reason))
+    for node, where in _subgraph_convs(graph, ""):
+        skipped.append(Skipped(node.name or "Conv", f"{where}; subgraphs are not rewritten"))
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in conv_names):
+            raise OptionError(f"--include {pattern!r} matches no Conv node; Conv nodes are named like "
+                              f"{', '.join(repr(n) for n in conv_names[:3]) or '(none)'}")
+    return Candidates(tuple(layers), tuple(skipped))
+
+
+def _classify(node: onnx.NodeProto, index: int, name: str,
+              constants: dict[str, np.ndarray]) -> tuple[str, ConvLayer | None]:
+    if len(node.input) < 2:
+        raise ModelError(f"Conv {name!r} has {len(node.input)} input(s), expected at least 2")
+    weight = constants.get(node.input[1])
+    if weight is None:
+        return f"weight {node.input[1]!r} is computed at run time, not a constant", None
+    if weight.ndim < 3:
+        raise ModelError(f"Conv {name!r}: weight {node.input[1]!r} has shape {weight.shape}, "
+                         f"expected (out, in/group, k...)")
+    kernel = tuple(weight.shape[2:])
+    declared = _attr(node, "kernel_shape", None)
+    if declared is not None and tuple(declared) != kernel:
+        raise ModelError(f"Conv {name!r}: kernel_shape {tuple(declared)} disagrees with weight shape "
+                         f"{weight.shape}")
+    group = _attr(node, "group", 1)
+    if weight.shape[0] % group:
+        raise ModelError(f"Conv {name!r}: {weight.shape[0]} output channels not divisible by group {group}")
+    if len(kernel) != 2:
+        return f"{len(kernel)}-D kernel {kernel}; only 2-D convs are decomposed", None
+    if kernel[0] * kernel[1] == 1:
+        return "pointwise (1×1): already the cheap form", None
+    if group != 1:
+        if weight.shape[1] == 1:
+            return f"depthwise (group={group}): already separable", None
+        return f"grouped conv (group={group}); only group=1 is decomposed", None
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"weight dtype {weight.dtype} is not floating point (quantized?)", None
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = constants.get(node.input[2])
+        if bias is None:
+            return f"bias {node.input[2]!r} is computed at run time, not a constant", None
+        if bias.shape != (weight.shape[0],):
+            raise ModelError(f"Conv {name!r}: bias shape {bias.shape} does not match {weight.shape[0]} "
+                             f"output channels")
+    pads = tuple(_attr(node, "pads", (0, 0, 0, 0)))
+    if len(pads) != 4:
+        raise ModelError(f"Conv {name!r}: pads {pads} should have 4 values for a 2-D kernel")
+    layer = ConvLayer(
+        name=name,
+        node_index=index,
+        input=node.input[0],
+        output=node.output[0],
+        weight=weight,
+        bias=bias,
+        strides=tuple(_attr(node, "strides", (1, 1))),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        dilations=tuple(_attr(node, "dilations", (1, 1))),
+        auto_pad=_attr(node, "auto_pad", "NOTSET"),
+    )
+    return "", layer
