@@ -1,0 +1,18 @@
+"""onnx_dwdecomp — depth-wise decomposition of the regular convolutions of ONNX CNNs.
+
+>>> from onnx_dwdecomp import decompose
+>>> model, report = decompose("model.onnx", calib="calib.npz")     # doctest: +SKIP
+>>> print(report.render())                                         # doctest: +SKIP
+"""
+
+from .errors import (BudgetError, CalibrationError, DwDecompError, ModelError, OptionError, UserError,
+                     VerificationFailed)
+from .pipeline import DecomposeOptions, DecomposeResult, decompose
+from .report import Report
+
+__all__ = [
+    "decompose", "DecomposeOptions", "DecomposeResult", "Report",
+    "DwDecompError", "UserError", "ModelError", "OptionError", "CalibrationError", "BudgetError",
+    "VerificationFailed",
+]
+__version__ = "0.1.0"

@@ -193,37 +193,62 @@ def svd_factors(weight: np.ndarray, bias: np.ndarray | None, multiplier: int = 1
 
 def _ridge(m: np.ndarray) -> float:
     scale = float(np.trace(m)) / m.shape[0] if m.shape[0] else 0.0
-    return RIDGE * scale + 1e-30
+    return RIDGE * max(scale, 0.0) + 1e-30
 
 
-def _cho_solve_pd(m: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve ``(m + ridge) x = rhs`` for symmetric PSD ``m``."""
-    reg = m + _ridge(m) * np.eye(m.shape[0])
-    try:
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(reg, lower=True, check_finite=False), rhs,
-                                      check_finite=False)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(reg, rhs, rcond=None)[0]
+def _cholesky(m: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of ``m + λI``; λ starts at the relative ridge and grows until it works.
+
+    Moments computed as ``Σ/m − μμᵀ`` can be slightly indefinite in floating point.
+    """
+    eye = np.eye(m.shape[0])
+    ridge = _ridge(m)
+    for _ in range(12):
+        try:
+            return np.linalg.cholesky(m + ridge * eye)
+        except np.linalg.LinAlgError:
+            ridge *= 10.0
+    eigval, eigvec = np.linalg.eigh(0.5 * (m + m.T))
+    floor = max(float(eigval.max()), 1e-30) * 1e-6
+    return np.linalg.cholesky((eigvec * np.maximum(eigval, floor)) @ eigvec.T)
 
 
-def separable_objective(p: np.ndarray, f: np.ndarray, a3: np.ndarray, b4: np.ndarray, v: float) -> float:
-    """``f(Ŵ) = V − 2⟨Ŵ, A⟩ + ⟨Ŵ B, Ŵ⟩`` for Ŵ given by factors P (n,c,r), F (c,r,K)."""
-    w_hat = np.einsum("nis,isk->nik", p, f)
-    wb = np.einsum("nik,ikjl->njl", w_hat, b4)
-    return float(v - 2.0 * np.vdot(w_hat, a3) + np.vdot(wb, w_hat))
+def _solve_pd(m: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve ``(m + λI) x = rhs`` for symmetric positive semi-definite ``m``."""
+    return scipy.linalg.cho_solve((_cholesky(m), True), rhs, check_finite=False)
 
 
-def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a3: np.ndarray, b4: np.ndarray, live: np.ndarray) -> None:
+def _block_diag_taps(f: np.ndarray) -> np.ndarray:
+    """Depthwise taps F (c, r, K) as the (D, c·r) matrix mapping a patch to the depthwise outputs."""
+    c, r, k = f.shape
+    fb = np.zeros((c, k, c, r))
+    idx = np.arange(c)
+    fb[idx, :, idx, :] = np.transpose(f, (0, 2, 1))
+    return fb.reshape(c * k, c * r)
+
+
+def _dense(p: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Ŵ (n, D) from P (n, c, r) and F (c, r, K)."""
+    return np.einsum("nis,isk->nik", p, f).reshape(p.shape[0], -1)
+
+
+def separable_objective(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, v: float) -> float:
+    """``f(Ŵ) = V − 2⟨Ŵ, A⟩ + ⟨Ŵ B, Ŵ⟩`` for Ŵ given by P (n,c,r), F (c,r,K); A (n,D), B (D,D)."""
+    w_hat = _dense(p, f)
+    return float(v - 2.0 * np.vdot(w_hat, a) + np.vdot(w_hat @ b, w_hat))
+
+
+def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, live: np.ndarray) -> None:
     """One block-coordinate pass over the channels, updating ``p`` and ``f`` in place."""
     n, c, r = p.shape
     k = f.shape[2]
-    w_hat = np.einsum("nis,isk->nik", p, f)
-    q = np.einsum("njl,jlik->nik", w_hat, b4)  # Q = Ŵ B, kept current
+    w_hat = _dense(p, f)
+    q = w_hat @ b  # Q = Ŵ B, kept current
     for i in np.flatnonzero(live):
-        b_ii = b4[i, :, i, :]
-        m_i = a3[:, i, :] - q[:, i, :] + w_hat[:, i, :] @ b_ii
-        reg = b_ii + _ridge(b_ii) * np.eye(k)
-        lower = np.linalg.cholesky(reg)
+        blk = slice(i * k, (i + 1) * k)
+        b_ii = b[blk, blk]
+        m_i = a[:, blk] - q[:, blk] + w_hat[:, blk] @ b_ii
+        lower = _cholesky(b_ii)
         t = scipy.linalg.solve_triangular(lower, m_i.T, lower=True).T  # M_i L⁻ᵀ
         u, s, vt = np.linalg.svd(t, full_matrices=False)
         u, vt = _fix_signs(u, vt)
@@ -233,26 +258,29 @@ def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a3: np.ndarray, b4: np.ndarray, li
         p_i = u[:, :r] * s[:r] * norms.T
         f_i = f_i / norms
         new_w = p_i @ f_i
-        q += np.einsum("nk,kjl->njl", new_w - w_hat[:, i, :], b4[i])
-        w_hat[:, i, :] = new_w
+        q += (new_w - w_hat[:, blk]) @ b[blk, :]
+        w_hat[:, blk] = new_w
         p[:, i, :] = p_i
         f[i] = f_i
 
 
-def _als_step(p: np.ndarray, f: np.ndarray, a3: np.ndarray, b4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _als_step(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One alternating least-squares round: taps given P, then P given the taps."""
     n, c, r = p.shape
     k = f.shape[2]
-    g4 = np.einsum("nis,njt->isjt", p, p)
-    h = np.einsum("ikjl,isjt->iskjtl", b4, g4).reshape(c * r * k, c * r * k)
-    rhs = np.einsum("nis,nik->isk", p, a3).reshape(-1)
-    f = _cho_solve_pd(h, rhs).reshape(c, r, k)
+    p2 = p.reshape(n, c * r)
+    g4 = (p2.T @ p2).reshape(c, r, c, r)
+    b4 = b.reshape(c, k, c, k)
+    h = (b4[:, None, :, :, None, :] * g4[:, :, None, :, :, None]).reshape(c * r * k, c * r * k)
+    rhs = np.einsum("nis,nik->isk", p, a.reshape(n, c, k)).reshape(-1)
+    f = _solve_pd(h, rhs).reshape(c, r, k)
     norms = np.linalg.norm(f, axis=2, keepdims=True)
     norms[norms == 0] = 1.0
     f = f / norms
-    cov_z = np.einsum("isk,ikjl,jtl->isjt", f, b4, f).reshape(c * r, c * r)
-    cross = np.einsum("nik,isk->nis", a3, f).reshape(n, c * r)
-    p = _cho_solve_pd(cov_z, cross.T).T.reshape(n, c, r)
+    fb = _block_diag_taps(f)
+    cov_z = fb.T @ b @ fb
+    cross = a @ fb
+    p = _solve_pd(cov_z, cross.T).T.reshape(n, c, r)
     return p, f
 
 
@@ -273,28 +301,27 @@ def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
     k = kh * kw
     w3 = weight.astype(np.float64).reshape(n, c, k)
     b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
-    b4 = stats.cov_xhat.reshape(c, k, c, k)
-    a3 = stats.cov_y_xhat.reshape(n, c, k)
+    cov, cross = stats.cov_xhat, stats.cov_y_xhat
 
     p_svd, f_svd = _svd_channel_factors(w3, multiplier)
-    channel_var = np.einsum("ikik->i", b4)
+    channel_var = np.diagonal(cov).reshape(c, k).sum(axis=1)
     live = channel_var > DEAD_CHANNEL * max(float(channel_var.mean()), 1e-300)
     p, f = p_svd.copy(), f_svd.copy()
 
-    best = separable_objective(p, f, a3, b4, stats.response_var)
+    best = separable_objective(p, f, cross, cov, stats.response_var)
     best_pf = (p.copy(), f.copy())
     iterations = 0
     for _ in range(sweeps):
-        _gsvd_sweep(p, f, a3, b4, live)
+        _gsvd_sweep(p, f, cross, cov, live)
         iterations += 1
-        obj = separable_objective(p, f, a3, b4, stats.response_var)
+        obj = separable_objective(p, f, cross, cov, stats.response_var)
         if obj < best:
             best, best_pf = obj, (p.copy(), f.copy())
     prev = best
     for _ in range(max_iter):
-        p, f = _als_step(p, f, a3, b4)
+        p, f = _als_step(p, f, cross, cov)
         iterations += 1
-        obj = separable_objective(p, f, a3, b4, stats.response_var)
+        obj = separable_objective(p, f, cross, cov, stats.response_var)
         if obj < best:
             best, best_pf = obj, (p.copy(), f.copy())
         if prev - obj <= tol * max(abs(prev), 1e-30):
@@ -333,7 +360,7 @@ def channel_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
         b_hat = b
     else:
         cov = stats.cov_xhat
-        lower = np.linalg.cholesky(cov + _ridge(cov) * np.eye(cov.shape[0]))
+        lower = _cholesky(cov)
         t = scipy.linalg.solve_triangular(lower, stats.cov_y_xhat.T, lower=True).T  # A L⁻ᵀ
         u, s, vt = np.linalg.svd(t, full_matrices=False)
         u, vt = _fix_signs(u, vt)

@@ -1,0 +1,959 @@
+"""Calibration data sources: arrays files, image folders and onnxruntime-style readers.
+
+Every source is turned into one :class:`CalibrationData` that hands out fixed-size batches
+of model feeds, always in the same order, as many passes as the caller wants:
+
+========================  ==============================================================
+source                    how it is read
+========================  ==============================================================
+``data.npy``              one array, single-input models only; memory-mapped
+``data.npz``              one array per graph input name (stored members memory-mapped)
+``folder/``               ``*.jpg|*.jpeg|*.png`` sorted by name, decoded per batch with
+                          Pillow, resize (shorter side) + center crop, ``/255``,
+                          ``(x - mean) / std``, NCHW
+reader object             ``get_next() -> {name: array} | None``; ``rewind()`` before each
+                          pass when it exists, otherwise cached on the first pass
+``ndarray`` / ``dict``    in-memory arrays, same rules as ``.npy`` / ``.npz``
+========================  ==============================================================
+
+All the checks run up front in :func:`load_calibration` (one validation pass, chunked for
+memory-mapped files), so a problem in the data is reported before any statistics are
+gathered. Problems raise :class:`~onnx_dwdecomp.errors.CalibrationError` (the data) or
+:class:`~onnx_dwdecomp.errors.OptionError` (an argument), with a one-line message saying
+what is wrong, where, and what was expected.
+
+This module is numeric only: numpy, plus Pillow imported lazily for image folders.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import CalibrationError, OptionError
+
+__all__ = [
+    "Batch",
+    "CalibrationData",
+    "InputSpec",
+    "load_calibration",
+    "load_reader",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+"""File name endings (compared case-insensitively) picked up from an image folder."""
+
+_CHUNK_BYTES = 32 << 20  # validation pass over memory-mapped files reads this much at a time
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_PILLOW_MISSING = "reading an image folder needs Pillow: pip install 'onnx-dwdecomp[images]'"
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one graph input expects.
+
+    Parameters
+    ----------
+    name : str
+        Graph input name.
+    dtype : numpy.dtype
+        Element type the model expects (anything :class:`numpy.dtype` accepts; normalised).
+    shape : tuple of (int or None)
+        Model input shape, ``None`` for a dynamic or unknown dimension. Axis 0 is the batch
+        axis; its value is never compared with the data (see ``pad_to`` in
+        :meth:`CalibrationData.iter_batches`).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise OptionError(f"InputSpec name must be a non-empty string, got {self.name!r}")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError as e:
+            raise OptionError(f"InputSpec {self.name!r}: invalid dtype {self.dtype!r}") from e
+        try:
+            dims = tuple(self.shape)
+        except TypeError as e:
+            raise OptionError(f"InputSpec {self.name!r}: shape must be a tuple, got {self.shape!r}") from e
+        shape: list[int | None] = []
+        for d in dims:
+            if d is None:
+                shape.append(None)
+            elif isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 0:
+                shape.append(int(d))
+            else:
+                raise OptionError(
+                    f"InputSpec {self.name!r}: each dim must be a non-negative int or None, got {self.shape!r}"
+                )
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "shape", tuple(shape))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of model feeds.
+
+    Attributes
+    ----------
+    feeds : dict of str to numpy.ndarray
+        One C-contiguous, writable array per model input, in the model's dtype; axis 0 is
+        the batch axis, of length ``count`` or ``pad_to``.
+    start : int
+        Index of the first sample of this batch in the whole set.
+    count : int
+        Number of real samples; rows after ``count`` are padding (copies of the last real
+        sample) and must be ignored by the consumer.
+    """
+
+    feeds: dict[str, np.ndarray]
+    start: int
+    count: int
+
+
+class CalibrationData:
+    """Validated calibration samples, served in fixed-size batches.
+
+    Build it with :func:`load_calibration`; the constructor is internal.
+
+    Attributes
+    ----------
+    input_names : tuple of str
+        Model input names, in the order of the ``inputs`` given to :func:`load_calibration`.
+    inputs : tuple of InputSpec
+        The specs the data was validated against.
+    num_samples : int
+        Number of samples one pass yields (after the ``calib_size`` cap).
+    sample_shapes : dict of str to tuple of int
+        Per-sample shape of each input (without the batch axis), taken from the data.
+    description : str
+        Where the data comes from, for reports (e.g. ``"image folder imgs (256 images)"``).
+    """
+
+    def __init__(self, source: _Source, inputs: Sequence[InputSpec]):
+        self._source = source
+        self.inputs: tuple[InputSpec, ...] = tuple(inputs)
+        self.input_names: tuple[str, ...] = tuple(s.name for s in self.inputs)
+        self.num_samples: int = source.num_samples
+        self.sample_shapes: dict[str, tuple[int, ...]] = dict(source.sample_shapes)
+        self.description: str = source.description
+
+    def __repr__(self) -> str:
+        return (
+            f"CalibrationData({self.description}, num_samples={self.num_samples}, "
+            f"sample_shapes={self.sample_shapes})"
+        )
+
+    def iter_batches(self, batch_size: int, *, pad_to: int | None = None) -> Iterator[Batch]:
+        """Yield the samples in batches, from sample 0, in the same order on every call.
+
+        Parameters
+        ----------
+        batch_size : int
+            Samples per batch (>= 1); the last batch may hold fewer.
+        pad_to : int, optional
+            For a model with a fixed batch dimension: every batch then has exactly ``pad_to``
+            rows (``pad_to >= batch_size``); short batches are padded by repeating their last
+            sample and :attr:`Batch.count` says how many rows are real.
+
+        Yields
+        ------
+        Batch
+            ``feeds[name]`` has shape ``(rows, *sample_shapes[name])``.
+
+        Raises
+        ------
+        OptionError
+            ``batch_size`` or ``pad_to`` is invalid (raised at the call, not on iteration).
+        CalibrationError
+            A reader source failed or changed between passes.
+
+        Notes
+        -----
+        For a reader with ``rewind()``, each pass re-reads the reader: do not interleave two
+        passes over the same object.
+        """
+        batch_size = _positive_int(batch_size, "batch_size")
+        if pad_to is not None:
+            pad_to = _positive_int(pad_to, "pad_to")
+            if pad_to < batch_size:
+                raise OptionError(f"pad_to ({pad_to}) must be >= batch_size ({batch_size})")
+        return self._iter(batch_size, pad_to)
+
+    def _iter(self, batch_size: int, pad_to: int | None) -> Iterator[Batch]:
+        start = 0
+        for feeds in self._source.batches(batch_size):
+            count = len(next(iter(feeds.values())))
+            if pad_to is not None and count < pad_to:
+                feeds = {
+                    k: np.concatenate([v, np.repeat(v[-1:], pad_to - count, axis=0)]) for k, v in feeds.items()
+                }
+            yield Batch(feeds=feeds, start=start, count=count)
+            start += count
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_calibration(
+    source: Any,
+    inputs: Sequence[InputSpec],
+    *,
+    calib_size: int | None = None,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> CalibrationData:
+    """Open and validate calibration data for a model.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, CalibrationDataReader, numpy.ndarray or mapping
+        A ``.npy`` file (single-input models), a ``.npz`` file keyed by input name, a folder
+        of ``.jpg/.jpeg/.png`` images (single NCHW float input), an object with
+        ``get_next()`` (onnxruntime ``CalibrationDataReader`` protocol), or in-memory data:
+        one array (like ``.npy``) or a mapping ``{input_name: array}`` (like ``.npz``).
+        Files are recognised by content (magic bytes), not by extension.
+    inputs : sequence of InputSpec
+        The model's graph inputs (non-initializer), in order.
+    calib_size : int, optional
+        Use only the first ``calib_size`` samples (>= 1). Default: all.
+    mean, std : sequence of float
+        Per-channel normalisation for image folders, applied after scaling to [0, 1]; length
+        must equal the model's channel count. Ignored for other sources.
+
+    Returns
+    -------
+    CalibrationData
+
+    Raises
+    ------
+    CalibrationError
+        The data is missing, unreadable, or does not fit the model: missing/extra inputs,
+        wrong rank, wrong fixed dim, wrong dtype, NaN/Inf, zero samples, inputs with
+        different sample counts, a reader that raises or returns a non-dict.
+    OptionError
+        An argument is invalid (``calib_size < 1``, bad ``mean``/``std``, no inputs,
+        duplicate input names, an unsupported ``source`` type).
+
+    Notes
+    -----
+    Float data of another width is cast to the model's float dtype; any other dtype
+    mismatch is an error. NaN/Inf are checked after the cast (so float64 values that
+    overflow float16 are caught). For a reader, the validation pass is the first pass: it
+    counts the samples and, without ``rewind()``, caches them in memory.
+    """
+    specs = _check_specs(inputs)
+    if calib_size is not None:
+        calib_size = _positive_int(calib_size, "calib_size")
+    if hasattr(source, "get_next") and callable(getattr(source, "get_next")):
+        src: _Source = _reader_source(source, specs, calib_size)
+    elif isinstance(source, (str, os.PathLike)):
+        src = _path_source(Path(source), specs, calib_size, mean, std)
+    elif isinstance(source, np.ndarray):
+        src = _single_array_source(source, specs, calib_size, "in-memory array")
+    elif isinstance(source, Mapping):
+        src = _named_arrays_source(dict(source), specs, calib_size, "in-memory arrays")
+    else:
+        raise OptionError(
+            f"calibration source must be a path, a CalibrationDataReader (with get_next()), an array "
+            f"or a dict of arrays; got {type(source).__name__}"
+        )
+    return CalibrationData(src, specs)
+
+
+def load_reader(spec: str) -> Any:
+    """Import and build a calibration reader from ``"module:callable"`` or ``"file.py:callable"``.
+
+    Parameters
+    ----------
+    spec : str
+        ``"package.module:factory"`` (importable module) or ``"path/to/file.py:factory"``;
+        ``factory`` may be dotted (``"mod:Class.create"``). It is called with no arguments.
+
+    Returns
+    -------
+    object
+        What the callable returned; it has a callable ``get_next``.
+
+    Raises
+    ------
+    OptionError
+        Malformed ``spec``, module or file not found, attribute missing or not callable.
+    CalibrationError
+        Importing the module or calling the factory raised, or the result has no
+        ``get_next()``.
+    """
+    if not isinstance(spec, str):
+        raise OptionError(f"calibration reader must be 'module:callable' or 'file.py:callable', got {spec!r}")
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise OptionError(f"calibration reader {spec!r}: expected 'module:callable' or 'path/to/file.py:callable'")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise OptionError(f"calibration reader {spec!r}: file not found: {target}")
+        modname = f"_onnx_dwdecomp_reader_{abs(hash(str(path.resolve())))}"
+        mspec = importlib.util.spec_from_file_location(modname, path)
+        if mspec is None or mspec.loader is None:
+            raise OptionError(f"calibration reader {spec!r}: cannot import {target} as a Python file")
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[modname] = module
+        try:
+            mspec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(modname, None)
+            raise CalibrationError(f"importing calibration reader file {target} raised {_exc_text(e)}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name and (target == e.name or target.startswith(e.name + ".")):
+                raise OptionError(
+                    f"calibration reader {spec!r}: module {target!r} not found "
+                    "(expected 'module:callable' or 'path/to/file.py:callable')"
+                ) from e
+            raise CalibrationError(f"importing calibration reader module {target!r} raised {_exc_text(e)}") from e
+        except Exception as e:
+            raise CalibrationError(f"importing calibration reader module {target!r} raised {_exc_text(e)}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise OptionError(f"calibration reader {spec!r}: {target} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise OptionError(f"calibration reader {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    try:
+        reader = obj()
+    except Exception as e:
+        raise CalibrationError(f"calibration reader raised {_exc_text(e)} (calling {spec!r})") from e
+    if not callable(getattr(reader, "get_next", None)):
+        raise CalibrationError(
+            f"calibration reader {spec!r} returned a {type(reader).__name__}, which has no get_next() method "
+            "(expected an onnxruntime CalibrationDataReader)"
+        )
+    return reader
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _exc_text(e: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line, shortened."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise OptionError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _fmt_shape(shape: Sequence[Any]) -> str:
+    parts = [str(d) for d in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _fmt_expected(spec: InputSpec) -> str:
+    return _fmt_shape(["N"] + ["?" if d is None else d for d in spec.shape[1:]])
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _check_specs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
+    try:
+        specs = list(inputs)
+    except TypeError as e:
+        raise OptionError(f"inputs must be a sequence of InputSpec, got {type(inputs).__name__}") from e
+    if not specs:
+        raise OptionError("inputs is empty: the model needs at least one input to calibrate")
+    for s in specs:
+        if not isinstance(s, InputSpec):
+            raise OptionError(f"inputs must hold InputSpec objects, got {type(s).__name__}")
+        if len(s.shape) == 0:
+            raise CalibrationError(f"model input {s.name!r} is a scalar (rank 0): calibration data needs a batch axis")
+    names = [s.name for s in specs]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise OptionError(f"duplicate input names in inputs: {_names(dups)}")
+    return specs
+
+
+def _check_layout(spec: InputSpec, shape: tuple[int, ...], where: str) -> None:
+    """Rank and fixed non-batch dims of ``shape`` against ``spec``."""
+    if len(shape) != len(spec.shape):
+        raise CalibrationError(
+            f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape {_fmt_expected(spec)}, "
+            f"got rank {len(shape)} with shape {_fmt_shape(shape)}{where}"
+        )
+    for want, got in zip(spec.shape[1:], shape[1:]):
+        if want is not None and want != got:
+            raise CalibrationError(
+                f"calibration input {spec.name!r}: expected shape {_fmt_expected(spec)}, "
+                f"got {_fmt_shape(shape)}{where}"
+            )
+
+
+def _target_dtype(spec: InputSpec, dtype: np.dtype, where: str) -> np.dtype:
+    """The dtype the data is cast to, or an error if it cannot stand for ``spec.dtype``."""
+    want = spec.dtype
+    if want.kind == "f":
+        if dtype.kind == "f":
+            return want
+        raise CalibrationError(
+            f"calibration input {spec.name!r}: expected dtype {want} (or another float width), got {dtype}{where}"
+        )
+    if dtype.kind == want.kind and dtype.itemsize == want.itemsize and want.kind in "biu":
+        return want  # same type, maybe other byte order
+    if dtype == want:
+        return want
+    raise CalibrationError(f"calibration input {spec.name!r}: expected dtype {want}, got {dtype}{where}")
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A fresh, C-contiguous, writable copy of ``arr`` in ``dtype`` (never a memmap view)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.array(arr, dtype=dtype, order="C", copy=True, subok=False)
+
+
+def _check_finite(name: str, arr: np.ndarray, offset: int, where: str, raw: np.ndarray | None = None) -> None:
+    """Raise on the first sample of ``arr`` (global index ``offset + i``) holding NaN or Inf."""
+    if arr.dtype.kind != "f" or arr.size == 0 or np.isfinite(arr).all():
+        return
+    bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    i = int(np.argmax(bad))
+    what = "NaN" if np.isnan(arr[i]).any() else "Inf"
+    extra = ""
+    if raw is not None and raw.dtype != arr.dtype and np.isfinite(raw[i]).all():
+        extra = f" after conversion from {raw.dtype} to {arr.dtype} (values out of range)"
+    raise CalibrationError(f"calibration input {name!r}: sample {offset + i} contains {what}{extra}{where}")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Source:
+    """Internal: yields dicts of fresh arrays, ``batch_size`` rows (last may be fewer)."""
+
+    description: str
+    num_samples: int
+    sample_shapes: dict[str, tuple[int, ...]]
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _ArraySource(_Source):
+    """Random-access arrays (memory-mapped or in memory), cast per batch."""
+
+    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.dtype]], n: int, description: str):
+        self._arrays = arrays
+        self.num_samples = n
+        self.sample_shapes = {k: tuple(int(d) for d in a.shape[1:]) for k, (a, _) in arrays.items()}
+        self.description = description
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for s in range(0, self.num_samples, batch_size):
+            e = min(s + batch_size, self.num_samples)
+            yield {k: _cast(a[s:e], dt) for k, (a, dt) in self._arrays.items()}
+
+
+def _validated_array_source(
+    named: dict[str, Any], specs: list[InputSpec], calib_size: int | None, where: str, description: str
+) -> _ArraySource:
+    """Check ``named`` (input name -> array-like) against ``specs`` and wrap it."""
+    arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
+    for spec in specs:
+        a = named[spec.name]
+        if not isinstance(a, np.ndarray):
+            try:
+                a = np.asarray(a)
+            except Exception as e:
+                raise CalibrationError(
+                    f"calibration input {spec.name!r}: cannot convert {type(a).__name__} to an array{where}"
+                ) from e
+        if a.ndim == 0:
+            raise CalibrationError(
+                f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
+                f"{_fmt_expected(spec)}, got a scalar{where}"
+            )
+        _check_layout(spec, a.shape, where)
+        arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
+    counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
+        raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
+    n = next(iter(counts.values()))
+    if calib_size is not None:
+        n = min(n, calib_size)
+    if n == 0:
+        raise CalibrationError(f"calibration data has no samples (expected at least 1){where}")
+    for name, (a, dt) in arrays.items():
+        if dt.kind != "f":
+            continue
+        row_bytes = max(1, math.prod(a.shape[1:]) * max(a.dtype.itemsize, dt.itemsize))
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for s in range(0, n, step):
+            raw = a[s : min(s + step, n)]
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = np.asarray(raw, dtype=dt)
+            _check_finite(name, cast, s, where, raw=raw)
+    return _ArraySource(arrays, n, description)
+
+
+def _single_array_source(arr: Any, specs: list[InputSpec], calib_size: int | None, where_name: str) -> _ArraySource:
+    where = f" in {where_name}"
+    if len(specs) != 1:
+        raise CalibrationError(
+            f"calibration data{where} holds a single array, but the model has {len(specs)} inputs "
+            f"({_names([s.name for s in specs])}); use an .npz (or dict) with one array per input name"
+        )
+    return _validated_array_source({specs[0].name: arr}, specs, calib_size, where, where_name)
+
+
+def _named_arrays_source(
+    named: dict[str, Any], specs: list[InputSpec], calib_size: int | None, where_name: str
+) -> _ArraySource:
+    where = f" in {where_name}"
+    if not named:
+        raise CalibrationError(f"calibration data{where} holds no arrays (expected {_names([s.name for s in specs])})")
+    wanted = [s.name for s in specs]
+    keys = list(named)
+    if len(specs) == 1 and len(keys) == 1:
+        return _validated_array_source({wanted[0]: named[keys[0]]}, specs, calib_size, where, where_name)
+    missing = [n for n in wanted if n not in named]
+    extra = [k for k in keys if k not in wanted]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing arrays for inputs {_names(missing)}")
+        if extra:
+            parts.append(f"unexpected keys {_names(extra)}")
+        raise CalibrationError(
+            f"calibration data{where}: {'; '.join(parts)} (expected exactly the keys {_names(wanted)})"
+        )
+    return _validated_array_source(named, specs, calib_size, where, where_name)
+
+
+# ---- files
+
+
+def _path_source(
+    path: Path, specs: list[InputSpec], calib_size: int | None, mean: Sequence[float], std: Sequence[float]
+) -> _Source:
+    if not path.exists():
+        raise CalibrationError(f"calibration data not found: {path}")
+    if path.is_dir():
+        return _image_source(path, specs, calib_size, mean, std)
+    if not path.is_file():
+        raise CalibrationError(f"calibration data {path} is not a regular file or a folder")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise CalibrationError(f"cannot read calibration data {path}: {_exc_text(e)}") from e
+    suffix = path.suffix.lower()
+    if magic.startswith(_NPY_MAGIC):
+        return _single_array_source(_load_npy(path), specs, calib_size, str(path))
+    if magic[:4] in _ZIP_MAGICS:
+        return _named_arrays_source(_load_npz(path), specs, calib_size, str(path))
+    if suffix in (".npy", ".npz"):
+        raise CalibrationError(f"calibration data {path} is not a valid {suffix} file (bad header); is it corrupt?")
+    raise CalibrationError(
+        f"calibration data {path} is not a .npy file, a .npz file or a folder of .jpg/.jpeg/.png images"
+    )
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise CalibrationError(f"cannot read .npy file {path}: {_exc_text(e)}") from e
+    if not isinstance(arr, np.ndarray):  # pragma: no cover - np.load on npy magic always gives an array
+        raise CalibrationError(f"cannot read .npy file {path}: not an array")
+    return arr
+
+
+def _npz_member_memmap(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """Memory-map an uncompressed ``.npy`` member of an ``.npz``; None when not possible."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+            offset = f.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if dtype.hasobject or nbytes == 0 or not shape or offset - start + nbytes != info.file_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    except Exception:
+        return None
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename!r} is not a .npy array")
+                key = info.filename[: -len(".npy")]
+                arr = _npz_member_memmap(path, info)
+                if arr is None:
+                    with zf.open(info) as member:
+                        arr = np.lib.format.read_array(member, allow_pickle=False)
+                out[key] = arr
+    except CalibrationError:
+        raise
+    except Exception as e:
+        raise CalibrationError(f"cannot read .npz file {path}: {_exc_text(e)}") from e
+    return out
+
+
+# ---- image folders
+
+
+def _import_pil() -> Any:
+    try:
+        return importlib.import_module("PIL.Image")
+    except ImportError as e:
+        raise CalibrationError(_PILLOW_MISSING) from e
+
+
+def _norm_values(values: Sequence[float], what: str, channels: int) -> np.ndarray:
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"{what} must be a list of numbers, got {values!r}") from e
+    if v.ndim != 1 or len(v) != channels:
+        raise OptionError(f"{what} must have {channels} value(s), one per model input channel, got {values!r}")
+    if not np.isfinite(v).all():
+        raise OptionError(f"{what} must be finite numbers, got {values!r}")
+    return v
+
+
+class _ImageSource(_Source):
+    """Images decoded, resized, cropped and normalised per batch."""
+
+    def __init__(
+        self,
+        image_module: Any,
+        files: list[Path],
+        spec: InputSpec,
+        channels: int,
+        mean: np.ndarray,
+        std: np.ndarray,
+        description: str,
+    ):
+        self._image = image_module
+        self._files = files
+        self._spec = spec
+        self._mode = "L" if channels == 1 else "RGB"
+        self._h = int(spec.shape[2])  # type: ignore[arg-type]
+        self._w = int(spec.shape[3])  # type: ignore[arg-type]
+        self._mean = mean.astype(np.float32)[:, None, None]
+        self._std = std.astype(np.float32)[:, None, None]
+        self.num_samples = len(files)
+        self.sample_shapes = {spec.name: (channels, self._h, self._w)}
+        self.description = description
+
+    def load(self, path: Path, *, fast: bool = False) -> np.ndarray:
+        """One image as a normalised ``(C, H, W)`` array in the model dtype.
+
+        ``fast`` lets JPEG decode at reduced scale (``Image.draft``): only for checking
+        that the file is readable, the pixels differ slightly.
+        """
+        image, mode, h, w = self._image, self._mode, self._h, self._w
+        try:
+            with image.open(path) as im:
+                if fast:
+                    im.draft(mode, (w, h))
+                im = im.convert(mode)
+                iw, ih = im.size
+                if iw < 1 or ih < 1:
+                    raise ValueError(f"empty image ({iw}x{ih})")
+                # Resize so the image just covers h x w: for a square target, the shorter side
+                # becomes the target size and the longer is truncated like torchvision's Resize.
+                if w / iw >= h / ih:
+                    nw, nh = w, max(h, int(w * ih / iw))
+                else:
+                    nw, nh = max(w, int(h * iw / ih)), h
+                if (nw, nh) != (iw, ih):
+                    resample = getattr(image, "Resampling", image).BILINEAR
+                    im = im.resize((nw, nh), resample)
+                left = int(round((nw - w) / 2.0))
+                top = int(round((nh - h) / 2.0))
+                im = im.crop((left, top, left + w, top + h))
+                pixels = np.asarray(im, dtype=np.float32)
+        except Exception as e:
+            raise CalibrationError(f"cannot read image {path}: {_exc_text(e)}") from e
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        out = (pixels / np.float32(255.0) - self._mean) / self._std
+        return out.astype(self._spec.dtype, copy=False)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for s in range(0, self.num_samples, batch_size):
+            chunk = self._files[s : s + batch_size]
+            yield {self._spec.name: np.stack([self.load(p) for p in chunk])}
+
+
+def _image_source(
+    folder: Path, specs: list[InputSpec], calib_size: int | None, mean: Sequence[float], std: Sequence[float]
+) -> _ImageSource:
+    try:
+        files = sorted(
+            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+            key=lambda p: p.name,
+        )
+        files = [p for p in files if p.is_file()]
+    except OSError as e:
+        raise CalibrationError(f"cannot list image folder {folder}: {_exc_text(e)}") from e
+    if not files:
+        raise CalibrationError(
+            f"image folder {folder} contains no .jpg/.jpeg/.png files (subfolders are not searched)"
+        )
+    if len(specs) != 1:
+        raise CalibrationError(
+            f"an image folder ({folder}) can only feed a single-input model; this one has inputs "
+            f"{_names([s.name for s in specs])}: use an .npz keyed by input name or a reader"
+        )
+    spec = specs[0]
+    if len(spec.shape) != 4:
+        raise CalibrationError(
+            f"image folder {folder}: model input {spec.name!r} must be NCHW (rank 4), "
+            f"its shape is {_fmt_expected(spec)}"
+        )
+    if spec.dtype.kind != "f":
+        raise CalibrationError(
+            f"image folder {folder}: model input {spec.name!r} has dtype {spec.dtype}, images need a float input"
+        )
+    c, h, w = spec.shape[1:]
+    channels = 3 if c is None else c
+    if channels not in (1, 3):
+        raise CalibrationError(
+            f"image folder {folder}: model input {spec.name!r} has {channels} channels, images give 1 (L) or 3 (RGB)"
+        )
+    if h is None or w is None:
+        raise CalibrationError(
+            f"image folder {folder}: model input {spec.name!r} has a dynamic height/width "
+            f"{_fmt_expected(spec)}; give the size to crop to with --input-shape"
+        )
+    if h < 1 or w < 1:
+        raise CalibrationError(f"image folder {folder}: model input {spec.name!r} has an empty image size {h}x{w}")
+    mean_v = _norm_values(mean, "mean", channels)
+    std_v = _norm_values(std, "std", channels)
+    if (std_v == 0).any():
+        raise OptionError(f"std must not contain 0, got {std!r}")
+    image = _import_pil()
+    if calib_size is not None:
+        files = files[:calib_size]
+    src = _ImageSource(image, files, spec, channels, mean_v, std_v, f"image folder {folder} ({len(files)} images)")
+    for p in files:  # validation pass: every file decodes
+        src.load(p, fast=True)
+    return src
+
+
+# ---- readers
+
+
+class _ReaderSource(_Source):
+    """A reader with ``rewind()``: re-read on every pass, re-validated, re-batched."""
+
+    def __init__(
+        self, reader: Any, specs: list[InputSpec], n: int, sample_shapes: dict[str, tuple[int, ...]], description: str
+    ):
+        self._reader = reader
+        self._specs = specs
+        self.num_samples = n
+        self.sample_shapes = sample_shapes
+        self.description = description
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        names = [s.name for s in self._specs]
+        pending: collections.deque[tuple[dict[str, np.ndarray], int, int]] = collections.deque()
+        have = 0
+        total = 0
+        feeds = _reader_feeds(self._reader, self._specs, self.num_samples, self.sample_shapes, self.description)
+        for feed, count in feeds:
+            pending.append((feed, 0, count))
+            have += count
+            total += count
+            while have >= batch_size:
+                yield _take(pending, batch_size, names)
+                have -= batch_size
+        if total < self.num_samples:
+            raise CalibrationError(
+                f"calibration reader returned {total} samples on this pass but {self.num_samples} on the first "
+                f"({self.description}); rewind() must restart the same data"
+            )
+        if have:
+            yield _take(pending, have, names)
+
+
+def _take(
+    pending: collections.deque[tuple[dict[str, np.ndarray], int, int]], rows: int, names: list[str]
+) -> dict[str, np.ndarray]:
+    """Pop ``rows`` rows off the front of ``pending`` (feed, offset, count) into one batch."""
+    parts: list[dict[str, np.ndarray]] = []
+    need = rows
+    while need:
+        feed, off, count = pending[0]
+        k = min(need, count - off)
+        parts.append({n: feed[n][off : off + k] for n in names})
+        need -= k
+        if off + k == count:
+            pending.popleft()
+        else:
+            pending[0] = (feed, off + k, count)
+    if len(parts) == 1:
+        return {n: np.ascontiguousarray(parts[0][n]) for n in names}
+    return {n: np.concatenate([p[n] for p in parts]) for n in names}
+
+
+def _call_reader(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as e:
+        raise CalibrationError(f"calibration reader raised {_exc_text(e)}") from e
+
+
+def _reader_feeds(
+    reader: Any,
+    specs: list[InputSpec],
+    limit: int | None,
+    sample_shapes: dict[str, tuple[int, ...]],
+    description: str,
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """One pass over a reader: validated feeds (fresh arrays in the model dtypes) and row counts.
+
+    ``sample_shapes`` is filled from the first non-empty feed when empty, checked otherwise.
+    Stops after ``limit`` samples (the last feed is cut), without calling ``get_next`` again.
+    """
+    rewind = getattr(reader, "rewind", None)
+    if callable(rewind):
+        _call_reader(rewind)
+    wanted = [s.name for s in specs]
+    total = 0
+    call = 0
+    while limit is None or total < limit:
+        call += 1
+        feed = _call_reader(reader.get_next)
+        if feed is None:
+            return
+        where = f" in {description}, get_next() call {call}"
+        if not isinstance(feed, Mapping):
+            raise CalibrationError(
+                f"calibration reader get_next() returned a {type(feed).__name__}, expected a dict "
+                f"{{input_name: array}} with keys {_names(wanted)}, or None at the end{where}"
+            )
+        missing = [n for n in wanted if n not in feed]
+        extra = [k for k in feed if k not in wanted]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing inputs {_names(missing)}")
+            if extra:
+                parts.append(f"unexpected keys {_names([str(k) for k in extra])}")
+            raise CalibrationError(
+                f"calibration reader feed: {'; '.join(parts)} (expected exactly the keys {_names(wanted)}){where}"
+            )
+        arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
+        for spec in specs:
+            value = feed[spec.name]
+            try:
+                a = np.asarray(value)
+            except Exception as e:
+                raise CalibrationError(
+                    f"calibration input {spec.name!r}: cannot convert {type(value).__name__} to an array{where}"
+                ) from e
+            if a.ndim == 0:
+                raise CalibrationError(
+                    f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
+                    f"{_fmt_expected(spec)}, got a scalar{where}"
+                )
+            _check_layout(spec, a.shape, where)
+            arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
+        counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
+            raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
+        count = next(iter(counts.values()))
+        if count == 0:
+            continue
+        for name, (a, _) in arrays.items():
+            shape = tuple(int(d) for d in a.shape[1:])
+            if name not in sample_shapes:
+                sample_shapes[name] = shape
+            elif sample_shapes[name] != shape:
+                raise CalibrationError(
+                    f"calibration input {name!r}: per-sample shape {_fmt_shape(shape)} differs from the earlier "
+                    f"samples' {_fmt_shape(sample_shapes[name])}{where}"
+                )
+        take = count if limit is None else min(count, limit - total)
+        out: dict[str, np.ndarray] = {}
+        for name, (a, dt) in arrays.items():
+            raw = a[:take]
+            out[name] = _cast(raw, dt)
+            _check_finite(name, out[name], total, where, raw=raw)
+        yield out, take
+        total += take
+
+
+def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None) -> _Source:
+    description = f"calibration reader {type(reader).__name__}"
+    sample_shapes: dict[str, tuple[int, ...]] = {}
+    has_rewind = callable(getattr(reader, "rewind", None))
+    cached: list[dict[str, np.ndarray]] = []
+    n = 0
+    for feed, count in _reader_feeds(reader, specs, calib_size, sample_shapes, description):
+        n += count
+        if not has_rewind:
+            cached.append(feed)
+    if n == 0:
+        raise CalibrationError(f"calibration data has no samples (expected at least 1) in {description}")
+    if has_rewind:
+        return _ReaderSource(reader, specs, n, sample_shapes, description)
+    # cached feeds are fresh copies already in the model dtypes; _ArraySource copies each batch it hands out
+    arrays = {
+        s.name: (np.concatenate([f[s.name] for f in cached]) if len(cached) > 1 else cached[0][s.name], s.dtype)
+        for s in specs
+    }
+    return _ArraySource(arrays, n, f"{description} (cached, {n} samples)")

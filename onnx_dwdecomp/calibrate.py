@@ -1,0 +1,411 @@
+r"""Calibration: run data through onnxruntime and gather each conv's input statistics.
+
+Multi-layer (asymmetric) correction needs, for layer ``k``, its input ``x`` in the original
+network and ``x̂`` in the network whose layers ``< k`` are already decomposed. Running the
+whole network once per layer would cost K passes. Instead the graph is cut just before every
+candidate conv into *segments*; the tensors alive across a cut (the conv's input and any skip
+connection) are kept for all samples, once for the original network and once for the
+decomposed one. Segment ``k`` runs from the previous cut (starting with layer ``k−1``, which
+the decomposed copy replaces by its new two-conv form) to the next, so the total work is about
+one pass of each network plus the solves. Cut tensors go to memory-mapped files in a private
+temporary folder once they exceed a memory budget. Segments run with graph optimisations off
+on in-memory models.
+
+Statistics, not activations: at ``positions`` seeded output positions per sample we gather the
+patch vectors (length ``C_in·kh·kw``, channel-major like the conv weight) and accumulate
+running sums (float64) — ``Σx``, ``Σx̂``, ``Σx̂x̂ᵀ``, ``Σ(Wx)x̂ᵀ``, ``ΣWx``, ``Σ‖Wx‖²`` — from
+which :class:`~onnx_dwdecomp.solve.LayerStats` follows. A seeded held-out share of the samples
+feeds separate sums used only to measure each layer's response error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .calibdata import CalibrationData
+from .candidates import ConvLayer
+from .errors import CalibrationError
+from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
+from .runtime import make_session, run
+from .shapes import TensorInfo
+from .solve import ChannelFactors, LayerStats, SeparableFactors, relative_response_error
+
+#: Cut tensors above this many bytes (both networks together) are spilled to disk.
+MEMORY_BUDGET = 1 << 30
+
+
+# --------------------------------------------------------------------------- patch geometry
+
+def effective_pads(layer: ConvLayer, in_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) zero padding actually applied, resolving ``auto_pad``."""
+    if layer.auto_pad in ("", "NOTSET"):
+        return layer.pads
+    if layer.auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for size, k, s, d in zip(in_hw, layer.kernel, layer.strides, layer.dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        if layer.auto_pad == "SAME_UPPER":
+            begin.append(small), end.append(total - small)
+        else:
+            begin.append(total - small), end.append(small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def output_hw(layer: ConvLayer, in_hw: tuple[int, int]) -> tuple[int, int]:
+    t, l, b, r = effective_pads(layer, in_hw)
+    return tuple(
+        (size + p0 + p1 - (k - 1) * d - 1) // s + 1
+        for size, p0, p1, k, s, d in zip(in_hw, (t, l), (b, r), layer.kernel, layer.strides, layer.dilations)
+    )
+
+
+def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> np.ndarray:
+    """Patch vectors of ``x`` (B, C, H, W) at flat output positions ``positions`` (B, P).
+
+    Returns (B·P, C·kh·kw), channel-major: entry ``i·K + k`` is tap ``k`` of channel ``i``,
+    matching ``W.reshape(n, -1)``.
+    """
+    bsz, _, h, w = x.shape
+    t, l, b, r = effective_pads(layer, (h, w))
+    _, ow = output_hw(layer, (h, w))
+    padded = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r))) if (t or l or b or r) else x
+    kh, kw = layer.kernel
+    (sh, sw), (dh, dw) = layer.strides, layer.dilations
+    oy, ox = np.divmod(positions, ow)  # (B, P)
+    ky, kx = np.divmod(np.arange(kh * kw), kw)  # (K,)
+    rows = oy[:, :, None] * sh + ky * dh  # (B, P, K)
+    cols = ox[:, :, None] * sw + kx * dw
+    batch = np.arange(bsz)[:, None, None]
+    nhwc = padded.transpose(0, 2, 3, 1)
+    patches = nhwc[batch, rows, cols]  # (B, P, K, C)
+    return np.ascontiguousarray(patches.transpose(0, 1, 3, 2)).reshape(bsz * positions.shape[1], -1)
+
+
+# ----------------------------------------------------------------------------- running sums
+
+class MomentSums:
+    """Running float64 sums of patch pairs (x, x̂) for one conv with weight ``W`` (n, D)."""
+
+    def __init__(self, weight: np.ndarray):
+        self.w = np.asarray(weight, dtype=np.float32).reshape(weight.shape[0], -1)
+        n, d = self.w.shape
+        self.count = 0
+        self.sum_x = np.zeros(d)
+        self.sum_xhat = np.zeros(d)
+        self.sum_xhat_xhat = np.zeros((d, d))
+        self.sum_y_xhat = np.zeros((n, d))
+        self.sum_y = np.zeros(n)
+        self.sum_y_sq = 0.0
+
+    def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
+        """Accumulate rows of ``x`` and ``x_hat`` (m, D), float32 products per batch."""
+        if not len(x):
+            return
+        y = x @ self.w.T
+        self.count += len(x)
+        self.sum_x += x.sum(axis=0, dtype=np.float64)
+        self.sum_xhat += x_hat.sum(axis=0, dtype=np.float64)
+        self.sum_xhat_xhat += x_hat.T @ x_hat
+        self.sum_y_xhat += y.T @ x_hat
+        self.sum_y += y.sum(axis=0, dtype=np.float64)
+        self.sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+
+    def stats(self) -> LayerStats:
+        """Centred moments: ``Cov = Σ/m − μμᵀ``."""
+        m = max(self.count, 1)
+        mx, mxh, my = self.sum_x / m, self.sum_xhat / m, self.sum_y / m
+        cov = self.sum_xhat_xhat / m - np.outer(mxh, mxh)
+        cov = 0.5 * (cov + cov.T)
+        cross = self.sum_y_xhat / m - np.outer(my, mxh)
+        var = max(self.sum_y_sq / m - float(my @ my), 0.0)
+        return LayerStats(self.count, mx, mxh, cov, cross, var)
+
+
+# ------------------------------------------------------------------------------- segments
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            produced = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            produced |= {t.name for t in sub.initializer}
+            for n in sub.node:
+                names |= {i for i in n.input if i and i not in produced}
+                names |= _subgraph_reads(n) - produced
+            names |= {o.name for o in sub.output} - produced
+    return names
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    return {i for i in node.input if i} | _subgraph_reads(node)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Nodes ``[start, stop)`` of the graph, with the cut tensors they read and write."""
+
+    start: int
+    stop: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
+    """Segments between successive cut positions (node indices; a cut sits before its node)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in _node_reads(node):
+            last_use[name] = index
+    for out in graph.output:
+        last_use[out.name] = len(graph.node)
+    segments = []
+    start = 0
+    for stop in cuts:
+        nodes = graph.node[start:stop]
+        produced = {o for n in nodes for o in n.output if o}
+        reads = set().union(*(_node_reads(n) for n in nodes)) if nodes else set()
+        inputs = sorted(r for r in reads if r not in produced and r not in constants)
+        outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop)
+        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs)))
+        start = stop
+    return segments
+
+
+def segment_model(model: onnx.ModelProto, seg: Segment, infos: dict[str, TensorInfo],
+                  replace: tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None = None) -> onnx.ModelProto:
+    """A standalone model of ``seg``; ``replace`` substitutes the segment's first node."""
+    nodes = list(model.graph.node[seg.start:seg.stop])
+    extra_inits: list[onnx.TensorProto] = []
+    if replace is not None:
+        new_nodes, extra_inits = replace
+        nodes = new_nodes + nodes[1:]
+    reads = set().union(*(_node_reads(n) for n in nodes))
+    inits = [t for t in model.graph.initializer if t.name in reads] + extra_inits
+
+    def value_info(name: str) -> onnx.ValueInfoProto:
+        info = infos.get(name)
+        if info is None or info.dtype is None:
+            raise CalibrationError(f"cannot determine the type of tensor {name!r} (shape inference "
+                                   f"gave nothing); calibration needs typed intermediate tensors")
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(info.dtype), None)
+
+    graph = helper.make_graph(nodes, f"segment_{seg.start}_{seg.stop}",
+                              [value_info(n) for n in seg.inputs], [value_info(n) for n in seg.outputs],
+                              initializer=inits)
+    seg_model = helper.make_model(graph, opset_imports=list(model.opset_import))
+    seg_model.ir_version = model.ir_version
+    seg_model.functions.extend(model.functions)
+    return seg_model
+
+
+class TensorStore:
+    """Cut tensors for all samples; memory-mapped in a private temp folder past the budget."""
+
+    def __init__(self, budget: int, tmp_dir: str):
+        self.arrays: dict[str, np.ndarray] = {}
+        self.budget = budget
+        self.tmp_dir = tmp_dir
+        self._counter = 0
+
+    def in_memory_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values() if not isinstance(a, np.memmap))
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype, shared_bytes: Callable[[], int]) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if shared_bytes() + nbytes > self.budget:
+            self._counter += 1
+            path = os.path.join(self.tmp_dir, f"t{self._counter}.bin")
+            arr = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+        else:
+            arr = np.empty(shape, dtype=dtype)
+        self.arrays[name] = arr
+        return arr
+
+
+# ----------------------------------------------------------------------------- the driver
+
+SolveFn = Callable[[ConvLayer, LayerStats], "SeparableFactors | ChannelFactors"]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    batch_size: int = 32
+    positions: int | None = 64  # None = all output positions
+    holdout: float = 0.1
+    symmetric: bool = False
+    seed: int = 0
+    memory_budget: int = MEMORY_BUDGET
+
+
+@dataclass(frozen=True)
+class CalibratedLayer:
+    factors: SeparableFactors | ChannelFactors
+    heldout_error: float
+    stats_count: int
+
+
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    layers: dict[str, CalibratedLayer]
+    samples: int
+    heldout_samples: int
+    heldout_inputs: dict[str, np.ndarray]  # graph inputs of the held-out samples
+    positions: int | None
+    spilled_bytes: int
+    timing_s: dict[str, float]
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out samples: a seeded ``fraction`` of ``n`` (at least 1)."""
+    if n < 2:
+        raise CalibrationError(f"calibration needs at least 2 samples (one is held out for "
+                               f"verification), got {n}")
+    k = min(max(1, int(round(fraction * n))), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return mask
+
+
+def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: CalibrationData,
+                        infos: dict[str, TensorInfo], solve: SolveFn, options: CalibrationOptions,
+                        fixed_batch: int | None = None,
+                        progress: Callable[[str], None] | None = None) -> CalibrationOutcome:
+    """Decompose ``layers`` in graph order, each against statistics of the partially decomposed network.
+
+    ``solve(layer, stats)`` turns one layer's calibration statistics into factors; the factors
+    of every layer are in place in the decomposed copy before the next layer's statistics are
+    gathered (asymmetric correction). With ``options.symmetric`` the solve sees (x, x) instead.
+    """
+    say = progress or (lambda _msg: None)
+    layers = sorted(layers, key=lambda layer: layer.node_index)
+    n = data.num_samples
+    heldout = split_holdout(n, options.holdout, options.seed)
+    batch = fixed_batch or options.batch_size
+    timing = {"load_data": 0.0, "forward": 0.0, "statistics": 0.0, "solve": 0.0}
+    names = NameAllocator.for_model(model)
+
+    with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
+        orig = TensorStore(options.memory_budget, tmp)
+        approx = TensorStore(options.memory_budget, tmp)
+
+        def shared() -> int:
+            return orig.in_memory_bytes() + approx.in_memory_bytes()
+
+        t0 = time.perf_counter()
+        for b in data.iter_batches(batch, pad_to=fixed_batch):
+            for name, value in b.feeds.items():
+                if name not in orig.arrays:
+                    arr = orig.allocate(name, (n,) + value.shape[1:], value.dtype, shared)
+                    approx.arrays[name] = arr  # identical until the first decomposed layer
+                orig.arrays[name][b.start:b.start + b.count] = value[:b.count]
+        heldout_inputs = {k: np.asarray(v[heldout]) for k, v in orig.arrays.items()}
+        timing["load_data"] = time.perf_counter() - t0
+
+        segments = plan_segments(model, [layer.node_index for layer in layers])
+        results: dict[str, CalibratedLayer] = {}
+        previous: Replacement | None = None
+        for k, (layer, seg) in enumerate(zip(layers, segments)):
+            say(f"calibrate: layer {k + 1}/{len(layers)} {layer.name}")
+            t0 = time.perf_counter()
+            replace = None
+            if previous is not None:
+                replace = to_onnx_nodes(replacement_convs(previous, names))
+            _advance(model, seg, infos, orig, None, n, batch, fixed_batch, shared)
+            if replace is None and all(approx.arrays[i] is orig.arrays[i] for i in seg.inputs):
+                approx.arrays.update({o: orig.arrays[o] for o in seg.outputs})  # nothing decomposed yet
+            else:
+                _advance(model, seg, infos, approx, replace, n, batch, fixed_batch, shared)
+            timing["forward"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            fit, check = _layer_sums(layer, orig.arrays[layer.input], approx.arrays[layer.input],
+                                     heldout, batch, options, k)
+            timing["statistics"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            fit_stats = fit.stats()
+            factors = solve(layer, fit_stats)
+            timing["solve"] += time.perf_counter() - t0
+            err = relative_response_error(layer.weight, layer.bias, factors.dense_weight(), factors.bias,
+                                          check.stats())
+            results[layer.name] = CalibratedLayer(factors, err, fit.count)
+            previous = Replacement(layer, factors)
+            # Free cut tensors no later segment reads.
+            alive = set(segments[k + 1].inputs) if k + 1 < len(segments) else set()
+            if k + 1 < len(segments):
+                alive |= _passthrough(segments, k + 1)
+            for store in (orig, approx):
+                for name in [nm for nm in store.arrays if nm not in alive]:
+                    del store.arrays[name]
+        spilled = 0
+        for entry in os.scandir(tmp):
+            spilled += entry.stat().st_size
+    return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()), heldout_inputs,
+                              options.positions, spilled, timing)
+
+
+def _passthrough(segments: list[Segment], k: int) -> set[str]:
+    """Cut tensors read by segment ``k`` or later (so they must survive until then)."""
+    names: set[str] = set()
+    for seg in segments[k:]:
+        names |= set(seg.inputs)
+    return names
+
+
+def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, batch: int,
+             fixed_batch: int | None, shared) -> None:
+    """Run one segment over all samples, adding its output cut tensors to ``store``."""
+    if seg.stop == seg.start or not seg.outputs:
+        return
+    session = make_session(segment_model(model, seg, infos, replace), optimize=False)
+    outs = list(seg.outputs)
+    new: dict[str, np.ndarray] = {}
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        feeds = {name: np.asarray(store.arrays[name][start:stop]) for name in seg.inputs}
+        if fixed_batch and stop - start < fixed_batch:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - len(v), axis=0)])
+                     for k, v in feeds.items()}
+        values = run(session, feeds, outs)
+        for name, value in values.items():
+            if name not in new:
+                new[name] = store.allocate(name, (n,) + value.shape[1:], value.dtype, shared)
+            new[name][start:stop] = value[:stop - start]
+
+
+def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldout: np.ndarray,
+                batch: int, options: CalibrationOptions, k: int) -> tuple[MomentSums, MomentSums]:
+    """Moment sums over the fit samples and, separately, over the held-out samples."""
+    n, _, h, w = x_all.shape
+    oh, ow = output_hw(layer, (h, w))
+    total = oh * ow
+    rng = np.random.default_rng([options.seed, k])
+    per_image = total if options.positions is None or options.positions >= total else options.positions
+    if per_image == total:
+        positions = np.broadcast_to(np.arange(total), (n, total))
+    else:
+        positions = np.argsort(rng.random((n, total)), axis=1)[:, :per_image]
+    fit, check = MomentSums(layer.weight), MomentSums(layer.weight)
+    for start in range(0, n, batch):
+        stop = min(start + batch, n)
+        pos = positions[start:stop]
+        x = extract_patches(np.asarray(x_all[start:stop], dtype=np.float32), layer, pos)
+        x_hat = x if xhat_all is x_all else extract_patches(np.asarray(xhat_all[start:stop], dtype=np.float32),
+                                                            layer, pos)
+        held = np.repeat(heldout[start:stop], per_image)
+        check.add(x[held], x_hat[held])
+        fit.add(x[~held], (x if options.symmetric else x_hat)[~held])
+    return fit, check

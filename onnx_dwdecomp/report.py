@@ -1,0 +1,142 @@
+"""What changed and how close the result is: the report object, its JSON form and its table.
+
+``rel_error`` of a layer is its *relative response error on held-out calibration samples*,
+``E‖W x + b − Ŵ x̂ − b̂‖² / E‖W x − E[W x]‖²`` (x: the layer's input in the original network,
+x̂: in the rewritten network), when calibration data is given; without data it is the relative
+*weight* error ``‖W − Ŵ‖_F² / ‖W‖_F²``. ``error_kind`` says which. MACs are per inference at
+the resolved input shapes (batch 1 unless ``--input-shape`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .verify import Verification
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    weight_shape: tuple[int, ...]
+    method: str
+    multiplier: int
+    macs_before: int
+    macs_after: int
+    rel_error: float
+    error_kind: str  # "response" (held-out data) or "weight" (data-free)
+    iterations: int = 0
+    fallback_channels: tuple[int, ...] = ()
+    rank: int | None = None  # channel decomposition only
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelTotals:
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    size_before: int  # bytes of the serialized model (weights included)
+    size_after: int
+
+
+@dataclass(frozen=True)
+class Report:
+    method: str
+    layers: tuple[LayerResult, ...]
+    skipped: tuple[SkippedLayer, ...]
+    model: ModelTotals
+    verification: Verification | None
+    timing_s: dict[str, float]
+    notes: tuple[str, ...] = ()
+    calibration: dict | None = None
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {
+            "method": self.method,
+            "options": self.options,
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [asdict(s) for s in self.skipped],
+            "model": asdict(self.model),
+            "verification": None,
+            "calibration": self.calibration,
+            "timing_s": {k: round(v, 4) for k, v in self.timing_s.items()},
+            "notes": list(self.notes),
+        }
+        if self.verification is not None:
+            v = self.verification
+            out["verification"] = {
+                "samples": v.samples,
+                "inputs": v.inputs,
+                "outputs": {name: asdict(o) for name, o in v.outputs.items()},
+            }
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def render(self) -> str:
+        """A plain-text table for the terminal."""
+        lines = []
+        rows = [("layer", "weight", "method", "r", "MMACs before → after", "rel. error")]
+        for layer in self.layers:
+            rows.append((
+                layer.name, "×".join(map(str, layer.weight_shape)),
+                layer.method + (f" d'={layer.rank}" if layer.rank else ""), str(layer.multiplier),
+                f"{layer.macs_before / 1e6:.2f} → {layer.macs_after / 1e6:.2f}",
+                f"{layer.rel_error:.2e}" + ("" if layer.error_kind == "response" else " (w)"),
+            ))
+        lines += _table(rows)
+        if self.skipped:
+            lines.append("")
+            lines.append(f"skipped {len(self.skipped)} conv(s):")
+            by_reason: dict[str, list[str]] = {}
+            for s in self.skipped:
+                by_reason.setdefault(s.reason, []).append(s.name)
+            for reason, names in by_reason.items():
+                shown = ", ".join(names[:3]) + (f" … (+{len(names) - 3})" if len(names) > 3 else "")
+                lines.append(f"  {len(names):3d} × {reason}: {shown}")
+        m = self.model
+        lines.append("")
+        lines += _table([
+            ("model", "before", "after", "change"),
+            ("MACs", f"{m.macs_before / 1e6:.2f} M", f"{m.macs_after / 1e6:.2f} M", _ratio(m.macs_after, m.macs_before)),
+            ("params", f"{m.params_before / 1e6:.3f} M", f"{m.params_after / 1e6:.3f} M",
+             _ratio(m.params_after, m.params_before)),
+            ("size", f"{m.size_before / 2**20:.2f} MiB", f"{m.size_after / 2**20:.2f} MiB",
+             _ratio(m.size_after, m.size_before)),
+        ])
+        if self.verification is not None:
+            v = self.verification
+            lines.append("")
+            lines.append(f"verification on {v.samples} {v.inputs}:")
+            rows = [("output", "rel L2", "max abs", "cosine", "top-1 agree")]
+            for name, o in v.outputs.items():
+                rows.append((name, f"{o.rel_l2:.3e}", f"{o.max_abs:.3e}", f"{o.cosine:.6f}",
+                             "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
+            lines += _table(rows)
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"×{after / before:.3f}" if before else "-"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, row in enumerate(rows):
+        out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out

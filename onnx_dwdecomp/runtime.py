@@ -1,0 +1,42 @@
+"""onnxruntime sessions for in-memory models (no files in the working directory)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .modelio import PROTOBUF_LIMIT
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int | None = None
+                 ) -> ort.InferenceSession:
+    """A CPU session for ``model``.
+
+    ``optimize=False`` turns graph optimisations off so every requested intermediate tensor
+    survives (calibration). Models above the protobuf limit go through a private temporary
+    folder, never the working directory.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_") as tmp:
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+        ) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
