@@ -131,7 +131,32 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
         infos[vi.name] = TensorInfo(shape, dtype)
     for init in g.initializer:
         infos[init.name] = TensorInfo(tuple(init.dims), np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)))
+    missing = [o for n in model.graph.node for o in n.output
+               if o and (o not in infos or infos[o].shape is None or infos[o].dtype is None)]
+    if missing:
+        infos.update(_observed_tensor_info(model, input_shapes, missing))
     return infos
+
+
+def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                          names: list[str]) -> dict[str, TensorInfo]:
+    """Shapes that static inference could not find (e.g. shapes computed by Shape→Gather→Concat
+    chains), observed by one onnxruntime run on zero inputs at ``input_shapes``."""
+    from .runtime import make_session  # local: keeps this module free of onnxruntime at import
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.add().name = name
+    feeds = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in graph_inputs(model)}
+    try:
+        values = make_session(probe, optimize=False).run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"cannot determine tensor shapes: onnxruntime failed on the model at input shapes "
+                         f"{input_shapes}: {str(exc).splitlines()[0]}") from exc
+    return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
 
 
 def node_macs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:

@@ -1,0 +1,133 @@
+"""Tests of onnx_dwdecomp.calibrate: patch geometry, moment sums, segment planning, holdout split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_dwdecomp.calibrate import (MomentSums, effective_pads, extract_patches, output_hw, plan_segments,
+                                     split_holdout)
+from onnx_dwdecomp.candidates import ConvLayer
+from onnx_dwdecomp.errors import CalibrationError
+
+
+def _layer(kernel=(3, 3), strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), auto_pad="NOTSET", c=3, n=4):
+    w = np.zeros((n, c, *kernel), np.float32)
+    return ConvLayer("L", 0, "x", "y", w, None, strides, pads, dilations, auto_pad)
+
+
+def _loop_patches(x, layer, positions):
+    """Reference: explicit loops over batch, positions, channels and taps (ONNX Conv semantics)."""
+    b, c, h, w = x.shape
+    t, l, bo, r = effective_pads(layer, (h, w))
+    _, ow = output_hw(layer, (h, w))
+    kh, kw = layer.kernel
+    rows = []
+    for i in range(b):
+        for p in positions[i]:
+            oy, ox = divmod(int(p), ow)
+            vec = []
+            for ch in range(c):
+                for ky in range(kh):
+                    for kx in range(kw):
+                        yy = oy * layer.strides[0] + ky * layer.dilations[0] - t
+                        xx = ox * layer.strides[1] + kx * layer.dilations[1] - l
+                        vec.append(x[i, ch, yy, xx] if 0 <= yy < h and 0 <= xx < w else 0.0)
+            rows.append(vec)
+    return np.array(rows, np.float32)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(strides=(2, 2), pads=(1, 1, 1, 1)),
+    dict(pads=(0, 1, 2, 0)),
+    dict(dilations=(2, 1), pads=(2, 1, 2, 1)),
+    dict(kernel=(1, 3), strides=(1, 2), pads=(0, 1, 0, 1)),
+    dict(kernel=(2, 2), auto_pad="SAME_UPPER", strides=(2, 2)),
+    dict(kernel=(2, 2), auto_pad="SAME_LOWER"),
+    dict(kernel=(3, 3), auto_pad="SAME_UPPER", strides=(2, 2)),
+    dict(auto_pad="VALID", strides=(2, 1)),
+])
+def test_extract_patches_matches_loop(kw):
+    layer = _layer(**kw)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    oh, ow = output_hw(layer, (7, 6))
+    positions = np.stack([rng.permutation(oh * ow)[:5] for _ in range(2)])
+    got = extract_patches(x, layer, positions)
+    # pure gathering: must be bit-exact
+    np.testing.assert_array_equal(got, _loop_patches(x, layer, positions))
+
+
+def test_output_hw_matches_onnxruntime():
+    import onnxruntime as ort
+    for auto_pad, strides in (("SAME_UPPER", (2, 2)), ("SAME_LOWER", (3, 2)), ("VALID", (2, 1))):
+        layer = _layer(kernel=(3, 2), strides=strides, auto_pad=auto_pad, c=1, n=1)
+        node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[3, 2], strides=list(strides), auto_pad=auto_pad)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.ones((1, 1, 3, 2), np.float32), "W")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.ones((1, 1, 7, 6), np.float32)})[0]
+        assert tuple(y.shape[2:]) == output_hw(layer, (7, 6))
+
+
+def test_moment_sums_match_numpy():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((5, 2, 3, 3)).astype(np.float32)
+    x = (rng.standard_normal((300, 18)) + 2.0).astype(np.float32)
+    xh = (x + 0.1 * rng.standard_normal((300, 18))).astype(np.float32)
+    sums = MomentSums(w)
+    for lo in range(0, 300, 70):  # several batches
+        sums.add(x[lo:lo + 70], xh[lo:lo + 70])
+    sums.add(x[:0], xh[:0])  # empty batch is a no-op
+    s = sums.stats()
+    x64, xh64 = x.astype(np.float64), xh.astype(np.float64)
+    y = x64 @ w.reshape(5, -1).astype(np.float64).T
+    assert s.count == 300
+    # float32 products per batch are accumulated in float64; 1e-4 relative covers float32 rounding
+    np.testing.assert_allclose(s.mean_x, x64.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.mean_xhat, xh64.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.cov_xhat, np.cov(xh64.T, bias=True), rtol=1e-4, atol=1e-4)
+    full = np.cov(np.concatenate([y, xh64], 1).T, bias=True)
+    np.testing.assert_allclose(s.cov_y_xhat, full[:5, 5:], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(s.response_var, np.trace(np.cov(y.T, bias=True)), rtol=1e-4)
+    np.testing.assert_array_equal(s.cov_xhat, s.cov_xhat.T)
+
+
+def test_plan_segments_chain_with_skip():
+    init = lambda name: numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="n0"),
+             helper.make_node("Conv", ["a", "W1"], ["b"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["c"], name="n2"),
+             helper.make_node("Conv", ["c", "W2"], ["d"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["d", "a"], ["e"], name="skip"),
+             helper.make_node("Conv", ["e", "W3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+                          initializer=[init("W1"), init("W2"), init("W3")])
+    m = helper.make_model(g)
+    segs = plan_segments(m, [1, 3, 5])
+    got = [(s.start, s.stop, s.inputs, s.outputs) for s in segs]
+    assert got == [(0, 1, ("x",), ("a",)),
+                   (1, 3, ("a",), ("c",)),
+                   (3, 5, ("a", "c"), ("e",))]
+    # first cut at node 0: empty leading segment
+    segs = plan_segments(m, [0, 1])
+    assert (segs[0].start, segs[0].stop, segs[0].inputs, segs[0].outputs) == (0, 0, (), ())
+
+
+def test_split_holdout():
+    m1, m2 = split_holdout(24, 0.1, 0), split_holdout(24, 0.1, 0)
+    np.testing.assert_array_equal(m1, m2)  # seeded
+    assert m1.dtype == bool and m1.sum() == 2  # round(2.4)
+    assert not np.array_equal(m1, split_holdout(24, 0.1, 1)) or split_holdout(24, 0.1, 2).sum() == 2
+    assert split_holdout(2, 0.0, 0).sum() == 1  # at least one held out
+    assert split_holdout(3, 0.99, 0).sum() == 2  # at least one left to fit
+    with pytest.raises(CalibrationError, match="at least 2"):
+        split_holdout(1, 0.1, 0)
+    with pytest.raises(CalibrationError):
+        split_holdout(0, 0.1, 0)
