@@ -46,7 +46,7 @@ Channel decomposition (Zhang et al. 2016, brief §1.5)
     reduced-rank regression: whiten by ``B = L Lᵀ``, truncate the SVD of ``A L⁻ᵀ`` to rank d,
     un-whiten. Data-free it is the truncated SVD of ``W``.
 
-Regularisation: every Cholesky factor / solve adds a ridge ``ε·tr(M)/dim`` relative to the
+Regularisation: every Cholesky factor / solve adds a ridge ``RIDGE·tr(M)/dim`` relative to the
 matrix's own scale, so dead channels (all-zero inputs), rank-deficient moments and tiny
 calibration sets give finite results. Channels with no input energy fall back to SVD factors.
 """
@@ -58,8 +58,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-#: Ridge relative to a matrix's mean diagonal; small enough not to bias a well-posed solve.
-RIDGE = 1e-6
+#: Ridge relative to a matrix's mean diagonal (Tikhonov). 1 % measurably helps generalisation:
+#: on the MNIST model the decomposed top-1 went from 97.6 % (1e-6) to 98.0 % (1e-2), because the
+#: deepest layers (2×2 outputs) see about as many patch vectors as their patch length.
+RIDGE = 1e-2
 #: A channel whose input variance is below this fraction of the mean channel variance is dead.
 DEAD_CHANNEL = 1e-10
 
@@ -154,8 +156,12 @@ def _svd_channel_factors(w3: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray
     slices = np.transpose(w3, (1, 0, 2))  # (c, n, K)
     u, s, vt = np.linalg.svd(slices, full_matrices=False)
     u, vt = _fix_signs(u, vt)
-    p = u[:, :, :r] * s[:, None, :r]  # (c, n, r)
-    return np.transpose(p, (1, 0, 2)), vt[:, :r, :]
+    p = u[:, :, :r] * s[:, None, :r]  # (c, n, min(r, n, K))
+    f = vt[:, :r, :]
+    if p.shape[2] < r:  # more filters than the slice's rank (r > n): pad with zero filters
+        p = np.concatenate([p, np.zeros(p.shape[:2] + (r - p.shape[2],))], axis=2)
+        f = np.concatenate([f, np.zeros((f.shape[0], r - f.shape[1], f.shape[2]))], axis=1)
+    return np.transpose(p, (1, 0, 2)), f
 
 
 def _as_factors(p: np.ndarray, f: np.ndarray, bias: np.ndarray, kernel: tuple[int, int], *,
@@ -359,8 +365,7 @@ def channel_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
         second, first = u[:, :rank] * s[:rank], vt[:rank]
         b_hat = b
     else:
-        cov = stats.cov_xhat
-        lower = _cholesky(cov)
+        lower = _cholesky(stats.cov_xhat)
         t = scipy.linalg.solve_triangular(lower, stats.cov_y_xhat.T, lower=True).T  # A L⁻ᵀ
         u, s, vt = np.linalg.svd(t, full_matrices=False)
         u, vt = _fix_signs(u, vt)
