@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, OptionError
@@ -83,8 +84,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read the external data of {path}: {exc}") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelError(f"cannot read the external data of {path}: {str(exc).splitlines()[0]}") from exc
     return LoadedModel(model, path, external, size)
 
 
@@ -92,6 +93,37 @@ def _check_is_model(model: onnx.ModelProto, where: str) -> None:
     # Random bytes can parse as a protobuf with only unknown fields: demand the parts a model has.
     if not model.opset_import or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{where} is not an ONNX model (no graph, nodes or opset import)")
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _move_to_external_data(model: onnx.ModelProto, data_path: Path, location: str,
+                           threshold: int = 1024) -> None:
+    """Write every tensor of at least ``threshold`` bytes to ``data_path`` (64-byte aligned) and
+    point the model at ``location`` (relative to the model file)."""
+    from onnx.external_data_helper import set_external_data
+
+    with open(data_path, "wb") as fh:
+        for tensor in iter_graph_tensors(model.graph):
+            if not tensor.HasField("raw_data"):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    raise ModelError(f"tensor {tensor.name!r} still refers to external data")
+                value = onnx.numpy_helper.to_array(tensor)
+                if value.nbytes < threshold or value.dtype == object:
+                    continue
+                tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+            if len(tensor.raw_data) < threshold:
+                continue
+            offset = -(-fh.tell() // 64) * 64
+            fh.seek(offset)
+            fh.write(tensor.raw_data)
+            set_external_data(tensor, location, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -124,12 +156,15 @@ def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike, *,
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            if (tmp_dir / data_name).exists():
-                os.replace(tmp_dir / data_name, out.parent / data_name)
+            _move_to_external_data(copy, tmp_dir / data_name, data_name)
+            onnx.save_model(copy, str(tmp_model))
+            os.replace(tmp_dir / data_name, out.parent / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
+        mode = 0o666 & ~_umask()
+        os.chmod(tmp_model, mode)
+        if external_data and (out.parent / data_name).exists():
+            os.chmod(out.parent / data_name, mode)
         os.replace(tmp_model, out)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

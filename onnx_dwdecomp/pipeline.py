@@ -94,7 +94,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     opts.validate()
     say = progress or (lambda _msg: None)
     method = opts.resolved_method()
-    timing: dict[str, float] = {}
+    timing: dict[str, float] = {"load": 0.0, "calibration": 0.0}
     start = time.perf_counter()
 
     t0 = time.perf_counter()

@@ -147,10 +147,11 @@ def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) 
     graph = gs.import_onnx(model)
     names = NameAllocator.for_model(model)
     graph_outputs = {o.name for o in model.graph.output}
-    # Walk from the last node back so earlier node indices stay valid while inserting.
-    for rep in sorted(replacements, key=lambda r: r.layer.node_index, reverse=True):
-        old = graph.nodes[rep.layer.node_index]
-        assert old.op == "Conv" and old.outputs[0].name == rep.layer.output, "node index out of sync"
+    for rep in replacements:
+        # Locate by output name: tensor names are unique, node positions may differ after import.
+        index = next(i for i, node in enumerate(graph.nodes)
+                     if node.op == "Conv" and node.outputs and node.outputs[0].name == rep.layer.output)
+        old = graph.nodes[index]
         x, y = old.inputs[0], old.outputs[0]
         old_params = list(old.inputs[1:])
         dtype = rep.layer.weight.dtype
@@ -166,7 +167,7 @@ def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) 
                                      outputs=[tensors[conv.output]]))
         old.inputs.clear()
         old.outputs.clear()
-        graph.nodes[rep.layer.node_index:rep.layer.node_index + 1] = new_nodes
+        graph.nodes[index:index + 1] = new_nodes
         for t in old_params:
             _drop_orphan_producers(t, graph, graph_outputs)
 
