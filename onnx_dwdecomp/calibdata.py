@@ -402,6 +402,32 @@ def _check_specs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
     return specs
 
 
+def _checked_arrays(values: Any, specs: Sequence[InputSpec], where: str
+                    ) -> tuple[dict[str, tuple[np.ndarray, np.dtype]], int]:
+    """Arrays per input with their target dtype, layout-checked, and their common sample count."""
+    arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
+    for spec in specs:
+        value = values[spec.name]
+        try:
+            a = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except Exception as e:
+            raise CalibrationError(
+                f"calibration input {spec.name!r}: cannot convert {type(value).__name__} to an array{where}"
+            ) from e
+        if a.ndim == 0:
+            raise CalibrationError(
+                f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
+                f"{_fmt_expected(spec)}, got a scalar{where}"
+            )
+        _check_layout(spec, a.shape, where)
+        arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
+    counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
+        raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
+    return arrays, next(iter(counts.values()))
+
+
 def _check_layout(spec: InputSpec, shape: tuple[int, ...], where: str) -> None:
     """Rank and fixed non-batch dims of ``shape`` against ``spec``."""
     if len(shape) != len(spec.shape):
@@ -485,28 +511,7 @@ def _validated_array_source(
     named: dict[str, Any], specs: list[InputSpec], calib_size: int | None, where: str, description: str
 ) -> _ArraySource:
     """Check ``named`` (input name -> array-like) against ``specs`` and wrap it."""
-    arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
-    for spec in specs:
-        a = named[spec.name]
-        if not isinstance(a, np.ndarray):
-            try:
-                a = np.asarray(a)
-            except Exception as e:
-                raise CalibrationError(
-                    f"calibration input {spec.name!r}: cannot convert {type(a).__name__} to an array{where}"
-                ) from e
-        if a.ndim == 0:
-            raise CalibrationError(
-                f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
-                f"{_fmt_expected(spec)}, got a scalar{where}"
-            )
-        _check_layout(spec, a.shape, where)
-        arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
-    counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
-    if len(set(counts.values())) > 1:
-        listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
-        raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
-    n = next(iter(counts.values()))
+    arrays, n = _checked_arrays(named, specs, where)
     if calib_size is not None:
         n = min(n, calib_size)
     if n == 0:
@@ -895,27 +900,7 @@ def _reader_feeds(
             raise CalibrationError(
                 f"calibration reader feed: {'; '.join(parts)} (expected exactly the keys {_names(wanted)}){where}"
             )
-        arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
-        for spec in specs:
-            value = feed[spec.name]
-            try:
-                a = np.asarray(value)
-            except Exception as e:
-                raise CalibrationError(
-                    f"calibration input {spec.name!r}: cannot convert {type(value).__name__} to an array{where}"
-                ) from e
-            if a.ndim == 0:
-                raise CalibrationError(
-                    f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
-                    f"{_fmt_expected(spec)}, got a scalar{where}"
-                )
-            _check_layout(spec, a.shape, where)
-            arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
-        counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
-        if len(set(counts.values())) > 1:
-            listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
-            raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
-        count = next(iter(counts.values()))
+        arrays, count = _checked_arrays(feed, specs, where)
         if count == 0:
             continue
         for name, (a, _) in arrays.items():

@@ -17,10 +17,10 @@ import onnx
 
 from . import calibdata
 from .calibrate import CalibrationOptions, calibrate_and_solve
-from .candidates import ConvLayer, find_candidates
+from .candidates import ConvLayer, Skipped, find_candidates
 from .errors import OptionError
 from .modelio import LoadedModel, load_model
-from .report import LayerResult, ModelTotals, Report, SkippedLayer
+from .report import LayerResult, ModelTotals, Report
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
 from .shapes import graph_inputs, infer_tensor_info, model_cost, node_macs, resolve_input_shapes
@@ -114,12 +114,12 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
                                          data.sample_shapes if data is not None else None)
     infos = infer_tensor_info(source, shapes)
     candidates = find_candidates(source, opts.include, opts.exclude)
-    skipped = [SkippedLayer(s.name, s.reason) for s in candidates.skipped]
+    skipped = list(candidates.skipped)
     layers: list[ConvLayer] = []
     for layer in candidates.layers:
         reason = _unprofitable(layer, method, opts.multiplier)
         if reason:
-            skipped.append(SkippedLayer(layer.name, reason))
+            skipped.append(Skipped(layer.name, reason))
         else:
             layers.append(layer)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .candidates import Skipped
 from .verify import Verification
 
 
@@ -31,12 +32,6 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
-class SkippedLayer:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class ModelTotals:
     macs_before: int
     macs_after: int
@@ -50,7 +45,7 @@ class ModelTotals:
 class Report:
     method: str
     layers: tuple[LayerResult, ...]
-    skipped: tuple[SkippedLayer, ...]
+    skipped: tuple[Skipped, ...]
     model: ModelTotals
     verification: Verification | None
     timing_s: dict[str, float]
