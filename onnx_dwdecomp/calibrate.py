@@ -63,10 +63,11 @@ def effective_pads(layer: ConvLayer, in_hw: tuple[int, int]) -> tuple[int, int, 
 
 
 def output_hw(layer: ConvLayer, in_hw: tuple[int, int]) -> tuple[int, int]:
-    t, l, b, r = effective_pads(layer, in_hw)
+    top, left, bottom, right = effective_pads(layer, in_hw)
     return tuple(
         (size + p0 + p1 - (k - 1) * d - 1) // s + 1
-        for size, p0, p1, k, s, d in zip(in_hw, (t, l), (b, r), layer.kernel, layer.strides, layer.dilations)
+        for size, p0, p1, k, s, d in zip(in_hw, (top, left), (bottom, right), layer.kernel, layer.strides,
+                                         layer.dilations)
     )
 
 
@@ -77,9 +78,9 @@ def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> n
     matching ``W.reshape(n, -1)``.
     """
     bsz, _, h, w = x.shape
-    t, l, b, r = effective_pads(layer, (h, w))
+    top, left, bottom, right = effective_pads(layer, (h, w))
     _, ow = output_hw(layer, (h, w))
-    padded = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r))) if (t or l or b or r) else x
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))) if any((top, left, bottom, right)) else x
     kh, kw = layer.kernel
     (sh, sw), (dh, dw) = layer.strides, layer.dilations
     oy, ox = np.divmod(positions, ow)  # (B, P)
