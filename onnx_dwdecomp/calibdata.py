@@ -203,15 +203,19 @@ class CalibrationData:
         start = 0
         for feeds in self._source.batches(batch_size):
             count = len(next(iter(feeds.values())))
-            if pad_to is not None and count < pad_to:
-                feeds = {
-                    k: np.concatenate([v, np.repeat(v[-1:], pad_to - count, axis=0)]) for k, v in feeds.items()
-                }
+            if pad_to is not None:
+                feeds = pad_feeds(feeds, pad_to)
             yield Batch(feeds=feeds, start=start, count=count)
             start += count
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+def pad_feeds(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Pad every array to ``rows`` along axis 0 by repeating its last row (fixed-batch models)."""
+    return {k: v if len(v) >= rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+            for k, v in feeds.items()}
 
 
 def load_calibration(
@@ -402,6 +406,16 @@ def _check_specs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
     return specs
 
 
+def _key_problems(wanted: Sequence[str], keys: Sequence[Any], missing_what: str) -> str:
+    """``"<missing_what> 'a'; unexpected keys 'b'"`` for a key set that differs from ``wanted``, else ``""``."""
+    missing = [n for n in wanted if n not in keys]
+    extra = [str(k) for k in keys if k not in wanted]
+    parts = [f"{missing_what} {_names(missing)}"] if missing else []
+    if extra:
+        parts.append(f"unexpected keys {_names(extra)}")
+    return "; ".join(parts)
+
+
 def _checked_arrays(values: Any, specs: Sequence[InputSpec], where: str
                     ) -> tuple[dict[str, tuple[np.ndarray, np.dtype]], int]:
     """Arrays per input with their target dtype, layout-checked, and their common sample count."""
@@ -549,16 +563,10 @@ def _named_arrays_source(
     keys = list(named)
     if len(specs) == 1 and len(keys) == 1:
         return _validated_array_source({wanted[0]: named[keys[0]]}, specs, calib_size, where, where_name)
-    missing = [n for n in wanted if n not in named]
-    extra = [k for k in keys if k not in wanted]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing arrays for inputs {_names(missing)}")
-        if extra:
-            parts.append(f"unexpected keys {_names(extra)}")
+    problems = _key_problems(wanted, keys, "missing arrays for inputs")
+    if problems:
         raise CalibrationError(
-            f"calibration data{where}: {'; '.join(parts)} (expected exactly the keys {_names(wanted)})"
+            f"calibration data{where}: {problems} (expected exactly the keys {_names(wanted)})"
         )
     return _validated_array_source(named, specs, calib_size, where, where_name)
 
@@ -889,16 +897,10 @@ def _reader_feeds(
                 f"calibration reader get_next() returned a {type(feed).__name__}, expected a dict "
                 f"{{input_name: array}} with keys {_names(wanted)}, or None at the end{where}"
             )
-        missing = [n for n in wanted if n not in feed]
-        extra = [k for k in feed if k not in wanted]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing inputs {_names(missing)}")
-            if extra:
-                parts.append(f"unexpected keys {_names([str(k) for k in extra])}")
+        problems = _key_problems(wanted, list(feed), "missing inputs")
+        if problems:
             raise CalibrationError(
-                f"calibration reader feed: {'; '.join(parts)} (expected exactly the keys {_names(wanted)}){where}"
+                f"calibration reader feed: {problems} (expected exactly the keys {_names(wanted)}){where}"
             )
         arrays, count = _checked_arrays(feed, specs, where)
         if count == 0:

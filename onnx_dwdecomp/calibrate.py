@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calibdata import CalibrationData
+from .calibdata import CalibrationData, pad_feeds
 from .candidates import ConvLayer
 from .errors import CalibrationError
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
@@ -377,9 +377,8 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
     for start in range(0, n, batch):
         stop = min(start + batch, n)
         feeds = {name: np.asarray(store.arrays[name][start:stop]) for name in seg.inputs}
-        if fixed_batch and stop - start < fixed_batch:
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - len(v), axis=0)])
-                     for k, v in feeds.items()}
+        if fixed_batch:
+            feeds = pad_feeds(feeds, fixed_batch)
         values = run(session, feeds, outs)
         for name, value in values.items():
             if name not in new:

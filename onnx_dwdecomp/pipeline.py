@@ -236,9 +236,7 @@ def _batches(arrays: dict[str, np.ndarray], batch: int, fixed: int | None) -> li
     out = []
     for start in range(0, n, batch):
         feeds = {k: v[start:start + batch] for k, v in arrays.items()}
-        if fixed and len(next(iter(feeds.values()))) < fixed:
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - len(v), axis=0)]) for k, v in feeds.items()}
-        out.append(feeds)
+        out.append(calibdata.pad_feeds(feeds, fixed) if fixed else feeds)
     return out
 
 

@@ -104,8 +104,8 @@ class TensorInfo:
 def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
     """Shape inference at fixed input shapes; returns the info of every tensor it could infer.
 
-    Works on a copy whose graph inputs carry ``input_shapes`` and whose large initializers are
-    stripped of their data (shape inference only needs dims), so models of any size work.
+    Works on a copy whose graph inputs carry ``input_shapes``; tensors static inference cannot
+    resolve (run-time computed shapes) are observed with one onnxruntime run.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -18,6 +18,7 @@ import onnx
 
 from .calibdata import InputSpec
 from .errors import DwDecompError
+from .modelio import PROTOBUF_LIMIT
 from .runtime import make_session, run
 
 #: Random verification samples when no held-out calibration data is given.
@@ -45,7 +46,7 @@ class Verification:
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(full_check=True)``; a failure here is a bug of this tool."""
     try:
-        if model.ByteSize() < 2**31 - 1:
+        if model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise DwDecompError(f"the rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
