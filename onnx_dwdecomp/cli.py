@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--max-rel-error", type=float, metavar="E",
                    help="fail (exit 1, write nothing) if any output's relative L2 error exceeds E")
+    p.add_argument("--select", choices=["latency", "all"], default="latency",
+                   help="latency: rewrite a conv only where onnxruntime runs depthwise + pointwise at "
+                        "least 5 %% faster than the regular conv, timed on this machine (default); "
+                        "all: rewrite every candidate (reproducible output)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="onnxruntime threads for the latency timing (default: all CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random inputs (default 0)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -104,7 +110,8 @@ def _options_from_args(args: argparse.Namespace) -> dict:
     return dict(method=args.method, multiplier=args.multiplier, include=tuple(args.include),
                 exclude=tuple(args.exclude), input_shapes=shapes, calib=calib, calib_size=args.calib_size,
                 batch_size=args.batch_size, positions=positions, symmetric=args.symmetric,
-                mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed)
+                mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed,
+                select=args.select, threads=args.threads)
 
 
 def _int(text: str, flag: str) -> int:

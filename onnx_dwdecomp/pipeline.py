@@ -1,4 +1,5 @@
-"""The whole job: load → candidates → (calibrate) → solve → rewrite → verify → report.
+"""The whole job: load → fold BN → candidates → select → (calibrate) → solve → rewrite →
+fold pointwise pairs → verify → report.
 
 ``decompose(model_or_path, **options)`` returns ``(model, report)``; it never touches the
 input (a path is read, a ``ModelProto`` is copied) and writes nothing to disk.
@@ -19,16 +20,20 @@ from . import calibdata
 from .calibrate import CalibrationOptions, calibrate_and_solve
 from .candidates import ConvLayer, Skipped, find_candidates
 from .errors import OptionError
+from .fold import fold_batchnorm, fold_pointwise
+from .latency import MIN_GAIN, Decision, LatencySelector
 from .modelio import LoadedModel, load_model
-from .report import LayerResult, ModelTotals, Report
+from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
-from .shapes import graph_inputs, infer_tensor_info, model_cost, node_macs, resolve_input_shapes
+from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
+                     resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
 from .verify import check_model, compare_models, random_batches
 
 METHODS = ("svd", "gsvd", "channel")
+SELECT = ("latency", "all")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class DecomposeOptions:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     verify: bool = True
     seed: int = 0
+    select: str = "latency"  # "latency": rewrite only where onnxruntime measures a gain; "all"
+    threads: int | None = None  # onnxruntime threads for latency selection; None = all CPUs
 
     def resolved_method(self) -> str:
         return self.method or ("gsvd" if self.calib is not None else "svd")
@@ -69,6 +76,11 @@ class DecomposeOptions:
             raise OptionError("--method gsvd needs calibration data: pass --calib (or use --method svd)")
         if self.symmetric and self.calib is None:
             raise OptionError("--symmetric needs calibration data (--calib)")
+        if self.select not in SELECT:
+            raise OptionError(f"--select {self.select!r}: expected one of {', '.join(SELECT)}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
 
 
 class DecomposeResult(NamedTuple):
@@ -103,6 +115,14 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     specs = graph_inputs(source)
     timing["load"] = time.perf_counter() - t0
 
+    # Fold BatchNormalization / per-channel Mul/Add into the convs first: the candidates then
+    # carry the weights the network really applies. `work` is the model every later stage
+    # reads; verification still compares the final model with the untouched `source`.
+    t0 = time.perf_counter()
+    bn_fold = fold_batchnorm(source)
+    work = bn_fold.model
+    timing["fold"] = time.perf_counter() - t0
+
     data = None
     if opts.calib is not None:
         t0 = time.perf_counter()
@@ -112,16 +132,24 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         timing["calibration"] = time.perf_counter() - t0
     shapes, notes = resolve_input_shapes(specs, dict(opts.input_shapes),
                                          data.sample_shapes if data is not None else None)
-    infos = infer_tensor_info(source, shapes)
-    candidates = find_candidates(source, opts.include, opts.exclude)
+    infos = infer_tensor_info(work, shapes)
+    candidates = find_candidates(work, opts.include, opts.exclude)
     skipped = list(candidates.skipped)
     layers: list[ConvLayer] = []
+    selection: list[Selection] = []
     for layer in candidates.layers:
         reason = _unprofitable(layer, method, opts.multiplier)
         if reason:
             skipped.append(Skipped(layer.name, reason))
+            selection.append(Selection(layer.name, False, reason))
         else:
             layers.append(layer)
+    t0 = time.perf_counter()
+    if opts.select == "latency":
+        layers = _select_by_latency(layers, infos, method, opts, selection, skipped, say)
+    else:
+        selection += [Selection(layer.name, True, "--select all") for layer in layers]
+    timing["select"] = time.perf_counter() - t0
 
     calib_report = None
     heldout_errors: dict[str, float] = {}
@@ -133,7 +161,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         calib_opts = CalibrationOptions(batch_size=opts.batch_size, positions=opts.positions,
                                         symmetric=opts.symmetric, seed=opts.seed)
         outcome = calibrate_and_solve(
-            source, layers, data, infos,
+            work, layers, data, infos,
             lambda layer, stats: _solve_layer(layer, method, opts.multiplier, stats),
             calib_opts, fixed_batch=fixed, progress=say)
         for name, result in outcome.layers.items():
@@ -158,7 +186,12 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
 
     t0 = time.perf_counter()
     say("rewrite")
-    new_model = apply_replacements(source, [Replacement(layer, factors[layer.name]) for layer in layers])
+    new_model = apply_replacements(work, [Replacement(layer, factors[layer.name]) for layer in layers])
+    # The second conv of each replacement writes the layer's output tensor; merge it into a
+    # 1×1 conv it feeds (depthwise-only counterparts), recovering the native structure.
+    producer = {out: node.name for node in new_model.graph.node for out in node.output}
+    pw_fold = fold_pointwise(new_model, [producer[layer.output] for layer in layers])
+    new_model = pw_fold.model
     timing["rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -175,11 +208,14 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     timing["verify"] = time.perf_counter() - t0
 
     new_infos = infer_tensor_info(new_model, shapes)
-    before, after = model_cost(source, infos), model_cost(new_model, new_infos)
+    # MACs from the folded model (BN has none, and `infos` names its tensors), parameters
+    # from the original (BN parameters included).
+    before = ModelCost(model_cost(work, infos).macs, model_cost(source, {}).params)
+    after = model_cost(new_model, new_infos)
     results = []
     for layer in layers:
         f = factors[layer.name]
-        node = source.graph.node[layer.node_index]
+        node = work.graph.node[layer.node_index]
         macs_before = node_macs(node, infos)
         out_shape = infos[layer.output].shape if layer.output in infos else None
         positions = int(np.prod(out_shape[:1] + out_shape[2:])) if out_shape else 0
@@ -197,10 +233,17 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     totals = ModelTotals(before.macs, after.macs, before.params, after.params,
                          source.ByteSize(), new_model.ByteSize())
     if not layers:
-        notes.append("no conv was rewritten; the output equals the input")
+        notes.append("no conv was rewritten; " + ("only BatchNormalization/Mul/Add were folded into convs"
+                                                    if bn_fold.modified else "the output equals the input"))
+    notes += [f"{r.node} not folded into its conv: {r.reason}" for r in bn_fold.refused]
+    if opts.select == "latency":
+        notes.append("latency selection timed each conv configuration in onnxruntime on this machine; "
+                     "results depend on the machine and its load (--select all for a reproducible output)")
     report = Report(method=method, layers=tuple(results), skipped=tuple(skipped), model=totals,
                     verification=verification, timing_s=timing, notes=tuple(notes),
-                    calibration=calib_report, options=_options_dict(opts, shapes))
+                    calibration=calib_report, options=_options_dict(opts, shapes),
+                    select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
+                    merged=pw_fold.folds)
     return DecomposeResult(new_model, report)
 
 
@@ -220,6 +263,36 @@ def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> str | None:
     if cost >= regular:
         return (f"no MAC saving at multiplier {multiplier}: {cost} vs {regular} MACs per output position")
     return None
+
+
+def _select_by_latency(layers: list[ConvLayer], infos, method: str, opts: DecomposeOptions,
+                       selection: list[Selection], skipped: list[Skipped], say) -> list[ConvLayer]:
+    """The layers whose replacement onnxruntime runs faster (see latency.py); appends the
+    decision for every layer to ``selection`` and the rejected ones to ``skipped``."""
+    selector = LatencySelector(threads=opts.threads)
+    chosen = []
+    for k, layer in enumerate(layers):
+        info = infos.get(layer.input)
+        if info is None or info.shape is None:
+            decision = Decision(False, "input shape unknown, latency not measured; --select all forces it")
+        else:
+            c = layer.weight_shape[1]
+            if method == "channel":
+                mid, group = channel_rank(layer.weight_shape, opts.multiplier), 1
+            else:
+                mid, group = c * opts.multiplier, c
+            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group)
+            say(f"select: timing {k + 1}/{len(layers)} {layer.name} ({config.describe()})")
+            decision = selector.decide(config)
+        t = decision.timing
+        selection.append(Selection(layer.name, decision.rewrite, decision.reason,
+                                   t.regular_ms if t else None, t.separable_ms if t else None))
+        if decision.rewrite:
+            chosen.append(layer)
+        else:
+            skipped.append(Skipped(layer.name, "kept regular: latency not measured" if t is None else
+                                   f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
+    return chosen
 
 
 def _solve_layer(layer: ConvLayer, method: str, multiplier: int, stats: LayerStats | None):
@@ -256,6 +329,6 @@ def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) ->
                                              else type(calib).__name__),
         "calib_size": opts.calib_size, "batch_size": opts.batch_size,
         "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
-        "verify": opts.verify, "seed": opts.seed,
+        "verify": opts.verify, "seed": opts.seed, "select": opts.select, "threads": opts.threads,
     }
 

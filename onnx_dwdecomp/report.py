@@ -5,15 +5,25 @@
 x̂: in the rewritten network), when calibration data is given; without data it is the relative
 *weight* error ``‖W − Ŵ‖_F² / ‖W‖_F²``. ``error_kind`` says which. MACs are per inference at
 the resolved input shapes (batch 1 unless ``--input-shape`` says otherwise).
+
+``selection`` says for every candidate conv why it was or was not rewritten; with latency
+selection it carries the median onnxruntime latencies of the regular conv and its replacement
+measured in isolation (see latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
+folded into convs before decomposition, ``merged`` the pointwise pairs merged after it (fold.py).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .candidates import Skipped
+from .latency import MIN_GAIN
 from .verify import Verification
+
+if TYPE_CHECKING:  # fold.py pulls in onnx-graphsurgeon; the report only needs the records
+    from .fold import Fold, Merge
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,17 @@ class LayerResult:
     iterations: int = 0
     fallback_channels: tuple[int, ...] = ()
     rank: int | None = None  # channel decomposition only
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Why one candidate conv was (not) rewritten; median latencies when it was timed."""
+
+    name: str
+    rewritten: bool
+    reason: str
+    regular_ms: float | None = None
+    separable_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,10 @@ class Report:
     notes: tuple[str, ...] = ()
     calibration: dict | None = None
     options: dict = field(default_factory=dict)
+    select: str = "all"  # "latency" or "all"
+    selection: tuple[Selection, ...] = ()
+    folded: tuple["Fold", ...] = ()
+    merged: tuple["Merge", ...] = ()
 
     def to_dict(self) -> dict:
         out = {
@@ -59,6 +84,10 @@ class Report:
             "options": self.options,
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
+            "select": self.select,
+            "selection": [asdict(s) for s in self.selection],
+            "folded": [asdict(f) for f in self.folded],
+            "merged": [asdict(m) for m in self.merged],
             "model": asdict(self.model),
             "verification": None,
             "calibration": self.calibration,
@@ -98,6 +127,16 @@ class Report:
             for reason, names in by_reason.items():
                 shown = ", ".join(names[:3]) + (f" … (+{len(names) - 3})" if len(names) > 3 else "")
                 lines.append(f"  {len(names):3d} × {reason}: {shown}")
+        lines += self._render_selection()
+        if self.folded:
+            lines.append("")
+            lines.append(f"folded {len(self.folded)} BatchNormalization/Mul/Add node(s) into their convs "
+                         f"before decomposition: " + _first(f"{f.node} → {f.conv}" for f in self.folded))
+        if self.merged:
+            if not self.folded:
+                lines.append("")
+            lines.append(f"merged {len(self.merged)} pointwise pair(s) into one 1×1 conv each: "
+                         + _first(f"{m.first} + {m.into}" for m in self.merged))
         m = self.model
         lines.append("")
         lines += _table([
@@ -120,6 +159,27 @@ class Report:
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+
+    def _render_selection(self) -> list[str]:
+        timed = [s for s in self.selection if s.regular_ms is not None]
+        if self.select != "latency" or not self.selection:
+            return []
+        lines = ["", f"latency selection ({len(timed)} of {len(self.selection)} candidate(s) timed in "
+                     f"onnxruntime; rewrite when the separable median is ≥ {100 * MIN_GAIN:g} % lower):"]
+        rows = [("layer", "regular ms", "separable ms", "speed-up", "decision")]
+        for s in self.selection:
+            timed_row = s.regular_ms is not None and s.separable_ms is not None
+            rows.append((s.name, f"{s.regular_ms:.3f}" if timed_row else "-",
+                         f"{s.separable_ms:.3f}" if timed_row else "-",
+                         f"×{s.regular_ms / s.separable_ms:.2f}" if timed_row and s.separable_ms > 0 else "-",
+                         "rewrite" if s.rewritten else "keep"))
+        return lines + _table(rows)
+
+
+def _first(items, shown: int = 3) -> str:
+    items = list(items)
+    return ", ".join(items[:shown]) + (f" … (+{len(items) - shown})" if len(items) > shown else "")
 
 
 def _ratio(after: int, before: int) -> str:

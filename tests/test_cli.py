@@ -32,7 +32,7 @@ def _listing(folder: Path) -> list[str]:
 def test_success_writes_default_output_and_report(model_path, tmp_path, capsys):
     before = model_path.read_bytes()
     report = tmp_path / "r.json"
-    assert main([str(model_path), "--report", str(report), "--quiet"]) == 0
+    assert main([str(model_path), "--report", str(report), "--quiet", "--select", "all"]) == 0
     out = tmp_path / "net.dw.onnx"
     assert out.exists() and model_path.read_bytes() == before
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
@@ -47,7 +47,7 @@ def test_success_with_calib_prints_table(model_path, tmp_path, capsys):
     calib = tmp_path / "calib.npy"
     np.save(calib, correlated_images(12, 6, 12, 12))
     out = tmp_path / "o.onnx"
-    assert main([str(model_path), "--calib", str(calib), "-o", str(out)]) == 0
+    assert main([str(model_path), "--calib", str(calib), "-o", str(out), "--select", "all"]) == 0
     cap = capsys.readouterr()
     assert "conv0" in cap.out and f"wrote {out}" in cap.out
     assert out.exists()
@@ -98,7 +98,7 @@ def test_calib_wrong_shape(model_path, tmp_path, capsys):
 
 
 def test_max_rel_error_gate(model_path, tmp_path, capsys):
-    msg = _expect_user_error([str(model_path), "--max-rel-error", "1e-12", "--quiet", "--report",
+    msg = _expect_user_error([str(model_path), "--max-rel-error", "1e-12", "--quiet", "--select", "all", "--report",
                               str(tmp_path / "r.json")], tmp_path, capsys, protected=model_path, code=1)
     assert "max-rel-error" in msg
 
@@ -110,7 +110,7 @@ def test_debug_shows_traceback(model_path):
 
 
 def test_bench_two_models(model_path, tmp_path, capsys):
-    assert main([str(model_path), "--quiet"]) == 0
+    assert main([str(model_path), "--quiet", "--select", "all"]) == 0
     out = tmp_path / "net.dw.onnx"
     js = tmp_path / "bench.json"
     rc = main(["bench", str(model_path), str(out), "--runs", "2", "--warmup", "1", "--threads", "1",

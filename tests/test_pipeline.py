@@ -36,7 +36,7 @@ def test_gsvd_asymmetric_beats_symmetric_beats_svd(net, calib):
     errs = {}
     for label, kw in (("svd", dict(method="svd")), ("sym", dict(method="gsvd", symmetric=True)),
                       ("asym", dict(method="gsvd"))):
-        _, rep = decompose(net, calib=calib, **kw)
+        _, rep = decompose(net, calib=calib, select="all", **kw)
         assert rep.verification.inputs == "held-out calibration samples"
         errs[label] = rep.verification.outputs["y"].rel_l2
     # all three are verified on the same held-out samples; observed ~0.71 < 0.79 < 0.93, so a
@@ -46,10 +46,11 @@ def test_gsvd_asymmetric_beats_symmetric_beats_svd(net, calib):
 
 
 def test_deterministic_and_input_not_mutated(net, calib):
+    # select="all": latency selection times convs on this machine, so only "all" is reproducible
     before = net.SerializeToString()
     calib_copy = calib.copy()
-    m1, r1 = decompose(net, calib=calib, method="gsvd", seed=3)
-    m2, r2 = decompose(net, calib=calib, method="gsvd", seed=3)
+    m1, r1 = decompose(net, calib=calib, method="gsvd", seed=3, select="all")
+    m2, r2 = decompose(net, calib=calib, method="gsvd", seed=3, select="all")
     assert net.SerializeToString() == before
     np.testing.assert_array_equal(calib, calib_copy)
     assert m1.SerializeToString() == m2.SerializeToString()
@@ -58,7 +59,7 @@ def test_deterministic_and_input_not_mutated(net, calib):
 
 
 def test_report_schema_with_calib(net, calib):
-    _, rep = decompose(net, calib=calib, method="gsvd")
+    _, rep = decompose(net, calib=calib, method="gsvd", select="all")
     d = json.loads(rep.to_json())
     assert d["method"] == "gsvd"
     assert [layer["name"] for layer in d["layers"]] == ["conv0", "conv1", "conv2"]
@@ -79,7 +80,7 @@ def test_report_schema_with_calib(net, calib):
 def test_report_schema_zoo_svd_no_calib():
     model = zoo.shufflenet_v2(0.5, "merged", num_classes=10, image_size=32)
     before = model.SerializeToString()
-    new, rep = decompose(model)
+    new, rep = decompose(model, select="all")
     assert model.SerializeToString() == before
     d = rep.to_dict()
     assert d["method"] == "svd" and d["layers"]
@@ -101,7 +102,7 @@ def test_report_schema_zoo_svd_no_calib():
 
 
 def test_channel_method_structure(net, calib):
-    new, rep = decompose(net, calib=calib, method="channel")
+    new, rep = decompose(net, calib=calib, method="channel", select="all")
     by = {n.name: n for n in new.graph.node}
     inits = {t.name: t for t in new.graph.initializer}
     for layer in rep.layers:
