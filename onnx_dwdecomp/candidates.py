@@ -106,11 +106,27 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+_ATTR_TYPES = {"int": onnx.AttributeProto.INT, "ints": onnx.AttributeProto.INTS,
+               "str": onnx.AttributeProto.STRING}
+_ATTR_NAMES = set(onnx.AttributeProto.AttributeType.values())
+
+
+def _attr(node: onnx.NodeProto, name: str, default, kind: str | None = None):
+    """Attribute ``name`` of ``node`` (``default`` if absent); with ``kind`` ("int", "ints",
+    "str") an attribute of another type is a :class:`ModelError`, not a crash later."""
     for a in node.attribute:
         if a.name == name:
+            if kind is not None and a.type != _ATTR_TYPES[kind]:
+                got = onnx.AttributeProto.AttributeType.Name(a.type) if a.type in _ATTR_NAMES else a.type
+                raise ModelError(f"{node.op_type} {node.name or '(unnamed)'!r}: attribute {name!r} has type "
+                                 f"{got}, expected {kind.upper()}")
             value = onnx.helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
+            if isinstance(value, bytes):
+                try:
+                    return value.decode()
+                except UnicodeDecodeError:
+                    raise ModelError(f"{node.op_type} {node.name!r}: attribute {name!r} is not valid text") from None
+            return value
     return default
 
 
@@ -139,6 +155,7 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
     """
     graph = model.graph
     constants = constant_values(graph)
+    channels = _static_channels(model)
     layers: list[ConvLayer] = []
     skipped: list[Skipped] = []
     conv_names: list[str] = []
@@ -147,7 +164,7 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
             continue
         name = node_display_name(node, index)
         conv_names.append(name)
-        reason, layer = _classify(node, index, name, constants)
+        reason, layer = _classify(node, index, name, constants, channels)
         if layer is not None:
             if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
                 reason, layer = "not matched by --include", None
@@ -166,10 +183,31 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
     return Candidates(tuple(layers), tuple(skipped))
 
 
-def _classify(node: onnx.NodeProto, index: int, name: str,
-              constants: dict[str, np.ndarray]) -> tuple[str, ConvLayer | None]:
-    if len(node.input) < 2:
-        raise ModelError(f"Conv {name!r} has {len(node.input)} input(s), expected at least 2")
+def _static_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Channel count (dim 1) of every tensor whose channel dim is known statically.
+
+    From the declared types and a lenient shape inference on a copy (its failures are ignored
+    here: this only feeds a consistency check).
+    """
+    from .modelio import metadata_copy
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(metadata_copy(model)).graph
+    except Exception:  # onnx raises several unrelated types; fall back to the declared types
+        inferred = model.graph
+    out = {}
+    for vi in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+            out[vi.name] = dims[1].dim_value
+    return out
+
+
+def _classify(node: onnx.NodeProto, index: int, name: str, constants: dict[str, np.ndarray],
+              channels: dict[str, int] | None = None) -> tuple[str, ConvLayer | None]:
+    if len(node.input) < 2 or len(node.output) < 1 or not node.output[0]:
+        raise ModelError(f"Conv {name!r} has {len(node.input)} input(s) and {len(node.output)} output(s), "
+                         f"expected at least 2 and 1")
     weight = constants.get(node.input[1])
     if weight is None:
         return f"weight {node.input[1]!r} is computed at run time, not a constant", None
@@ -177,13 +215,17 @@ def _classify(node: onnx.NodeProto, index: int, name: str,
         raise ModelError(f"Conv {name!r}: weight {node.input[1]!r} has shape {weight.shape}, "
                          f"expected (out, in/group, k...)")
     kernel = tuple(weight.shape[2:])
-    declared = _attr(node, "kernel_shape", None)
+    declared = _attr(node, "kernel_shape", None, "ints")
     if declared is not None and tuple(declared) != kernel:
         raise ModelError(f"Conv {name!r}: kernel_shape {tuple(declared)} disagrees with weight shape "
                          f"{weight.shape}")
-    group = _attr(node, "group", 1)
-    if weight.shape[0] % group:
+    group = _attr(node, "group", 1, "int")
+    if group < 1 or weight.shape[0] % group:
         raise ModelError(f"Conv {name!r}: {weight.shape[0]} output channels not divisible by group {group}")
+    c_in = (channels or {}).get(node.input[0])
+    if c_in is not None and weight.shape[1] * group != c_in:
+        raise ModelError(f"Conv {name!r}: weight shape {weight.shape} with group {group} expects "
+                         f"{weight.shape[1] * group} input channels, but input {node.input[0]!r} has {c_in}")
     if len(kernel) != 2:
         return f"{len(kernel)}-D kernel {kernel}; only 2-D convs are decomposed", None
     if kernel[0] * kernel[1] == 1:
@@ -202,9 +244,17 @@ def _classify(node: onnx.NodeProto, index: int, name: str,
         if bias.shape != (weight.shape[0],):
             raise ModelError(f"Conv {name!r}: bias shape {bias.shape} does not match {weight.shape[0]} "
                              f"output channels")
-    pads = tuple(_attr(node, "pads", (0, 0, 0, 0)))
-    if len(pads) != 4:
-        raise ModelError(f"Conv {name!r}: pads {pads} should have 4 values for a 2-D kernel")
+    pads = tuple(_attr(node, "pads", (0, 0, 0, 0), "ints"))
+    if len(pads) != 4 or min(pads) < 0:
+        raise ModelError(f"Conv {name!r}: pads {pads} should be 4 non-negative values for a 2-D kernel")
+    strides = tuple(_attr(node, "strides", (1, 1), "ints"))
+    dilations = tuple(_attr(node, "dilations", (1, 1), "ints"))
+    for what, values in (("strides", strides), ("dilations", dilations)):
+        if len(values) != 2 or min(values) < 1:
+            raise ModelError(f"Conv {name!r}: {what} {values} should be 2 positive values for a 2-D kernel")
+    auto_pad = _attr(node, "auto_pad", "NOTSET", "str")
+    if auto_pad not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        raise ModelError(f"Conv {name!r}: auto_pad {auto_pad!r} is not one of NOTSET, SAME_UPPER, SAME_LOWER, VALID")
     layer = ConvLayer(
         name=name,
         node_index=index,
@@ -212,9 +262,9 @@ def _classify(node: onnx.NodeProto, index: int, name: str,
         output=node.output[0],
         weight=weight,
         bias=bias,
-        strides=tuple(_attr(node, "strides", (1, 1))),
+        strides=strides,
         pads=(pads[0], pads[1], pads[2], pads[3]),
-        dilations=tuple(_attr(node, "dilations", (1, 1))),
-        auto_pad=_attr(node, "auto_pad", "NOTSET"),
+        dilations=dilations,
+        auto_pad=auto_pad,
     )
     return "", layer

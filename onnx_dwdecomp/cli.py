@@ -148,6 +148,22 @@ def _progress(quiet: bool):
     return say
 
 
+def _check_destinations(input_path: Path, out_path: Path, report_path: Path | None) -> None:
+    """Fail before any work if the model or the report could not be written at the end."""
+    if out_path.resolve() == input_path.resolve():
+        raise OptionError(f"output path {out_path} is the input file; choose another with -o")
+    for flag, path in (("-o", out_path), ("--report", report_path)):
+        if path is None:
+            continue
+        if not path.parent.is_dir():
+            raise OptionError(f"{flag} {path}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise OptionError(f"{flag} {path}: is a directory, expected a file path")
+    if report_path is not None and report_path.resolve() in (input_path.resolve(), out_path.resolve()):
+        which = "input" if report_path.resolve() == input_path.resolve() else "output"
+        raise OptionError(f"--report {report_path}: would overwrite the {which} model")
+
+
 def run_decompose(argv: list[str]) -> int:
     from .pipeline import decompose
 
@@ -156,8 +172,7 @@ def run_decompose(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         input_path = Path(args.model)
         out_path = Path(args.output) if args.output else default_output_path(input_path)
-        if out_path.resolve() == input_path.resolve():
-            raise OptionError(f"output path {out_path} is the input file; choose another with -o")
+        _check_destinations(input_path, out_path, Path(args.report) if args.report else None)
         say = _progress(args.quiet)
         options = _options_from_args(args)
         loaded = load_model(input_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx.numpy_helper
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, OptionError
 
@@ -65,6 +65,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_is_model(model, "<ModelProto>")
+        _check_valid(model, "<ModelProto>")
         return LoadedModel(model, None, _uses_external_data(model), None)
 
     path = Path(source)
@@ -86,13 +87,112 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelError(f"cannot read the external data of {path}: {str(exc).splitlines()[0]}") from exc
+    _check_valid(model, str(path))
     return LoadedModel(model, path, external, size)
+
+
+def model_byte_size(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model`` in bytes; above 2 GiB, where protobuf's ``ByteSize()``
+    raises, the sum of the tensors' sizes plus the rest of the graph (exact to a few bytes
+    of framing per tensor)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        pass
+    return _byte_size_by_parts(model)
+
+
+def _byte_size_by_parts(model: onnx.ModelProto) -> int:
+    tensors = sum(_tensor_byte_size(t) for t in iter_graph_tensors(model.graph))
+    skeleton = metadata_copy(model, min_bytes=0, force=True)
+    return tensors + skeleton.ByteSize()
+
+
+def _tensor_byte_size(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):  # a single tensor may be over 2 GiB itself
+        return len(tensor.raw_data) + 16
+    try:
+        return tensor.ByteSize()
+    except EncodeError:
+        return PROTOBUF_LIMIT
+
+
+def metadata_copy(model: onnx.ModelProto, min_bytes: int = 1024, *, force: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference or checking, serialisable even above 2 GiB.
+
+    Under :data:`PROTOBUF_LIMIT` it is a plain copy. Above it, every tensor of at least
+    ``min_bytes`` keeps its name, dtype and dims but loses its data: it is marked as external
+    data at a location that does not exist, which shape inference never reads.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if not force and model_byte_size(model) < PROTOBUF_LIMIT:
+        return copy
+    for tensor in iter_graph_tensors(copy.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and _tensor_byte_size(tensor) >= min_bytes:
+            dims, dtype, name = list(tensor.dims), tensor.data_type, tensor.name
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="stripped-over-protobuf-limit")
+    return copy
 
 
 def _check_is_model(model: onnx.ModelProto, where: str) -> None:
     # Random bytes can parse as a protobuf with only unknown fields: demand the parts a model has.
     if not model.opset_import or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{where} is not an ONNX model (no graph, nodes or opset import)")
+    try:
+        _text(model.producer_name, model.producer_version, model.domain, model.doc_string,
+              *[o.domain for o in model.opset_import])
+        for prop in model.metadata_props:
+            _text(prop.key, prop.value)
+        _touch_strings(model.graph)
+    except UnicodeDecodeError:
+        raise ModelError(f"{where} holds names that are not valid UTF-8 text; the file is corrupt") from None
+
+
+def _check_valid(model: onnx.ModelProto, where: str) -> None:
+    # The rewritten model must pass the full checker; an input that does not is reported here,
+    # as the input's problem, rather than as a failure of the rewrite later on.
+    try:
+        if model_byte_size(model) < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # the checker cannot take it; strict shape inference on a copy without weights
+            onnx.shape_inference.infer_shapes(metadata_copy(model), strict_mode=True)
+    except Exception as exc:  # ValidationError, InferenceError and others on corrupt input
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{where} fails the ONNX checker: {first}") from exc
+
+
+def _text(*values) -> None:
+    for v in values:
+        if not isinstance(v, str):
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "not text")
+
+
+def _touch_strings(graph: onnx.GraphProto) -> None:
+    """Read every name of ``graph`` (protobuf decodes text lazily; corrupt bytes fail here)."""
+    _text(graph.name, graph.doc_string)
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        _text(vi.name, vi.doc_string)
+    for t in graph.initializer:
+        _text(t.name)
+    for node in graph.node:
+        _text(node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output)
+        for attr in node.attribute:
+            _text(attr.name)
+            if attr.type == onnx.AttributeProto.STRING:
+                attr.s.decode()
+            elif attr.type == onnx.AttributeProto.STRINGS:
+                for v in attr.strings:
+                    v.decode()
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                _touch_strings(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _touch_strings(sub)
 
 
 def _umask() -> int:
@@ -146,7 +246,7 @@ def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike, *,
         raise OptionError(f"output folder does not exist: {out.parent}")
     if out.is_dir():
         raise OptionError(f"output path is a directory: {out}")
-    if not external_data and model.ByteSize() > PROTOBUF_LIMIT:
+    if not external_data and model_byte_size(model) > PROTOBUF_LIMIT:
         external_data = True
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

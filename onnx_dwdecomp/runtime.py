@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .modelio import PROTOBUF_LIMIT
+from . import modelio
 
 
 def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int | None = None
@@ -26,7 +26,7 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if modelio.model_byte_size(model) < modelio.PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_") as tmp:
         path = Path(tmp) / "model.onnx"

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from .calibdata import InputSpec
 from .errors import ModelError, OptionError
+from .modelio import metadata_copy
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -105,10 +106,10 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
     """Shape inference at fixed input shapes; returns the info of every tensor it could infer.
 
     Works on a copy whose graph inputs carry ``input_shapes``; tensors static inference cannot
-    resolve (run-time computed shapes) are observed with one onnxruntime run.
+    resolve (run-time computed shapes) are observed with one onnxruntime run. Above the 2 GiB
+    protobuf limit the copy drops the data of large tensors (see :func:`modelio.metadata_copy`).
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = metadata_copy(model)
     for vi in probe.graph.input:
         if vi.name in input_shapes:
             dims = vi.type.tensor_type.shape.dim

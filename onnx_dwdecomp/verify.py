@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 
 from .calibdata import InputSpec
-from .errors import DwDecompError
-from .modelio import PROTOBUF_LIMIT
+from .errors import DwDecompError, ModelError
+from . import modelio
 from .runtime import make_session, run
 
 #: Random verification samples when no held-out calibration data is given.
@@ -46,7 +46,7 @@ class Verification:
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(full_check=True)``; a failure here is a bug of this tool."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if modelio.model_byte_size(model) < modelio.PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise DwDecompError(f"the rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
@@ -89,19 +89,32 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> OutputAgreement:
 def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                    batches: Iterable[dict[str, np.ndarray]], inputs: str) -> Verification:
     """Run both models on the same batches and measure agreement per graph output."""
-    ref_session, new_session = make_session(original), make_session(rewritten)
+    try:
+        ref_session = make_session(original)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ModelError(f"onnxruntime cannot load the input model: {_first_line(exc)}") from exc
+    new_session = make_session(rewritten)
     names = [o.name for o in original.graph.output]
     ref_out: dict[str, list] = {n: [] for n in names}
     new_out: dict[str, list] = {n: [] for n in names}
     samples = 0
     for feeds in batches:
         samples += len(next(iter(feeds.values())))
-        for store, session in ((ref_out, ref_session), (new_out, new_session)):
-            for name, value in run(session, feeds, names).items():
-                store[name].append(value)
+        try:
+            reference = run(ref_session, feeds, names)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise ModelError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from exc
+        for name, value in reference.items():
+            ref_out[name].append(value)
+        for name, value in run(new_session, feeds, names).items():
+            new_out[name].append(value)
     outputs = {}
     for n in names:
         ref = np.concatenate(ref_out[n]) if ref_out[n][0].ndim else np.stack(ref_out[n])
         new = np.concatenate(new_out[n]) if new_out[n][0].ndim else np.stack(new_out[n])
         outputs[n] = agreement(ref, new)
     return Verification(samples, inputs, outputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
