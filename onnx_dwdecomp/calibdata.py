@@ -603,6 +603,11 @@ def _path_source(
 def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "Python objects" in str(e) or "allow_pickle" in str(e):
+            raise CalibrationError(f"cannot read .npy file {path}: it holds Python objects (pickled); "
+                                   "expected a numeric array") from e
+        raise CalibrationError(f"cannot read .npy file {path}: {_exc_text(e)}") from e
     except Exception as e:
         raise CalibrationError(f"cannot read .npy file {path}: {_exc_text(e)}") from e
     if not isinstance(arr, np.ndarray):  # pragma: no cover - np.load on npy magic always gives an array
