@@ -154,18 +154,54 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
 
 @dataclass(frozen=True)
 class Segment:
-    """Nodes ``[start, stop)`` of the graph, with the cut tensors they read and write."""
+    """Nodes ``[start, stop)`` of the graph, with the cut tensors they read and write.
+
+    ``static_nodes`` are earlier nodes whose outputs do not depend on any graph input
+    (``Constant`` weights as Paddle2ONNX writes them, casts of initializers): the segment
+    model recomputes them instead of storing them per sample as cut tensors.
+    """
 
     start: int
     stop: int
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    static_nodes: tuple[int, ...] = ()
+
+
+#: Ops whose output differs between runs even without inputs: never treated as static.
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def static_producers(graph: onnx.GraphProto) -> dict[str, int]:
+    """Tensor name → index of the node producing it, for outputs computable without graph inputs."""
+    known = {t.name for t in graph.initializer}
+    producers: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type not in _RANDOM_OPS and _node_reads(node) <= known:
+            for out in node.output:
+                if out:
+                    known.add(out)
+                    producers[out] = index
+    return producers
+
+
+def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str, int]) -> set[int]:
+    """Indices of the static nodes needed to compute ``names``."""
+    needed: set[int] = set()
+    todo = [producers[n] for n in names if n in producers]
+    while todo:
+        index = todo.pop()
+        if index not in needed:
+            needed.add(index)
+            todo.extend(producers[r] for r in _node_reads(graph.node[index]) if r in producers)
+    return needed
 
 
 def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
     """Segments between successive cut positions (node indices; a cut sits before its node)."""
     graph = model.graph
-    constants = {t.name for t in graph.initializer}
+    producers = static_producers(graph)
+    constants = {t.name for t in graph.initializer} | set(producers)
     last_use: dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in _node_reads(node):
@@ -179,8 +215,9 @@ def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
         produced = {o for n in nodes for o in n.output if o}
         reads = set().union(*(_node_reads(n) for n in nodes)) if nodes else set()
         inputs = sorted(r for r in reads if r not in produced and r not in constants)
-        outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop)
-        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs)))
+        outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop and p not in producers)
+        static = _static_closure({r for r in reads if r not in produced}, graph, producers)
+        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs), tuple(sorted(static))))
         start = stop
     return segments
 
@@ -193,6 +230,7 @@ def segment_model(model: onnx.ModelProto, seg: Segment, infos: dict[str, TensorI
     if replace is not None:
         new_nodes, extra_inits = replace
         nodes = new_nodes + nodes[1:]
+    nodes = [model.graph.node[i] for i in seg.static_nodes] + nodes
     reads = set().union(*(_node_reads(n) for n in nodes))
     inits = [t for t in model.graph.initializer if t.name in reads] + extra_inits
 
