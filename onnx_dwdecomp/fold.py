@@ -337,6 +337,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
     graph inputs, outputs, opset and all tensor names outside the folded pairs are unchanged.
     ``refused`` lists each BatchNormalization that directly follows a Conv but was not folded.
     """
+    conv_outputs = {n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.output}
+    if not any(n.op_type in _AFFINE_OPS and conv_outputs.intersection(n.input) for n in model.graph.node):
+        return FoldResult(model, ())  # nothing to look at: skip the graph import (large models)
     surgery = _Surgery(model)
     folds: list[Fold] = []
     refused: list[Refusal] = []
@@ -391,6 +394,9 @@ def fold_pointwise(model: onnx.ModelProto, first_convs: Iterable[str]) -> FoldRe
     Postconditions: the model computes the same function; graph inputs/outputs and the names
     of every surviving tensor are unchanged; merged nodes and their weights are gone.
     """
+    first_convs = list(first_convs)
+    if not first_convs:
+        return FoldResult(model, ())
     surgery = _Surgery(model)
     by_name = {n.name: n for n in surgery.graph.nodes if n.name}
     merges: list[Merge] = []
@@ -433,7 +439,7 @@ def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
             path.append(nxt)
             tensor = nxt.outputs[0]
             continue
-        if nxt.op != "Conv" or nxt.inputs[0] is not tensor:
+        if nxt.op != "Conv" or not nxt.inputs or nxt.inputs[0] is not tensor:
             return f"feeds {nxt.op} {_name(nxt)!r}, not a 1×1 conv"
         reason = check_pointwise(nxt, values)
         if reason:

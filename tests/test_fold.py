@@ -191,6 +191,12 @@ def test_zoo_unfolded_bn_equals_exporter_folded(form):
     _same_outputs(unfolded, result.model, feeds)
 
 
+def test_nothing_to_fold_returns_the_input_model():
+    folded = zoo.shufflenet_v2(0.5, "standard", fold_bn=True, image_size=32, num_classes=10)
+    for result in (fold_batchnorm(folded), fold_pointwise(folded, [])):
+        assert result.model is folded and not result.modified and result.refused == ()
+
+
 # ---------------------------------------------------------------------------- pointwise merging
 
 def _pointwise_pair(between: str, *, second_attrs=None, extra_consumer=False):
