@@ -8,8 +8,9 @@ connection) are kept for all samples, once for the original network and once for
 decomposed one. Segment ``k`` runs from the previous cut (starting with layer ``k−1``, which
 the decomposed copy replaces by its new two-conv form) to the next, so the total work is about
 one pass of each network plus the solves. Cut tensors go to memory-mapped files in a private
-temporary folder once they exceed a memory budget. Segments run with graph optimisations off
-on in-memory models.
+temporary folder once they exceed a memory budget. Segments are in-memory models whose cut
+tensors are graph outputs, so onnxruntime's graph optimisations (fusions, layout changes) can
+stay on: they never remove a graph output (about 20 % faster than with optimisations off).
 
 Statistics, not activations: at ``positions`` seeded output positions per sample we gather the
 patch vectors (length ``C_in·kh·kw``, channel-major like the conv weight) and accumulate
@@ -409,7 +410,7 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
     """Run one segment over all samples, adding its output cut tensors to ``store``."""
     if seg.stop == seg.start or not seg.outputs:
         return
-    session = make_session(segment_model(model, seg, infos, replace), optimize=False)
+    session = make_session(segment_model(model, seg, infos, replace))
     outs = list(seg.outputs)
     new: dict[str, np.ndarray] = {}
     for start in range(0, n, batch):
