@@ -22,6 +22,7 @@ examples:
   onnx-dwdecomp model.onnx                          data-free SVD, writes model.dw.onnx
   onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD (asymmetric, multi-layer)
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
+  onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
   onnx-dwdecomp bench model.onnx model.dw.onnx      side-by-side onnxruntime latency
 """
 
@@ -40,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "channel decomposition at matched MACs (default: gsvd with --calib, else svd)")
     p.add_argument("--multiplier", type=int, default=1, metavar="R",
                    help="depthwise filters per input channel, 1..kh·kw (default 1)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-macs", type=float, metavar="F",
+                        help="choose each conv's multiplier (or keep it regular) for the least predicted "
+                             "error with output MACs ≤ F × the input model's (needs --calib)")
+    budget.add_argument("--max-error", type=float, metavar="E",
+                        help="choose each conv's multiplier (or keep it regular) for the fewest MACs with "
+                             "the outputs' relative L2 error on held-out samples ≤ E (needs --calib)")
     p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="only rewrite Conv nodes whose name matches one of these globs")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
@@ -111,7 +119,8 @@ def _options_from_args(args: argparse.Namespace) -> dict:
                 exclude=tuple(args.exclude), input_shapes=shapes, calib=calib, calib_size=args.calib_size,
                 batch_size=args.batch_size, positions=positions, symmetric=args.symmetric,
                 mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed,
-                select=args.select, threads=args.threads)
+                select=args.select, threads=args.threads, target_macs=args.target_macs,
+                max_error=args.max_error)
 
 
 def _int(text: str, flag: str) -> int:

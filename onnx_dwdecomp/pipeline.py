@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 
 from . import calibdata
+from .budget import SKIP, Allocation, LayerCurve, Option, allocate_error, allocate_macs, reachable_macs
 from .calibrate import CalibrationOptions, calibrate_and_solve
 from .candidates import ConvLayer, Skipped, find_candidates
-from .errors import OptionError
+from .errors import BudgetError, OptionError
 from .fold import fold_batchnorm, fold_pointwise
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .modelio import LoadedModel, load_model
@@ -29,7 +30,8 @@ from .runtime import make_session
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
-                    check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
+                    check_multiplier, gsvd_factors, relative_response_error, relative_weight_error,
+                    svd_factors)
 from .verify import check_model, compare_models, random_batches
 
 METHODS = ("svd", "gsvd", "channel")
@@ -56,6 +58,12 @@ class DecomposeOptions:
     seed: int = 0
     select: str = "latency"  # "latency": rewrite only where onnxruntime measures a gain; "all"
     threads: int | None = None  # onnxruntime threads for latency selection; None = all CPUs
+    target_macs: float | None = None  # budget: output MACs ≤ target_macs × input MACs (per-layer r)
+    max_error: float | None = None  # budget: verification rel. L2 ≤ max_error with the fewest MACs
+
+    @property
+    def budgeted(self) -> bool:
+        return self.target_macs is not None or self.max_error is not None
 
     def resolved_method(self) -> str:
         return self.method or ("gsvd" if self.calib is not None else "svd")
@@ -81,6 +89,8 @@ class DecomposeOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
+        if self.budgeted:
+            _validate_budget(self, method)
 
 
 class DecomposeResult(NamedTuple):
@@ -151,61 +161,62 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         selection += [Selection(layer.name, True, "--select all") for layer in layers]
     timing["select"] = time.perf_counter() - t0
 
-    calib_report = None
-    heldout_errors: dict[str, float] = {}
-    factors: dict[str, SeparableFactors | ChannelFactors] = {}
-    verify_batches = None
-    t0 = time.perf_counter()
-    if data is not None and layers:
-        fixed = specs[0].shape[0] if specs and specs[0].shape and specs[0].shape[0] else None
-        calib_opts = CalibrationOptions(batch_size=opts.batch_size, positions=opts.positions,
-                                        symmetric=opts.symmetric, seed=opts.seed)
-        outcome = calibrate_and_solve(
-            work, layers, data, infos,
-            lambda layer, stats: _solve_layer(layer, method, opts.multiplier, stats),
-            calib_opts, fixed_batch=fixed, progress=say)
-        for name, result in outcome.layers.items():
-            factors[name] = result.factors
-            heldout_errors[name] = result.heldout_error
-        verify_batches = _batches(outcome.heldout_inputs, fixed or opts.batch_size, fixed)
-        timing["calibration"] = timing.get("calibration", 0.0) + sum(
-            v for k, v in outcome.timing_s.items() if k != "solve")
-        timing["solve"] = outcome.timing_s["solve"]
-        t_ref = time.perf_counter()
-        _reference_forward(source, data, opts.batch_size, fixed)
-        timing["reference_forward"] = time.perf_counter() - t_ref
-        calib_report = {"samples": outcome.samples, "heldout_samples": outcome.heldout_samples,
-                        "positions": "all" if outcome.positions is None else outcome.positions,
-                        "symmetric": opts.symmetric, "spilled_bytes": outcome.spilled_bytes,
-                        "timing_s": {k: round(v, 4) for k, v in outcome.timing_s.items()}}
-    else:
-        for k, layer in enumerate(layers):
-            say(f"solve: layer {k + 1}/{len(layers)} {layer.name}")
-            factors[layer.name] = _solve_layer(layer, method, opts.multiplier, None)
-        timing["solve"] = time.perf_counter() - t0
+    multipliers = {layer.name: opts.multiplier for layer in layers}
+    budget: _Budget | None = None
+    if opts.budgeted:
+        t0 = time.perf_counter()
+        budget = _plan_budget(work, layers, data, infos, specs, opts, say)
+        multipliers = budget.allocation.multipliers
+        timing["budget_curves"] = time.perf_counter() - t0
+    all_layers = layers
+    for key in ("calibration", "solve", "rewrite", "verify"):
+        timing.setdefault(key, 0.0)
+    while True:
+        layers = [layer for layer in all_layers if multipliers[layer.name] != SKIP]
+        t0 = time.perf_counter()
+        solved = _solve_all(work, layers, data, infos, specs, method, multipliers, opts, say)
+        factors, heldout_errors, calib_report = solved.factors, solved.heldout_errors, solved.calib_report
+        for key, value in solved.timing.items():
+            timing[key] = timing.get(key, 0.0) + value
+        if data is None:
+            timing["solve"] += time.perf_counter() - t0
+        if data is not None and "reference_forward" not in timing:
+            t_ref = time.perf_counter()
+            _reference_forward(source, data, opts.batch_size, _fixed_batch(specs))
+            timing["reference_forward"] = time.perf_counter() - t_ref
 
-    t0 = time.perf_counter()
-    say("rewrite")
-    new_model = apply_replacements(work, [Replacement(layer, factors[layer.name]) for layer in layers])
-    # The second conv of each replacement writes the layer's output tensor; merge it into a
-    # 1×1 conv it feeds (depthwise-only counterparts), recovering the native structure.
-    producer = {out: node.name for node in new_model.graph.node for out in node.output}
-    pw_fold = fold_pointwise(new_model, [producer[layer.output] for layer in layers])
-    new_model = pw_fold.model
-    timing["rewrite"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        say("rewrite")
+        new_model = apply_replacements(work, [Replacement(layer, factors[layer.name]) for layer in layers])
+        # The second conv of each replacement writes the layer's output tensor; merge it into a
+        # 1×1 conv it feeds (depthwise-only counterparts), recovering the native structure.
+        producer = {out: node.name for node in new_model.graph.node for out in node.output}
+        pw_fold = fold_pointwise(new_model, [producer[layer.output] for layer in layers])
+        new_model = pw_fold.model
+        timing["rewrite"] += time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    check_model(new_model)
-    verification = None
-    if opts.verify:
-        say("verify")
-        if verify_batches is None:
-            verify_batches = random_batches(specs, shapes, opts.seed)
-            what = f"random inputs (seed {opts.seed})"
-        else:
-            what = "held-out calibration samples"
-        verification = compare_models(source, new_model, verify_batches, what)
-    timing["verify"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        check_model(new_model)
+        verification = None
+        if opts.verify:
+            say("verify")
+            verify_batches = solved.verify_batches
+            if verify_batches is None:
+                verify_batches = random_batches(specs, shapes, opts.seed)
+                what = f"random inputs (seed {opts.seed})"
+            else:
+                what = "held-out calibration samples"
+            verification = compare_models(source, new_model, verify_batches, what)
+        timing["verify"] += time.perf_counter() - t0
+        state = (layers, factors, heldout_errors, calib_report, new_model, pw_fold, verification)
+        if budget is None or not budget.revise(verification, state, say):
+            break
+        multipliers = budget.allocation.multipliers
+    if budget is not None:  # --max-error: the round with the fewest MACs that met the bound
+        layers, factors, heldout_errors, calib_report, new_model, pw_fold, verification = budget.final()
+        multipliers = budget.allocation.multipliers
+    skipped += [Skipped(layer.name, "kept regular by the budget allocation")
+                for layer in all_layers if multipliers[layer.name] == SKIP]
 
     new_infos = infer_tensor_info(new_model, shapes)
     # MACs from the folded model (BN has none, and `infos` names its tensors), parameters
@@ -224,7 +235,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         else:
             err, kind = relative_weight_error(layer.weight, f.dense_weight()), "weight"
         results.append(LayerResult(
-            name=layer.name, weight_shape=layer.weight_shape, method=method, multiplier=opts.multiplier,
+            name=layer.name, weight_shape=layer.weight_shape, method=method, multiplier=multipliers[layer.name],
             macs_before=macs_before, macs_after=positions * f.macs_per_position(), rel_error=float(err),
             error_kind=kind, iterations=getattr(f, "iterations", 0),
             fallback_channels=getattr(f, "fallback_channels", ()),
@@ -236,6 +247,8 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         notes.append("no conv was rewritten; " + ("only BatchNormalization/Mul/Add were folded into convs"
                                                     if bn_fold.modified else "the output equals the input"))
     notes += [f"{r.node} not folded into its conv: {r.reason}" for r in bn_fold.refused]
+    if budget is not None:
+        notes += budget.notes(after.macs)
     if opts.select == "latency":
         notes.append("latency selection timed each conv configuration in onnxruntime on this machine; "
                      "results depend on the machine and its load (--select all for a reproducible output)")
@@ -243,7 +256,8 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
                     verification=verification, timing_s=timing, notes=tuple(notes),
                     calibration=calib_report, options=_options_dict(opts, shapes),
                     select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
-                    merged=pw_fold.folds)
+                    merged=pw_fold.folds,
+                    budget=None if budget is None else budget.to_dict(after.macs, heldout_errors))
     return DecomposeResult(new_model, report)
 
 
@@ -330,5 +344,298 @@ def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) ->
         "calib_size": opts.calib_size, "batch_size": opts.batch_size,
         "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
         "verify": opts.verify, "seed": opts.seed, "select": opts.select, "threads": opts.threads,
+        "target_macs": opts.target_macs, "max_error": opts.max_error,
     }
 
+
+
+def _fixed_batch(specs) -> int | None:
+    """The first input's batch dim when the model fixes it (calibration batches are padded to it)."""
+    return specs[0].shape[0] if specs and specs[0].shape and specs[0].shape[0] else None
+
+
+class _Solved(NamedTuple):
+    factors: dict[str, SeparableFactors | ChannelFactors]
+    heldout_errors: dict[str, float]
+    verify_batches: list[dict[str, np.ndarray]] | None
+    calib_report: dict | None
+    timing: dict[str, float]
+
+
+def _solve_all(work: onnx.ModelProto, layers: list[ConvLayer], data, infos, specs, method: str,
+               multipliers: dict[str, int], opts: DecomposeOptions, say) -> _Solved:
+    """Factors for ``layers`` (each at ``multipliers[name]``): calibrated in graph order with data,
+    else one by one."""
+    if data is None or not layers:
+        factors = {}
+        for k, layer in enumerate(layers):
+            say(f"solve: layer {k + 1}/{len(layers)} {layer.name}")
+            factors[layer.name] = _solve_layer(layer, method, multipliers[layer.name], None)
+        return _Solved(factors, {}, None, None, {})
+    fixed = _fixed_batch(specs)
+    calib_opts = CalibrationOptions(batch_size=opts.batch_size, positions=opts.positions,
+                                    symmetric=opts.symmetric, seed=opts.seed)
+    outcome = calibrate_and_solve(
+        work, layers, data, infos,
+        lambda layer, stats: _solve_layer(layer, method, multipliers[layer.name], stats),
+        calib_opts, fixed_batch=fixed, progress=say)
+    factors = {name: result.factors for name, result in outcome.layers.items()}
+    errors = {name: result.heldout_error for name, result in outcome.layers.items()}
+    batches = _batches(outcome.heldout_inputs, fixed or opts.batch_size, fixed)
+    timing = {"calibration": sum(v for k, v in outcome.timing_s.items() if k != "solve"),
+              "solve": outcome.timing_s["solve"]}
+    calib_report = {"samples": outcome.samples, "heldout_samples": outcome.heldout_samples,
+                    "positions": "all" if outcome.positions is None else outcome.positions,
+                    "symmetric": opts.symmetric, "spilled_bytes": outcome.spilled_bytes,
+                    "timing_s": {k: round(v, 4) for k, v in outcome.timing_s.items()}}
+    return _Solved(factors, errors, batches, calib_report, timing)
+
+
+# ------------------------------------------------------------------- budgets (--target-macs, --max-error)
+#
+# 1. Error curves: one calibration pass over the *original* network with symmetric statistics;
+#    for every layer and every multiplier r that saves MACs, the relative response error of the
+#    GSVD solution at r (CURVE_ITER L-BFGS rounds after the sweep) on the fit samples.
+# 2. Costs: exact MACs per option, including the merge of the new pointwise conv into a 1×1 conv
+#    it feeds (fold_pointwise), found by one dry-run rewrite with data-free factors.
+# 3. Allocation: budget.py's knapsack. 4. The normal asymmetric solve with the chosen per-layer
+#    multipliers, rewrite, verify. --max-error: rel_L2(out)² ≈ κ·Σ e_l, κ first measured on a probe
+#    (every layer at r = 1 with the curve-pass factors) and again after each
+#    round; when the measured error misses the bound, κ is updated and the allocation re-solved
+#    with a margin, at most MAX_ERROR_ROUNDS rounds in all.
+
+#: L-BFGS rounds per multiplier when tracing an error curve (0 = the GSVD sweep only). Measured
+#: on the MNIST model (tools/budget_study.py): see the README's budget section.
+CURVE_ITER = 0
+#: κ in rel_L2(output)² ≈ κ · Σ_l e_l when it cannot be measured (no layer, zero errors);
+#: otherwise a probe measures it (see _plan_budget) and each --max-error round re-measures it.
+KAPPA0 = 1.0
+#: --max-error: solve + verify rounds at most.
+MAX_ERROR_ROUNDS = 3
+#: After a miss, the next round aims at MARGIN × the bound.
+MARGIN = 0.9
+
+
+def _validate_budget(opts: DecomposeOptions, method: str) -> None:
+    if opts.target_macs is not None and opts.max_error is not None:
+        raise OptionError("give either --target-macs or --max-error, not both")
+    if opts.calib is None or method != "gsvd":
+        raise OptionError("--target-macs/--max-error need calibration data (--calib) and --method gsvd: "
+                          "the per-layer error curves come from the data-driven statistics")
+    if opts.multiplier != 1:
+        raise OptionError("--multiplier cannot be combined with --target-macs/--max-error "
+                          "(the budget chooses each layer's multiplier)")
+    if opts.target_macs is not None and not (0 < opts.target_macs <= 1):
+        raise BudgetError(f"--target-macs {opts.target_macs:g}: must be a fraction of the input model's "
+                          f"MACs in (0, 1]")
+    if opts.max_error is not None:
+        if not opts.max_error > 0:
+            raise BudgetError(f"--max-error {opts.max_error:g}: must be > 0 (relative L2 error of the outputs)")
+        if not opts.verify:
+            raise OptionError("--max-error is checked by verification; drop --no-verify")
+
+
+def _option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos) -> dict[str, dict[int, int]]:
+    """MACs of each layer per option (``SKIP`` and every profitable r), exact for the rewritten model.
+
+    A layer's cost includes the 1×1 conv its new pointwise conv will be merged into (if any):
+    kept regular, both convs run (``P·n·c·K + P·m·n``); decomposed, the depthwise conv and the
+    merged pointwise (``P·c·r·K + P·m·c·r``).
+    """
+    dry = apply_replacements(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
+                                    for layer in layers])
+    producer = {out: node.name for node in dry.graph.node for out in node.output}
+    by_pointwise = {producer[layer.output]: layer.name for layer in layers}
+    merges = fold_pointwise(dry, list(by_pointwise)).folds
+    by_name = {node.name or f"{node.op_type}@{node.output[0]}": node for node in work.graph.node}
+    second = {by_pointwise[m.first]: by_name[m.into] for m in merges}
+    costs: dict[str, dict[int, int]] = {}
+    for layer in layers:
+        n, c, kh, kw = layer.weight_shape
+        k = kh * kw
+        out_shape = infos[layer.output].shape
+        positions = int(np.prod(out_shape[:1] + out_shape[2:]))
+        merged = node_macs(second[layer.name], infos) if layer.name in second else 0
+        options = {SKIP: node_macs(work.graph.node[layer.node_index], infos) + merged}
+        for r in range(1, k + 1):
+            pointwise = merged // n * c * r if layer.name in second else positions * n * c * r
+            macs = positions * c * r * k + pointwise
+            if check_multiplier(layer.weight_shape, r) is None and macs < options[SKIP]:
+                options[r] = macs
+        costs[layer.name] = options
+    return costs
+
+
+def _curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int]]):
+    """A ``solve`` callback for calibrate_and_solve that records each layer's error per multiplier
+    (GSVD with CURVE_ITER rounds, error on the fit statistics) and returns its r = 1 factors."""
+    def solve(layer: ConvLayer, stats: LayerStats) -> SeparableFactors:
+        errors, first = {}, None
+        for r in wanted[layer.name]:
+            f = gsvd_factors(layer.weight, layer.bias, stats, r, max_iter=CURVE_ITER)
+            errors[r] = relative_response_error(layer.weight, layer.bias, f.dense_weight(), f.bias, stats)
+            first = first or f
+        curves[layer.name] = errors
+        return first
+    return solve
+
+
+class _Budget:
+    """Curves, allocation and the --max-error rounds of one decompose call."""
+
+    def __init__(self, opts: DecomposeOptions, curves: list[LayerCurve], fixed_macs: int, before_macs: int,
+                 kappa: float):
+        self.opts = opts
+        self.curves = curves
+        self.fixed = fixed_macs
+        self.before = before_macs
+        self.kappa = self.probe_kappa = kappa
+        self.rounds: list[dict] = []
+        self._states: list[tuple[Allocation, tuple]] = []
+        self._best: int | None = None  # index of the cheapest round that met --max-error
+        self.chosen_round = 0
+        if opts.target_macs is not None:
+            self.limit = int(np.floor(opts.target_macs * before_macs))
+            self.allocation = allocate_macs(curves, self.limit - fixed_macs)
+            self.bound = None
+        else:
+            self.limit = None
+            self.bound = opts.max_error ** 2 / self.kappa
+            self.allocation = allocate_error(curves, self.bound)
+
+    def revise(self, verification, state: tuple, say) -> bool:
+        """Record a solved round (``state`` is kept for :meth:`final`); True = solve again with
+        ``self.allocation``.
+
+        --max-error only: κ is re-measured from the round, ``κ = measured² / Σ e``. A miss
+        re-allocates for ``MARGIN × bound`` (and strictly below the missed error sum); a hit with
+        room to spare re-allocates the same way looser, when that saves MACs over the best hit
+        so far. At most MAX_ERROR_ROUNDS rounds; an allocation is never solved twice.
+        """
+        measured = verification.worst_rel_l2() if verification is not None else None
+        alloc = self.allocation
+        self.rounds.append({"multipliers": dict(alloc.multipliers), "predicted_macs": self.fixed + alloc.macs,
+                            "predicted_error_sum": alloc.error, "kappa": self.kappa,
+                            "error_sum_bound": self.bound, "measured_output_rel_l2": measured})
+        self._states.append((alloc, state))
+        if self.opts.max_error is None or measured is None:
+            return False
+        target = self.opts.max_error
+        hit = measured <= target
+        if hit and (self._best is None or alloc.macs < self._states[self._best][0].macs):
+            self._best = len(self._states) - 1
+        if len(self.rounds) >= MAX_ERROR_ROUNDS or alloc.error <= 0 or measured <= 0:
+            return False
+        self.kappa = measured ** 2 / alloc.error
+        self.bound = (MARGIN * target) ** 2 / self.kappa
+        if not hit:
+            self.bound = min(self.bound, 0.999 * alloc.error)
+        nxt = allocate_error(self.curves, self.bound)
+        tried = {tuple(sorted(a.multipliers.items())) for a, _ in self._states}
+        if tuple(sorted(nxt.multipliers.items())) in tried:
+            return False
+        if self._best is not None and nxt.macs >= self._states[self._best][0].macs:
+            return False
+        self.allocation = nxt
+        say(f"budget: output error {measured:.3g} {'≤' if hit else '>'} {target:g}; κ = {self.kappa:.3g}, "
+            f"re-allocating (round {len(self.rounds) + 1})")
+        return True
+
+    def final(self) -> tuple:
+        """The state of the chosen round: the cheapest that met --max-error, else the last one."""
+        index = len(self._states) - 1 if self._best is None else self._best
+        self.chosen_round = index
+        self.allocation = self._states[index][0]
+        return self._states[index][1]
+
+    def measured(self) -> float | None:
+        """Worst output rel. L2 of the chosen round's verification (None: not verified)."""
+        return self.rounds[self.chosen_round]["measured_output_rel_l2"] if self.rounds else None
+
+    def met(self, macs: int) -> bool | None:
+        if self.opts.target_macs is not None:
+            return macs <= self.limit
+        measured = self.measured()
+        return None if measured is None else measured <= self.opts.max_error
+
+    def notes(self, macs: int) -> list[str]:
+        if self.met(macs) is not False:
+            return []
+        if self.opts.target_macs is not None:
+            return [f"budget NOT met: {macs} MACs > {self.limit} (--target-macs {self.opts.target_macs:g})"]
+        return [f"budget NOT met after {len(self.rounds)} round(s): output rel. L2 "
+                f"{self.measured():.3g} > --max-error {self.opts.max_error:g}"]
+
+    def to_dict(self, macs: int, measured_errors: dict[str, float]) -> dict:
+        chosen = self.allocation.multipliers
+        kappa = self.rounds[self.chosen_round]["kappa"] if self.rounds else self.kappa
+        lo, hi = reachable_macs(self.curves)
+        return {
+            "mode": "target_macs" if self.opts.target_macs is not None else "max_error",
+            "target": self.opts.target_macs if self.opts.target_macs is not None else self.opts.max_error,
+            "macs_limit": self.limit,
+            "original_macs": self.before,
+            "reachable_macs": [self.fixed + lo, self.fixed + hi],
+            "predicted_macs": self.fixed + self.allocation.macs,
+            "macs": macs,
+            "predicted_error_sum": self.allocation.error,
+            "kappa": kappa,  # the κ the chosen round was allocated with
+            "probe_kappa": self.probe_kappa,
+            "predicted_output_rel_l2": float(np.sqrt(kappa * self.allocation.error)),
+            "measured_output_rel_l2": self.measured(),
+            "met": self.met(macs),
+            "exact": self.allocation.exact,
+            "curve": f"symmetric statistics of the original network, GSVD with max_iter={CURVE_ITER}, "
+                     f"relative response error on the fit samples",
+            "rounds": self.rounds,
+            "chosen_round": self.chosen_round,
+            "layers": [{
+                "name": c.name,
+                "multiplier": "skip" if chosen[c.name] == SKIP else chosen[c.name],
+                "predicted_error": c.option(chosen[c.name]).error,
+                "measured_error": measured_errors.get(c.name, 0.0 if chosen[c.name] == SKIP else None),
+                "macs": c.option(chosen[c.name]).macs,
+                "curve": [{"multiplier": "skip" if o.multiplier == SKIP else o.multiplier, "macs": o.macs,
+                           "predicted_error": o.error} for o in c.options],
+            } for c in self.curves],
+        }
+
+
+def _plan_budget(work: onnx.ModelProto, layers: list[ConvLayer], data, infos, specs,
+                 opts: DecomposeOptions, say) -> _Budget:
+    """Error curves (one symmetric calibration pass of the original network), exact option costs
+    and the first allocation; BudgetError when the budget is out of reach."""
+    before = model_cost(work, infos).macs
+    costs = _option_macs(work, layers, infos) if layers else {}
+    fixed = before - sum(c[SKIP] for c in costs.values())
+    least = fixed + sum(min(c.values()) for c in costs.values())
+    if opts.target_macs is not None and opts.target_macs * before < least:
+        raise BudgetError(
+            f"--target-macs {opts.target_macs:g} is out of reach: with the {len(layers)} selected conv(s) "
+            f"the output model's MACs range from {least / before:.4f} (every one at multiplier 1) to 1 "
+            f"× the input's ({least} .. {before} MACs)")
+    errors: dict[str, dict[int, float]] = {}
+    kappa = KAPPA0
+    if layers:
+        say("budget: error curves (symmetric pass)")
+        wanted = {name: sorted(r for r in c if r != SKIP) for name, c in costs.items()}
+        fixed_batch = _fixed_batch(specs)
+        outcome = calibrate_and_solve(work, layers, data, infos, _curve_solver(errors, wanted),
+                                      CalibrationOptions(batch_size=opts.batch_size, positions=opts.positions,
+                                                         symmetric=True, seed=opts.seed),
+                                      fixed_batch=fixed_batch, progress=say)
+        # κ probe: the network with every layer at r = 1 as the curve pass solved it, on the
+        # held-out samples. Its factors are cruder than the final ones (symmetric, sweep only),
+        # so the κ it gives tends to over-predict the final output error (conservative).
+        say("budget: measuring κ (all layers at r = 1)")
+        probe = apply_replacements(work, [Replacement(layer, outcome.layers[layer.name].factors)
+                                          for layer in layers])
+        batches = _batches(outcome.heldout_inputs, fixed_batch or opts.batch_size, fixed_batch)
+        measured = compare_models(work, probe, batches, "held-out calibration samples").worst_rel_l2()
+        total = sum(errors[layer.name][1] for layer in layers)
+        if total > 0 and np.isfinite(measured):
+            kappa = measured ** 2 / total
+    curves = [LayerCurve(layer.name, tuple(
+        Option(r, macs, 0.0 if r == SKIP else float(errors[layer.name][r]))
+        for r, macs in sorted(costs[layer.name].items()))) for layer in layers]
+    return _Budget(opts, curves, fixed, before, kappa)

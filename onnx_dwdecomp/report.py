@@ -10,6 +10,11 @@ the resolved input shapes (batch 1 unless ``--input-shape`` says otherwise).
 selection it carries the median onnxruntime latencies of the regular conv and its replacement
 measured in isolation (see latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
 folded into convs before decomposition, ``merged`` the pointwise pairs merged after it (fold.py).
+
+``budget`` (``--target-macs`` / ``--max-error`` only) is a plain dict: the mode and target, the
+MACs limit and reachable range, predicted and measured MACs and output error, whether the budget
+was met, the rounds run, and per layer the chosen multiplier (``"skip"`` = kept regular), its
+predicted and measured error and its whole error curve (multiplier → MACs, predicted error).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class Report:
     selection: tuple[Selection, ...] = ()
     folded: tuple["Fold", ...] = ()
     merged: tuple["Merge", ...] = ()
+    budget: dict | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -94,6 +100,8 @@ class Report:
             "timing_s": {k: round(v, 4) for k, v in self.timing_s.items()},
             "notes": list(self.notes),
         }
+        if self.budget is not None:
+            out["budget"] = self.budget
         if self.verification is not None:
             v = self.verification
             out["verification"] = {
@@ -128,6 +136,7 @@ class Report:
                 shown = ", ".join(names[:3]) + (f" … (+{len(names) - 3})" if len(names) > 3 else "")
                 lines.append(f"  {len(names):3d} × {reason}: {shown}")
         lines += self._render_selection()
+        lines += self._render_budget()
         if self.folded:
             lines.append("")
             lines.append(f"folded {len(self.folded)} BatchNormalization/Mul/Add node(s) into their convs "
@@ -160,6 +169,28 @@ class Report:
             lines.append(f"note: {note}")
         return "\n".join(lines)
 
+
+    def _render_budget(self) -> list[str]:
+        b = self.budget
+        if b is None:
+            return []
+        if b["mode"] == "target_macs":
+            head = (f"budget --target-macs {b['target']:g}: at most {b['macs_limit'] / 1e6:.3f} M MACs; "
+                    f"{b['macs'] / 1e6:.3f} M reached (predicted {b['predicted_macs'] / 1e6:.3f} M)")
+        else:
+            head = f"budget --max-error {b['target']:g}: {b['macs'] / 1e6:.3f} M MACs"
+        measured = b["measured_output_rel_l2"]
+        met = {True: "met", False: "NOT met", None: "not verified"}[b["met"]]
+        lines = ["", f"{head} — {met}",
+                 f"  output rel. L2: predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
+                 f"Σ layer errors {b['predicted_error_sum']:.3g}), measured "
+                 + ("-" if measured is None else f"{measured:.3g}") + f", {len(b['rounds'])} round(s)"]
+        rows = [("layer", "r", "MMACs", "predicted error", "measured error")]
+        for layer in b["layers"]:
+            m = layer["measured_error"]
+            rows.append((layer["name"], str(layer["multiplier"]), f"{layer['macs'] / 1e6:.3f}",
+                         f"{layer['predicted_error']:.2e}", "-" if m is None else f"{m:.2e}"))
+        return lines + _table(rows)
 
     def _render_selection(self) -> list[str]:
         timed = [s for s in self.selection if s.regular_ms is not None]
