@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -357,39 +358,53 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
         segments = plan_segments(model, [layer.node_index for layer in layers])
         results: dict[str, CalibratedLayer] = {}
         previous: Replacement | None = None
-        for k, (layer, seg) in enumerate(zip(layers, segments)):
-            say(f"calibrate: layer {k + 1}/{len(layers)} {layer.name}")
-            t0 = time.perf_counter()
-            replace = None
-            if previous is not None:
-                replace = to_onnx_nodes(replacement_convs(previous, names))
-            _advance(model, seg, infos, orig, None, n, batch, fixed_batch, shared)
-            if replace is None and all(approx.arrays[i] is orig.arrays[i] for i in seg.inputs):
-                approx.arrays.update({o: orig.arrays[o] for o in seg.outputs})  # nothing decomposed yet
-            else:
-                _advance(model, seg, infos, approx, replace, n, batch, fixed_batch, shared)
-            timing["forward"] += time.perf_counter() - t0
+        # The original network's next segment does not depend on this layer's factors: it runs
+        # on a worker thread while this layer is solved (the solve keeps BLAS on one thread,
+        # onnxruntime releases the GIL), and is joined before any store is touched again.
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            ahead: Future | None = None
+            for k, (layer, seg) in enumerate(zip(layers, segments)):
+                say(f"calibrate: layer {k + 1}/{len(layers)} {layer.name}")
+                t0 = time.perf_counter()
+                replace = None
+                if previous is not None:
+                    replace = to_onnx_nodes(replacement_convs(previous, names))
+                if ahead is None:
+                    _advance(model, seg, infos, orig, None, n, batch, fixed_batch, shared)
+                if replace is None and all(approx.arrays[i] is orig.arrays[i] for i in seg.inputs):
+                    approx.arrays.update({o: orig.arrays[o] for o in seg.outputs})  # nothing decomposed yet
+                else:
+                    _advance(model, seg, infos, approx, replace, n, batch, fixed_batch, shared)
+                timing["forward"] += time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            fit, check = _layer_sums(layer, orig.arrays[layer.input], approx.arrays[layer.input],
-                                     heldout, batch, options, k)
-            timing["statistics"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fit, check = _layer_sums(layer, orig.arrays[layer.input], approx.arrays[layer.input],
+                                         heldout, batch, options, k)
+                timing["statistics"] += time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            fit_stats = fit.stats()
-            factors = solve(layer, fit_stats)
-            timing["solve"] += time.perf_counter() - t0
-            err = relative_response_error(layer.weight, layer.bias, factors.dense_weight(), factors.bias,
-                                          check.stats())
-            results[layer.name] = CalibratedLayer(factors, err, fit.count)
-            previous = Replacement(layer, factors)
-            # Free cut tensors no later segment reads.
-            alive = set(segments[k + 1].inputs) if k + 1 < len(segments) else set()
-            if k + 1 < len(segments):
-                alive |= _passthrough(segments, k + 1)
-            for store in (orig, approx):
-                for name in [nm for nm in store.arrays if nm not in alive]:
-                    del store.arrays[name]
+                ahead = None
+                if k + 1 < len(segments):
+                    ahead = worker.submit(_advance, model, segments[k + 1], infos, orig, None, n, batch,
+                                          fixed_batch, shared)
+                t0 = time.perf_counter()
+                fit_stats = fit.stats()
+                factors = solve(layer, fit_stats)
+                timing["solve"] += time.perf_counter() - t0
+                err = relative_response_error(layer.weight, layer.bias, factors.dense_weight(), factors.bias,
+                                              check.stats())
+                results[layer.name] = CalibratedLayer(factors, err, fit.count)
+                previous = Replacement(layer, factors)
+                if ahead is not None:
+                    t0 = time.perf_counter()
+                    ahead.result()
+                    timing["forward"] += time.perf_counter() - t0
+                # Free cut tensors no later segment reads (keeping what the worker just made).
+                alive = set()
+                if k + 1 < len(segments):
+                    alive = _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
+                for store in (orig, approx):
+                    for name in [nm for nm in store.arrays if nm not in alive]:
+                        del store.arrays[name]
         spilled = 0
         for entry in os.scandir(tmp):
             spilled += entry.stat().st_size

@@ -63,10 +63,10 @@ import scipy.linalg
 import scipy.optimize
 from threadpoolctl import threadpool_limits
 
-#: Ridge relative to a matrix's mean diagonal (Tikhonov). On the MNIST model (256 images) the
-#: decomposed top-1 was 97.6 % at 1e-6 and 98.0 % at 1e-2 with the earlier ALS solver; with the
-#: current solver 3e-3, 1e-2, 3e-2 and 1e-1 gave 98.0, 98.0, 97.7 and 97.9 % (±0.4 is noise on
-#: 1,000 test digits). The deepest layers see about as many patches as their patch length.
+#: Ridge relative to a matrix's mean diagonal (Tikhonov). Chosen on held-out calibration data,
+#: not test data: on the MNIST model (256 images, every conv but the stem) the held-out output
+#: rel L2 was 0.159 / 0.103 / 0.136 / 0.131 / 0.183 for 1e-3 / 1e-2 / 3e-2 / 1e-1 / 3e-1. The
+#: deepest layers see about as many patches as their patch length, so some ridge is needed.
 RIDGE = 1e-2
 #: Ridge for matrices built from already-ridged moments (only guards against round-off).
 TINY_RIDGE = 1e-10
@@ -205,13 +205,13 @@ def svd_factors(weight: np.ndarray, bias: np.ndarray | None, multiplier: int = 1
     return _as_factors(p, f, b, (kh, kw), dtype=weight.dtype)
 
 
-def _ridge(m: np.ndarray, relative: float = RIDGE) -> float:
+def _ridge(m: np.ndarray, relative: float | None = None) -> float:
     scale = float(np.trace(m)) / m.shape[0] if m.shape[0] else 0.0
-    return relative * max(scale, 0.0) + 1e-30
+    return (RIDGE if relative is None else relative) * max(scale, 0.0) + 1e-30
 
 
-def _cholesky(m: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """Lower Cholesky factor of ``m + λI``, ``λ = ridge·tr(m)/dim``, grown until it works.
+def _cholesky(m: np.ndarray, ridge: float | None = None) -> np.ndarray:
+    """Lower Cholesky factor of ``m + λI``, ``λ = ridge·tr(m)/dim`` (default RIDGE), grown until it works.
 
     Moments computed as ``Σ/m − μμᵀ`` can be slightly indefinite in floating point. Callers
     whose matrix is already ridged (see :func:`ridged`) pass a tiny ``ridge``.
@@ -363,13 +363,18 @@ def _refine(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, v: float
 
 
 def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats, multiplier: int = 1, *,
-                 max_iter: int = 40, tol: float = 1e-6) -> SeparableFactors:
+                 max_iter: int = 20, tol: float = 1e-6) -> SeparableFactors:
     """Data-driven decomposition minimising ``E‖W x + b − Ŵ x̂ − b̂‖²`` (see module docstring).
 
     Starts from the SVD solution, runs one per-channel GSVD sweep (the paper's solver), then
     at most ``max_iter`` quasi-Newton (L-BFGS) rounds on the projected objective (inter-channel
     compensation), stopping when a round improves the objective by less than ``tol``·V. The
     best iterate is returned, so more rounds never give a worse objective.
+
+    ``max_iter=20`` was chosen on held-out calibration data: on the MNIST model (256 images,
+    every conv but the stem) the held-out output rel L2 was 0.195 / 0.155 / 0.106 / 0.103 /
+    0.155 / 0.180 after 0 / 5 / 10 / 20 / 40 / 80 rounds — per-layer errors keep falling, but
+    past ~20 rounds the layers over-fit their calibration patches.
     """
     weight = np.asarray(weight)
     n, c, kh, kw = weight.shape
