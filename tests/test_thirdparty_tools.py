@@ -339,35 +339,3 @@ def test_tool_does_not_import_torch_or_skimage_at_module_level():
     assert "import torch" not in source
     top = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not any("skimage" in line or "onnx_dwdecomp" in line for line in top)
-
-
-# ----------------------------------------------------------------- constant work-around
-
-def test_constants_to_initializers_same_function_input_untouched():
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
-    k = np.array([2.0], np.float32)
-    nodes = [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w)),
-             helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(k)),
-             helper.make_node("Constant", [], ["f"], value_float=3.0),  # not a 'value': kept
-             helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Mul", ["c", "k"], ["m"]),
-             helper.make_node("Mul", ["m", "f"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    before = model.SerializeToString()
-    out = tp.constants_to_initializers(model)
-    assert model.SerializeToString() == before
-    assert [n.op_type for n in out.graph.node] == ["Constant", "Conv", "Mul", "Mul"]
-    assert sorted(t.name for t in out.graph.initializer) == ["W", "k"]
-    onnx.checker.check_model(out)
-    x = rng.normal(size=(1, 2, 5, 5)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
-    np.testing.assert_array_equal(run(out), run(model))

