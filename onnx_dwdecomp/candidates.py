@@ -70,9 +70,11 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values of every tensor of ``graph`` that is known before run time.
 
     Initializers, ``Constant`` nodes (``value`` and the ``value_float(s)``/``value_int(s)``
-    forms), and ``Identity``/``Cast`` of those.
+    forms), and ``Identity``/``Cast`` of those. Tensors still marked external are stubs
+    (see :func:`~onnx_dwdecomp.modelio.without_large_data`; loaded models hold their data).
     """
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL}  # external here = a data-less stub
     # Graph inputs that share an initializer's name may be overridden at run time (IR < 4 style).
     for vi in graph.input:
         values.pop(vi.name, None)

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import modelio
 from .candidates import constant_values
 from .rewrite import NameAllocator, _drop_orphan_producers, _referenced
 
@@ -249,6 +250,7 @@ class _Surgery:
     """Shared bookkeeping of both passes: constant values, names, replaced weights, export."""
 
     def __init__(self, model: onnx.ModelProto):
+        model, self.stash = modelio.without_large_data(model)  # > 1 GiB tensors travel as stubs
         self.model = model
         self.graph = gs.import_onnx(model)
         self.values = constant_values(model.graph)
@@ -318,7 +320,7 @@ class _Surgery:
         added = [t for t in out.graph.initializer if t.name not in original]
         del out.graph.initializer[:]
         out.graph.initializer.extend(kept + added)
-        return out
+        return modelio.restore_large_data(out, self.stash)
 
 
 def _scaled(weight: np.ndarray, bias: np.ndarray | None, affine: Affine) -> tuple[np.ndarray, np.ndarray]:

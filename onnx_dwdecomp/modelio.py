@@ -139,6 +139,39 @@ def metadata_copy(model: onnx.ModelProto, min_bytes: int = 1024, *, force: bool 
     return copy
 
 
+def without_large_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:
+    """``(light, stash)``: ``model`` with the raw data of main-graph initializers of at least
+    ``PROTOBUF_LIMIT / 2`` bytes moved into ``stash`` (name → bytes), for graph surgery.
+
+    onnx-graphsurgeon and repeated-field copies serialise each tensor, which protobuf refuses
+    above 2 GiB; stubs (as in :func:`metadata_copy`) pass through untouched. Returns ``model``
+    itself and an empty stash when nothing is that large. Undo with :func:`restore_large_data`.
+    """
+    threshold = PROTOBUF_LIMIT // 2
+    if not any(t.HasField("raw_data") and len(t.raw_data) >= threshold for t in model.graph.initializer):
+        return model, {}
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    stash: dict[str, bytes] = {}
+    for tensor in light.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+            stash[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="stripped-over-protobuf-limit")
+    return light, stash
+
+
+def restore_large_data(model: onnx.ModelProto, stash: dict[str, bytes]) -> onnx.ModelProto:
+    """Put the data :func:`without_large_data` took back into ``model``'s stubs (in place)."""
+    for tensor in model.graph.initializer:
+        if tensor.name in stash and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = stash[tensor.name]
+    return model
+
+
 def _check_is_model(model: onnx.ModelProto, where: str) -> None:
     # Random bytes can parse as a protobuf with only unknown fields: demand the parts a model has.
     if not model.opset_import or not model.HasField("graph") or len(model.graph.node) == 0:

@@ -23,7 +23,7 @@ from .candidates import ConvLayer, Skipped, find_candidates
 from .errors import BudgetError, OptionError
 from .fold import fold_batchnorm, fold_pointwise
 from .latency import MIN_GAIN, Decision, LatencySelector
-from .modelio import LoadedModel, load_model
+from .modelio import LoadedModel, load_model, model_byte_size
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
@@ -242,7 +242,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
             rank=f.first.shape[0] if isinstance(f, ChannelFactors) else None))
     timing["total"] = time.perf_counter() - start
     totals = ModelTotals(before.macs, after.macs, before.params, after.params,
-                         source.ByteSize(), new_model.ByteSize())
+                         model_byte_size(source), model_byte_size(new_model))
     if not layers:
         notes.append("no conv was rewritten; " + ("only BatchNormalization/Mul/Add were folded into convs"
                                                     if bn_fold.modified else "the output equals the input"))

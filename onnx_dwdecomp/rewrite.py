@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
+from . import modelio
 from .candidates import ConvLayer
 from .solve import ChannelFactors, SeparableFactors
 
@@ -144,6 +145,7 @@ def _drop_orphan_producers(tensor: gs.Tensor, graph: gs.Graph, graph_outputs: se
 
 def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.ModelProto:
     """A new model in which every replacement's conv is split into two convs (see module doc)."""
+    model, stash = modelio.without_large_data(model)
     graph = gs.import_onnx(model)
     names = NameAllocator.for_model(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -189,7 +191,7 @@ def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) 
     added = [t for t in out.graph.initializer if t.name not in original]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept + added)
-    return out
+    return modelio.restore_large_data(out, stash)
 
 
 def _referenced(graph: onnx.GraphProto) -> set[str]:

@@ -48,3 +48,24 @@ def test_save_refuses_to_overwrite_input(tmp_path):
     loaded = load_model(src)
     with pytest.raises(Exception, match="input file"):
         save_model_atomic(loaded.model, src, external_data=False, input_path=src)
+
+
+def test_large_data_stash_round_trip(monkeypatch):
+    """Initializers of ≥ limit/2 bytes become stubs and come back byte-identical; the input is untouched."""
+    from onnx_dwdecomp import modelio
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 1 << 12)  # stub tensors of ≥ 2 KiB
+    rng = np.random.default_rng(0)
+    big = onnx.numpy_helper.from_array(rng.standard_normal(1024).astype(np.float32), "big")  # 4 KiB
+    small = onnx.numpy_helper.from_array(np.ones(4, np.float32), "small")
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[big, small])
+    model = onnx.helper.make_model(graph)
+    before = model.SerializeToString()
+    light, stash = modelio.without_large_data(model)
+    assert set(stash) == {"big"} and model.SerializeToString() == before
+    stubs = {t.name: t for t in light.graph.initializer}
+    assert not stubs["big"].raw_data and stubs["big"].data_location == onnx.TensorProto.EXTERNAL
+    assert stubs["small"].raw_data == small.raw_data
+    restored = modelio.restore_large_data(light, stash)
+    assert restored.SerializeToString() == before
+    small_only = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[small]))
+    assert modelio.without_large_data(small_only) == (small_only, {})  # nothing to stash: no copy

@@ -377,9 +377,6 @@ def test_over_protobuf_limit_in_memory_model_gets_external_data(tmp_path, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "load, checks, shape inference and candidates pass above 2 GiB; rewrite.py's gs.export_onnx and "
-    "pipeline.py's ModelProto.ByteSize() totals still serialise the whole model (protobuf EncodeError)"))
 def test_over_2gib_model(tmp_path):
     """A real 2.1 GB model (about 11 GB of RAM and three minutes; run with ``-m slow --tb=native``,
     the default traceback would print the 2 GB protobuf)."""
