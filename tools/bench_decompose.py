@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     images = rng.standard_normal((args.images, 3, args.image_size, args.image_size), dtype=np.float32)
     start = time.perf_counter()
     _, report = decompose(model, calib=images, method=args.method, multiplier=args.multiplier,
-                          exclude=("conv1.*",), verify=False,
+                          exclude=("conv1.*",),
                           progress=lambda msg: print(f"  {time.perf_counter() - start:7.1f}s {msg}",
                                                      file=sys.stderr))
     timing = dict(report.timing_s)
