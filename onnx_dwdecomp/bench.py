@@ -61,6 +61,7 @@ import onnx
 
 from .errors import ModelError, OptionError
 from .modelio import iter_graph_tensors, load_model
+from .runtime import session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
 
 __all__ = ["ModelBench", "interleaved_timings", "run_bench", "format_table", "bench_main"]
@@ -264,15 +265,7 @@ def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], 
 def _session(path: Path, label: str, threads: int, allow_spinning: bool):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    spin = "1" if allow_spinning else "0"
-    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    so = session_options(threads, spinning=allow_spinning)
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unrelated types

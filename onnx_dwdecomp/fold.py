@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 
 from . import modelio
 from .candidates import constant_values
-from .rewrite import NameAllocator, _drop_orphan_producers, _referenced
+from .rewrite import NameAllocator, drop_orphan_producers, export_like
 
 __all__ = ["Affine", "Fold", "Merge", "Refusal", "FoldResult", "affine_after", "check_pointwise",
            "fold_batchnorm", "fold_pointwise"]
@@ -277,7 +277,7 @@ class _Surgery:
         self.values[name] = new.values
         if old is not None:
             conv.inputs[index] = new
-            _drop_orphan_producers(old, self.graph, self.graph_outputs)
+            drop_orphan_producers(old, self.graph, self.graph_outputs)
         else:
             while len(conv.inputs) < index:
                 conv.inputs.append(gs.Variable.empty())
@@ -291,36 +291,11 @@ class _Surgery:
         self.graph.nodes.remove(node)
         self.removed.add(id(node))
         for t in inputs:
-            _drop_orphan_producers(t, self.graph, self.graph_outputs)
+            drop_orphan_producers(t, self.graph, self.graph_outputs)
 
     def export(self) -> onnx.ModelProto:
         """The graph as a model with the input's metadata and initializer order (see rewrite.py)."""
-        model = self.model
-        out = gs.export_onnx(self.graph, do_type_check=False, opset_imports=list(model.opset_import))
-        out.ir_version = model.ir_version
-        out.producer_name = model.producer_name
-        out.producer_version = model.producer_version
-        out.domain = model.domain
-        out.model_version = model.model_version
-        out.doc_string = model.doc_string
-        del out.metadata_props[:]
-        out.metadata_props.extend(model.metadata_props)
-        # Original initializers keep their protos (byte-identical) and order, except those whose
-        # values were replaced; initializers nothing reads any more are dropped; new ones last.
-        exported = {t.name: t for t in out.graph.initializer}
-        used_before, used_after = _referenced(model.graph), _referenced(out.graph)
-        original = {t.name for t in model.graph.initializer}
-        kept = []
-        for t in model.graph.initializer:
-            if t.name in self.replaced:
-                if t.name in exported:
-                    kept.append(exported[t.name])
-            elif t.name in used_after or t.name not in used_before:
-                kept.append(t)
-        added = [t for t in out.graph.initializer if t.name not in original]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(kept + added)
-        return modelio.restore_large_data(out, self.stash)
+        return modelio.restore_large_data(export_like(self.graph, self.model, self.replaced), self.stash)
 
 
 def _scaled(weight: np.ndarray, bias: np.ndarray | None, affine: Affine) -> tuple[np.ndarray, np.ndarray]:

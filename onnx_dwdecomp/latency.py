@@ -51,6 +51,7 @@ from onnx import helper, numpy_helper
 from .bench import default_threads, interleaved_timings
 from .candidates import ConvLayer
 from .errors import DwDecompError
+from .runtime import session_options
 
 __all__ = ["MIN_GAIN", "ConvConfig", "Timing", "Decision", "LatencySelector", "TimingError", "decide",
            "conv_pair_models", "ort_timer"]
@@ -196,15 +197,8 @@ def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto
 def _session(model: onnx.ModelProto, threads: int):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
 
 
 def ort_timer(config: ConvConfig, *, budget_s: float = 0.15, min_runs: int = 7, max_runs: int = 100,

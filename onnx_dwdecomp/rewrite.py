@@ -126,7 +126,7 @@ def to_onnx_nodes(convs) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     return nodes, inits
 
 
-def _drop_orphan_producers(tensor: gs.Tensor, graph: gs.Graph, graph_outputs: set[str]) -> None:
+def drop_orphan_producers(tensor: gs.Tensor, graph: gs.Graph, graph_outputs: set[str]) -> None:
     """Remove Constant/Identity/Cast chains that only fed a removed conv's weight or bias."""
     if not isinstance(tensor, gs.Variable) or tensor.outputs or tensor.name in graph_outputs:
         return
@@ -140,7 +140,7 @@ def _drop_orphan_producers(tensor: gs.Tensor, graph: gs.Graph, graph_outputs: se
     producer.outputs.clear()
     graph.nodes.remove(producer)
     for t in upstream:
-        _drop_orphan_producers(t, graph, graph_outputs)
+        drop_orphan_producers(t, graph, graph_outputs)
 
 
 def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.ModelProto:
@@ -171,8 +171,19 @@ def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) 
         old.outputs.clear()
         graph.nodes[index:index + 1] = new_nodes
         for t in old_params:
-            _drop_orphan_producers(t, graph, graph_outputs)
+            drop_orphan_producers(t, graph, graph_outputs)
 
+    return modelio.restore_large_data(export_like(graph, model), stash)
+
+
+def export_like(graph: gs.Graph, model: onnx.ModelProto, replaced: set[str] = frozenset()) -> onnx.ModelProto:
+    """Export ``graph`` (edited from ``model``) with ``model``'s metadata and initializer order.
+
+    gs re-exports only referenced initializers, in traversal order. The original protos are
+    restored in their original order (byte-identical data), except those named in
+    ``replaced`` (their values were changed under the same name: the exported proto is used);
+    initializers nothing reads any more are dropped; new ones are appended.
+    """
     out = gs.export_onnx(graph, do_type_check=False, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version
     out.producer_name = model.producer_name
@@ -182,24 +193,28 @@ def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) 
     out.doc_string = model.doc_string
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    # gs re-exports only referenced initializers, in traversal order. Restore the original
-    # protos in their original order (byte-identical data), drop those that only the rewritten
-    # convs used, and append the new ones.
-    used_before, used_after = _referenced(model.graph), _referenced(out.graph)
+    exported = {t.name: t for t in out.graph.initializer}
+    used_before, used_after = referenced_names(model.graph), referenced_names(out.graph)
     original = {t.name for t in model.graph.initializer}
-    kept = [t for t in model.graph.initializer if t.name in used_after or t.name not in used_before]
+    kept = []
+    for t in model.graph.initializer:
+        if t.name in replaced:
+            if t.name in exported:
+                kept.append(exported[t.name])
+        elif t.name in used_after or t.name not in used_before:
+            kept.append(t)
     added = [t for t in out.graph.initializer if t.name not in original]
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept + added)
-    return modelio.restore_large_data(out, stash)
+    return out
 
 
-def _referenced(graph: onnx.GraphProto) -> set[str]:
+def referenced_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` or of its subgraphs reads, plus the graph outputs."""
     names = {o.name for o in graph.output}
     for node in graph.node:
         names.update(node.input)
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _referenced(sub)
+                names |= referenced_names(sub)
     return names

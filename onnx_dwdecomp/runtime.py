@@ -22,13 +22,7 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
     slower beside them on 2 cores). Models above the protobuf limit go through a private
     temporary folder, never the working directory.
     """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(threads, optimize=optimize)
     if modelio.model_byte_size(model) < modelio.PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_") as tmp:
@@ -37,6 +31,25 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
         copy.CopyFrom(model)
         onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def session_options(threads: int | None = None, *, optimize: bool = True, spinning: bool = False
+                    ) -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (None: onnxruntime's default), one
+    sequential inter-op thread, full graph optimisation unless ``optimize=False``, quiet logs,
+    thread-pool spinning off unless asked for (see :func:`make_session`)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    spin = "1" if spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return opts
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None

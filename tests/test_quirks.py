@@ -19,7 +19,6 @@ them up to float32 rounding (relative L2 ≤ 1e-5).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
