@@ -1,0 +1,409 @@
+"""Tests for the pure-Python parts of tools/reproduce.py (no torch; the reproduction is not run)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPRODUCE_PY = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("tools_reproduce", REPRODUCE_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+rp = _load_module()
+
+
+# ----------------------------------------------------------------- imports
+
+def test_no_top_level_torch_or_matplotlib_import():
+    tree = ast.parse(REPRODUCE_PY.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"torch", "matplotlib", "onnx2torch"}
+
+
+# ----------------------------------------------------------------- formatting
+
+@pytest.mark.parametrize("value, text", [(0.985, "98.5 %"), (1.0, "100.0 %"), (0.1, "10.0 %"),
+                                         (None, "—"), (float("nan"), "—")])
+def test_fmt_pct(value, text):
+    assert rp.fmt_pct(value) == text
+
+
+def test_fmt_pct_digits():
+    assert rp.fmt_pct(0.98765, 2) == "98.77 %"
+
+
+def test_fmt_err_and_count():
+    assert rp.fmt_err(0.012345) == "1.23e-02"
+    assert rp.fmt_err(None) == "—"
+    assert rp.fmt_count(8685568) == "8.69 M"
+    assert rp.fmt_count(347336) == "0.347 M"
+    assert rp.fmt_count(None) == "—"
+
+
+@pytest.mark.parametrize("name, short", [
+    ("/stage2/stage2.0/branch1/branch1.0/Conv", "stage2.0/branch1"),
+    ("/stage4/stage4.3/branch2/branch2.3/Conv", "stage4.3/branch2"),
+    ("/conv1/conv1.0/Conv", "/conv1/conv1.0/Conv"),
+    ("conv_7", "conv_7"),
+])
+def test_short_layer_name(name, short):
+    assert rp.short_layer_name(name) == short
+
+
+def test_markdown_table_layout():
+    text = rp.markdown_table(["a", "b"], [[1, "x"], ["y|z", 2.5]], "lr")
+    assert text.splitlines() == ["| a | b |", "|---|--:|", "| 1 | x |", "| y\\|z | 2.5 |"]
+
+
+def test_markdown_table_default_alignment_and_empty_rows():
+    assert rp.markdown_table(["h"], []) == "| h |\n|---|"
+
+
+@pytest.mark.parametrize("headers, rows, align", [
+    (["a", "b"], [[1]], None),          # short row
+    (["a"], [[1]], "lr"),               # align length
+    (["a"], [[1]], "x"),                # bad align character
+])
+def test_markdown_table_errors(headers, rows, align):
+    with pytest.raises(ValueError):
+        rp.markdown_table(headers, rows, align)
+
+
+def test_geometric_mean():
+    assert rp.geometric_mean([1e-2, 1e-4]) == pytest.approx(1e-3)
+    assert rp.geometric_mean([0.5, None, float("nan")]) == pytest.approx(0.5)
+    assert np.isnan(rp.geometric_mean([]))
+
+
+def test_compare_uses_tie_band():
+    assert rp.compare(0.985, 0.975) == "better"
+    assert rp.compare(0.975, 0.985) == "worse"
+    assert rp.compare(0.980, 0.977) == "tie"
+    assert rp.compare(0.980, 0.977, tie=0.001) == "better"
+
+
+# ----------------------------------------------------------------- decompose options
+
+def test_decompose_options_per_method():
+    svd = rp.decompose_options(rp.SVD, "c.npz", 512, 1)
+    assert svd["method"] == "svd" and "symmetric" not in svd and svd["calib_size"] == 512
+    sym = rp.decompose_options(rp.GSVD_SYM, "c.npz", 32, 2)
+    assert sym["symmetric"] is True and sym["multiplier"] == 2 and sym["calib_size"] == 32
+    asym = rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1)
+    assert "symmetric" not in asym and asym["exclude"] == rp.EXCLUDE and asym["seed"] == rp.SEED
+    free = rp.decompose_options(rp.SVD, None, None, 1)
+    assert "calib" not in free and "calib_size" not in free
+
+
+def test_decompose_options_select_only_when_supported():
+    assert "select" not in rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1, ["method", "calib"])
+    assert rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1, ["select"])["select"] == "all"
+    assert rp.decompose_options(rp.CHANNEL, "c.npz", 32, 1, include=("/a/*",))["include"] == ("/a/*",)
+
+
+def test_decompose_options_are_accepted_by_the_package():
+    import dataclasses
+
+    from onnx_dwdecomp.pipeline import DecomposeOptions
+
+    fields = [f.name for f in dataclasses.fields(DecomposeOptions)]
+    for cfg in rp.METHOD_CONFIGS:
+        opts = DecomposeOptions(**rp.decompose_options(cfg, "c.npz", 128, 2, fields))
+        opts.validate()
+
+
+# ----------------------------------------------------------------- ONNX helpers
+
+def _conv_model(seed: int = 0) -> onnx.ModelProto:
+    """input (N, 2, 5, 5) -> Conv 3x3 (3 out, bias) -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+    g = rng.normal(size=(3, 4)).astype(np.float32)
+    shape = np.array([0, -1], dtype=np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W", "B"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                          name="/stage2/stage2.0/branch2/branch2.3/Conv"),
+         helper.make_node("Relu", ["conv"], ["relu"]),
+         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+         helper.make_node("Reshape", ["pool", "shape"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "G"], ["output"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 5, 5])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+                     numpy_helper.from_array(g, "G"), numpy_helper.from_array(shape, "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, names=None):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(names, {"input": x})
+
+
+def test_trainable_initializers_are_conv_and_gemm_floats():
+    assert rp.trainable_initializers(_conv_model()) == ["W", "B", "G"]
+
+
+def test_replace_initializers_changes_values_not_graph():
+    model = _conv_model()
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    g = np.zeros((3, 4), dtype=np.float64)  # dtype is converted back to the model's
+    out = rp.replace_initializers(model, {"G": g})
+    assert model == before  # input untouched
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+    new_g = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "G"))
+    assert new_g.dtype == np.float32 and not new_g.any()
+    x = np.random.default_rng(1).normal(size=(1, 2, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(_run(out, x)[0], np.zeros((1, 4), dtype=np.float32))
+    assert np.abs(_run(model, x)[0]).max() > 0
+
+
+def test_replace_initializers_errors():
+    model = _conv_model()
+    with pytest.raises(KeyError):
+        rp.replace_initializers(model, {"nope": np.zeros(3)})
+    with pytest.raises(ValueError, match="shape"):
+        rp.replace_initializers(model, {"B": np.zeros(4)})
+
+
+def test_with_outputs_exposes_intermediate_tensors():
+    model = _conv_model()
+    probe = rp.with_outputs(model, ["conv", "conv", "output"])
+    assert [o.name for o in probe.graph.output] == ["output", "conv"]
+    assert len(model.graph.output) == 1
+    x = np.random.default_rng(2).normal(size=(1, 2, 5, 5)).astype(np.float32)
+    conv, relu_out = _run(probe, x, ["conv", "output"])
+    assert conv.shape == (1, 3, 5, 5)
+
+
+def test_isolated_errors_match_decompose_report(tmp_path, monkeypatch):
+    """A model with one conv: the isolated error equals decompose's held-out rel_error."""
+    import onnx_dwdecomp
+
+    model_path = tmp_path / "tiny.onnx"
+    onnx.save(_conv_model(), str(model_path))
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(3).normal(size=(20, 2, 5, 5)).astype(np.float32)
+    np.savez(calib, input=x)
+    monkeypatch.setattr(rp, "EXCLUDE", ())
+    layers, shapes, macs, errors = rp.isolated_layer_errors(model_path, calib, 20, (1, 2), say=lambda m: None)
+    assert layers == ["/stage2/stage2.0/branch2/branch2.3/Conv"]
+    assert shapes[layers[0]] == (3, 2, 3, 3)
+    assert macs[layers[0]]["regular"] == 25 * 3 * 2 * 9
+    assert macs[layers[0]]["sep_r1"] == 25 * (2 * 9 + 3 * 2)
+    # r = 2 on 2 channels of 3x3 must still be cheaper than the regular conv
+    for r in (1, 2):
+        for key in rp.ISOLATED_KEYS:
+            assert np.isfinite(errors[(layers[0], key, r)])
+    from onnx_dwdecomp.pipeline import DecomposeOptions
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(DecomposeOptions)]
+    opts = rp.decompose_options(rp.GSVD_ASYM, calib, 20, 1, fields)
+    opts["exclude"] = ()
+    _, report = onnx_dwdecomp.decompose(str(model_path), **opts)
+    (layer,) = report.layers
+    assert layer.rel_error == pytest.approx(errors[(layers[0], "gsvd", 1)], rel=1e-6)
+
+
+# ----------------------------------------------------------------- results, claims, rendering
+
+LAYERS = ["/stage2/stage2.0/branch1/branch1.0/Conv", "/stage3/stage3.1/branch2/branch2.3/Conv"]
+
+
+def _results(asym=(0.970, 0.975, 0.980), sym=(0.950, 0.960, 0.962), chan=(0.90, 0.93, 0.95),
+             svd=0.10, finetune=None, **kw) -> "rp.Results":
+    runs = [rp.RunResult("svd", None, 1, svd, {LAYERS[0]: 0.5, LAYERS[1]: 0.9}, 3_230_848, 347_336, 5.0)]
+    for key, vals in (("gsvd_asym", asym), ("gsvd_sym", sym), ("channel", chan)):
+        for n, v in zip(rp.CALIB_SIZES, vals):
+            err = {"gsvd_asym": 0.02, "gsvd_sym": 0.03, "channel": 0.2}[key]
+            runs.append(rp.RunResult(key, n, 1, v, {LAYERS[0]: err, LAYERS[1]: 2 * err}, 3_230_848,
+                                     347_336, 30.0))
+    for key in ("svd", "gsvd_asym", "gsvd_sym", "channel"):
+        runs.append(rp.RunResult(key, None if key == "svd" else 512, 2, 0.98, {LAYERS[0]: 0.01, LAYERS[1]: 0.02},
+                                 3_700_000, 400_000, 40.0))
+    isolated = {}
+    for ly in LAYERS:
+        for r in (1, 2):
+            isolated[(ly, "svd", r)] = 0.5 / r
+            isolated[(ly, "gsvd", r)] = 0.02 / r
+            isolated[(ly, "channel", r)] = 0.1 / r
+            isolated[(ly, "svd_weight", r)] = 0.7 / r
+    base = dict(
+        command="python tools/reproduce.py", date="2026-11-26 00:00 UTC",
+        machine={"cpus": "2", "onnxruntime": "1.32.0", "torch": "2.13.0+cpu", "cpu_seconds": "600"},
+        seconds=600.0, regular_top1=0.990, standard_top1=0.985, layers=list(LAYERS),
+        layer_shapes={ly: (24, 24, 3, 3) for ly in LAYERS},
+        layer_macs={ly: {"regular": 331776, "sep_r1": 50688, "chan_r1": 50000, "sep_r2": 101376,
+                         "chan_r2": 100000} for ly in LAYERS},
+        isolated=isolated, runs=runs,
+        finetune=finetune if finetune is not None else {"gsvd_asym": 0.983, "svd": 0.95},
+        finetune_info={"epochs": 5, "lr": 0.01, "batch_size": 64, "weight_decay": 5e-5,
+                       "label_smoothing": 0.1, "shift": 4, "seed": 0, "threads": 2, "seconds_per_model": 30.0},
+        bench=[rp.BenchRow("regular (original)", 8_685_568, 895_616, 3.0, 3.5),
+               rp.BenchRow("decomposed, separable", 3_230_848, 347_336, 1.8, 2.0),
+               rp.BenchRow("standard ShuffleNet V2", 3_230_848, 348_066, 1.7, 1.9),
+               rp.BenchRow("regular (original)", 32 * 8_685_568, 895_616, 40.0, 41.0, 32),
+               rp.BenchRow("decomposed, separable", 32 * 3_230_848, 347_336, 20.0, 21.0, 32),
+               rp.BenchRow("standard ShuffleNet V2", 32 * 3_230_848, 348_066, 16.0, 17.0, 32)],
+        bench_info={"threads": 2, "runs": 300, "warmup": 20, "batch_size": 1, "loadavg": "1.0",
+                    "onnxruntime": "1.32.0", "regular_macs": 8_685_568, "standard_macs": 3_230_848},
+    )
+    base.update(kw)
+    return rp.Results(**base)
+
+
+def test_results_lookup():
+    res = _results()
+    assert res.top1("gsvd_asym", 128) == pytest.approx(0.975)
+    assert res.top1("svd", None) == pytest.approx(0.10)
+    assert res.top1("svd", 512) == pytest.approx(0.10)  # data-free: any N
+    assert res.top1("gsvd_asym", 64) is None
+    assert res.run("channel", 512, 2).top1 == pytest.approx(0.98)
+
+
+def _verdicts(res):
+    return {c.claim.split(" ")[0] + ":" + c.claim.split(" ")[-1]: c.verdict for c in rp.claims(res)}
+
+
+def test_claims_when_everything_holds():
+    res = _results(asym=(0.985, 0.988, 0.989), finetune={"gsvd_asym": 0.995})
+    by_claim = {c.claim: c.verdict for c in rp.claims(res)}
+    assert all(v == "holds" for v in by_claim.values()), by_claim
+    assert len(by_claim) == 5
+
+
+def test_claims_failures_and_ties():
+    # asymmetric equal to symmetric, channel better than gsvd, loss of 2 points, svd equal
+    res = _results(asym=(0.96, 0.965, 0.97), sym=(0.96, 0.965, 0.97), chan=(0.99, 0.99, 0.99), svd=0.97,
+                   finetune={})
+    by_claim = {c.claim: c.verdict for c in rp.claims(res)}
+    keeps = next(v for k, v in by_claim.items() if k.startswith("decomposed regular net keeps"))
+    beats = next(v for k, v in by_claim.items() if k.startswith("decomposed regular net beats"))
+    chan = next(v for k, v in by_claim.items() if k.startswith("depth-wise"))
+    data = next(v for k, v in by_claim.items() if k.startswith("data-driven"))
+    asym = next(v for k, v in by_claim.items() if k.startswith("asymmetric"))
+    assert (keeps, beats, chan, data, asym) == (
+        "does not hold", "does not hold", "does not hold", "inconclusive", "inconclusive")
+
+
+def test_claims_partly():
+    res = _results(asym=(0.95, 0.975, 0.980), chan=(0.90, 0.975, 0.99))
+    chan = next(c for c in rp.claims(res) if c.claim.startswith("depth-wise"))
+    assert chan.verdict == "partly"
+    assert "1/2 (r=1)" not in chan.evidence and "2/2 (r=1)" in chan.evidence
+
+
+def test_render_results_has_every_section():
+    res = _results()
+    text = rp.render_results(res, ["closing words"])
+    for needle in ["# Results", "Command: `python tools/reproduce.py`", "2 CPUs", "onnxruntime 1.32.0",
+                   "## 1. Single-layer study", "### Multiplier 1", "### Multiplier 2",
+                   "## 2. Whole network", "N = 32", "N = 512", "fine-tuned (5 epochs, from N = 512)",
+                   "## 3. Cost", "## 4. Per-layer multiplier budgets", "BUDGET_CONFIGS", "## 5. Discussion",
+                   "single_layer.png", "top1_vs_calib.png", "closing words", "stage2.0/branch1",
+                   "98.3 %", "×1.67"]:
+        assert needle in text, needle
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    # every markdown table row of a table has the same number of cells as its header
+    for block in text.split("\n\n"):
+        rows = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if rows:
+            counts = {ln.replace("\\|", "").count("|") for ln in rows}
+            assert len(counts) == 1, block
+
+
+def test_render_budget_section_lists_rows_when_present():
+    res = _results(budget_rows=[rp.RunResult("gsvd_budget", 512, 1, 0.981, {}, 3_000_000, 300_000, 10.0)])
+    text = "\n".join(rp.render_budget_section(res))
+    assert "gsvd_budget" in text and "98.1 %" in text and "Not measured" not in text
+
+
+def test_budget_placeholder_depends_on_the_package():
+    assert "no per-layer multipliers" in "\n".join(rp.render_budget_section(_results()))
+    text = "\n".join(rp.render_budget_section(_results(budget_option=True)))
+    assert "does not run them yet" in text and "EXTENSION POINT" in text
+
+
+def test_render_notes_and_missing_values():
+    res = _results(finetune={}, notes=["QUICK DEBUG RUN"])
+    text = rp.render_results(res)
+    assert "> QUICK DEBUG RUN" in text
+    assert "—" in text  # missing fine-tune values
+
+
+def test_discussion_uses_the_numbers():
+    res = _results()
+    text = "\n".join(rp.discussion(res))
+    assert "98.0 %" in text and "10.0 %" in text and "2/2 (r=1)" in text
+    assert "{" not in text and "}" not in text  # no f-string left unformatted
+    assert "{" not in rp.render_results(res, rp.discussion(res))
+
+
+def test_machine_info_keys():
+    info = rp.machine_info()
+    for key in ("cpus", "python", "onnxruntime", "onnx", "numpy", "torch", "loadavg"):
+        assert key in info
+
+
+def test_plots_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _results()
+    rp.plot_single_layer(res, tmp_path / "a.png")
+    rp.plot_top1(res, tmp_path / "b.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_cost_table_groups_batch_sizes():
+    text = rp.render_cost_table(_results())
+    lines = text.splitlines()
+    assert "batch 1: median (ms)" in lines[0] and "batch 32: median (ms)" in lines[0]
+    assert len(lines) == 2 + 3  # header, rule, one row per model
+    dec = next(ln for ln in lines if ln.startswith("| decomposed"))
+    assert "3.23 M" in dec and "×1.67" in dec and "×2.00" in dec  # MACs per image, both speed-ups
+
+
+def test_rank_examples_and_deepest_layer_text():
+    res = _results(layer_shapes={LAYERS[0]: (24, 24, 3, 3), LAYERS[1]: (96, 96, 3, 3)},
+                   layer_macs={LAYERS[0]: {"regular": 64 * 24 * 24 * 9},
+                               LAYERS[1]: {"regular": 4 * 96 * 96 * 9}})
+    assert rp._rank_examples(res) == "3 for 24→24, 10 for 96→96"
+    text = rp._deepest_layer_samples(res)
+    assert "4 output positions" in text and "864-long" in text and "4·461 = 1,844" in text
+
+
+def test_stage_gaps_and_rank2_text():
+    res = _results()
+    gaps = rp._stage_gaps(res, 512)
+    assert gaps == "stage2 3.00e-02 vs 2.00e-02, stage3 6.00e-02 vs 4.00e-02"
+    # r=2 top-1 equal for every method in _results -> a tie; fine-tune gsvd 0.983 vs channel missing
+    text = rp._rank2_and_finetune_text(res)
+    assert "a tie" in text and "After the short fine-tune" not in text
+    res = _results(finetune={"gsvd_asym": 0.98, "channel": 0.97})
+    assert "gsvd still ahead" in rp._rank2_and_finetune_text(res)
