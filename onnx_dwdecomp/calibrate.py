@@ -390,7 +390,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 fit_stats = fit.stats()
                 factors = solve(layer, fit_stats)
                 timing["solve"] += time.perf_counter() - t0
-                err = relative_response_error(layer.weight, layer.bias, factors.dense_weight(), factors.bias,
+                err = relative_response_error(layer.weight, layer.bias, factors,
                                               check.stats())
                 results[layer.name] = CalibratedLayer(factors, err, fit.count)
                 previous = Replacement(layer, factors)

@@ -476,7 +476,7 @@ def _curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[in
         errors, first = {}, None
         for r in wanted[layer.name]:
             f = gsvd_factors(layer.weight, layer.bias, stats, r, max_iter=CURVE_ITER)
-            errors[r] = relative_response_error(layer.weight, layer.bias, f.dense_weight(), f.bias, stats)
+            errors[r] = relative_response_error(layer.weight, layer.bias, f, stats)
             first = first or f
         curves[layer.name] = errors
         return first

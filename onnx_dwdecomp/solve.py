@@ -125,6 +125,14 @@ class SeparableFactors:
         cr, _, kh, kw = self.depthwise.shape
         return cr * kh * kw + self.pointwise.shape[0] * cr
 
+    def response_terms(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        """``(⟨Ŵ, A⟩, ⟨Ŵ B, Ŵ⟩)`` using the factor structure (see :func:`relative_response_error`)."""
+        n = self.pointwise.shape[0]
+        cr, _, kh, kw = self.depthwise.shape
+        r = self.multiplier
+        p = self.pointwise.astype(np.float64).reshape(n, cr // r, r)
+        return _separable_terms(p, self.depthwise.astype(np.float64).reshape(cr // r, r, kh * kw), a, b)
+
 
 @dataclass(frozen=True)
 class ChannelFactors:
@@ -141,6 +149,12 @@ class ChannelFactors:
     def macs_per_position(self) -> int:
         d, c, kh, kw = self.first.shape
         return d * c * kh * kw + self.second.shape[0] * d
+
+    def response_terms(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        """``(⟨Ŵ, A⟩, ⟨Ŵ B, Ŵ⟩)`` with ``Ŵ = S R``: d·D² work instead of n·D²."""
+        first = self.first.astype(np.float64).reshape(self.first.shape[0], -1)
+        second = self.second.astype(np.float64)
+        return float(np.vdot(second, a @ first.T)), float(np.vdot(second @ (first @ b @ first.T), second))
 
 
 def check_multiplier(weight_shape: tuple[int, ...], multiplier: int) -> str | None:
@@ -233,10 +247,26 @@ def _dense(p: np.ndarray, f: np.ndarray) -> np.ndarray:
     return np.einsum("nis,isk->nik", p, f).reshape(p.shape[0], -1)
 
 
+def _taps_times(f: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``F_bᵀ B`` (c·r, D) for taps F (c, r, K) and B (D, D): D²·r work, not D²·c·r."""
+    c, r, k = f.shape
+    return np.matmul(f, b.reshape(c, k, -1)).reshape(c * r, -1)
+
+
+def _separable_terms(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(⟨Ŵ, A⟩, ⟨Ŵ B, Ŵ⟩)`` for ``Ŵ = P F_bᵀ`` without forming Ŵ (n·D² → D²·r + n·(c·r)²)."""
+    n, c, r = p.shape
+    k = f.shape[2]
+    cov_z = np.einsum("xjk,jtk->xjt", _taps_times(f, b).reshape(c * r, c, k), f).reshape(c * r, c * r)
+    cross = np.einsum("nik,isk->nis", a.reshape(n, c, k), f).reshape(n, c * r)
+    p2 = p.reshape(n, c * r)
+    return float(np.vdot(p2, cross)), float(np.vdot(p2 @ cov_z, p2))
+
+
 def separable_objective(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, v: float) -> float:
     """``f(Ŵ) = V − 2⟨Ŵ, A⟩ + ⟨Ŵ B, Ŵ⟩`` for Ŵ given by P (n,c,r), F (c,r,K); A (n,D), B (D,D)."""
-    w_hat = _dense(p, f)
-    return float(v - 2.0 * np.vdot(w_hat, a) + np.vdot(w_hat @ b, w_hat))
+    lin, quad = _separable_terms(p, f, a, b)
+    return v - 2.0 * lin + quad
 
 
 def ridged(cov: np.ndarray) -> np.ndarray:
@@ -250,49 +280,58 @@ def ridged(cov: np.ndarray) -> np.ndarray:
     return cov + _ridge(cov) * np.eye(cov.shape[0])
 
 
+def _block_inverse_cholesky(b: np.ndarray, c: int, k: int) -> np.ndarray:
+    """``L_i⁻¹`` (c, K, K) for the diagonal blocks ``B_ii = L_i L_iᵀ`` of an already ridged B."""
+    blocks = b.reshape(c, k, c, k)[np.arange(c), :, np.arange(c), :]  # (c, K, K)
+    try:
+        lower = np.linalg.cholesky(blocks + TINY_RIDGE * np.eye(k) * np.trace(blocks, axis1=1, axis2=2)[:, None, None] / k)
+    except np.linalg.LinAlgError:
+        lower = np.stack([_cholesky(blk, ridge=TINY_RIDGE) for blk in blocks])
+    return np.linalg.inv(lower)
+
+
 def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, live: np.ndarray,
                 block: int = 32) -> None:
     """One exact block-coordinate (Gauss–Seidel) pass over the channels, updating ``p``, ``f`` in place.
 
     ``Q = Ŵ B`` is needed column-block by column-block. Channels are visited in groups of
     ``block``: inside a group, ``Q``'s columns of the group are kept current with small
-    (n, K)·(K, block·K) updates; the full ``Q`` is refreshed once per group with one
-    (n, block·K)·(block·K, D) product, which keeps the pass BLAS-bound instead of
-    memory-bound. The visiting order and the result equal a plain channel-by-channel sweep.
+    (n, K)·(K, block·K) updates; the full ``Q`` is refreshed once per group from the factors,
+    ``ΔQ = P_g F_gᵀB_g − P_g⁰ F_g⁰ᵀB_g`` (n·block·r·D work instead of n·block·K·D), which keeps
+    the pass BLAS-bound. The visiting order and the result equal a plain channel-by-channel sweep.
     """
     n, c, r = p.shape
     k = f.shape[2]
-    w_hat = _dense(p, f)
-    q = w_hat @ b
+    b3 = b.reshape(c, k, -1)  # rows of B by channel
+    inv_lower = _block_inverse_cholesky(b, c, k)
+    q = p.reshape(n, c * r) @ _taps_times(f, b)
     for start in range(0, c, block):
         stop = min(start + block, c)
         cols = slice(start * k, stop * k)
-        b_rows = b[cols]  # (g·K, D)
-        b_grp = b_rows[:, cols]  # (g·K, g·K)
+        b_grp = b[cols, cols]  # (g·K, g·K)
         q_grp = q[:, cols].copy()
-        old = w_hat[:, cols].copy()
+        p_old, f_old = p[:, start:stop].copy(), f[start:stop].copy()
         for i in range(start, stop):
             if not live[i]:
                 continue
             loc = slice((i - start) * k, (i - start + 1) * k)
-            b_ii = b_grp[loc, loc]
-            m_i = a[:, i * k:(i + 1) * k] - q_grp[:, loc] + w_hat[:, i * k:(i + 1) * k] @ b_ii
-            lower = _cholesky(b_ii, ridge=TINY_RIDGE)
-            t = scipy.linalg.solve_triangular(lower, m_i.T, lower=True).T  # M_i L⁻ᵀ
+            w_i = p[:, i] @ f[i]  # (n, K)
+            m_i = a[:, i * k:(i + 1) * k] - q_grp[:, loc] + w_i @ b_grp[loc, loc]
+            t = m_i @ inv_lower[i].T  # M_i L⁻ᵀ
             u, s, vt = np.linalg.svd(t, full_matrices=False)
             u, vt = _fix_signs(u, vt)
-            f_i = scipy.linalg.solve_triangular(lower, vt[:r].T, lower=True, trans="T").T  # (L⁻ᵀ V_r)ᵀ
+            f_i = vt[:r] @ inv_lower[i]  # (L⁻ᵀ V_r)ᵀ
             norms = np.linalg.norm(f_i, axis=1, keepdims=True)
             norms[norms == 0] = 1.0
             p_i = u[:, :r] * s[:r] * norms.T
             f_i = f_i / norms
-            new_w = p_i @ f_i
-            q_grp += (new_w - w_hat[:, i * k:(i + 1) * k]) @ b_grp[loc]
-            w_hat[:, i * k:(i + 1) * k] = new_w
+            q_grp += (p_i @ f_i - w_i) @ b_grp[loc]
             p[:, i] = 0.0
             p[:, i, :len(f_i)] = p_i  # fewer than r columns when n < r: the rest stay zero filters
             f[i, :len(f_i)] = f_i
-        q += (w_hat[:, cols] - old) @ b_rows
+        g = stop - start
+        q += (p[:, start:stop].reshape(n, g * r) @ np.matmul(f[start:stop], b3[start:stop]).reshape(g * r, -1)
+              - p_old.reshape(n, g * r) @ np.matmul(f_old, b3[start:stop]).reshape(g * r, -1))
 
 
 class _ProjectedObjective:
@@ -437,18 +476,21 @@ def channel_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
     return ChannelFactors(first.reshape(rank, c, kh, kw).astype(dtype), second.astype(dtype), b_hat.astype(dtype))
 
 
-def relative_response_error(weight: np.ndarray, bias: np.ndarray | None, approx_weight: np.ndarray,
-                            approx_bias: np.ndarray, stats: LayerStats) -> float:
+def relative_response_error(weight: np.ndarray, bias: np.ndarray | None,
+                            factors: SeparableFactors | ChannelFactors, stats: LayerStats) -> float:
     """``E‖W x + b − Ŵ x̂ − b̂‖² / E‖W x − E[W x]‖²`` from moments (held-out statistics).
 
-    The centred part is ``V − 2⟨Ŵ, A⟩ + ⟨Ŵ B, Ŵ⟩``; the mean part is ``‖E[y] − E[ŷ]‖²``.
+    The centred part is ``V − 2⟨Ŵ, A⟩ + ⟨Ŵ B, Ŵ⟩`` (computed from the factors, never forming
+    the n·D² product); the mean part is ``‖E[y] − E[ŷ]‖²``. ``Ŵ, b̂`` are ``factors``'
+    ``dense_weight()`` and ``bias``.
     """
     n = weight.shape[0]
     w2 = np.asarray(weight, dtype=np.float64).reshape(n, -1)
-    wh = np.asarray(approx_weight, dtype=np.float64).reshape(n, -1)
+    wh = factors.dense_weight().astype(np.float64).reshape(n, -1)
     b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
-    centred = stats.response_var - 2.0 * np.vdot(wh, stats.cov_y_xhat) + np.vdot(wh @ stats.cov_xhat, wh)
-    mean_gap = (w2 @ stats.mean_x + b) - (wh @ stats.mean_xhat + np.asarray(approx_bias, dtype=np.float64))
+    lin, quad = factors.response_terms(stats.cov_y_xhat, stats.cov_xhat)
+    centred = stats.response_var - 2.0 * lin + quad
+    mean_gap = (w2 @ stats.mean_x + b) - (wh @ stats.mean_xhat + np.asarray(factors.bias, dtype=np.float64))
     err = max(float(centred), 0.0) + float(mean_gap @ mean_gap)
     if stats.response_var <= 0:
         return 0.0 if err <= 1e-30 else float("inf")
