@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from . import modelio
 
@@ -23,8 +24,12 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
     temporary folder, never the working directory.
     """
     opts = session_options(threads, optimize=optimize)
-    if modelio.model_byte_size(model) < modelio.PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        serialized = model.SerializeToString()  # one pass; ByteSize() first would cost another
+    except EncodeError:  # over protobuf's 2 GiB
+        serialized = None
+    if serialized is not None and len(serialized) < modelio.PROTOBUF_LIMIT:
+        return ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_") as tmp:
         path = Path(tmp) / "model.onnx"
         copy = onnx.ModelProto()
