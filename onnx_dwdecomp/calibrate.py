@@ -76,8 +76,9 @@ def output_hw(layer: ConvLayer, in_hw: tuple[int, int]) -> tuple[int, int]:
 def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> np.ndarray:
     """Patch vectors of ``x`` (B, C, H, W) at flat output positions ``positions`` (B, P).
 
-    Returns (B·P, C·kh·kw), channel-major: entry ``i·K + k`` is tap ``k`` of channel ``i``,
-    matching ``W.reshape(n, -1)``.
+    Returns (B·P, kh·kw·C), *tap-major*: entry ``k·C + i`` is tap ``k`` of channel ``i`` — the
+    order the gather produces, so no transposed copy is made. :class:`MomentSums` takes rows
+    in this order and returns channel-major moments (``i·K + k``, like ``W.reshape(n, -1)``).
     """
     bsz, _, h, w = x.shape
     top, left, bottom, right = effective_pads(layer, (h, w))
@@ -92,17 +93,25 @@ def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> n
     batch = np.arange(bsz)[:, None, None]
     nhwc = padded.transpose(0, 2, 3, 1)
     patches = nhwc[batch, rows, cols]  # (B, P, K, C)
-    return np.ascontiguousarray(patches.transpose(0, 1, 3, 2)).reshape(bsz * positions.shape[1], -1)
+    return patches.reshape(bsz * positions.shape[1], -1)
 
 
 # ----------------------------------------------------------------------------- running sums
 
 class MomentSums:
-    """Running float64 sums of patch pairs (x, x̂) for one conv with weight ``W`` (n, D)."""
+    """Running float64 sums of patch pairs (x, x̂) for one conv with weight ``W`` (n, C, kh, kw).
+
+    Rows are tap-major (see :func:`extract_patches`); :meth:`stats` reorders to channel-major.
+    """
 
     def __init__(self, weight: np.ndarray):
-        self.w = np.asarray(weight, dtype=np.float32).reshape(weight.shape[0], -1)
-        n, d = self.w.shape
+        n, c = weight.shape[:2]
+        k = int(np.prod(weight.shape[2:]))
+        self.w = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(n, c, k).transpose(0, 2, 1)
+                                      ).reshape(n, c * k)
+        #: channel-major position i·K + k → tap-major position k·C + i
+        self.order = (np.arange(k)[None, :] * c + np.arange(c)[:, None]).reshape(-1)
+        d = c * k
         self.count = 0
         self.sum_x = np.zeros(d)
         self.sum_xhat = np.zeros(d)
@@ -127,10 +136,11 @@ class MomentSums:
     def stats(self) -> LayerStats:
         """Centred moments: ``Cov = Σ/m − μμᵀ``."""
         m = max(self.count, 1)
-        mx, mxh, my = self.sum_x / m, self.sum_xhat / m, self.sum_y / m
-        cov = self.sum_xhat_xhat / m - np.outer(mxh, mxh)
+        o = self.order
+        mx, mxh, my = self.sum_x[o] / m, self.sum_xhat[o] / m, self.sum_y / m
+        cov = self.sum_xhat_xhat[np.ix_(o, o)] / m - np.outer(mxh, mxh)
         cov = 0.5 * (cov + cov.T)
-        cross = self.sum_y_xhat / m - np.outer(my, mxh)
+        cross = self.sum_y_xhat[:, o] / m - np.outer(my, mxh)
         var = max(self.sum_y_sq / m - float(my @ my), 0.0)
         return LayerStats(self.count, mx, mxh, cov, cross, var)
 

@@ -82,9 +82,13 @@ def three_layer_net(c: int = 6, width: int = 12, seed: int = 0, hw: int = 12) ->
 
 
 def stats_from_samples(weight: np.ndarray, x: np.ndarray, x_hat: np.ndarray | None = None):
-    """LayerStats from explicit patch rows via calibrate.MomentSums (x_hat defaults to x)."""
+    """LayerStats from explicit channel-major patch rows via calibrate.MomentSums (x_hat defaults to x)."""
+    c, k = weight.shape[1], int(np.prod(weight.shape[2:]))
+
+    def tap_major(a):  # MomentSums takes rows in extract_patches' tap-major order
+        return np.ascontiguousarray(a.reshape(len(a), c, k).transpose(0, 2, 1), dtype=np.float32).reshape(len(a), -1)
     sums = MomentSums(weight)
-    sums.add(x.astype(np.float32), (x if x_hat is None else x_hat).astype(np.float32))
+    sums.add(tap_major(x), tap_major(x if x_hat is None else x_hat))
     return sums.stats()
 
 

@@ -56,8 +56,11 @@ def test_extract_patches_matches_loop(kw):
     oh, ow = output_hw(layer, (7, 6))
     positions = np.stack([rng.permutation(oh * ow)[:5] for _ in range(2)])
     got = extract_patches(x, layer, positions)
+    ref = _loop_patches(x, layer, positions)  # channel-major; extract_patches is tap-major
+    k = layer.kernel[0] * layer.kernel[1]
+    ref = ref.reshape(len(ref), 3, k).transpose(0, 2, 1).reshape(len(ref), -1)
     # pure gathering: must be bit-exact
-    np.testing.assert_array_equal(got, _loop_patches(x, layer, positions))
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_output_hw_matches_onnxruntime():
@@ -81,8 +84,11 @@ def test_moment_sums_match_numpy():
     x = (rng.standard_normal((300, 18)) + 2.0).astype(np.float32)
     xh = (x + 0.1 * rng.standard_normal((300, 18))).astype(np.float32)
     sums = MomentSums(w)
+
+    def tap_major(a):  # rows as extract_patches gives them; the moments come back channel-major
+        return np.ascontiguousarray(a.reshape(len(a), 2, 9).transpose(0, 2, 1)).reshape(len(a), 18)
     for lo in range(0, 300, 70):  # several batches
-        sums.add(x[lo:lo + 70], xh[lo:lo + 70])
+        sums.add(tap_major(x[lo:lo + 70]), tap_major(xh[lo:lo + 70]))
     sums.add(x[:0], xh[:0])  # empty batch is a no-op
     s = sums.stats()
     x64, xh64 = x.astype(np.float64), xh.astype(np.float64)
