@@ -237,10 +237,11 @@ def test_isolated_errors_match_decompose_report(tmp_path, monkeypatch):
 LAYERS = ["/stage2/stage2.0/branch1/branch1.0/Conv", "/stage3/stage3.1/branch2/branch2.3/Conv"]
 
 
-def _results(asym=(0.970, 0.975, 0.980), sym=(0.950, 0.960, 0.962), chan=(0.90, 0.93, 0.95),
+def _results(asym=(0.970, 0.975, 0.978, 0.980), sym=(0.950, 0.960, 0.961, 0.962), chan=(0.90, 0.93, 0.94, 0.95),
              svd=0.10, finetune=None, **kw) -> "rp.Results":
     runs = [rp.RunResult("svd", None, 1, svd, {LAYERS[0]: 0.5, LAYERS[1]: 0.9}, 3_230_848, 347_336, 5.0)]
     for key, vals in (("gsvd_asym", asym), ("gsvd_sym", sym), ("channel", chan)):
+        assert len(vals) == len(rp.CALIB_SIZES)
         for n, v in zip(rp.CALIB_SIZES, vals):
             err = {"gsvd_asym": 0.02, "gsvd_sym": 0.03, "channel": 0.2}[key]
             runs.append(rp.RunResult(key, n, 1, v, {LAYERS[0]: err, LAYERS[1]: 2 * err}, 3_230_848,
@@ -293,7 +294,7 @@ def _verdicts(res):
 
 
 def test_claims_when_everything_holds():
-    res = _results(asym=(0.985, 0.988, 0.989), finetune={"gsvd_asym": 0.995})
+    res = _results(asym=(0.985, 0.988, 0.988, 0.989), finetune={"gsvd_asym": 0.995})
     by_claim = {c.claim: c.verdict for c in rp.claims(res)}
     assert all(v == "holds" for v in by_claim.values()), by_claim
     assert len(by_claim) == 5
@@ -301,7 +302,7 @@ def test_claims_when_everything_holds():
 
 def test_claims_failures_and_ties():
     # asymmetric equal to symmetric, channel better than gsvd, loss of 2 points, svd equal
-    res = _results(asym=(0.96, 0.965, 0.97), sym=(0.96, 0.965, 0.97), chan=(0.99, 0.99, 0.99), svd=0.97,
+    res = _results(asym=(0.96, 0.965, 0.967, 0.97), sym=(0.96, 0.965, 0.967, 0.97), chan=(0.99,) * 4, svd=0.97,
                    finetune={})
     by_claim = {c.claim: c.verdict for c in rp.claims(res)}
     keeps = next(v for k, v in by_claim.items() if k.startswith("decomposed regular net keeps"))
@@ -314,7 +315,7 @@ def test_claims_failures_and_ties():
 
 
 def test_claims_partly():
-    res = _results(asym=(0.95, 0.975, 0.980), chan=(0.90, 0.975, 0.99))
+    res = _results(asym=(0.95, 0.975, 0.978, 0.980), chan=(0.90, 0.975, 0.98, 0.99))
     chan = next(c for c in rp.claims(res) if c.claim.startswith("depth-wise"))
     assert chan.verdict == "partly"
     assert "1/2 (r=1)" not in chan.evidence and "2/2 (r=1)" in chan.evidence
@@ -339,16 +340,92 @@ def test_render_results_has_every_section():
             assert len(counts) == 1, block
 
 
+def _study_rows(met_error=True):
+    """Rows shaped like tools/budget_study.py's ``run`` output (uniform r=2, target_macs, max_error)."""
+    uniform = {"label": "uniform_r2", "options": {"multiplier": 2}, "top1": 0.985, "macs": 3_700_000,
+               "macs_before": 8_685_568, "rel_l2": 0.06, "seconds": 4.0, "budget": None,
+               "layer_multipliers": {LAYERS[0]: 2, LAYERS[1]: 2},
+               "layer_errors": {LAYERS[0]: 0.01, LAYERS[1]: 0.02}}
+
+    def budgeted(label, mode, target, macs, rel_l2, met, mults):
+        return {"label": label, "options": {mode: target}, "top1": 0.987, "macs": macs, "macs_before": 8_685_568,
+                "rel_l2": rel_l2, "seconds": 9.0,
+                "layer_errors": {ly: 0.015 for ly, m in zip(LAYERS, mults) if m != "skip"},
+                "budget": {"mode": mode, "target": target, "met": met, "predicted_output_rel_l2": 0.045,
+                           "rounds": [{}] * (2 if mode == "max_error" else 1),
+                           "layers": [{"name": ly, "multiplier": m} for ly, m in zip(LAYERS, mults)]}}
+
+    return [uniform,
+            budgeted("target_macs", "target_macs", 3_700_000 / 8_685_568, 3_690_000, 0.05, True, (3, 1)),
+            budgeted("max_error_0.05", "max_error", 0.05, 3_000_000, 0.049 if met_error else 0.061, met_error,
+                     (1, "skip"))]
+
+
+def test_budget_configs_are_the_study_labels(monkeypatch, tmp_path):
+    """budget_study.study runs uniform -> target_macs at its fraction -> max_error, labelled as
+    BUDGET_CONFIGS; the option sets it passes are valid DecomposeOptions."""
+    import dataclasses
+
+    from onnx_dwdecomp.pipeline import DecomposeOptions
+
+    bs = rp._import_tool("budget_study")
+    calls = []
+
+    def fake_run(label, out_dir, calib, **options):
+        calls.append((label, options))
+        return next(r for r in _study_rows() if r["label"] == label)
+
+    monkeypatch.setattr(bs, "run", fake_run)
+    rows = bs.study("c.npz", tmp_path, rp.BUDGET_MULTIPLIER, (rp.BUDGET_MAX_ERROR,), calib_size=512, seed=0)
+    assert [r["label"] for r in rows] == [c.key for c in rp.BUDGET_CONFIGS]
+    assert calls[0][1] == {"multiplier": 2, "calib_size": 512, "seed": 0}
+    assert calls[1][1]["target_macs"] == pytest.approx(3_700_000 / 8_685_568)
+    assert calls[2][1]["max_error"] == rp.BUDGET_MAX_ERROR
+    fields = {f.name for f in dataclasses.fields(DecomposeOptions)}
+    for _, options in calls:
+        opts = {k: v for k, v in options.items() if k in fields}
+        DecomposeOptions(calib="c.npz", exclude=rp.EXCLUDE, select="all", **opts).validate()
+
+
+def test_budget_row_conversion():
+    uniform, target, error = (rp.budget_row(r, 512) for r in _study_rows())
+    assert uniform.met is None and uniform.multipliers == {LAYERS[0]: 2, LAYERS[1]: 2}
+    assert uniform.fraction == pytest.approx(3_700_000 / 8_685_568) and uniform.rounds is None
+    assert target.met is True and target.multipliers == {LAYERS[0]: 3, LAYERS[1]: 1}
+    assert error.multipliers[LAYERS[1]] == "skip" and error.rounds == 2 and error.target == 0.05
+    assert error.predicted_rel_l2 == pytest.approx(0.045) and error.calib_size == 512
+
+
+def test_multiplier_histogram():
+    assert rp.multiplier_histogram([2, 1, "skip", 10, 2, 1, 1]) == "r=1: 3, r=2: 2, r=10: 1, regular: 1"
+    assert rp.multiplier_histogram([]) == "—"
+
+
 def test_render_budget_section_lists_rows_when_present():
-    res = _results(budget_rows=[rp.RunResult("gsvd_budget", 512, 1, 0.981, {}, 3_000_000, 300_000, 10.0)])
+    rows = [rp.budget_row(r, 256) for r in _study_rows(met_error=False)]
+    rows += [rp.budget_row(r, 512) for r in _study_rows()]
+    res = _results(budget_rows=rows, budget_option=True)
     text = "\n".join(rp.render_budget_section(res))
-    assert "gsvd_budget" in text and "98.1 %" in text and "Not measured" not in text
+    assert "Not measured" not in text
+    for needle in ["uniform multiplier 2", "`target_macs` = uniform r=2's MACs fraction", "`max_error` = 0.05",
+                   "98.5 %", "98.7 %", "3.70 M (0.4260)", "r=2: 2", "r=1: 1, r=3: 1", "r=1: 1, regular: 1",
+                   "— (no budget)", "yes (0.4248 ≤ 0.4260)", "yes (0.0490 ≤ 0.05, 2 rounds)",
+                   "**no** (0.0610 > 0.05, 2 rounds)", "Per layer at N = 512", "- N = 256:", "- N = 512:",
+                   "a tie with uniform", "is not met", "fewer than uniform r=2"]:
+        assert needle in text, needle
+    for block in text.split("\n\n"):
+        table = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if table:
+            assert len({ln.replace("\\|", "").count("|") for ln in table}) == 1, block
+    layers = rp.render_budget_layers(res, 512).splitlines()
+    assert len(layers) == 2 + len(LAYERS) + 1  # header, rule, layers, geometric mean
+    assert "| regular | — |" in layers[3]  # max_error kept the second layer regular
 
 
 def test_budget_placeholder_depends_on_the_package():
     assert "no per-layer multipliers" in "\n".join(rp.render_budget_section(_results()))
     text = "\n".join(rp.render_budget_section(_results(budget_option=True)))
-    assert "does not run them yet" in text and "EXTENSION POINT" in text
+    assert "no budget rows" in text and "BUDGET_CONFIGS" in text
 
 
 def test_render_notes_and_missing_values():

@@ -17,6 +17,11 @@ Usage::
 
 numpy + onnxruntime + the package only; the models go to a private temporary folder unless
 ``--out-dir`` is given. Deterministic for the seed (``--select all``).
+
+Importable (``tools/reproduce.py`` renders its budget section from :func:`study`): :func:`run`
+(one decompose + evaluation, a plain dict), :func:`study` (the uniform / ``target_macs`` /
+``max_error`` sequence) and the pure helpers :func:`row_multipliers`, :func:`multiplier_counts`,
+:func:`format_counts`, :func:`budget_met`, :func:`curve_fidelity`.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
 
 from evaluate import evaluate
 
@@ -40,6 +47,8 @@ from onnx_dwdecomp.modelio import save_model_atomic
 MODEL = ROOT / "models/mnist/shufflenetv2_x0.5_regular.onnx"
 CALIB = ROOT / "models/mnist/calib.npz"
 TEST = ROOT / "models/mnist/test.npz"
+EXCLUDE = ("/conv1/*",)  # the 3-channel stem gains nothing from decomposition
+SKIP = "skip"  # a layer the budget kept regular (report.budget's spelling)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -52,7 +61,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def curve_fidelity(budget: dict) -> dict:
     """Predicted (curve) vs measured (final) per-layer errors of the decomposed layers."""
     pairs = [(layer["predicted_error"], layer["measured_error"]) for layer in budget["layers"]
-             if layer["multiplier"] != "skip" and layer["measured_error"]]
+             if layer["multiplier"] != SKIP and layer["measured_error"]]
     if len(pairs) < 2:
         return {"layers": len(pairs)}
     pred, meas = map(np.asarray, zip(*pairs))
@@ -62,17 +71,90 @@ def curve_fidelity(budget: dict) -> dict:
             "max_ratio": float(ratio.max()), "spearman": spearman}
 
 
-def run(label: str, out_dir: Path, calib: dict, **options) -> dict:
+# ---------------------------------------------------------------------------- pure helpers
+
+def row_multipliers(row: Mapping) -> dict[str, int | str]:
+    """Layer name -> multiplier of one :func:`run` row; ``"skip"`` = kept regular by the budget.
+
+    A budgeted row takes the budget's per-layer choice (it lists every candidate, skipped ones
+    too); a uniform row the report's decomposed layers.
+    """
+    budget = row.get("budget")
+    if budget:
+        return {layer["name"]: layer["multiplier"] for layer in budget["layers"]}
+    return dict(row.get("layer_multipliers", {}))
+
+
+def multiplier_counts(multipliers: Iterable[int | str]) -> dict[int | str, int]:
+    """How many layers got each multiplier, multipliers ascending, ``"skip"`` last."""
+    counts: dict[int | str, int] = {}
+    for m in multipliers:
+        counts[m] = counts.get(m, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (kv[0] == SKIP, kv[0] if kv[0] != SKIP else 0)))
+
+
+def format_counts(counts: Mapping[int | str, int]) -> str:
+    """{1: 9, 3: 2, 'skip': 1} -> 'r=1: 9, r=3: 2, regular: 1' (layers per multiplier)."""
+    return ", ".join(("regular" if k == SKIP else f"r={k}") + f": {v}" for k, v in counts.items()) or "—"
+
+
+def budget_met(row: Mapping) -> bool | None:
+    """The report's verdict on the budget; None for a run without one."""
+    budget = row.get("budget")
+    return None if not budget else budget.get("met")
+
+
+def format_options(options: Mapping) -> str:
+    """{'target_macs': 0.37225} -> '--target-macs 0.3723' (the CLI spelling)."""
+    return ", ".join(f"--{k.replace('_', '-')} {v:.4g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                     for k, v in options.items())
+
+
+# ---------------------------------------------------------------------------- runs
+
+def run(label: str, out_dir: Path, calib, *, model: Path = MODEL, test: Path = TEST,
+        exclude: tuple[str, ...] = EXCLUDE, threads: int | None = None, **options) -> dict:
+    """One ``decompose`` (``select="all"``, verification on) of ``model``, saved and evaluated.
+
+    ``options`` go to ``decompose`` (multiplier, target_macs, max_error, calib_size, seed, ...)
+    and are kept in the row (``"options"``) minus the bookkeeping ones.
+    """
     t0 = time.perf_counter()
-    model, report = decompose(str(MODEL), calib=calib, exclude=("/conv1/*",), select="all", **options)
+    result_model, report = decompose(str(model), calib=calib, exclude=exclude, select="all", **options)
     seconds = time.perf_counter() - t0
     path = out_dir / f"{label}.onnx"
-    save_model_atomic(model, path, external_data=False)
+    save_model_atomic(result_model, path, external_data=False)
     m = report.model
-    row = {"label": label, "options": options, "top1": evaluate(path, TEST), "macs": m.macs_after, "macs_before": m.macs_before,
-        "rel_l2": report.verification.worst_rel_l2(), "seconds": seconds, "budget": report.budget,
-        "multipliers": [layer.multiplier for layer in report.layers]}
-    return row
+    shown = {k: v for k, v in options.items() if k in ("multiplier", "target_macs", "max_error")}
+    return {"label": label, "options": shown, "top1": evaluate(path, test, threads=threads),
+            "macs": m.macs_after, "macs_before": m.macs_before, "params": m.params_after,
+            "rel_l2": report.verification.worst_rel_l2() if report.verification is not None else None,
+            "seconds": seconds, "budget": report.budget, "path": str(path),
+            "multipliers": [layer.multiplier for layer in report.layers],
+            "layer_multipliers": {layer.name: layer.multiplier for layer in report.layers},
+            "layer_errors": {layer.name: float(layer.rel_error) for layer in report.layers}}
+
+
+def study(calib, out_dir: Path, multiplier: int = 2, max_errors: Iterable[float] = (),
+          say: Callable[[str], None] | None = None, **common) -> list[dict]:
+    """Uniform ``multiplier``; ``target_macs`` = the MACs fraction that reached; each ``max_error``.
+
+    Rows labelled ``uniform_r{multiplier}``, ``target_macs``, ``max_error_{e:g}``; ``common``
+    goes to every :func:`run` (calib_size, seed, include, threads, ...).
+    """
+    def done(row: dict) -> dict:
+        if say is not None:
+            say(f"  {row['label']:<16} top-1 {100 * row['top1']:.2f} %, MACs {row['macs'] / row['macs_before']:.4f}"
+                f" of the original, output rel. L2 {row['rel_l2']:.4f}, "
+                f"{format_counts(multiplier_counts(row_multipliers(row).values()))} ({row['seconds']:.0f} s)")
+        return row
+
+    rows = [done(run(f"uniform_r{multiplier}", out_dir, calib, multiplier=multiplier, **common))]
+    fraction = rows[0]["macs"] / rows[0]["macs_before"]
+    rows.append(done(run("target_macs", out_dir, calib, target_macs=fraction, **common)))
+    for e in max_errors:
+        rows.append(done(run(f"max_error_{e:g}", out_dir, calib, max_error=e, **common)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="budget_study_") as tmp:
         out_dir = args.out_dir or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [run(f"uniform_r{args.multiplier}", out_dir, calib, multiplier=args.multiplier)]
-        fraction = rows[0]["macs"] / rows[0]["macs_before"]
-        rows.append(run("target_macs", out_dir, calib, target_macs=fraction))
-        for e in args.max_error:
-            rows.append(run(f"max_error_{e:g}", out_dir, calib, max_error=e))
+        rows = study(calib, out_dir, args.multiplier, args.max_error)
     base = rows[0]["macs_before"]
     print(f"MNIST ShuffleNet V2 x0.5 regular counterpart, {args.calib_size} calibration images "
           f"(first {args.calib_size} of calib.npz), stem excluded, --select all; top-1 on test.npz "
@@ -103,16 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | top-1 | MACs | MACs fraction | output rel. L2 | per-layer r | time |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        opts = ", ".join(f"--{k.replace('_', '-')} {v:.4g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                         for k, v in r["options"].items())
-        mults = r["budget"] and [lay["multiplier"] for lay in r["budget"]["layers"]] or r["multipliers"]
-        counts = {}
-        for m in mults:
-            counts[m] = counts.get(m, 0) + 1
-        spread = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])))
-        met = "" if not r["budget"] else (" (met)" if r["budget"]["met"] else " (NOT met)")
-        print(f"| {opts}{met} | {100 * r['top1']:.1f} % | {r['macs'] / 1e6:.3f} M | {r['macs'] / base:.4f} | "
-              f"{r['rel_l2']:.4f} | {spread} | {r['seconds']:.0f} s |")
+        met = budget_met(r)
+        met = "" if met is None else (" (met)" if met else " (NOT met)")
+        spread = format_counts(multiplier_counts(row_multipliers(r).values()))
+        print(f"| {format_options(r['options'])}{met} | {100 * r['top1']:.1f} % | {r['macs'] / 1e6:.3f} M | "
+              f"{r['macs'] / base:.4f} | {r['rel_l2']:.4f} | {spread} | {r['seconds']:.0f} s |")
     for r in rows[1:]:
         b = r["budget"]
         fid = curve_fidelity(b)

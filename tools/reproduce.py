@@ -22,13 +22,18 @@ a. **Single-layer study** — for every regular 3×3 conv except the stem, the r
    replaced), which is the per-layer ``rel_error`` of ``decompose``'s report.
 b. **Whole network** — top-1 on ``test.npz`` of the original regular model, the standard model
    trained from scratch and each method after decomposition against calibration-set size (the
-   first N of ``calib.npz``), multiplier 1, stem excluded, no fine-tune; plus a fine-tune column
-   (a few seeded epochs in torch on the MNIST training split of ``tools/train.py``, the decomposed
+   first N of ``calib.npz``; N = 32 / 128 / 256 / 512), multiplier 1, stem excluded, no
+   fine-tune; plus a fine-tune column (a few seeded epochs in torch on the MNIST training split
+   of ``tools/train.py``, the decomposed
    ONNX converted to torch by :func:`onnx_to_torch`, the trained weights written back into the
    same ONNX graph by :func:`replace_initializers`).
 c. **Cost** — MACs, parameters and onnxruntime latency (``onnx_dwdecomp.bench.run_bench``: the
    models timed interleaved in one run, median) of the regular, decomposed and standard models.
 d. **Discussion** — verdicts on the paper's claims derived from the numbers (:func:`claims`).
+e. **Per-layer multiplier budgets** (issue #6, section 4) — at N = 256 and 512, gsvd at uniform
+   multiplier 2 vs ``target_macs`` = the MACs fraction that reached vs ``max_error`` = 0.05
+   (``tools/budget_study.py``'s ``study``, verification on): top-1, MACs, held-out output rel. L2,
+   the per-layer multipliers, whether the budget was met.
 
 torch is imported only inside the fine-tune functions, so this module (its formatting and
 conversion helpers) imports and is tested without torch.
@@ -64,7 +69,8 @@ CALIB = MODELS / "calib.npz"
 TEST = MODELS / "test.npz"
 
 EXCLUDE = ("/conv1/*",)  # the 3-channel stem gains nothing from decomposition
-CALIB_SIZES = (32, 128, 512)
+#: Whole-network calibration sizes; 256 is the size issue #3's accuracy target is stated at.
+CALIB_SIZES = (32, 128, 256, 512)
 MULTIPLIERS = (1, 2)
 SEED = 0
 DATA_SEED = 0  # tools/train.py --seed 0 made models/mnist: the same train/test split
@@ -96,11 +102,20 @@ METHOD_CONFIGS = (SVD, GSVD_SYM, GSVD_ASYM, CHANNEL)
 #: The isolated single-layer setting has x̂ = x, so symmetric and asymmetric gsvd coincide.
 ISOLATED_KEYS = ("svd", "gsvd", "channel")
 
-# EXTENSION POINT (issue #6, per-layer multiplier budgets / --target-macs): add configurations
-# here (e.g. MethodConfig("gsvd_budget", "gsvd, --target-macs X", "gsvd")) together with the
-# extra decompose options in `decompose_options`, and fill `Results.budget_rows`; the section
-# "Per-layer budgets" of RESULTS.md renders those rows (see `render_budget_section`).
-BUDGET_CONFIGS: tuple[MethodConfig, ...] = ()
+# Per-layer multiplier budgets (issue #6): tools/budget_study.py's `study` runs, for each N of
+# BUDGET_CALIB_SIZES, gsvd (asymmetric) at uniform multiplier BUDGET_MULTIPLIER, then
+# `target_macs` = the MACs fraction that run reached, then `max_error` = BUDGET_MAX_ERROR; its row
+# labels are the keys below. `budget_row` turns its rows into `BudgetRow`s (Results.budget_rows),
+# `render_budget_section` renders them. To add a configuration, extend `budget_study.study` and
+# list its label here.
+BUDGET_MULTIPLIER = 2
+BUDGET_MAX_ERROR = 0.05
+BUDGET_CALIB_SIZES = (256, 512)
+BUDGET_CONFIGS: tuple[MethodConfig, ...] = (
+    MethodConfig(f"uniform_r{BUDGET_MULTIPLIER}", f"uniform multiplier {BUDGET_MULTIPLIER}", "gsvd"),
+    MethodConfig("target_macs", f"`target_macs` = uniform r={BUDGET_MULTIPLIER}'s MACs fraction", "gsvd"),
+    MethodConfig(f"max_error_{BUDGET_MAX_ERROR:g}", f"`max_error` = {BUDGET_MAX_ERROR:g}", "gsvd"),
+)
 
 
 def decompose_options(cfg: MethodConfig, calib: str | os.PathLike | None, calib_size: int | None,
@@ -221,6 +236,49 @@ class RunResult:
 
 
 @dataclass
+class BudgetRow:
+    """One run of the budget comparison (issue #6): a ``tools/budget_study.py`` row, plain data."""
+
+    config: str  # a BUDGET_CONFIGS key
+    calib_size: int
+    top1: float
+    macs: int
+    macs_before: int
+    rel_l2: float | None  # worst output rel. L2 of decompose's verification (held-out samples)
+    multipliers: dict[str, int | str]  # layer -> multiplier, "skip" = kept regular by the budget
+    layer_errors: dict[str, float]  # layer -> held-out rel_error (decomposed layers)
+    met: bool | None  # the report's budget verdict; None: no budget (uniform multiplier)
+    target: float | None = None  # target_macs fraction or max_error bound
+    predicted_rel_l2: float | None = None  # the budget's prediction of the output rel. L2
+    rounds: int | None = None  # solve + verify rounds (max_error)
+    seconds: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.macs / self.macs_before if self.macs_before else float("nan")
+
+
+def budget_row(row: dict, calib_size: int) -> BudgetRow:
+    """A ``budget_study.run`` row (a dict) as a :class:`BudgetRow`."""
+    bs = _import_tool("budget_study")
+    budget = row.get("budget") or {}
+    return BudgetRow(config=row["label"], calib_size=int(calib_size), top1=float(row["top1"]),
+                     macs=int(row["macs"]), macs_before=int(row["macs_before"]),
+                     rel_l2=None if row.get("rel_l2") is None else float(row["rel_l2"]),
+                     multipliers=bs.row_multipliers(row), layer_errors=dict(row.get("layer_errors", {})),
+                     met=bs.budget_met(row), target=budget.get("target"),
+                     predicted_rel_l2=budget.get("predicted_output_rel_l2"),
+                     rounds=len(budget["rounds"]) if budget.get("rounds") is not None else None,
+                     seconds=float(row.get("seconds", 0.0)))
+
+
+def multiplier_histogram(multipliers: Iterable[int | str]) -> str:
+    """[2, 1, 'skip', 1] -> 'r=1: 2, r=2: 1, regular: 1' (``budget_study``'s formatting)."""
+    bs = _import_tool("budget_study")
+    return bs.format_counts(bs.multiplier_counts(multipliers))
+
+
+@dataclass
 class BenchRow:
     label: str
     macs: int
@@ -252,7 +310,7 @@ class Results:
     calib_sizes: tuple[int, ...] = CALIB_SIZES
     multipliers: tuple[int, ...] = MULTIPLIERS
     notes: list[str] = field(default_factory=list)
-    budget_rows: list[RunResult] = field(default_factory=list)  # issue #6, see BUDGET_CONFIGS
+    budget_rows: list[BudgetRow] = field(default_factory=list)  # issue #6, see BUDGET_CONFIGS
     budget_option: bool = False  # the package has per-layer budgets (DecomposeOptions.target_macs)
 
     def run(self, config: str, calib_size: int | None, multiplier: int = 1) -> RunResult | None:
@@ -439,22 +497,115 @@ def render_cost_table(res: Results) -> str:
     return markdown_table(headers, rows, "lrr" + "rrr" * len(batches))
 
 
+def _budget_met_text(row: BudgetRow) -> str:
+    """'yes (≤ 0.3722)', '**no** (0.0613 > 0.05, 3 rounds)', '— (no budget)'."""
+    if row.met is None:
+        return "— (no budget)"
+    word = "yes" if row.met else "**no**"
+    if row.config.startswith("max_error"):
+        measured = "?" if row.rel_l2 is None else f"{row.rel_l2:.4f}"
+        rounds = f", {row.rounds} round{'s' if row.rounds != 1 else ''}" if row.rounds else ""
+        return f"{word} ({measured} {'≤' if row.met else '>'} {row.target:g}{rounds})"
+    if row.target is not None:
+        return f"{word} ({row.fraction:.4f} {'≤' if row.met else '>'} {row.target:.4f})"
+    return word
+
+
+def render_budget_table(res: Results) -> str:
+    """One row per budget run: top-1, MACs, held-out output rel. L2, per-layer r, budget met."""
+    headers = ["N", "configuration", "top-1", "MACs (fraction of the original)", "output rel. L2 (held-out)",
+               "per-layer r (layers)", "budget met", "time"]
+    rows = [[r.calib_size, _label(r.config), fmt_pct(r.top1), f"{fmt_count(r.macs)} ({r.fraction:.4f})",
+             "—" if r.rel_l2 is None else f"{r.rel_l2:.4f}", multiplier_histogram(r.multipliers.values()),
+             _budget_met_text(r), f"{r.seconds:.0f} s"] for r in res.budget_rows]
+    return markdown_table(headers, rows, "rlrrrllr")
+
+
+def render_budget_layers(res: Results, calib_size: int) -> str:
+    """Per layer at ``calib_size``: each budget run's multiplier and held-out error."""
+    rows_n = [r for r in res.budget_rows if r.calib_size == calib_size]
+    layers = list(res.layers) or list(dict.fromkeys(ly for r in rows_n for ly in r.multipliers))
+    short = {BUDGET_CONFIGS[0].key: f"uniform r={BUDGET_MULTIPLIER}", BUDGET_CONFIGS[1].key: "`target_macs`",
+             BUDGET_CONFIGS[2].key: f"`max_error` {BUDGET_MAX_ERROR:g}"}
+    headers = ["layer"]
+    for r in rows_n:
+        headers += [f"{short.get(r.config, _label(r.config))}: r", "error"]
+    table = []
+    for ly in layers:
+        row = [short_layer_name(ly)]
+        for r in rows_n:
+            m = r.multipliers.get(ly)
+            row += ["regular" if m == "skip" else ("—" if m is None else str(m)),
+                    "—" if m == "skip" else fmt_err(r.layer_errors.get(ly))]
+        table.append(row)
+    gm = ["**geometric mean** (decomposed layers)"]
+    for r in rows_n:
+        gm += ["", f"**{fmt_err(geometric_mean(r.layer_errors.get(ly) for ly in layers))}**"]
+    table.append(gm)
+    return markdown_table(headers, table, "l" + "rr" * len(rows_n))
+
+
+def budget_findings(res: Results) -> list[str]:
+    """Per N: budgeted vs uniform at the same MACs, and what max_error bought; from the numbers."""
+    out = []
+    for n in sorted({r.calib_size for r in res.budget_rows}):
+        by = {r.config: r for r in res.budget_rows if r.calib_size == n}
+        uni = by.get(BUDGET_CONFIGS[0].key)
+        tgt = by.get(BUDGET_CONFIGS[1].key)
+        err = by.get(BUDGET_CONFIGS[2].key)
+        parts = []
+        if uni is not None and tgt is not None:
+            rel = ("" if uni.rel_l2 is None or tgt.rel_l2 is None else
+                   f", output rel. L2 {tgt.rel_l2:.4f} vs {uni.rel_l2:.4f} "
+                   f"({'lower' if tgt.rel_l2 < uni.rel_l2 else 'higher' if tgt.rel_l2 > uni.rel_l2 else 'equal'})")
+            parts.append(f"at uniform r={BUDGET_MULTIPLIER}'s MACs ({uni.fraction:.4f}) the budget reaches "
+                         f"{tgt.fraction:.4f} with top-1 {fmt_pct(tgt.top1)} vs {fmt_pct(uni.top1)} "
+                         f"({_versus(tgt.top1, uni.top1)} uniform){rel}")
+        if err is not None:
+            met = {True: "met", False: "not met", None: "not checked"}[err.met]
+            parts.append(f"`max_error` {err.target:g} is {met} (measured "
+                         + ("—" if err.rel_l2 is None else f"{err.rel_l2:.4f}")
+                         + (f", predicted {err.predicted_rel_l2:.4f}" if err.predicted_rel_l2 is not None else "")
+                         + f") at {err.fraction:.4f} of the MACs"
+                         + (f" ({'fewer' if err.macs < uni.macs else 'more'} than uniform r={BUDGET_MULTIPLIER})"
+                            if uni is not None and err.macs != uni.macs else "")
+                         + f", top-1 {fmt_pct(err.top1)}")
+        if parts:
+            out.append(f"- N = {n}: " + "; ".join(parts) + ".")
+    return out
+
+
 def render_budget_section(res: Results) -> list[str]:
-    """Section for per-layer multiplier budgets (issue #6). EXTENSION POINT: see BUDGET_CONFIGS."""
-    lines = ["## 4. Per-layer multiplier budgets (`--target-macs`, issue #6)", ""]
+    """Section 4: per-layer multiplier budgets (issue #6), rows from ``tools/budget_study.py``."""
+    lines = ["## 4. Per-layer multiplier budgets (`target_macs` / `max_error`, issue #6)", ""]
     if not res.budget_rows:
         if res.budget_option:
             state = ("The package used here has per-layer budgets (`target_macs` / `max_error`), but this "
-                     "script does not run them yet (`tools/budget_study.py` compares them with uniform "
-                     "multipliers).")
+                     "run has no budget rows.")
         else:
             state = "The package used here has no per-layer multipliers / MAC budgets yet."
-        lines += [f"Not measured here. {state} To add them, put configurations in `BUDGET_CONFIGS` in "
-                  "`tools/reproduce.py` (marked EXTENSION POINT); their runs are listed in this section "
-                  "(top-1 against MACs).", ""]
+        lines += [f"Not measured here. {state} The runs come from `tools/budget_study.py` (`study`); "
+                  "their configurations are `BUDGET_CONFIGS` in `tools/reproduce.py`.", ""]
         return lines
-    rows = [[r.config, r.calib_size, r.multiplier, fmt_count(r.macs), fmt_pct(r.top1)] for r in res.budget_rows]
-    lines += [markdown_table(["configuration", "N", "r", "MACs", "top-1"], rows, "lrrrr"), ""]
+    big = max(r.calib_size for r in res.budget_rows)
+    lines += [
+        "gsvd asymmetric, `select=\"all\"`, stem excluded, seed 0, no fine-tune; the runs of "
+        "`tools/budget_study.py` (`study`). For each N (the first N of `calib.npz`): uniform multiplier "
+        f"{BUDGET_MULTIPLIER}; then `target_macs` set to the MACs fraction that run reached — the budget "
+        "picks each layer's multiplier from per-layer error curves (symmetric statistics of the original "
+        "network) or keeps the layer regular; then `max_error` = "
+        f"{BUDGET_MAX_ERROR:g} — the fewest MACs whose verified output error stays within the bound "
+        "(at most 3 solve rounds). *Output rel. L2*: `decompose`'s verification, worst "
+        "‖y − ŷ‖ / ‖y‖ of the logits over the held-out 10 % of the N images (the same images for the "
+        "rows of one N). *Per-layer r*: how many of the candidate layers got each multiplier "
+        "(regular = kept undecomposed by the budget). *Budget met*: the report's verdict (`report.budget.met`).",
+        "",
+        render_budget_table(res), "",
+        *budget_findings(res), "",
+        f"Per layer at N = {big}: multiplier and held-out response error (`rel_error`, in sequence as in "
+        "section 1).", "",
+        render_budget_layers(res, big), "",
+    ]
     return lines
 
 
@@ -982,7 +1133,7 @@ def isolated_layer_errors(model_path: Path, calib_path: Path, calib_size: int,
                     "channel": channel_factors(w, b, channel_rank(w.shape, r), fit_stats)}
             for key, f in facs.items():
                 errors[(ly.name, key, r)] = float(
-                    relative_response_error(w, b, f.dense_weight(), f.bias, check_stats))
+                    relative_response_error(w, b, f, check_stats))
             # svd's own objective, for the discussion: how far the weights are from rank r per channel
             errors[(ly.name, "svd_weight", r)] = float(relative_weight_error(w, facs["svd"].dense_weight()))
             macs[ly.name][f"sep_r{r}"] = oh * ow * facs["gsvd"].macs_per_position()
@@ -1309,6 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     sizes = (32, 64) if args.quick else CALIB_SIZES
+    budget_sizes = (max(sizes),) if args.quick else BUDGET_CALIB_SIZES
     include = ("/stage2/*",) if args.quick else ()
     epochs = 1 if args.quick else args.finetune_epochs
     bench_runs = 30 if args.quick else args.bench_runs
@@ -1342,18 +1494,36 @@ def main(argv: list[str] | None = None) -> int:
                 res, model = run_decompose(cfg, n, 1, work, args.threads, include, say)
                 runs.append(res)
                 models[(cfg.key, res.calib_size, 1)] = model
+        notes: list[str] = []
         say("(a) in-sequence errors, multiplier 2")
         for cfg in METHOD_CONFIGS:
             res, _ = run_decompose(cfg, max(sizes), 2, work, args.threads, include, say)
             runs.append(res)
-        # EXTENSION POINT (issue #6): run BUDGET_CONFIGS here and collect them in budget_rows.
-        budget_rows: list[RunResult] = []
         from onnx_dwdecomp.pipeline import DecomposeOptions
         budget_option = "target_macs" in {f.name for f in dataclasses.fields(DecomposeOptions)}
+        budget_rows: list[BudgetRow] = []
+        if budget_option:
+            budget_study = _import_tool("budget_study")
+            for n in budget_sizes:
+                say(f"(e) per-layer budgets, N = {n}: uniform r={BUDGET_MULTIPLIER}, target_macs, "
+                    f"max_error {BUDGET_MAX_ERROR:g}")
+                rows = budget_study.study(str(CALIB), work, BUDGET_MULTIPLIER, (BUDGET_MAX_ERROR,), say,
+                                          model=REGULAR, test=TEST, exclude=EXCLUDE, threads=args.threads,
+                                          calib_size=n, seed=SEED, **({"include": include} if include else {}))
+                budget_rows += [budget_row(row, n) for row in rows]  # labels: the BUDGET_CONFIGS keys
+            # The uniform budget row is the section-2 multiplier-2 gsvd run with verification on:
+            # the same model, so the same top-1.
+            for row in budget_rows:
+                same = next((r for r in runs if r.config == GSVD_ASYM.key and r.multiplier == BUDGET_MULTIPLIER
+                             and r.calib_size == row.calib_size), None)
+                if row.config == BUDGET_CONFIGS[0].key and same is not None and (
+                        same.top1 != row.top1 or same.macs != row.macs):
+                    notes.append(f"Check failed: uniform r={BUDGET_MULTIPLIER} at N = {row.calib_size} gives "
+                                 f"top-1 {fmt_pct(row.top1, 2)} / {row.macs} MACs in section 4 but "
+                                 f"{fmt_pct(same.top1, 2)} / {same.macs} MACs in section 1.")
 
         # Consistency: the first layer sees the original input in both settings (x̂ = x), so the
         # in-sequence gsvd error of layer 1 must equal the isolated one.
-        notes = []
         first = layers[0]
         seq_first = next(r for r in runs if r.config == GSVD_ASYM.key and r.calib_size == max(sizes)
                          and r.multiplier == 1).layer_errors.get(first)
