@@ -59,7 +59,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import ModelError, OptionError
+from .errors import ModelError, OptionError, first_line
 from .modelio import iter_graph_tensors, load_model
 from .runtime import session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
@@ -269,12 +269,9 @@ def _session(path: Path, label: str, threads: int, allow_spinning: bool):
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unrelated types
-        raise ModelError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        raise ModelError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _runner(sess, feeds: dict, label: str, batch: int) -> Callable[[], object]:
@@ -284,7 +281,7 @@ def _runner(sess, feeds: dict, label: str, batch: int) -> Callable[[], object]:
         try:
             return run(None, feeds)
         except Exception as exc:
-            raise ModelError(f"{label}: onnxruntime failed at batch {batch}: {_first_line(exc)}") from exc
+            raise ModelError(f"{label}: onnxruntime failed at batch {batch}: {first_line(exc)}") from exc
 
     return call
 

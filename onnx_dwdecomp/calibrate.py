@@ -13,7 +13,7 @@ tensors are graph outputs, so onnxruntime's graph optimisations (fusions, layout
 stay on: they never remove a graph output (about 20 % faster than with optimisations off).
 
 Statistics, not activations: at ``positions`` seeded output positions per sample we gather the
-patch vectors (length ``C_in·kh·kw``, channel-major like the conv weight) and accumulate
+patch vectors (length ``C_in·kh·kw``; statistics come out channel-major like the conv weight) and accumulate
 running sums (float64) — ``Σx``, ``Σx̂``, ``Σx̂x̂ᵀ``, ``Σ(Wx)x̂ᵀ``, ``ΣWx``, ``Σ‖Wx‖²`` — from
 which :class:`~onnx_dwdecomp.solve.LayerStats` follows. A seeded held-out share of the samples
 feeds separate sums used only to measure each layer's response error.
@@ -34,7 +34,7 @@ from onnx import helper
 
 from .calibdata import CalibrationData, pad_feeds
 from .candidates import ConvLayer
-from .errors import CalibrationError
+from .errors import CalibrationError, first_line
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from .runtime import make_session, run
 from .shapes import TensorInfo
@@ -269,10 +269,12 @@ class TensorStore:
         self.arrays: dict[str, np.ndarray] = {}
         self.budget = budget
         self.tmp_dir = tmp_dir
+        self.spilled_bytes = 0  # everything ever written to disk
         self._counter = 0
 
-    def in_memory_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values() if not isinstance(a, np.memmap))
+    def in_memory(self) -> dict[int, int]:
+        """id → bytes of the arrays held in memory (ids: the two stores share arrays at first)."""
+        return {id(a): a.nbytes for a in self.arrays.values() if not isinstance(a, np.memmap)}
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype, shared_bytes: Callable[[], int]) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -280,6 +282,11 @@ class TensorStore:
             self._counter += 1
             path = os.path.join(self.tmp_dir, f"t{self._counter}.bin")
             arr = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+            try:
+                os.unlink(path)  # POSIX: the mapping stays valid, the space goes when the array is freed
+            except OSError:
+                pass  # elsewhere the file goes with the temporary folder
+            self.spilled_bytes += nbytes
         else:
             arr = np.empty(shape, dtype=dtype)
         self.arrays[name] = arr
@@ -353,7 +360,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
         approx = TensorStore(options.memory_budget, tmp)
 
         def shared() -> int:
-            return orig.in_memory_bytes() + approx.in_memory_bytes()
+            return sum((orig.in_memory() | approx.in_memory()).values())
 
         t0 = time.perf_counter()
         for b in data.iter_batches(batch, pad_to=fixed_batch):
@@ -415,9 +422,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 for store in (orig, approx):
                     for name in [nm for nm in store.arrays if nm not in alive]:
                         del store.arrays[name]
-        spilled = 0
-        for entry in os.scandir(tmp):
-            spilled += entry.stat().st_size
+        spilled = orig.spilled_bytes + approx.spilled_bytes
     return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()), heldout_inputs,
                               options.positions, spilled, timing)
 
@@ -435,7 +440,11 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
     """Run one segment over all samples, adding its output cut tensors to ``store``."""
     if seg.stop == seg.start or not seg.outputs:
         return
-    session = make_session(segment_model(model, seg, infos, replace))
+    where = f"nodes {seg.start}..{seg.stop - 1} of the model on calibration batches of {batch}"
+    try:
+        session = make_session(segment_model(model, seg, infos, replace))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
     outs = list(seg.outputs)
     new: dict[str, np.ndarray] = {}
     for start in range(0, n, batch):
@@ -443,7 +452,11 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
         feeds = {name: np.asarray(store.arrays[name][start:stop]) for name in seg.inputs}
         if fixed_batch:
             feeds = pad_feeds(feeds, fixed_batch)
-        values = run(session, feeds, outs)
+        try:
+            values = run(session, feeds, outs)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise CalibrationError(f"onnxruntime cannot run {where}: {first_line(exc)} "
+                                   f"(a model that only runs at batch 1 needs --batch-size 1)") from exc
         for name, value in values.items():
             if name not in new:
                 new[name] = store.allocate(name, (n,) + value.shape[1:], value.dtype, shared)

@@ -8,6 +8,11 @@ Anything else that escapes is a bug and is shown with its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's run on for pages), or its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class DwDecompError(Exception):
     """Base class of every error raised on purpose by onnx_dwdecomp."""
 

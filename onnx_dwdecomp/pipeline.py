@@ -20,7 +20,7 @@ from . import calibdata
 from .budget import SKIP, Allocation, LayerCurve, Option, allocate_error, allocate_macs, reachable_macs
 from .calibrate import CalibrationOptions, calibrate_and_solve
 from .candidates import ConvLayer, Skipped, find_candidates
-from .errors import BudgetError, OptionError
+from .errors import BudgetError, CalibrationError, OptionError, first_line
 from .fold import fold_batchnorm, fold_pointwise
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .modelio import LoadedModel, load_model, model_byte_size
@@ -166,7 +166,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     if opts.budgeted:
         t0 = time.perf_counter()
         budget = _plan_budget(work, layers, data, infos, specs, opts, say)
-        multipliers = budget.allocation.multipliers
+        multipliers = {layer.name: SKIP for layer in layers} | budget.allocation.multipliers
         timing["budget_curves"] = time.perf_counter() - t0
     all_layers = layers
     for key in ("calibration", "solve", "rewrite", "verify"):
@@ -211,10 +211,10 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         state = (layers, factors, heldout_errors, calib_report, new_model, pw_fold, verification)
         if budget is None or not budget.revise(verification, state, say):
             break
-        multipliers = budget.allocation.multipliers
+        multipliers = {layer.name: SKIP for layer in all_layers} | budget.allocation.multipliers
     if budget is not None:  # --max-error: the round with the fewest MACs that met the bound
         layers, factors, heldout_errors, calib_report, new_model, pw_fold, verification = budget.final()
-        multipliers = budget.allocation.multipliers
+        multipliers = {layer.name: SKIP for layer in all_layers} | budget.allocation.multipliers
     skipped += [Skipped(layer.name, "kept regular by the budget allocation")
                 for layer in all_layers if multipliers[layer.name] == SKIP]
 
@@ -332,7 +332,11 @@ def _reference_forward(model: onnx.ModelProto, data, batch: int, fixed: int | No
     """One plain onnxruntime pass of the original model over the calibration samples (timing only)."""
     session = make_session(model)
     for b in data.iter_batches(fixed or batch, pad_to=fixed):
-        session.run(None, b.feeds)
+        try:
+            session.run(None, b.feeds)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise CalibrationError(f"onnxruntime cannot run the input model on calibration batches of "
+                                   f"{fixed or batch}: {first_line(exc)}") from exc
 
 
 def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -478,7 +482,8 @@ def _curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[in
         for r in wanted[layer.name]:
             f = gsvd_factors(layer.weight, layer.bias, stats, r, max_iter=CURVE_ITER)
             errors[r] = relative_response_error(layer.weight, layer.bias, f, stats)
-            first = first or f
+            if first is None:
+                first = f
         curves[layer.name] = errors
         return first
     return solve
@@ -611,12 +616,15 @@ def _plan_budget(work: onnx.ModelProto, layers: list[ConvLayer], data, infos, sp
     and the first allocation; BudgetError when the budget is out of reach."""
     before = model_cost(work, infos).macs
     costs = _option_macs(work, layers, infos) if layers else {}
+    # A conv that no multiplier makes cheaper (its merged pointwise would cost more) stays regular.
+    layers = [layer for layer in layers if len(costs[layer.name]) > 1]
+    costs = {layer.name: costs[layer.name] for layer in layers}
     fixed = before - sum(c[SKIP] for c in costs.values())
     least = fixed + sum(min(c.values()) for c in costs.values())
     if opts.target_macs is not None and opts.target_macs * before < least:
         raise BudgetError(
             f"--target-macs {opts.target_macs:g} is out of reach: with the {len(layers)} selected conv(s) "
-            f"the output model's MACs range from {least / before:.4f} (every one at multiplier 1) to 1 "
+            f"the output model's MACs range from {least / before:.4f} (each at its cheapest multiplier) to 1 "
             f"× the input's ({least} .. {before} MACs)")
     errors: dict[str, dict[int, float]] = {}
     kappa = KAPPA0

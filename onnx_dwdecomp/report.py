@@ -133,8 +133,7 @@ class Report:
             for s in self.skipped:
                 by_reason.setdefault(s.reason, []).append(s.name)
             for reason, names in by_reason.items():
-                shown = ", ".join(names[:3]) + (f" … (+{len(names) - 3})" if len(names) > 3 else "")
-                lines.append(f"  {len(names):3d} × {reason}: {shown}")
+                lines.append(f"  {len(names):3d} × {reason}: {_first(names)}")
         lines += self._render_selection()
         lines += self._render_budget()
         if self.folded:

@@ -50,7 +50,7 @@ def session_options(threads: int | None = None, *, optimize: bool = True, spinni
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach us as exceptions; ORT would also print them
     spin = "1" if spinning else "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
     opts.add_session_config_entry("session.inter_op.allow_spinning", spin)

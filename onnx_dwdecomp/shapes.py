@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .calibdata import InputSpec
 from .errors import ModelError, OptionError
@@ -211,8 +211,3 @@ def model_cost(model: onnx.ModelProto, infos: dict[str, TensorInfo]) -> ModelCos
                 if a.type == onnx.AttributeProto.TENSOR:
                     params += int(np.prod(a.t.dims, dtype=np.int64))
     return ModelCost(int(macs), int(params))
-
-
-def constant_value(tensor: onnx.TensorProto) -> np.ndarray:
-    """Numpy value of a constant tensor (external data must already be loaded)."""
-    return numpy_helper.to_array(tensor)

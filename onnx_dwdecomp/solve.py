@@ -242,11 +242,6 @@ def _cholesky(m: np.ndarray, ridge: float | None = None) -> np.ndarray:
     return np.linalg.cholesky((eigvec * np.maximum(eigval, floor)) @ eigvec.T)
 
 
-def _dense(p: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Ŵ (n, D) from P (n, c, r) and F (c, r, K)."""
-    return np.einsum("nis,isk->nik", p, f).reshape(p.shape[0], -1)
-
-
 def _taps_times(f: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``F_bᵀ B`` (c·r, D) for taps F (c, r, K) and B (D, D): D²·r work, not D²·c·r."""
     c, r, k = f.shape

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .calibdata import InputSpec
-from .errors import DwDecompError, ModelError
+from .errors import DwDecompError, ModelError, first_line
 from . import modelio
 from .runtime import make_session, run
 
@@ -92,7 +92,7 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     try:
         ref_session = make_session(original)
     except Exception as exc:  # onnxruntime's own exception types
-        raise ModelError(f"onnxruntime cannot load the input model: {_first_line(exc)}") from exc
+        raise ModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from exc
     new_session = make_session(rewritten)
     names = [o.name for o in original.graph.output]
     ref_out: dict[str, list] = {n: [] for n in names}
@@ -103,7 +103,7 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
         try:
             reference = run(ref_session, feeds, names)
         except Exception as exc:  # onnxruntime's own exception types
-            raise ModelError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from exc
+            raise ModelError(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
         for name, value in reference.items():
             ref_out[name].append(value)
         for name, value in run(new_session, feeds, names).items():
@@ -116,5 +116,3 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     return Verification(samples, inputs, outputs)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

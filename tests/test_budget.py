@@ -279,3 +279,25 @@ def test_cli_budget_flags(tmp_path, net, calib, capsys):
     d = json.loads(report.read_text())
     assert d["budget"]["met"] is True and d["options"]["target_macs"] == 0.5
     assert d["model"]["macs_after"] <= 0.5 * d["model"]["macs_before"]
+
+
+def test_conv_that_no_multiplier_makes_cheaper_stays_regular():
+    """16→2 3×3 feeding a 2→64 1×1: merged, even r = 1 costs more than regular; the budget keeps it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("W1", (2, 16, 3, 3)), ("W2", (64, 2, 1, 1)), ("W3", (64, 64, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Conv", ["a", "W2"], ["b"], name="c2"),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Conv", ["br", "W3"], ["y"], name="c3", pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 8, 8])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.normal(size=(20, 16, 8, 8)).astype(np.float32)
+    for limit in ({"max_error": 0.5}, {"target_macs": 0.9}):
+        _, report = decompose(model, calib=x, select="all", **limit)
+        assert [layer.name for layer in report.layers] == ["c3"]
+        assert "c1" in {s.name for s in report.skipped}
+        assert report.to_dict()["budget"]["met"]
