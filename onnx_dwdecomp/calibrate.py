@@ -16,7 +16,8 @@ Statistics, not activations: at ``positions`` seeded output positions per sample
 patch vectors (length ``C_in·kh·kw``; statistics come out channel-major like the conv weight) and accumulate
 running sums (float64) — ``Σx``, ``Σx̂``, ``Σx̂x̂ᵀ``, ``Σ(Wx)x̂ᵀ``, ``ΣWx``, ``Σ‖Wx‖²`` — from
 which :class:`~onnx_dwdecomp.solve.LayerStats` follows. A seeded held-out share of the samples
-feeds separate sums used only to measure each layer's response error.
+is left out of the sums; after the solve, each layer's response error is measured directly on
+the held-out patches (:func:`heldout_response_error`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .errors import CalibrationError, first_line
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from .runtime import make_session, run
 from .shapes import TensorInfo
-from .solve import ChannelFactors, LayerStats, SeparableFactors, relative_response_error
+from .solve import ChannelFactors, LayerStats, SeparableFactors
 
 #: Cut tensors above this many bytes (both networks together) are spilled to disk.
 MEMORY_BUDGET = 1 << 30
@@ -98,6 +99,12 @@ def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> n
 
 # ----------------------------------------------------------------------------- running sums
 
+def tap_major(weight: np.ndarray) -> np.ndarray:
+    """A conv weight (n, C, kh, kw) as the (n, kh·kw·C) matrix that acts on tap-major patches."""
+    n, c = weight.shape[:2]
+    return np.ascontiguousarray(weight.reshape(n, c, -1).transpose(0, 2, 1)).reshape(n, -1)
+
+
 class MomentSums:
     """Running float64 sums of patch pairs (x, x̂) for one conv with weight ``W`` (n, C, kh, kw).
 
@@ -107,8 +114,7 @@ class MomentSums:
     def __init__(self, weight: np.ndarray):
         n, c = weight.shape[:2]
         k = int(np.prod(weight.shape[2:]))
-        self.w = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).reshape(n, c, k).transpose(0, 2, 1)
-                                      ).reshape(n, c * k)
+        self.w = tap_major(np.asarray(weight, dtype=np.float32))
         #: channel-major position i·K + k → tap-major position k·C + i
         self.order = (np.arange(k)[None, :] * c + np.arange(c)[:, None]).reshape(-1)
         d = c * k
@@ -395,8 +401,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 timing["forward"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                fit, check = _layer_sums(layer, orig.arrays[layer.input], approx.arrays[layer.input],
-                                         heldout, batch, options, k)
+                x_in, xhat_in = orig.arrays[layer.input], approx.arrays[layer.input]
+                fit, positions = _layer_sums(layer, x_in, xhat_in, heldout, batch, options, k)
                 timing["statistics"] += time.perf_counter() - t0
 
                 ahead = None
@@ -407,8 +413,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 fit_stats = fit.stats()
                 factors = solve(layer, fit_stats)
                 timing["solve"] += time.perf_counter() - t0
-                err = relative_response_error(layer.weight, layer.bias, factors,
-                                              check.stats())
+                err = heldout_response_error(layer, factors, x_in, xhat_in, heldout, positions, batch)
                 results[layer.name] = CalibratedLayer(factors, err, fit.count)
                 previous = Replacement(layer, factors)
                 if ahead is not None:
@@ -464,8 +469,8 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
 
 
 def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldout: np.ndarray,
-                batch: int, options: CalibrationOptions, k: int) -> tuple[MomentSums, MomentSums]:
-    """Moment sums over the fit samples and, separately, over the held-out samples."""
+                batch: int, options: CalibrationOptions, k: int) -> tuple[MomentSums, np.ndarray]:
+    """Moment sums over the fit samples, and the seeded output positions of every sample."""
     n, _, h, w = x_all.shape
     oh, ow = output_hw(layer, (h, w))
     total = oh * ow
@@ -475,14 +480,47 @@ def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldo
         positions = np.broadcast_to(np.arange(total), (n, total))
     else:
         positions = np.argsort(rng.random((n, total)), axis=1)[:, :per_image]
-    fit, check = MomentSums(layer.weight), MomentSums(layer.weight)
-    for start in range(0, n, batch):
-        stop = min(start + batch, n)
-        pos = positions[start:stop]
-        x = extract_patches(np.asarray(x_all[start:stop], dtype=np.float32), layer, pos)
-        x_hat = x if xhat_all is x_all else extract_patches(np.asarray(xhat_all[start:stop], dtype=np.float32),
-                                                            layer, pos)
-        held = np.repeat(heldout[start:stop], per_image)
-        check.add(x[held], x_hat[held])
-        fit.add(x[~held], (x if options.symmetric else x_hat)[~held])
-    return fit, check
+    fit = MomentSums(layer.weight)
+    fit_index = np.flatnonzero(~heldout)
+    for start in range(0, len(fit_index), batch):
+        rows = fit_index[start:start + batch]
+        x, x_hat = _patch_pair(layer, x_all, xhat_all, rows, positions)
+        fit.add(x, x if options.symmetric else x_hat)
+    return fit, positions
+
+
+def _patch_pair(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, rows: np.ndarray,
+                positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Patches of samples ``rows`` in the original and in the decomposed network (tap-major)."""
+    x = extract_patches(np.asarray(x_all[rows], dtype=np.float32), layer, positions[rows])
+    if xhat_all is x_all:
+        return x, x
+    return x, extract_patches(np.asarray(xhat_all[rows], dtype=np.float32), layer, positions[rows])
+
+
+def heldout_response_error(layer: ConvLayer, factors: SeparableFactors | ChannelFactors, x_all: np.ndarray,
+                           xhat_all: np.ndarray, heldout: np.ndarray, positions: np.ndarray, batch: int) -> float:
+    """``E‖Wx + b − Ŵx̂ − b̂‖² / E‖Wx − E[Wx]‖²`` over the held-out samples' patches, computed
+    directly (n·D work per patch) rather than from D×D moments."""
+    n = layer.weight.shape[0]
+    w = tap_major(layer.weight).astype(np.float64)
+    w_hat = tap_major(factors.dense_weight()).astype(np.float64)
+    b = np.zeros(n) if layer.bias is None else layer.bias.astype(np.float64)
+    b_hat = factors.bias.astype(np.float64)
+    count, gap, sum_y, sum_y_sq = 0, 0.0, np.zeros(n), 0.0
+    index = np.flatnonzero(heldout)
+    for start in range(0, len(index), batch):
+        x, x_hat = _patch_pair(layer, x_all, xhat_all, index[start:start + batch], positions)
+        y = x @ w.T + b
+        diff = y - (x_hat @ w_hat.T + b_hat)
+        count += len(y)
+        gap += float(np.vdot(diff, diff))
+        sum_y += y.sum(axis=0)
+        sum_y_sq += float(np.vdot(y, y))
+    if count == 0:
+        return float("nan")
+    var = sum_y_sq / count - float(sum_y @ sum_y) / count ** 2
+    err = gap / count
+    if var <= 0:
+        return 0.0 if err <= 1e-30 else float("inf")
+    return err / var

@@ -218,3 +218,27 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
     assert ([r.heldout_error for r in outcomes[0].layers.values()]
             == [r.heldout_error for r in outcomes[1].layers.values()])
     assert list(tmp_path.iterdir()) == []  # the private folder and its files are gone
+
+
+def test_heldout_error_equals_the_moment_formula():
+    """Direct held-out error on patches == relative_response_error on the same patches' moments."""
+    from conftest import correlated_images
+    from onnx_dwdecomp.calibrate import heldout_response_error
+    from onnx_dwdecomp.solve import relative_response_error, svd_factors
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    layer = ConvLayer("L", 0, "x", "y", weight, rng.standard_normal(5).astype(np.float32), (1, 1), (1, 1, 1, 1),
+                      (1, 1), "NOTSET")
+    x_all = correlated_images(12, 4, 7, 7, seed=1)
+    xhat_all = x_all + 0.1 * correlated_images(12, 4, 7, 7, seed=2)
+    heldout = np.zeros(12, bool)
+    heldout[[1, 5, 8]] = True
+    positions = np.stack([rng.permutation(49)[:20] for _ in range(12)])
+    factors = svd_factors(weight, layer.bias, 1)
+    direct = heldout_response_error(layer, factors, x_all, xhat_all, heldout, positions, batch=2)
+    sums = MomentSums(weight)
+    idx = np.flatnonzero(heldout)
+    sums.add(extract_patches(x_all[idx], layer, positions[idx]), extract_patches(xhat_all[idx], layer, positions[idx]))
+    # float64 algebra either way on float32 patches; the moment form subtracts large terms (1e-5)
+    assert direct == pytest.approx(relative_response_error(weight, layer.bias, factors, sums.stats()), rel=1e-5)
+    assert 0 < direct < 10
