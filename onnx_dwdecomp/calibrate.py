@@ -144,8 +144,11 @@ class MomentSums:
         m = max(self.count, 1)
         o = self.order
         mx, mxh, my = self.sum_x[o] / m, self.sum_xhat[o] / m, self.sum_y / m
-        cov = self.sum_xhat_xhat[np.ix_(o, o)] / m - np.outer(mxh, mxh)
-        cov = 0.5 * (cov + cov.T)
+        # Σx̂x̂ᵀ comes from numpy's syrk (both triangles written alike) and μμᵀ is symmetric too,
+        # so the covariance is exactly symmetric without averaging it with its transpose.
+        cov = self.sum_xhat_xhat[np.ix_(o, o)]
+        cov /= m
+        cov -= np.outer(mxh, mxh)
         cross = self.sum_y_xhat[:, o] / m - np.outer(my, mxh)
         var = max(self.sum_y_sq / m - float(my @ my), 0.0)
         return LayerStats(self.count, mx, mxh, cov, cross, var)
