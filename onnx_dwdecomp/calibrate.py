@@ -81,10 +81,13 @@ def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> n
     order the gather produces, so no transposed copy is made. :class:`MomentSums` takes rows
     in this order and returns channel-major moments (``i·K + k``, like ``W.reshape(n, -1)``).
     """
-    bsz, _, h, w = x.shape
+    bsz, c, h, w = x.shape
     top, left, bottom, right = effective_pads(layer, (h, w))
     _, ow = output_hw(layer, (h, w))
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))) if any((top, left, bottom, right)) else x
+    # A contiguous zero-padded NHWC copy: gathering whole channel vectors is about 2× faster
+    # than gathering from a transposed NCHW view.
+    nhwc = np.zeros((bsz, h + top + bottom, w + left + right, c), dtype=x.dtype)
+    nhwc[:, top:top + h, left:left + w] = x.transpose(0, 2, 3, 1)
     kh, kw = layer.kernel
     (sh, sw), (dh, dw) = layer.strides, layer.dilations
     oy, ox = np.divmod(positions, ow)  # (B, P)
@@ -92,7 +95,6 @@ def extract_patches(x: np.ndarray, layer: ConvLayer, positions: np.ndarray) -> n
     rows = oy[:, :, None] * sh + ky * dh  # (B, P, K)
     cols = ox[:, :, None] * sw + kx * dw
     batch = np.arange(bsz)[:, None, None]
-    nhwc = padded.transpose(0, 2, 3, 1)
     patches = nhwc[batch, rows, cols]  # (B, P, K, C)
     return patches.reshape(bsz * positions.shape[1], -1)
 
