@@ -508,10 +508,11 @@ def heldout_response_error(layer: ConvLayer, factors: SeparableFactors | Channel
     """``E‖Wx + b − Ŵx̂ − b̂‖² / E‖Wx − E[Wx]‖²`` over the held-out samples' patches, computed
     directly (n·D work per patch) rather than from D×D moments."""
     n = layer.weight.shape[0]
-    w = tap_major(layer.weight).astype(np.float64)
-    w_hat = tap_major(factors.dense_weight()).astype(np.float64)
-    b = np.zeros(n) if layer.bias is None else layer.bias.astype(np.float64)
-    b_hat = factors.bias.astype(np.float64)
+    # float32 products like the moment sums; the sums below are float64
+    w = tap_major(layer.weight).astype(np.float32)
+    w_hat = tap_major(factors.dense_weight()).astype(np.float32)
+    b = np.zeros(n, np.float32) if layer.bias is None else layer.bias.astype(np.float32)
+    b_hat = factors.bias.astype(np.float32)
     count, gap, sum_y, sum_y_sq = 0, 0.0, np.zeros(n), 0.0
     index = np.flatnonzero(heldout)
     for start in range(0, len(index), batch):
@@ -519,9 +520,9 @@ def heldout_response_error(layer: ConvLayer, factors: SeparableFactors | Channel
         y = x @ w.T + b
         diff = y - (x_hat @ w_hat.T + b_hat)
         count += len(y)
-        gap += float(np.vdot(diff, diff))
-        sum_y += y.sum(axis=0)
-        sum_y_sq += float(np.vdot(y, y))
+        gap += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        sum_y += y.sum(axis=0, dtype=np.float64)
+        sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
     if count == 0:
         return float("nan")
     var = sum_y_sq / count - float(sum_y @ sum_y) / count ** 2

@@ -50,7 +50,7 @@ from onnx import helper, numpy_helper
 
 from .bench import default_threads, interleaved_timings
 from .candidates import ConvLayer
-from .errors import DwDecompError
+from .errors import DwDecompError, first_line
 from .runtime import session_options
 
 __all__ = ["MIN_GAIN", "ConvConfig", "Timing", "Decision", "LatencySelector", "TimingError", "decide",
@@ -215,9 +215,7 @@ def ort_timer(config: ConvConfig, *, budget_s: float = 0.15, min_runs: int = 7, 
         fns = [lambda s=s: s.run(None, {"x": x}) for s in sessions]
         probe = interleaved_timings(fns, runs=3, warmup=warmup)
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
-        text = str(exc).strip().splitlines()
-        raise TimingError(f"onnxruntime cannot run {config.describe()}: "
-                          f"{text[0] if text else type(exc).__name__}") from exc
+        raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
     per_round = float(sum(np.median(t) for t in probe))
     runs = int(np.clip(budget_s / max(per_round, 1e-9), min_runs, max_runs))
     times = interleaved_timings(fns, runs=runs, warmup=0)
