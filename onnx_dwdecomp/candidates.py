@@ -16,6 +16,7 @@ with the reason it was left alone. Nothing here modifies the model.
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,31 @@ class Candidates:
 def node_display_name(node: onnx.NodeProto, index: int) -> str:
     """The node's name, or ``Conv@<output tensor>`` for unnamed nodes."""
     return node.name or f"{node.op_type}@{node.output[0] if node.output else index}"
+
+
+def conv_kinds(model: onnx.ModelProto) -> Counter:
+    """Count the main graph's convs by kind: ``pointwise`` (1×1), ``depthwise`` (one input
+    channel per group), ``regular`` (group 1) or ``grouped``. Weight shapes come from
+    initializers or ``Constant`` nodes (dims only, so external data need not be loaded)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    shapes[node.output[0]] = tuple(a.t.dims)
+    kinds: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        w = shapes[node.input[1]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if w[2:] == (1, 1):
+            kinds["pointwise"] += 1
+        elif group > 1 and w[1] == 1:
+            kinds["depthwise"] += 1
+        else:
+            kinds["regular" if group == 1 else "grouped"] += 1
+    return kinds
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import rel_l2, run_model
 from onnx_dwdecomp import zoo
+from onnx_dwdecomp.candidates import conv_kinds
 from onnx_dwdecomp.fold import fold_batchnorm, fold_pointwise
 from onnx_dwdecomp.pipeline import decompose
 
@@ -270,23 +271,6 @@ def test_first_conv_must_be_pointwise():
 
 # ------------------------------------------- decomposition lands on the native ShuffleNet V2 graph
 
-def _conv_kinds(model: onnx.ModelProto) -> Counter:
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    kinds = Counter()
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        w = shapes[node.input[1]]
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if w[2:] == (1, 1):
-            kinds["pointwise"] += 1
-        elif group > 1 and w[1] == 1:
-            kinds["depthwise"] += 1
-        else:
-            kinds["regular" if group == 1 else "grouped"] += 1
-    return kinds
-
-
 def _weight_bytes(model: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
@@ -306,8 +290,8 @@ def decomposed(request):
 
 def test_decomposed_counterpart_has_native_structure(decomposed):
     source, new, report, native = decomposed
-    assert _conv_kinds(native) == NATIVE
-    assert _conv_kinds(new) == NATIVE
+    assert conv_kinds(native) == NATIVE
+    assert conv_kinds(new) == NATIVE
     assert _ops(new) == _ops(native)  # no BN, Identity, Reshape or Transpose added or left over
     assert len(report.layers) == 19 and len(report.folded) == _ops(source)["BatchNormalization"]
     expected_merges = 19 if "depthwise_only" in source.graph.name else 0

@@ -45,32 +45,15 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_dwdecomp import zoo  # noqa: E402
+from onnx_dwdecomp import candidates, zoo  # noqa: E402
 
 NATIVE = {"regular": 1, "depthwise": 19, "pointwise": 36}
 
 
 def conv_kinds(path: Path) -> dict[str, int]:
-    """Count the convs of a model by kind (weights read from initializers or Constant nodes)."""
+    """Count the convs of a model by kind and print them beside its other ops."""
     model = onnx.load(str(path), load_external_data=False)
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    shapes[node.output[0]] = tuple(a.t.dims)
-    kinds: Counter = Counter()
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        w = shapes[node.input[1]]
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if w[2:] == (1, 1):
-            kinds["pointwise"] += 1
-        elif group > 1 and w[1] == 1:
-            kinds["depthwise"] += 1
-        else:
-            kinds["regular" if group == 1 else "grouped"] += 1
+    kinds = candidates.conv_kinds(model)
     others = Counter(n.op_type for n in model.graph.node if n.op_type != "Conv")
     print(f"  {path.name}: convs {dict(kinds)}; other ops {dict(others)}")
     return dict(kinds)
