@@ -142,7 +142,8 @@ def infer_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
 def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
                           names: list[str]) -> dict[str, TensorInfo]:
     """Shapes that static inference could not find (e.g. shapes computed by Shape→Gather→Concat
-    chains), observed by one onnxruntime run on zero inputs at ``input_shapes``."""
+    chains), observed by one onnxruntime run on zero inputs at ``input_shapes``. Only tensors get
+    an entry (sequences and optionals are skipped)."""
     from .runtime import make_session  # local: keeps this module free of onnxruntime at import
 
     probe = onnx.ModelProto()
@@ -157,7 +158,8 @@ def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"cannot determine tensor shapes: onnxruntime failed on the model at input shapes "
                          f"{input_shapes}: {str(exc).splitlines()[0]}") from exc
-    return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values)}
+    # Sequence- or optional-valued outputs come back as lists / None: they have no tensor info.
+    return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
 
 
 def node_macs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:

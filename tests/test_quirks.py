@@ -219,6 +219,24 @@ def test_dynamic_spatial_dims_from_calibration_data():
     assert new.graph.input[0] == model.graph.input[0]
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["svd", "gsvd"])
+def test_sequence_tensors_before_the_conv(calibrated):
+    """SplitToSequence → ConcatFromSequence → Conv: static inference leaves the conv input's
+    shape unknown, so it is observed with onnxruntime, whose sequence outputs are lists (they
+    once crashed with AttributeError)."""
+    c = 4
+    w = separable_weight(6, c, 3, 3, rank=1, seed=8)
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=1),
+             helper.make_node("ConcatFromSequence", ["seq"], ["xc"], axis=1),
+             helper.make_node("Conv", ["xc", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = _model(nodes, [numpy_helper.from_array(w, "w")], ["n", c, 8, 8], y_shape=["n", 6, 8, 8])
+    calib = correlated_images(8, c, 8, 8, seed=3) if calibrated else None
+    new, report = decompose(model, calib=calib)
+    assert [layer.name for layer in report.layers] == ["conv"]
+    x = correlated_images(2, c, 8, 8, seed=4)
+    assert rel_l2(run_model(model, {"x": x})[0], run_model(new, {"x": x})[0]) <= (TOL if not calibrated else 1e-3)
+
+
 # --------------------------------------------------------------------------- subgraphs and groups
 
 
