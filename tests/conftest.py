@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,6 +13,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dwdecomp.calibrate import MomentSums
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` (tools/ is not a package) as module ``tools_<name>``, once."""
+    key = f"tools_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up by name while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def separable_weight(n: int, c: int, kh: int, kw: int, rank: int, seed: int = 0) -> np.ndarray:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from conftest import separable_weight, stats_from_samples
+from conftest import load_tool, separable_weight, stats_from_samples
 from onnx_dwdecomp import pipeline, solve
 
-STUDY_PY = Path(__file__).resolve().parents[1] / "tools" / "accuracy_study.py"
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("tools_accuracy_study", STUDY_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-st = _load_module()
+st = load_tool("accuracy_study")
 
 
 @pytest.mark.parametrize("size, subsets, expected", [(256, 4, 4), (512, 4, 4), (1024, 4, 2), (2048, 4, 1),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-EVALUATE_PY = Path(__file__).resolve().parents[1] / "tools" / "evaluate.py"
+from conftest import TOOLS, load_tool
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("tools_evaluate", EVALUATE_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = _load_module()
+EVALUATE_PY = TOOLS / "evaluate.py"
+ev = load_tool("evaluate")
 
 
 # ----------------------------------------------------------------- top1_accuracy

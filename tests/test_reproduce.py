@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+
 from onnx import TensorProto, helper, numpy_helper
 
-REPRODUCE_PY = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
+from conftest import TOOLS, load_tool
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("tools_reproduce", REPRODUCE_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-rp = _load_module()
+REPRODUCE_PY = TOOLS / "reproduce.py"
+rp = load_tool("reproduce")
 
 
 # ----------------------------------------------------------------- imports

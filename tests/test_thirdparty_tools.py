@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-THIRDPARTY_PY = Path(__file__).resolve().parents[1] / "tools" / "thirdparty.py"
+from conftest import TOOLS, load_tool
+
+THIRDPARTY_PY = TOOLS / "thirdparty.py"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("tools_thirdparty", THIRDPARTY_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tp = _load_module()
+tp = load_tool("thirdparty")
 
 
 # ----------------------------------------------------------------- wheels
