@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     by_size = [run_row(f"N = {n}", evaluator, train, calibration_slices(n, subsets)) for n in SIZES]
     print("2. solver knobs at N = 256", file=sys.stderr)
     at256 = calibration_slices(256, subsets)
-    knobs = [_with(evaluator, train, at256, f"L-BFGS rounds {k}" + (" (default)" if k == DEFAULT_ROUNDS else ""),
-                   max_iter=k) for k in ROUNDS]
-    knobs += [_with(evaluator, train, at256, f"ridge {r:g}" + (" (default)" if r == solve.RIDGE else ""), ridge=r)
-              for r in RIDGES if r != solve.RIDGE]  # the default ridge is the default-rounds row
+    # The defaults (DEFAULT_ROUNDS rounds, ridge solve.RIDGE) are section 1's N = 256 row.
+    knobs = [Row(f"L-BFGS rounds {k} (default, ridge {solve.RIDGE:g})", by_size[0].scores) if k == DEFAULT_ROUNDS
+             else _with(evaluator, train, at256, f"L-BFGS rounds {k}", max_iter=k) for k in ROUNDS]
+    knobs += [_with(evaluator, train, at256, f"ridge {r:g}", ridge=r) for r in RIDGES if r != solve.RIDGE]
     single, budget = [], []
     if not args.quick:
         print("3. one layer at a time (first calibration set)", file=sys.stderr)
