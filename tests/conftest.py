@@ -90,7 +90,12 @@ def three_layer_net(c: int = 6, width: int = 12, seed: int = 0, hw: int = 12) ->
         out = f"r{k}" if k < 2 else "y"
         nodes.append(helper.make_node("Relu", [f"c{k}"], [out], name=f"relu{k}"))
         cur, cin = out, cout
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, hw, hw])],
+    return square_net(nodes, inits, c, hw, "net")
+
+
+def square_net(nodes: list, inits: list, c: int, hw: int, name: str) -> onnx.ModelProto:
+    """Graph ``x`` (N, c, hw, hw) → ``y`` (N, c, hw, hw) from ``nodes``/``inits``, opset 17."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, hw, hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, hw, hw])],
                               initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

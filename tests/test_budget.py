@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import correlated_images, three_layer_net
+from conftest import correlated_images, square_net, three_layer_net
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dwdecomp import budget
@@ -184,12 +184,7 @@ def merge_net(c: int = 8, hw: int = 10, seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Relu", ["b"], ["r"], name="relu0"),
              helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["y"], name="relu1")]
-    graph = helper.make_graph(nodes, "merge", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, hw, hw])],
-                              initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return square_net(nodes, inits, c, hw, "merge")
 
 
 def test_target_macs_end_to_end(net, calib):
