@@ -12,12 +12,19 @@ For each candidate conv, the *configuration* that determines its speed — input
 and spatial size as resolved for the run), output channels, kernel, strides, pads/auto_pad,
 dilations, the replacement's middle width and grouping (``C·r`` channels with ``group = C`` for
 the separable form at multiplier ``r``; ``d'`` channels, group 1, for a channel decomposition),
-bias, dtype and thread count — is timed once per run (:class:`LatencySelector` caches by
-configuration; ShuffleNet V2 x1.0 has 20 candidates but 8 configurations). Two one-purpose
-models are built with seeded random weights of the real shapes:
+bias, dtype, thread count and execution providers — is timed once (:class:`LatencySelector`
+keeps each configuration's timing for the run, and with a
+:class:`~onnx_dwdecomp.timing_cache.TimingCache` across runs; ShuffleNet V2 x1.0 has 20
+candidates but 8 configurations). Two one-purpose models are built with seeded random weights
+of the real shapes:
 
     regular:    x → Conv(W, b) → y
     separable:  x → Conv(depthwise or k×k low-rank) → t → Conv(1×1, b) → y
+
+exactly as rewrite.py emits them: at multiplier ``r > 1`` the depthwise part is ``r`` convs with
+``group = C`` and one output channel per group, joined by a Concat (onnxruntime's CPU depthwise
+kernel only serves one output channel per group; a ``group = C`` conv with ``C·r`` outputs takes
+the slow grouped-GEMM path and measured slower than the regular conv here).
 
 and run in onnxruntime with a deployment's settings (all graph optimisations, sequential
 execution, ``threads`` intra-op threads, spinning off as in ``bench``), interleaved regular,
@@ -27,22 +34,48 @@ rounds as fit in ``budget_s`` (between ``min_runs`` and ``max_runs``).
 
 Decision
 --------
-Rewrite when ``median(separable) ≤ (1 − min_gain) · median(regular)``, with
-``min_gain = 0.05`` by default: the separable form must be at least 5 % faster. Below that a
-difference is within what repeated measurements of the same pair vary by on a busy 2-core
-machine, and a rewrite that only *might* be faster also costs accuracy. The threshold is
-deliberately asymmetric: leaving a conv regular is always safe.
+With the medians of ``n`` rounds, the point estimate of the ratio and the threshold are
+
+    R = median(separable) / median(regular),        θ = 1 − min_gain,
+
+and the conv is rewritten when ``R ≤ θ``, with ``min_gain = 0.05`` by default: the separable
+form must be at least 5 % faster. Below that a difference is within what repeated measurements
+of the same pair vary by on a busy 2-core machine, and a rewrite that only *might* be faster
+also costs accuracy. The threshold is deliberately asymmetric: leaving a conv regular is always
+safe.
+
+Noise band. Round ``i`` times both forms back to back, so its ratio ``q_i = s_i / r_i`` cancels
+the noise that hits both alike; the spread of the ``q_i`` is the noise that does not cancel.
+From it (:meth:`Timing.from_samples`):
+
+    σ = 1.4826 · median_i | ln q_i − median_j ln q_j |      (MAD, consistent for a normal σ)
+    SE = sqrt(π/2) · σ / sqrt(n)                            (standard error of a median of n)
+    h = z · SE · R,  z = 2                                  (≈ 95 %; ln → ratio, delta method)
+
+and the band is ``[R − h, R + h]``. When the threshold lies strictly inside it,
+``|R − θ| < h``, the rounds cannot tell which side of ``θ`` the true ratio is on, and the
+configuration is re-timed with :data:`RETIME_FACTOR` (3) times the budget and round limits, up to
+:data:`MAX_RETIMES` (2) times (3×, then 9×); each re-timing replaces the previous measurement
+and narrows the band by about ``sqrt(3)``. After the last one — and whenever ``θ`` is on the
+band's edge or outside it — ``R ≤ θ`` decides. A band of width 0 (one round, or rounds without
+spread) never re-times. Every :class:`Decision` carries its :class:`Timing`: medians,
+interquartile ranges, rounds, the band, how often it was re-timed, and whether it came from the
+persistent cache.
 
 Timings depend on the machine, the onnxruntime version, the thread count and the load at the
-moment, so two runs can choose differently for a conv near the threshold. ``select="all"``
-(``--select all``) skips the timing and rewrites every candidate: use it for reproducible
-outputs.
+moment, so two runs without a shared timing cache can choose differently for a conv near the
+threshold; the noise band makes that rarer and the cache (keyed by all of those, see
+:mod:`onnx_dwdecomp.timing_cache`) makes a repeated run on the same machine reuse the same
+timings. ``select="all"`` (``--select all``) skips the timing and rewrites every candidate: use
+it for outputs that are the same on every machine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -53,11 +86,23 @@ from .candidates import ConvLayer
 from .errors import DwDecompError, first_line
 from .runtime import session_options
 
-__all__ = ["MIN_GAIN", "ConvConfig", "Timing", "Decision", "LatencySelector", "TimingError", "decide",
+if TYPE_CHECKING:
+    from .timing_cache import TimingCache
+
+__all__ = ["MIN_GAIN", "BAND_Z", "MAX_RETIMES", "RETIME_FACTOR", "DEFAULT_PROVIDERS", "ConvConfig",
+           "Timing", "Decision", "Timer", "LatencySelector", "TimingError", "decide", "within_noise",
            "conv_pair_models", "ort_timer"]
 
 #: The separable form must be at least this much faster (relative median) to be chosen.
 MIN_GAIN = 0.05
+#: Half-width of the noise band in standard errors of the ratio.
+BAND_Z = 2.0
+#: At most this many re-timings of a configuration whose threshold lies inside the noise band.
+MAX_RETIMES = 2
+#: Each re-timing multiplies the budget and the round limits of the previous one by this.
+RETIME_FACTOR = 3
+#: onnxruntime execution providers of the probe sessions unless told otherwise.
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 _OPSET = 17
 
 
@@ -84,6 +129,8 @@ class ConvConfig:
         Weight dtype name, e.g. ``"float32"``.
     threads : int
         onnxruntime intra-op threads.
+    providers : tuple of str
+        onnxruntime execution providers of the sessions, in priority order.
     """
 
     input_shape: tuple[int, ...]
@@ -98,15 +145,16 @@ class ConvConfig:
     bias: bool
     dtype: str
     threads: int
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
 
     @classmethod
     def of(cls, layer: ConvLayer, input_shape: tuple[int, ...], *, mid_channels: int, mid_group: int,
-           threads: int) -> "ConvConfig":
+           threads: int, providers: Sequence[str] = DEFAULT_PROVIDERS) -> "ConvConfig":
         return cls(tuple(int(d) for d in input_shape), int(layer.weight.shape[0]), tuple(layer.kernel),
                    tuple(layer.strides), tuple(layer.pads), tuple(layer.dilations),
                    layer.auto_pad if layer.auto_pad not in ("", "NOTSET") else "NOTSET",
                    int(mid_channels), int(mid_group), layer.bias is not None, layer.weight.dtype.name,
-                   int(threads))
+                   int(threads), tuple(providers))
 
     def describe(self) -> str:
         n, c, *hw = self.input_shape
@@ -117,16 +165,71 @@ class ConvConfig:
 
 @dataclass(frozen=True)
 class Timing:
-    """Median latencies (milliseconds) of the regular conv and its replacement."""
+    """One interleaved measurement of the regular conv and its replacement (milliseconds).
+
+    Attributes
+    ----------
+    regular_ms, separable_ms : float
+        Median latency of each form.
+    runs : int
+        Interleaved rounds the medians rest on.
+    regular_iqr_ms, separable_iqr_ms : float
+        Interquartile range of each form's rounds.
+    ratio_halfwidth : float
+        Half-width ``h`` of the noise band around :attr:`ratio` (see the module docstring).
+    retimes : int
+        How often the configuration was re-timed because the threshold lay inside the band;
+        this measurement is the last of them.
+    cached : bool
+        Read from the persistent timing cache rather than measured in this run (not part of
+        equality: it says where the measurement came from, not what it is).
+    """
 
     regular_ms: float
     separable_ms: float
     runs: int
+    regular_iqr_ms: float = 0.0
+    separable_iqr_ms: float = 0.0
+    ratio_halfwidth: float = 0.0
+    retimes: int = 0
+    cached: bool = field(default=False, compare=False)
+
+    @classmethod
+    def from_samples(cls, regular_ms: Sequence[float], separable_ms: Sequence[float]) -> "Timing":
+        """The summary of paired per-round latencies: round ``i`` timed ``regular_ms[i]`` and
+        ``separable_ms[i]`` back to back.
+
+        Raises
+        ------
+        ValueError
+            The two sequences are empty or of different lengths.
+        """
+        reg = np.asarray(regular_ms, dtype=np.float64)
+        sep = np.asarray(separable_ms, dtype=np.float64)
+        if reg.ndim != 1 or reg.shape != sep.shape or reg.size == 0:
+            raise ValueError(f"need two equally long, non-empty sample sequences, got shapes "
+                             f"{reg.shape} and {sep.shape}")
+        regular, separable = float(np.median(reg)), float(np.median(sep))
+        halfwidth = 0.0
+        if np.all(reg > 0) and np.all(sep > 0):
+            log_q = np.log(sep / reg)
+            sigma = 1.4826 * float(np.median(np.abs(log_q - np.median(log_q))))
+            halfwidth = BAND_Z * math.sqrt(math.pi / 2) * sigma / math.sqrt(reg.size) * separable / regular
+        return cls(regular, separable, int(reg.size), _iqr(reg), _iqr(sep), halfwidth)
 
     @property
     def ratio(self) -> float:
         """``separable_ms / regular_ms``; below 1 the replacement is faster."""
         return self.separable_ms / self.regular_ms if self.regular_ms > 0 else float("inf")
+
+    @property
+    def retimed(self) -> bool:
+        return self.retimes > 0
+
+
+def _iqr(x: np.ndarray) -> float:
+    q1, q3 = np.percentile(x, [25, 75])
+    return float(q3 - q1)
 
 
 @dataclass(frozen=True)
@@ -138,26 +241,51 @@ class Decision:
     timing: Timing | None = None
 
 
-Timer = Callable[[ConvConfig], Timing]
+#: ``timer(config, scale) → Timing``: measures ``config`` with ``scale`` times the base budget
+#: and round limits (1 for the first timing, ``RETIME_FACTOR ** k`` for the k-th re-timing).
+Timer = Callable[[ConvConfig, int], Timing]
 
 
 class TimingError(DwDecompError):
     """onnxruntime could not build or run a probe model (e.g. a dtype its CPU convs lack)."""
 
 
+def within_noise(timing: Timing, min_gain: float = MIN_GAIN) -> bool:
+    """Whether the threshold ``1 − min_gain`` lies strictly inside the timing's noise band
+    ``ratio ± ratio_halfwidth``; on the band's edge the point estimate is trusted."""
+    return abs(timing.ratio - (1.0 - min_gain)) < timing.ratio_halfwidth
+
+
 def decide(timing: Timing, min_gain: float = MIN_GAIN) -> Decision:
-    """The rewrite decision for one measured configuration (see the module docstring)."""
+    """The rewrite decision on the point estimate of one timing (see the module docstring).
+
+    The reason states the medians and the evidence: ratio and band, rounds, re-timings, the
+    persistent cache, and whether the threshold is still inside the band.
+    """
     t = timing
     text = f"separable {t.separable_ms:.3f} ms vs regular {t.regular_ms:.3f} ms"
+    evidence = f"ratio {t.ratio:.3f} ± {t.ratio_halfwidth:.3f}, {t.runs} round{'s' if t.runs != 1 else ''}"
+    if t.retimed:
+        evidence += f", re-timed {t.retimes}×"
+    if within_noise(t, min_gain):
+        evidence += ", within noise: decided by the medians"
+    if t.cached:
+        evidence += ", from the timing cache"
     if t.regular_ms > 0 and t.separable_ms <= (1.0 - min_gain) * t.regular_ms:
-        return Decision(True, f"faster: {text} (×{1 / t.ratio:.2f})", t)
-    return Decision(False, f"not faster: {text}; needs ≥ {100 * min_gain:g} % lower median", t)
+        return Decision(True, f"faster: {text} (×{1 / t.ratio:.2f}; {evidence})", t)
+    return Decision(False, f"not faster: {text}; needs ≥ {100 * min_gain:g} % lower median ({evidence})", t)
 
 
 def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The one-conv regular model and the two-conv replacement model of ``config``.
 
-    Weights are seeded random numbers of the real shapes; input ``x`` has ``config.input_shape``.
+    The replacement has the form :mod:`onnx_dwdecomp.rewrite` emits: for the separable form at
+    multiplier ``r = mid_channels / C > 1`` (``mid_group = C``) that is ``r`` depthwise convs
+    (``group = C``, ``C`` outputs each, weights ``D0`` … ``D{r-1}``), a ``Concat`` on axis 1 and the
+    1×1 conv, not one grouped conv with ``r`` outputs per group (which onnxruntime's CPU ``Conv``
+    runs on a much slower path); otherwise one first conv (weight ``D``, ``mid_group`` groups)
+    and the 1×1 conv. Weights are seeded random numbers of the real shapes; input ``x`` has
+    ``config.input_shape``.
     """
     rng = np.random.default_rng(seed)
     dtype = np.dtype(config.dtype)
@@ -187,39 +315,56 @@ def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto
     regular_inits = [const("W", (n, c, *config.kernel))] + ([const("B", (n,))] if config.bias else [])
     regular = model([helper.make_node("Conv", regular_inputs, ["y"], group=1, **spatial)], regular_inits)
     mid, group = config.mid_channels, config.mid_group
+    r = mid // c
+    if group == c and r > 1 and mid == c * r:  # split depthwise form, as rewrite.py emits it
+        first = [helper.make_node("Conv", ["x", f"D{j}"], [f"t{j}"], group=c, **spatial) for j in range(r)]
+        first.append(helper.make_node("Concat", [f"t{j}" for j in range(r)], ["t"], axis=1))
+        first_inits = [const(f"D{j}", (c, 1, *config.kernel)) for j in range(r)]
+    else:
+        first = [helper.make_node("Conv", ["x", "D"], ["t"], group=group, **spatial)]
+        first_inits = [const("D", (mid, c // group, *config.kernel))]
     separable = model(
-        [helper.make_node("Conv", ["x", "D"], ["t"], group=group, **spatial),
-         helper.make_node("Conv", ["t", "P", "B"], ["y"], kernel_shape=ones, group=1)],
-        [const("D", (mid, c // group, *config.kernel)), const("P", (n, mid, *ones)), const("B", (n,))])
+        first + [helper.make_node("Conv", ["t", "P", "B"], ["y"], kernel_shape=ones, group=1)],
+        first_inits + [const("P", (n, mid, *ones)), const("B", (n,))])
     return regular, separable
 
 
-def _session(model: onnx.ModelProto, threads: int):
+def _session(model: onnx.ModelProto, threads: int, providers: Sequence[str]):
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                providers=["CPUExecutionProvider"])
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:  # onnxruntime would fall back to the CPU with only a warning
+        raise ValueError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime")
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=list(providers))
 
 
-def ort_timer(config: ConvConfig, *, budget_s: float = 0.15, min_runs: int = 7, max_runs: int = 100,
-              warmup: int = 2, seed: int = 0) -> Timing:
-    """Median onnxruntime latency of the regular conv and its replacement, interleaved.
+def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min_runs: int = 7,
+              max_runs: int = 100, warmup: int = 2, seed: int = 0) -> Timing:
+    """Per-round onnxruntime latencies of the regular conv and its replacement, interleaved,
+    summarised by :meth:`Timing.from_samples`.
 
     A first pass of 3 rounds (after ``warmup`` untimed calls each) estimates the time per round;
-    the second pass runs ``budget_s / round`` rounds, clamped to ``[min_runs, max_runs]``.
+    the second pass runs ``scale · budget_s / round`` rounds, clamped to
+    ``[scale · min_runs, scale · max_runs]``. The sessions use ``config.threads`` and
+    ``config.providers``.
+
+    Raises
+    ------
+    TimingError
+        onnxruntime cannot build or run the probe models, or lacks one of the providers.
     """
     regular, separable = conv_pair_models(config, seed)
     x = np.random.default_rng(seed).standard_normal(config.input_shape).astype(config.dtype)
     try:
-        sessions = [_session(regular, config.threads), _session(separable, config.threads)]
+        sessions = [_session(m, config.threads, config.providers) for m in (regular, separable)]
         fns = [lambda s=s: s.run(None, {"x": x}) for s in sessions]
         probe = interleaved_timings(fns, runs=3, warmup=warmup)
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
     per_round = float(sum(np.median(t) for t in probe))
-    runs = int(np.clip(budget_s / max(per_round, 1e-9), min_runs, max_runs))
+    runs = int(np.clip(scale * budget_s / max(per_round, 1e-9), scale * min_runs, scale * max_runs))
     times = interleaved_timings(fns, runs=runs, warmup=0)
-    return Timing(1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])), runs)
+    return Timing.from_samples(1e3 * times[0], 1e3 * times[1])
 
 
 class LatencySelector:
@@ -227,48 +372,86 @@ class LatencySelector:
 
     Parameters
     ----------
-    timer : callable ``ConvConfig → Timing``, optional
+    timer : callable ``(ConvConfig, scale) → Timing``, optional
         Default :func:`ort_timer`. Tests inject a cost function here.
     threads : int, optional
         onnxruntime intra-op threads for the timing (default: the CPUs this process may use).
     min_gain : float
         Required relative gain of the separable median, see :func:`decide`.
+    cache : TimingCache, optional
+        Persistent timings: looked up before timing, every new timing is stored in it. Without
+        one, timings live for this selector only.
+    providers : sequence of str
+        onnxruntime execution providers of the probe sessions (part of every configuration).
+
+    Attributes
+    ----------
+    timings : dict
+        This selector's timing (or :class:`TimingError`) of every configuration it saw.
+    cache_hits : set of ConvConfig
+        The configurations whose timing was found in the persistent cache.
     """
 
     def __init__(self, timer: Timer | None = None, *, threads: int | None = None,
-                 min_gain: float = MIN_GAIN):
+                 min_gain: float = MIN_GAIN, cache: TimingCache | None = None,
+                 providers: Sequence[str] = DEFAULT_PROVIDERS):
         self.timer = timer or ort_timer
         self.threads = threads or default_threads()
         self.min_gain = min_gain
-        self.cache: dict[ConvConfig, Timing | TimingError] = {}
+        self.cache = cache
+        self.providers = tuple(providers)
+        self.timings: dict[ConvConfig, Timing | TimingError] = {}
+        self.cache_hits: set[ConvConfig] = set()
 
     def config(self, layer: ConvLayer, input_shape: tuple[int, ...], *, mid_channels: int,
                mid_group: int) -> ConvConfig:
+        """The configuration of ``layer`` replaced by ``mid_channels`` channels in ``mid_group``
+        groups (``C·r`` and ``C`` prices the separable form at multiplier ``r``), with this
+        selector's threads and providers."""
         return ConvConfig.of(layer, input_shape, mid_channels=mid_channels, mid_group=mid_group,
-                             threads=self.threads)
+                             threads=self.threads, providers=self.providers)
 
     def timing(self, config: ConvConfig) -> Timing:
-        """The cached timing of ``config``, measured on first use.
+        """The timing of any configuration (e.g. an option at another multiplier): this
+        selector's, else the persistent cache's, else measured now and stored in both.
 
         Raises
         ------
         TimingError
-            The timer failed for this configuration (the failure is cached too).
+            The timer failed for this configuration (remembered by this selector, not persisted).
         """
-        if config not in self.cache:
-            try:
-                self.cache[config] = self.timer(config)
-            except TimingError as exc:
-                self.cache[config] = exc
-        result = self.cache[config]
+        result = self.timings.get(config)
+        if result is None:
+            result = self.cache.get(config) if self.cache is not None else None
+            if result is None:
+                return self._measure(config, retimes=0)
+            self.cache_hits.add(config)
+            self.timings[config] = result
         if isinstance(result, TimingError):
             raise result
         return result
 
     def decide(self, config: ConvConfig) -> Decision:
-        """:func:`decide` on the cached timing; a configuration that cannot be timed stays regular."""
+        """:func:`decide` on the configuration's timing, re-timed while the threshold lies inside
+        its noise band (at most :data:`MAX_RETIMES` times); a configuration that cannot be timed
+        stays regular."""
         try:
             timing = self.timing(config)
+            while within_noise(timing, self.min_gain) and timing.retimes < MAX_RETIMES:
+                timing = self._measure(config, retimes=timing.retimes + 1)
         except TimingError as exc:
             return Decision(False, f"not timed ({exc}); kept regular, --select all forces it")
         return decide(timing, self.min_gain)
+
+    def _measure(self, config: ConvConfig, retimes: int) -> Timing:
+        """Time ``config`` with ``RETIME_FACTOR ** retimes`` times the base budget and record the
+        result, replacing any earlier timing."""
+        try:
+            timing = replace(self.timer(config, RETIME_FACTOR ** retimes), retimes=retimes)
+        except TimingError as exc:
+            self.timings[config] = exc
+            raise
+        self.timings[config] = timing
+        if self.cache is not None:
+            self.cache.put(config, timing)
+        return timing

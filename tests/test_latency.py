@@ -1,29 +1,34 @@
-"""Tests of onnx_dwdecomp.latency: the decision rule, the cache, the probe models, and the
-pipeline's use of them. No test asserts a measured time: timings depend on the machine, so the
-decision logic is driven by injected cost functions and the real timer is only checked for
-well-formed results."""
+"""Tests of onnx_dwdecomp.latency: the decision rule and its noise band, the per-run cache, the
+probe models, and the pipeline's use of them. No test asserts a measured time: timings depend on
+the machine, so the decision logic is driven by injected cost functions (some returning per-round
+samples) and the real timer is only checked for well-formed results. The persistent cache is
+tested in test_timing_cache.py."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import run_model
+from conftest import conv_model, run_model
 from onnx_dwdecomp import latency, zoo
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import OptionError
-from onnx_dwdecomp.latency import (MIN_GAIN, ConvConfig, LatencySelector, Timing, TimingError,
-                                   conv_pair_models, decide, ort_timer)
+from onnx_dwdecomp.candidates import ConvLayer, conv_kinds, find_candidates
+from onnx_dwdecomp.latency import (BAND_Z, MAX_RETIMES, MIN_GAIN, RETIME_FACTOR, ConvConfig, LatencySelector,
+                                   Timing, TimingError, conv_pair_models, decide, ort_timer, within_noise)
 from onnx_dwdecomp.pipeline import decompose
+from onnx_dwdecomp.rewrite import Replacement, apply_replacements
+from onnx_dwdecomp.solve import svd_factors
 
 
 def _config(c=8, n=16, hw=10, stride=1, mult=1, threads=1, auto_pad="NOTSET", pads=(1, 1, 1, 1),
-            dilations=(1, 1), kernel=(3, 3), mid_group=None, bias=True):
+            dilations=(1, 1), kernel=(3, 3), mid_group=None, bias=True, providers=("CPUExecutionProvider",)):
     return ConvConfig((1, c, hw, hw), n, kernel, (stride, stride), pads, dilations, auto_pad,
-                      c * mult, c if mid_group is None else mid_group, bias, "float32", threads)
+                      c * mult, c if mid_group is None else mid_group, bias, "float32", threads, providers)
 
 
 @pytest.mark.parametrize("regular, separable, rewrite", [
@@ -43,14 +48,14 @@ def test_decide_threshold(regular, separable, rewrite):
 
 def test_min_gain_is_configurable():
     t = Timing(1.0, 0.85, runs=5)
-    assert LatencySelector(lambda c: t, threads=1, min_gain=0.10).decide(_config()).rewrite
-    assert not LatencySelector(lambda c: t, threads=1, min_gain=0.20).decide(_config()).rewrite
+    assert LatencySelector(lambda c, scale: t, threads=1, min_gain=0.10).decide(_config()).rewrite
+    assert not LatencySelector(lambda c, scale: t, threads=1, min_gain=0.20).decide(_config()).rewrite
 
 
 def test_cache_times_each_configuration_once():
     calls = []
 
-    def timer(config):
+    def timer(config, scale):
         calls.append(config)
         return Timing(1.0, 0.5 if config.input_shape[1] > 3 else 1.2, runs=3)
 
@@ -64,15 +69,15 @@ def test_cache_times_each_configuration_once():
     # every field that changes the latency is part of the key
     for other in (_config(mult=2, threads=2), _config(threads=1), _config(hw=12, threads=2),
                   _config(stride=2, threads=2), _config(bias=False, threads=2),
-                  _config(auto_pad="SAME_UPPER", threads=2)):
+                  _config(auto_pad="SAME_UPPER", threads=2), _config(threads=2, providers=("X", "Y"))):
         sel.decide(other)
-    assert len(calls) == len(sel.cache) == 8
+    assert len(calls) == len(sel.timings) == 9 and not sel.cache_hits
 
 
 def test_timer_failure_keeps_the_conv_and_is_cached():
     calls = []
 
-    def timer(config):
+    def timer(config, scale):
         calls.append(config)
         raise TimingError("onnxruntime cannot run it")
 
@@ -83,6 +88,91 @@ def test_timer_failure_keeps_the_conv_and_is_cached():
     assert len(calls) == 1
     with pytest.raises(TimingError):
         sel.timing(_config())
+
+
+# ------------------------------------------------------------------------------- noise band
+
+
+def _noisy(ratio: float, spread: float):
+    """A timer of 5·scale rounds: regular 1 ms, separable ``ratio·exp(spread·u)`` with
+    ``u = -1, -½, 0, ½, 1`` repeated, so every call has median ratio ``ratio`` and per-round
+    log-ratio MAD ``spread / 2``; also returns the list of scales it was called with."""
+    scales = []
+
+    def timer(config, scale):
+        scales.append(scale)
+        u = np.tile(np.linspace(-1, 1, 5), scale)
+        return Timing.from_samples(np.ones(u.size), ratio * np.exp(spread * u))
+
+    return timer, scales
+
+
+def _halfwidth(ratio, spread, n):
+    """The band of the module docstring for _noisy's samples: σ = 1.4826 · spread/2."""
+    return BAND_Z * math.sqrt(math.pi / 2) * 1.4826 * (spread / 2) / math.sqrt(n) * ratio
+
+
+def test_from_samples_summarises_the_rounds():
+    t = Timing.from_samples([1.0, 2.0, 1.0, 1.0, 1.0], [0.5, 1.0, 0.5, 0.5, 0.5])
+    assert (t.regular_ms, t.separable_ms, t.runs, t.retimes, t.cached) == (1.0, 0.5, 5, 0, False)
+    assert t.ratio_halfwidth == 0.0  # every round has ratio ½: noise that hits both cancels
+    u = np.linspace(-1, 1, 5)
+    t = Timing.from_samples(np.full(5, 2.0), 1.8 * np.exp(0.1 * u))
+    assert t.ratio == pytest.approx(0.9) and t.regular_iqr_ms == 0.0
+    assert t.separable_iqr_ms == pytest.approx(1.8 * (np.exp(0.05) - np.exp(-0.05)))
+    assert t.ratio_halfwidth == pytest.approx(_halfwidth(0.9, 0.1, 5))
+    for bad in (([], []), ([1.0, 2.0], [1.0])):
+        with pytest.raises(ValueError):
+            Timing.from_samples(*bad)
+
+
+@pytest.mark.parametrize("ratio, rewrite", [(0.5, True), (1.3, False)])
+def test_clear_win_or_loss_is_decided_at_once(ratio, rewrite):
+    timer, scales = _noisy(ratio, spread=0.1)
+    d = LatencySelector(timer, threads=1).decide(_config())
+    assert d.rewrite is rewrite and scales == [1]
+    assert (d.timing.runs, d.timing.retimes, d.timing.retimed) == (5, 0, False)
+    assert d.timing.ratio_halfwidth == pytest.approx(_halfwidth(ratio, 0.1, 5))
+    assert "re-timed" not in d.reason and "within noise" not in d.reason
+
+
+@pytest.mark.parametrize("ratio, rewrite", [(0.94, True), (0.96, False)])
+def test_threshold_inside_the_band_is_retimed_with_more_rounds(ratio, rewrite):
+    # |ratio − 0.95| = 0.01: inside the band of 5 rounds, outside that of 15
+    assert _halfwidth(ratio, 0.02, 5) > 0.01 > _halfwidth(ratio, 0.02, 15)
+    timer, scales = _noisy(ratio, spread=0.02)
+    sel = LatencySelector(timer, threads=1)
+    d = sel.decide(_config())
+    assert scales == [1, RETIME_FACTOR] and d.rewrite is rewrite
+    assert (d.timing.runs, d.timing.retimes, d.timing.retimed) == (15, 1, True)
+    assert "re-timed 1×" in d.reason and "within noise" not in d.reason
+    assert sel.timings[_config()] == d.timing  # the re-timing replaced the first measurement
+    assert sel.decide(_config()) == d and len(scales) == 2  # and is not repeated
+
+
+def test_still_inside_the_band_after_the_last_retiming_decides_by_the_medians():
+    timer, scales = _noisy(0.94, spread=0.3)
+    d = LatencySelector(timer, threads=1).decide(_config())
+    assert scales == [RETIME_FACTOR ** k for k in range(MAX_RETIMES + 1)] == [1, 3, 9]
+    assert d.rewrite and d.timing.retimes == MAX_RETIMES and d.timing.runs == 45
+    assert within_noise(d.timing) and "within noise: decided by the medians" in d.reason
+
+
+@pytest.mark.parametrize("separable, halfwidth, rewrite, scales", [
+    (0.5, 0.25, True, [1]),                  # θ = 0.75 exactly on the upper band edge: decided
+    (1.0, 0.25, False, [1]),                 # θ exactly on the lower band edge: decided
+    (0.5, 0.25 + 1e-12, True, [1, 3, 9]),    # θ just inside: re-timed, then the medians
+])
+def test_threshold_at_the_band_edge(separable, halfwidth, rewrite, scales):
+    calls = []
+
+    def timer(config, scale):
+        calls.append(scale)
+        return Timing(1.0, separable, 10, ratio_halfwidth=halfwidth)
+
+    d = LatencySelector(timer, threads=1, min_gain=0.25).decide(_config())
+    assert d.rewrite is rewrite and calls == scales
+    assert within_noise(d.timing, 0.25) is (len(scales) > 1)
 
 
 @pytest.mark.parametrize("kw", [
@@ -100,7 +190,10 @@ def test_probe_models_match_the_real_replacement(kw):
         onnx.checker.check_model(m, full_check=True)
     c, mid, group = config.input_shape[1], config.mid_channels, config.mid_group
     shapes = {t.name: tuple(t.dims) for t in separable.graph.initializer}
-    assert shapes["D"] == (mid, c // group, *config.kernel)
+    if group == c and mid > c:  # split depthwise form: r convs of c·1 filters (as rewrite.py emits)
+        assert [shapes[f"D{j}"] for j in range(mid // c)] == [(c, 1, *config.kernel)] * (mid // c)
+    else:
+        assert shapes["D"] == (mid, c // group, *config.kernel)
     assert shapes["P"] == (config.out_channels, mid, 1, 1)
     assert [n.op_type for n in regular.graph.node] == ["Conv"]
     assert ("B" in {t.name for t in regular.graph.initializer}) is config.bias
@@ -108,11 +201,69 @@ def test_probe_models_match_the_real_replacement(kw):
     assert run_model(regular, x)[0].shape == run_model(separable, x)[0].shape
 
 
+def _structure(model: onnx.ModelProto) -> list[tuple]:
+    """Per node: op, group, weight shape, spatial attributes of k×k convs, and which earlier
+    nodes' outputs (by position) or graph inputs it reads: the form, without the names."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    made = {out: k for k, node in enumerate(model.graph.node) for out in node.output}
+    rows = []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        reads = [made.get(i, "input" if i in {v.name for v in model.graph.input} else "const")
+                 for i in node.input]
+        row = [node.op_type, reads]
+        if node.op_type == "Conv":
+            w = shapes[node.input[1]]
+            row += [attrs.get("group", 1), w, len(node.input) == 3]
+            if w[2:] != (1, 1):
+                row += [{k: attrs.get(k) for k in ("strides", "pads", "dilations", "auto_pad")}]
+        else:
+            row += [attrs]
+        rows.append(tuple(row))
+    return rows
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_probe_separable_model_has_the_rewritten_form(r):
+    """The separable probe is the graph rewrite.py emits for the same conv: at r > 1, r depthwise
+    convs (group C, one output channel per group), Concat(axis 1) in order, then the 1×1."""
+    c, n = 6, 10
+    w = np.random.default_rng(0).standard_normal((n, c, 3, 3)).astype(np.float32)
+    model = conv_model(w, np.ones(n, np.float32), hw=(10, 10), strides=[2, 2], pads=[1, 1, 1, 1])
+    layer = find_candidates(model).layers[0]
+    rewritten = apply_replacements(model, [Replacement(layer, svd_factors(layer.weight, layer.bias, r))])
+    config = ConvConfig.of(layer, (1, c, 10, 10), mid_channels=c * r, mid_group=c, threads=1)
+    _, probe = conv_pair_models(config)
+    onnx.checker.check_model(probe, full_check=True)
+    assert _structure(probe) == _structure(rewritten)
+    ops = [node.op_type for node in probe.graph.node]
+    assert ops == ["Conv"] * r + (["Concat"] if r > 1 else []) + ["Conv"]
+    assert conv_kinds(probe) == {"depthwise": r, "pointwise": 1}
+    x = {"x": np.zeros(config.input_shape, np.float32)}
+    assert run_model(probe, x)[0].shape == run_model(model, x)[0].shape
+
+
 def test_ort_timer_returns_medians_within_budget():
-    t = ort_timer(_config(c=4, n=4, hw=6), budget_s=0.01, min_runs=3, max_runs=5)
-    assert 3 <= t.runs <= 5
-    assert np.isfinite(t.regular_ms) and t.regular_ms > 0
-    assert np.isfinite(t.separable_ms) and t.separable_ms > 0
+    for scale in (1, 2):
+        t = ort_timer(_config(c=4, n=4, hw=6), scale, budget_s=0.01, min_runs=3, max_runs=5)
+        assert 3 * scale <= t.runs <= 5 * scale
+        assert np.isfinite(t.regular_ms) and t.regular_ms > 0
+        assert np.isfinite(t.separable_ms) and t.separable_ms > 0
+        assert min(t.regular_iqr_ms, t.separable_iqr_ms, t.ratio_halfwidth) >= 0
+        assert np.isfinite(t.ratio_halfwidth) and t.retimes == 0 and not t.cached
+
+
+def test_providers_reach_the_probe_sessions():
+    layer = ConvLayer("conv", 0, "x", "y", np.zeros((16, 8, 3, 3), np.float32), None, (1, 1), (1, 1, 1, 1),
+                      (1, 1), "NOTSET")
+    sel = LatencySelector(threads=1, providers=("NoSuchExecutionProvider", "CPUExecutionProvider"))
+    config = sel.config(layer, (1, 8, 10, 10), mid_channels=16, mid_group=8)
+    assert config.providers == ("NoSuchExecutionProvider", "CPUExecutionProvider")
+    assert config.mid_channels == 16 and config.threads == 1
+    d = sel.decide(config)  # the real timer: onnxruntime would silently fall back to the CPU
+    assert not d.rewrite and "NoSuchExecutionProvider not available" in d.reason
+    assert LatencySelector(threads=1).config(layer, (1, 8, 10, 10), mid_channels=8, mid_group=8).providers \
+        == ("CPUExecutionProvider",)
 
 
 def test_ort_timer_failure_is_a_timing_error():
@@ -123,7 +274,7 @@ def test_ort_timer_failure_is_a_timing_error():
 # ------------------------------------------------------------------------------- pipeline
 
 
-def _stem_is_slow(config: ConvConfig) -> Timing:
+def _stem_is_slow(config: ConvConfig, scale: int = 1) -> Timing:
     """A cost model shaped like the measurements: few input channels gain nothing."""
     c = config.input_shape[1]
     return Timing(1.0, 1.25 if c <= 3 else 0.4, runs=1)
@@ -156,7 +307,7 @@ def test_pipeline_latency_selection_keeps_the_stem(monkeypatch):
 
 
 def test_select_all_times_nothing(monkeypatch):
-    def boom(config):
+    def boom(config, scale):
         raise AssertionError("select='all' must not time anything")
 
     monkeypatch.setattr(latency, "ort_timer", boom)
