@@ -3,10 +3,12 @@ r"""Choosing each layer's depth multiplier under a MACs or an error budget — n
 The problem
 -----------
 Layers ``l = 1..L`` each have options ``o``: *skip* (keep the regular conv: error 0, full
-cost) or a depth multiplier ``r`` (cost ``c_lo`` MACs, predicted error ``e_lo``). Choose one
-option per layer.
+cost) or a depth multiplier ``r`` (cost ``c_lo``, predicted error ``e_lo``). Choose one
+option per layer. The cost is the option's *price*: its MACs, or its measured onnxruntime
+latency (``price="latency"``, counted in whole nanoseconds; the sum of per-conv latencies
+stands for the model's, the other nodes being the same before and after).
 
-- MACs budget:  minimise ``Σ_l w_l e_lo``  subject to  ``Σ_l c_lo ≤ C``;
+- cost budget:  minimise ``Σ_l w_l e_lo``  subject to  ``Σ_l c_lo ≤ C``;
 - error budget: minimise ``Σ_l c_lo``      subject to  ``Σ_l w_l e_lo ≤ E``.
 
 The errors are *relative response errors* ``E‖Wx − Ŵx̂‖² / E‖Wx − E[Wx]‖²`` (squared,
@@ -46,15 +48,27 @@ import numpy as np
 SKIP = 0
 #: Default number of cost units of the DP (see the module docstring).
 RESOLUTION = 1 << 15
+#: What an option costs: its MACs, or its measured latency.
+PRICES = ("macs", "latency")
 
 
 @dataclass(frozen=True)
 class Option:
-    """One choice for a layer: ``multiplier`` (``SKIP`` = keep it regular), its MACs and predicted error."""
+    """One choice for a layer: ``multiplier`` (``SKIP`` = keep it regular), its MACs, predicted
+    error and measured latency in milliseconds (None when not timed)."""
 
     multiplier: int
     macs: int
     error: float
+    latency_ms: float | None = None
+
+    def cost(self, price: str) -> int:
+        """The option's cost as an integer: MACs, or latency in nanoseconds."""
+        if price == "macs":
+            return self.macs
+        if self.latency_ms is None:
+            raise ValueError(f"option r={self.multiplier} has no latency to price")
+        return int(round(self.latency_ms * 1e6))
 
 
 @dataclass(frozen=True)
@@ -74,16 +88,21 @@ class LayerCurve:
 
 @dataclass(frozen=True)
 class Allocation:
-    """One option per layer: ``multipliers[name]`` (``SKIP`` = regular), total MACs and weighted error."""
+    """One option per layer: ``multipliers[name]`` (``SKIP`` = regular), total MACs, weighted
+    error and total latency (None unless every chosen option was timed)."""
 
     multipliers: dict[str, int]
     macs: int
     error: float
     exact: bool  # True when the DP ran on exact costs (gcd units), False when costs were rounded up
+    latency_ms: float | None = None
 
 
-def check_curves(curves: list[LayerCurve]) -> None:
-    """Raise ValueError on an empty option list, duplicate names, negative or non-finite values."""
+def check_curves(curves: list[LayerCurve], price: str = "macs") -> None:
+    """Raise ValueError on an empty option list, duplicate names, negative or non-finite values,
+    or an option without a latency when pricing by latency."""
+    if price not in PRICES:
+        raise ValueError(f"price {price!r}: expected one of {', '.join(PRICES)}")
     names = [c.name for c in curves]
     if len(set(names)) != len(names):
         raise ValueError("layer names must be unique")
@@ -95,6 +114,9 @@ def check_curves(curves: list[LayerCurve]) -> None:
         for o in c.options:
             if o.macs < 0 or not (math.isfinite(o.error) and o.error >= 0):
                 raise ValueError(f"{c.name}: option {o} needs MACs ≥ 0 and a finite error ≥ 0")
+            if price == "latency" and not (o.latency_ms is not None and math.isfinite(o.latency_ms)
+                                           and o.latency_ms >= 0):
+                raise ValueError(f"{c.name}: option {o} needs a finite latency ≥ 0")
 
 
 def reachable_macs(curves: list[LayerCurve]) -> tuple[int, int]:
@@ -113,14 +135,26 @@ def evaluate(curves: list[LayerCurve], multipliers: dict[str, int]) -> tuple[int
     return macs, error
 
 
+def total_latency(curves: list[LayerCurve], multipliers: dict[str, int]) -> float | None:
+    """Sum of the chosen options' latencies (ms); None when one of them was not timed."""
+    chosen = [c.option(multipliers[c.name]).latency_ms for c in curves]
+    return None if any(t is None for t in chosen) else float(sum(chosen))
+
+
+def _allocation(curves: list[LayerCurve], multipliers: dict[str, int], exact: bool) -> Allocation:
+    macs, error = evaluate(curves, multipliers)
+    return Allocation(multipliers, macs, error, exact, total_latency(curves, multipliers))
+
+
 class _Table:
     """The DP of the module docstring over all units ``0..Σ max q``."""
 
-    def __init__(self, curves: list[LayerCurve], resolution: int):
-        check_curves(curves)
+    def __init__(self, curves: list[LayerCurve], resolution: int, price: str):
+        check_curves(curves, price)
         self.curves = curves
-        base = [min(o.macs for o in c.options) for c in curves]
-        extra = [[o.macs - b for o in c.options] for c, b in zip(curves, base)]
+        costs = [[o.cost(price) for o in c.options] for c in curves]
+        base = [min(cost) for cost in costs]
+        extra = [[v - b for v in cost] for cost, b in zip(costs, base)]
         self.base = sum(base)
         span = sum(max(e) for e in extra)
         g = 0
@@ -147,9 +181,9 @@ class _Table:
             self.choice[idx] = pick
         self.best = best
 
-    def units(self, macs: int) -> int:
-        """Units available for the extra costs when the layers may use ``macs`` MACs in all."""
-        return int(min((macs - self.base) // self.unit, len(self.best) - 1))
+    def units(self, cost: int) -> int:
+        """Units available for the extra costs when the layers may cost ``cost`` in all."""
+        return int(min((cost - self.base) // self.unit, len(self.best) - 1))
 
     def backtrack(self, j: int) -> Allocation:
         chosen: dict[str, int] = {}
@@ -158,27 +192,30 @@ class _Table:
             c = self.curves[idx]
             chosen[c.name] = c.options[k].multiplier
             j -= int(self.q[idx][k])
-        chosen = {c.name: chosen[c.name] for c in self.curves}
-        macs, error = evaluate(self.curves, chosen)
-        return Allocation(chosen, macs, error, self.exact)
+        return _allocation(self.curves, {c.name: chosen[c.name] for c in self.curves}, self.exact)
 
 
-def allocate_macs(curves: list[LayerCurve], max_macs: int, *, resolution: int = RESOLUTION) -> Allocation:
-    """Least weighted predicted error with the layers' total MACs ≤ ``max_macs``.
+def allocate_cost(curves: list[LayerCurve], max_cost: int, *, price: str = "macs",
+                  resolution: int = RESOLUTION) -> Allocation:
+    """Least weighted predicted error with the layers' total cost ≤ ``max_cost`` (MACs, or
+    nanoseconds with ``price="latency"``).
 
-    Raises ValueError when even the cheapest option of every layer exceeds ``max_macs``.
+    Raises ValueError when even the cheapest option of every layer exceeds ``max_cost``.
     """
-    lo, hi = reachable_macs(curves)
-    if max_macs < lo:
-        raise ValueError(f"MACs budget {max_macs} below the least reachable {lo} (range {lo}..{hi})")
-    table = _Table(curves, resolution)
-    return table.backtrack(table.units(max_macs))
+    check_curves(curves, price)
+    lo = sum(min(o.cost(price) for o in c.options) for c in curves)
+    if max_cost < lo:
+        hi = sum(max(o.cost(price) for o in c.options) for c in curves)
+        raise ValueError(f"{price} budget {max_cost} below the least reachable {lo} (range {lo}..{hi})")
+    table = _Table(curves, resolution, price)
+    return table.backtrack(table.units(max_cost))
 
 
-def allocate_error(curves: list[LayerCurve], max_error: float, *, resolution: int = RESOLUTION) -> Allocation:
-    """Fewest MACs with weighted predicted error ≤ ``max_error`` (≥ 0; all-skip has error 0
-    when every layer has a zero-error option, e.g. skip)."""
-    table = _Table(curves, resolution)
+def allocate_error(curves: list[LayerCurve], max_error: float, *, price: str = "macs",
+                   resolution: int = RESOLUTION) -> Allocation:
+    """Least cost (MACs, or latency with ``price="latency"``) with weighted predicted error ≤
+    ``max_error`` (≥ 0; all-skip has error 0 when every layer has a zero-error option, e.g. skip)."""
+    table = _Table(curves, resolution, price)
     ok = np.flatnonzero(table.best <= max_error)
     if not len(ok):
         raise ValueError(f"no allocation has predicted error ≤ {max_error} "
@@ -190,5 +227,4 @@ def uniform(curves: list[LayerCurve], multiplier: int) -> Allocation:
     """Every layer at ``multiplier`` where it has that option, else skipped (for comparisons)."""
     chosen = {c.name: multiplier if any(o.multiplier == multiplier for o in c.options) else SKIP
               for c in curves}
-    macs, error = evaluate(curves, chosen)
-    return Allocation(chosen, macs, error, True)
+    return _allocation(curves, chosen, True)

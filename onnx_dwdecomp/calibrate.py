@@ -12,6 +12,29 @@ temporary folder once they exceed a memory budget. Segments are in-memory models
 tensors are graph outputs, so onnxruntime's graph optimisations (fusions, layout changes) can
 stay on: they never remove a graph output (about 20 % faster than with optimisations off).
 
+Cut tensors, by dataflow (:func:`plan_segments`, :class:`TensorStore`):
+
+- *static*: no graph input reaches them (``Constant`` weights, casts of initializers). Each
+  segment recomputes them (:func:`static_producers`).
+- *shape-derived*: graph inputs reach them only through inputs that an op reads for their
+  metadata, never their values — the shape (``Shape``, ``Size``, ``EyeLike``) or the element
+  type (``CastLike``'s second input). These are the ``Shape → Gather → Cast/Mul → Range/
+  Reshape/Expand/ConstantOfShape/Concat`` chains and 0-d scalars of torch.onnx exports. They
+  carry no sample axis but may depend on the batch's row count (``Shape(x)[0]``): kept *per
+  batch*, one value per calibration batch. They are computed for both networks, not shared: a
+  shape can depend on values (``NonZero``, a ``Reshape`` to a computed target).
+- the rest depend on the data: kept *per sample*, one array with sample ``i`` in row ``i``,
+  while every batch's value has that batch's row count (padded count included) as its leading
+  dimension and the same trailing shape; otherwise — a sample axis elsewhere, like an RNN's
+  (T, N, C) output, or none, like a reduction over the batch — per batch too.
+
+Segments run the same batches in the same order, so either way a segment is fed exactly what
+the previous one computed for that batch, the padding rows of a fixed-batch model's last batch
+included. A decomposed conv's input must come out per sample, since the statistics read it row
+by row; it is never made per batch for being shape-derived (a Conv's axis 0 is its batch axis,
+e.g. a parameter expanded to the batch), and one that is not per sample stops calibration with
+a :class:`~onnx_dwdecomp.errors.CalibrationError`.
+
 Statistics, not activations: at ``positions`` seeded output positions per sample we gather the
 patch vectors (length ``C_in·kh·kw``; statistics come out channel-major like the conv weight) and accumulate
 running sums (float64) — ``Σx``, ``Σx̂``, ``Σx̂x̂ᵀ``, ``Σ(Wx)x̂ᵀ``, ``ΣWx``, ``Σ‖Wx‖²`` — from
@@ -22,6 +45,7 @@ the held-out patches (:func:`heldout_response_error`).
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import time
@@ -33,7 +57,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calibdata import CalibrationData, pad_feeds
+from .calibdata import CalibrationData
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
@@ -181,7 +205,8 @@ class Segment:
 
     ``static_nodes`` are earlier nodes whose outputs do not depend on any graph input
     (``Constant`` weights as Paddle2ONNX writes them, casts of initializers): the segment
-    model recomputes them instead of storing them per sample as cut tensors.
+    model recomputes them instead of storing them per sample as cut tensors. ``per_batch``
+    are the shape-derived ``outputs``, kept per batch whatever their shape (module docstring).
     """
 
     start: int
@@ -189,6 +214,7 @@ class Segment:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     static_nodes: tuple[int, ...] = ()
+    per_batch: tuple[str, ...] = ()
 
 
 #: Ops whose output differs between runs even without inputs: never treated as static.
@@ -208,6 +234,33 @@ def static_producers(graph: onnx.GraphProto) -> dict[str, int]:
     return producers
 
 
+#: Inputs (by position) an op reads only the metadata of, its shape or element type, never its values.
+_METADATA_INPUTS = {"Shape": (0,), "Size": (0,), "EyeLike": (0,), "CastLike": (1,)}
+
+
+def shape_derived(graph: onnx.GraphProto) -> set[str]:
+    """Node outputs that graph inputs reach only through metadata reads (see the module docstring).
+
+    One pass in graph order: a node's outputs depend on the data when it reads a data-dependent
+    tensor's values (subgraphs' outer-scope reads count as value reads) or is random; otherwise,
+    unless static, they are shape-derived.
+    """
+    data = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    static = set(static_producers(graph))
+    derived: set[str] = set()
+    for node in graph.node:
+        outputs = {o for o in node.output if o}
+        if outputs <= static:
+            continue
+        metadata = _METADATA_INPUTS.get(node.op_type, ())
+        values = {name for pos, name in enumerate(node.input) if name and pos not in metadata}
+        if node.op_type in _RANDOM_OPS or (values | _subgraph_reads(node)) & data:
+            data |= outputs
+        else:
+            derived |= outputs
+    return derived
+
+
 def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str, int]) -> set[int]:
     """Indices of the static nodes needed to compute ``names``."""
     needed: set[int] = set()
@@ -221,9 +274,13 @@ def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str
 
 
 def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
-    """Segments between successive cut positions (node indices; a cut sits before its node)."""
+    """Segments between successive cut positions (node indices; a cut sits before its node).
+
+    The first input of a node at a cut (a decomposed conv's input) is never ``per_batch``.
+    """
     graph = model.graph
     producers = static_producers(graph)
+    per_batch = shape_derived(graph) - {graph.node[stop].input[0] for stop in cuts}
     constants = {t.name for t in graph.initializer} | set(producers)
     last_use: dict[str, int] = {}
     for index, node in enumerate(graph.node):
@@ -240,7 +297,8 @@ def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
         inputs = sorted(r for r in reads if r not in produced and r not in constants)
         outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop and p not in producers)
         static = _static_closure({r for r in reads if r not in produced}, graph, producers)
-        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs), tuple(sorted(static))))
+        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs), tuple(sorted(static)),
+                                tuple(o for o in outputs if o in per_batch)))
         start = stop
     return segments
 
@@ -273,23 +331,44 @@ def segment_model(model: onnx.ModelProto, seg: Segment, infos: dict[str, TensorI
     return seg_model
 
 
-class TensorStore:
-    """Cut tensors for all samples; memory-mapped in a private temp folder past the budget."""
+class _PerBatch(list):
+    """A tensor's values kept per batch, in batch order; ``nbytes``: those held in memory."""
 
-    def __init__(self, budget: int, tmp_dir: str):
-        self.arrays: dict[str, np.ndarray] = {}
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+
+class TensorStore:
+    """One network's cut tensors, batch by batch exactly as the segments computed them.
+
+    Batch ``b`` covers ``ranges[b] = (start, rows)``: samples from ``start`` on, ``rows`` rows
+    (beyond its samples only when a fixed-batch model pads the last batch). A per-sample tensor
+    is one array of the batches' values stacked along axis 0 (sample ``i`` in row ``i``, padding
+    rows last); a per-batch tensor is the list of its values (:class:`_PerBatch`). Which one a
+    tensor gets: module docstring. Arrays go to memory-mapped files in a private temporary
+    folder once the bytes in memory (both stores together, ``shared()``) would pass the budget.
+    """
+
+    def __init__(self, budget: int, tmp_dir: str, n: int, batch: int, fixed_batch: int | None):
+        self.values: dict[str, np.ndarray | _PerBatch] = {}
+        self.n = n
+        self.ranges = [(start, fixed_batch or min(batch, n - start)) for start in range(0, n, batch)]
+        self.rows = self.ranges[-1][0] + self.ranges[-1][1]
         self.budget = budget
         self.tmp_dir = tmp_dir
         self.spilled_bytes = 0  # everything ever written to disk
         self._counter = 0
 
     def in_memory(self) -> dict[int, int]:
-        """id → bytes of the arrays held in memory (ids: the two stores share arrays at first)."""
-        return {id(a): a.nbytes for a in self.arrays.values() if not isinstance(a, np.memmap)}
+        """id → bytes held in memory, per tensor (ids: the two stores share values at first)."""
+        return {id(v): v.nbytes for v in self.values.values() if not isinstance(v, np.memmap)}
 
-    def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype, shared_bytes: Callable[[], int]) -> np.ndarray:
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype, shared_bytes: Callable[[], int]) -> np.ndarray:
+        """An uninitialised array, memory-mapped if it would take the bytes in memory past the
+        budget — unless it is smaller than a page, which a file of its own would not save."""
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if shared_bytes() + nbytes > self.budget:
+        if nbytes >= mmap.PAGESIZE and shared_bytes() + nbytes > self.budget:
             self._counter += 1
             path = os.path.join(self.tmp_dir, f"t{self._counter}.bin")
             arr = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
@@ -300,13 +379,66 @@ class TensorStore:
             self.spilled_bytes += nbytes
         else:
             arr = np.empty(shape, dtype=dtype)
-        self.arrays[name] = arr
         return arr
+
+    def put(self, name: str, b: int, value: np.ndarray, shared_bytes: Callable[[], int],
+            per_batch: bool = False) -> None:
+        """Keep tensor ``name``'s ``value`` in batch ``b`` (a tensor's batches arrive in order from 0).
+
+        Unless ``per_batch``, the tensor is kept per sample as long as every value has its
+        batch's ``rows`` rows and the first value's trailing shape; the first value that does
+        not turns the rows stacked so far back into the earlier batches' values.
+        """
+        start, rows = self.ranges[b]
+        held = self.values.get(name) if b else None
+        per_sample = not per_batch and value.shape[:1] == (rows,)
+        if held is None:
+            held = (self.allocate((self.rows,) + value.shape[1:], value.dtype, shared_bytes) if per_sample
+                    else _PerBatch())
+        elif not isinstance(held, _PerBatch) and not (per_sample and value.shape[1:] == held.shape[1:]):
+            stacked, held = held, _PerBatch()
+            for s, r in self.ranges[:b]:
+                self._append(held, stacked[s:s + r], shared_bytes)
+        self.values[name] = held
+        if isinstance(held, _PerBatch):
+            self._append(held, value, shared_bytes)
+        else:
+            held[start:start + rows] = value
+
+    def _append(self, held: _PerBatch, value: np.ndarray, shared_bytes: Callable[[], int]) -> None:
+        arr = self.allocate(value.shape, value.dtype, shared_bytes)
+        arr[...] = value
+        held.append(arr)
+        if not isinstance(arr, np.memmap):
+            held.nbytes += arr.nbytes
+
+    def batch(self, name: str, b: int) -> np.ndarray:
+        """Tensor ``name`` in batch ``b``, as computed."""
+        held = self.values[name]
+        if isinstance(held, _PerBatch):
+            return held[b]
+        start, rows = self.ranges[b]
+        return np.asarray(held[start:start + rows])
+
+    def samples(self, name: str) -> np.ndarray:
+        """A per-sample tensor's rows of the ``n`` real samples (for the statistics)."""
+        held = self.values[name]
+        if isinstance(held, _PerBatch):
+            shapes = ", ".join(str(s) for s in dict.fromkeys(v.shape for v in held))
+            rows = "/".join(str(r) for r in sorted({r for _, r in self.ranges}, reverse=True))
+            raise CalibrationError(
+                f"tensor {name!r}, a decomposed conv's input, has no row per calibration sample: on "
+                f"batches of {rows} rows its values have shapes {shapes}, so its statistics cannot be "
+                f"gathered; leave that conv out with --exclude")
+        return held[:self.n]
 
 
 # ----------------------------------------------------------------------------- the driver
 
-SolveFn = Callable[[ConvLayer, LayerStats], "SeparableFactors | ChannelFactors"]
+#: ``solve(layer, fit_stats, heldout_error)``: factors from the fit statistics;
+#: ``heldout_error(factors)`` measures any candidate on the held-out patches (plan.py's curves).
+SolveFn = Callable[[ConvLayer, LayerStats, Callable[["SeparableFactors | ChannelFactors"], float]],
+                   "SeparableFactors | ChannelFactors"]
 
 
 @dataclass(frozen=True)
@@ -367,20 +499,18 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     names = NameAllocator.for_model(model)
 
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
-        orig = TensorStore(options.memory_budget, tmp)
-        approx = TensorStore(options.memory_budget, tmp)
+        orig = TensorStore(options.memory_budget, tmp, n, batch, fixed_batch)
+        approx = TensorStore(options.memory_budget, tmp, n, batch, fixed_batch)
 
         def shared() -> int:
             return sum((orig.in_memory() | approx.in_memory()).values())
 
         t0 = time.perf_counter()
-        for b in data.iter_batches(batch, pad_to=fixed_batch):
-            for name, value in b.feeds.items():
-                if name not in orig.arrays:
-                    arr = orig.allocate(name, (n,) + value.shape[1:], value.dtype, shared)
-                    approx.arrays[name] = arr  # identical until the first decomposed layer
-                orig.arrays[name][b.start:b.start + b.count] = value[:b.count]
-        heldout_inputs = {k: np.asarray(v[heldout]) for k, v in orig.arrays.items()}
+        for b, loaded in enumerate(data.iter_batches(batch, pad_to=fixed_batch)):
+            for name, value in loaded.feeds.items():
+                orig.put(name, b, value, shared)
+        approx.values.update(orig.values)  # identical until the first decomposed layer
+        heldout_inputs = {k: np.asarray(orig.samples(k)[heldout]) for k in orig.values}
         timing["load_data"] = time.perf_counter() - t0
 
         segments = plan_segments(model, [layer.node_index for layer in layers])
@@ -398,27 +528,31 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 if previous is not None:
                     replace = to_onnx_nodes(replacement_convs(previous, names))
                 if ahead is None:
-                    _advance(model, seg, infos, orig, None, n, batch, fixed_batch, shared)
-                if replace is None and all(approx.arrays[i] is orig.arrays[i] for i in seg.inputs):
-                    approx.arrays.update({o: orig.arrays[o] for o in seg.outputs})  # nothing decomposed yet
+                    _advance(model, seg, infos, orig, None, batch, shared)
+                if replace is None and all(approx.values[i] is orig.values[i] for i in seg.inputs):
+                    approx.values.update({o: orig.values[o] for o in seg.outputs})  # nothing decomposed yet
                 else:
-                    _advance(model, seg, infos, approx, replace, n, batch, fixed_batch, shared)
+                    _advance(model, seg, infos, approx, replace, batch, shared)
                 timing["forward"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                x_in, xhat_in = orig.arrays[layer.input], approx.arrays[layer.input]
+                x_in = orig.samples(layer.input)
+                xhat_in = (x_in if approx.values[layer.input] is orig.values[layer.input]
+                           else approx.samples(layer.input))
                 fit, positions = _layer_sums(layer, x_in, xhat_in, heldout, batch, options, k)
                 timing["statistics"] += time.perf_counter() - t0
 
                 ahead = None
                 if k + 1 < len(segments):
-                    ahead = worker.submit(_advance, model, segments[k + 1], infos, orig, None, n, batch,
-                                          fixed_batch, shared)
+                    ahead = worker.submit(_advance, model, segments[k + 1], infos, orig, None, batch, shared)
                 t0 = time.perf_counter()
                 fit_stats = fit.stats()
-                factors = solve(layer, fit_stats)
+                def heldout_error(f, layer=layer, x_in=x_in, xhat_in=xhat_in, positions=positions):
+                    return heldout_response_error(layer, f, x_in, xhat_in, heldout, positions, batch)
+
+                factors = solve(layer, fit_stats, heldout_error)
                 timing["solve"] += time.perf_counter() - t0
-                err = heldout_response_error(layer, factors, x_in, xhat_in, heldout, positions, batch)
+                err = heldout_error(factors)
                 results[layer.name] = CalibratedLayer(factors, err, fit.count)
                 previous = Replacement(layer, factors)
                 if ahead is not None:
@@ -430,8 +564,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 if k + 1 < len(segments):
                     alive = _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
                 for store in (orig, approx):
-                    for name in [nm for nm in store.arrays if nm not in alive]:
-                        del store.arrays[name]
+                    for name in [nm for nm in store.values if nm not in alive]:
+                        del store.values[name]
         spilled = orig.spilled_bytes + approx.spilled_bytes
     return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()), heldout_inputs,
                               options.positions, spilled, timing)
@@ -445,9 +579,8 @@ def _passthrough(segments: list[Segment], k: int) -> set[str]:
     return names
 
 
-def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, batch: int,
-             fixed_batch: int | None, shared) -> None:
-    """Run one segment over all samples, adding its output cut tensors to ``store``."""
+def _advance(model, seg: Segment, infos, store: TensorStore, replace, batch: int, shared) -> None:
+    """Run one segment over all calibration batches, adding its output cut tensors to ``store``."""
     if seg.stop == seg.start or not seg.outputs:
         return
     where = f"nodes {seg.start}..{seg.stop - 1} of the model on calibration batches of {batch}"
@@ -456,21 +589,29 @@ def _advance(model, seg: Segment, infos, store: TensorStore, replace, n: int, ba
     except Exception as exc:  # onnxruntime's own exception types
         raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
     outs = list(seg.outputs)
-    new: dict[str, np.ndarray] = {}
-    for start in range(0, n, batch):
-        stop = min(start + batch, n)
-        feeds = {name: np.asarray(store.arrays[name][start:stop]) for name in seg.inputs}
-        if fixed_batch:
-            feeds = pad_feeds(feeds, fixed_batch)
+    for b in range(len(store.ranges)):
+        feeds = {name: store.batch(name, b) for name in seg.inputs}
         try:
             values = run(session, feeds, outs)
         except Exception as exc:  # onnxruntime's own exception types
             raise CalibrationError(f"onnxruntime cannot run {where}: {first_line(exc)} "
                                    f"(a model that only runs at batch 1 needs --batch-size 1)") from exc
         for name, value in values.items():
-            if name not in new:
-                new[name] = store.allocate(name, (n,) + value.shape[1:], value.dtype, shared)
-            new[name][start:stop] = value[:stop - start]
+            store.put(name, b, value, shared, per_batch=name in seg.per_batch)
+
+
+#: Fit patches wanted per patch dimension D = C_in·kh·kw: the D×D moments need well over D
+#: patches to be full rank; below that the ridge decides the solution instead of the data.
+PATCHES_PER_DIM = 4
+
+
+def positions_per_sample(positions: int | None, total: int, dim: int, fit_samples: int) -> int:
+    """Output positions sampled per image: at least ``positions`` (None = all), raised so the fit
+    samples give ``PATCHES_PER_DIM · dim`` patches, capped at all ``total`` positions."""
+    if positions is None:
+        return total
+    wanted = -(-PATCHES_PER_DIM * dim // max(fit_samples, 1))
+    return min(total, max(positions, wanted))
 
 
 def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldout: np.ndarray,
@@ -480,7 +621,8 @@ def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldo
     oh, ow = output_hw(layer, (h, w))
     total = oh * ow
     rng = np.random.default_rng([options.seed, k])
-    per_image = total if options.positions is None or options.positions >= total else options.positions
+    per_image = positions_per_sample(options.positions, total, layer.weight.size // layer.weight.shape[0],
+                                     int((~heldout).sum()))
     if per_image == total:
         positions = np.broadcast_to(np.arange(total), (n, total))
     else:

@@ -20,7 +20,8 @@ from .modelio import default_output_path, load_model, save_model_atomic
 EPILOG = """\
 examples:
   onnx-dwdecomp model.onnx                          data-free SVD, writes model.dw.onnx
-  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD (asymmetric, multi-layer)
+  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 5 % output error
+  onnx-dwdecomp model.onnx --calib calib.npz --multiplier 1 --select all   the paper's uniform setting
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
   onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
   onnx-dwdecomp bench model.onnx model.dw.onnx      side-by-side onnxruntime latency
@@ -39,15 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="svd: data-free per-channel SVD; gsvd: data-driven generalized SVD with "
                         "inter-channel compensation and multi-layer correction; channel: Zhang et al. "
                         "channel decomposition at matched MACs (default: gsvd with --calib, else svd)")
-    p.add_argument("--multiplier", type=int, default=1, metavar="R",
-                   help="depthwise filters per input channel, 1..kh·kw (default 1)")
+    p.add_argument("--multiplier", type=int, metavar="R",
+                   help="depthwise filters per input channel, 1..kh·kw, the same for every rewritten conv "
+                        "(default: with --calib each conv gets its own, the fastest plan within the "
+                        "default error bound; without data 1)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-macs", type=float, metavar="F",
                         help="choose each conv's multiplier (or keep it regular) for the least predicted "
                              "error with output MACs ≤ F × the input model's (needs --calib)")
     budget.add_argument("--max-error", type=float, metavar="E",
-                        help="choose each conv's multiplier (or keep it regular) for the fewest MACs with "
-                             "the outputs' relative L2 error on held-out samples ≤ E (needs --calib)")
+                        help="choose each conv's multiplier (or keep it regular) for the fastest plan "
+                             "(fewest MACs with --select all) with the outputs' relative L2 error on "
+                             "held-out calibration samples ≤ E (needs --calib; default with --calib: 0.05)")
     p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="only rewrite Conv nodes whose name matches one of these globs")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
@@ -75,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: rewrite a conv only where onnxruntime runs depthwise + pointwise at "
                         "least 5 %% faster than the regular conv, timed on this machine (default); "
                         "all: rewrite every candidate (reproducible output)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--timing-cache", metavar="PATH",
+                       help="persistent onnxruntime timing cache (default: onnx_dwdecomp/timing_cache.json in "
+                            "$XDG_CACHE_HOME or ~/.cache); a file to commit next to a model or share")
+    cache.add_argument("--no-timing-cache", action="store_true",
+                       help="measure every timing afresh and store nothing")
     p.add_argument("--threads", type=int, metavar="N",
                    help="onnxruntime threads for the latency timing (default: all CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random inputs (default 0)")
@@ -120,6 +130,7 @@ def _options_from_args(args: argparse.Namespace) -> dict:
                 batch_size=args.batch_size, positions=positions, symmetric=args.symmetric,
                 mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed,
                 select=args.select, threads=args.threads, target_macs=args.target_macs,
+                timing_cache=False if args.no_timing_cache else args.timing_cache,
                 max_error=args.max_error)
 
 

@@ -44,6 +44,7 @@ class LayerResult:
     iterations: int = 0
     fallback_channels: tuple[int, ...] = ()
     rank: int | None = None  # channel decomposition only
+    patches: int | None = None  # calibration patches its statistics were fitted on
 
 
 @dataclass(frozen=True)
@@ -174,21 +175,28 @@ class Report:
         if b is None:
             return []
         if b["mode"] == "target_macs":
-            head = (f"budget --target-macs {b['target']:g}: at most {b['macs_limit'] / 1e6:.3f} M MACs; "
+            head = (f"plan --target-macs {b['target']:g}: at most {b['macs_limit'] / 1e6:.3f} M MACs; "
                     f"{b['macs'] / 1e6:.3f} M reached (predicted {b['predicted_macs'] / 1e6:.3f} M)")
         else:
-            head = f"budget --max-error {b['target']:g}: {b['macs'] / 1e6:.3f} M MACs"
+            flag = "default bound" if b["default"] else "--max-error"
+            head = (f"plan ({flag}): held-out output rel. L2 ≤ {b['target']:g}, "
+                    f"{'fastest' if b['price'] == 'latency' else 'fewest MACs'}; {b['macs'] / 1e6:.3f} M MACs")
         measured = b["measured_output_rel_l2"]
         met = {True: "met", False: "NOT met", None: "not verified"}[b["met"]]
         lines = ["", f"{head} — {met}",
                  f"  output rel. L2: predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
-                 f"Σ layer errors {b['predicted_error_sum']:.3g}), measured "
+                 f"Σ layer errors {b['predicted_error_sum']:.3g}), measured on held-out samples "
                  + ("-" if measured is None else f"{measured:.3g}") + f", {len(b['rounds'])} round(s)"]
-        rows = [("layer", "r", "MMACs", "predicted error", "measured error")]
+        if b["latency_ms_before"] is not None and b["latency_ms_after"] is not None:
+            lines.append(f"  convs' latency (selection timings): {b['latency_ms_before']:.3f} ms → "
+                         f"{b['latency_ms_after']:.3f} ms (×{b['latency_ms_after'] / max(b['latency_ms_before'], 1e-12):.2f})")
+        rows = [("layer", "r", "MMACs", "ms (regular)", "predicted error", "held-out error", "patches")]
         for layer in b["layers"]:
             m = layer["measured_error"]
-            rows.append((layer["name"], str(layer["multiplier"]), f"{layer['macs'] / 1e6:.3f}",
-                         f"{layer['predicted_error']:.2e}", "-" if m is None else f"{m:.2e}"))
+            ms = "-" if layer["latency_ms"] is None else f"{layer['latency_ms']:.3f} ({layer['regular_ms']:.3f})"
+            rows.append((layer["name"], str(layer["multiplier"]), f"{layer['macs'] / 1e6:.3f}", ms,
+                         f"{layer['predicted_error']:.2e}", "-" if m is None else f"{m:.2e}",
+                         "-" if layer["patches"] is None else str(layer["patches"])))
         return lines + _table(rows)
 
     def _render_selection(self) -> list[str]:

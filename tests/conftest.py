@@ -117,3 +117,10 @@ def stats_from_samples(weight: np.ndarray, x: np.ndarray, x_hat: np.ndarray | No
 @pytest.fixture
 def tiny_net():
     return three_layer_net()
+
+
+@pytest.fixture(autouse=True)
+def _private_timing_cache(tmp_path_factory, monkeypatch):
+    """Latency selection's persistent timing cache goes to a folder of each test's own, never
+    the user's, and no test reads timings another test stored (some inject fake timers)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))

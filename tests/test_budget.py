@@ -17,12 +17,13 @@ from onnx_dwdecomp.budget import (
     LayerCurve,
     Option,
     allocate_error,
-    allocate_macs,
+    allocate_cost,
     reachable_macs,
 )
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
-from onnx_dwdecomp.pipeline import DecomposeOptions, _Budget, decompose
+from onnx_dwdecomp.pipeline import decompose
+from onnx_dwdecomp.plan import BudgetPlanner
 
 # ------------------------------------------------------------------------------ allocation
 
@@ -54,7 +55,7 @@ def test_macs_knapsack_is_optimal_and_within_budget(seed):
     lo, hi = reachable_macs(curves)
     everything = list(brute_force(curves))
     for budget_macs in np.linspace(lo, hi, 9).astype(int):
-        alloc = allocate_macs(curves, int(budget_macs))
+        alloc = allocate_cost(curves, int(budget_macs))
         assert alloc.exact  # integer costs: gcd units, the DP is exact
         assert alloc.macs <= budget_macs
         assert (alloc.macs, alloc.error) == budget.evaluate(curves, alloc.multipliers)
@@ -80,7 +81,7 @@ def test_rounded_costs_keep_the_budget():
     lo, hi = reachable_macs(curves)
     everything = list(brute_force(curves))
     for budget_macs in np.linspace(lo, hi, 7).astype(int):
-        alloc = allocate_macs(curves, int(budget_macs), resolution=16)
+        alloc = allocate_cost(curves, int(budget_macs), resolution=16)
         assert not alloc.exact
         assert alloc.macs <= budget_macs
         assert alloc.error >= min(e for m, e, _ in everything if m <= budget_macs) - 1e-15
@@ -90,7 +91,7 @@ def test_budget_of_uniform_r2_is_no_worse_than_uniform_r2():
     for seed in range(5):
         curves = synthetic_curves(8, seed)
         uni = budget.uniform(curves, 2)
-        alloc = allocate_macs(curves, uni.macs)
+        alloc = allocate_cost(curves, uni.macs)
         assert alloc.macs <= uni.macs
         assert alloc.error <= uni.error + 1e-15
     # and strictly better when layers differ: a nearly separable layer gives its MACs away
@@ -98,7 +99,7 @@ def test_budget_of_uniform_r2_is_no_worse_than_uniform_r2():
               LayerCurve("hard", (Option(SKIP, 90, 0.0), Option(1, 20, 0.5), Option(2, 40, 0.3),
                                   Option(3, 60, 0.1)))]
     uni = budget.uniform(curves, 2)
-    alloc = allocate_macs(curves, uni.macs)
+    alloc = allocate_cost(curves, uni.macs)
     assert alloc.multipliers == {"easy": 1, "hard": 3} and alloc.error < uni.error
 
 
@@ -106,57 +107,49 @@ def test_allocation_errors():
     curves = synthetic_curves(3, 0)
     lo, hi = reachable_macs(curves)
     with pytest.raises(ValueError, match="below the least reachable"):
-        allocate_macs(curves, lo - 1)
-    assert allocate_macs(curves, hi).error == 0.0  # everything fits: all skipped
+        allocate_cost(curves, lo - 1)
+    assert allocate_cost(curves, hi).error == 0.0  # everything fits: all skipped
     with pytest.raises(ValueError, match="unique"):
         budget.check_curves(curves + curves[:1])
     with pytest.raises(ValueError, match="finite"):
         budget.check_curves([LayerCurve("x", (Option(SKIP, 1, float("nan")),))])
 
 
+def _planner(curves, fixed, before, kappa):
+    return BudgetPlanner(mode="max_error", target=0.1, price="macs", curves=curves, fixed_macs=fixed,
+                         before_macs=before, kappa=kappa)
+
+
 def test_max_error_round_tightens_after_a_miss():
     curves = synthetic_curves(5, 1)
-    opts = DecomposeOptions(calib=np.zeros((2, 1)), max_error=0.1)
-    plan = _Budget(opts, curves, fixed_macs=1000, before_macs=1000 + reachable_macs(curves)[1], kappa=1e-3)
+    plan = _planner(curves, 1000, 1000 + reachable_macs(curves)[1], 1e-3)
     first = plan.allocation
     assert first.error <= 0.1 ** 2 / 1e-3
-
-    class Missed:  # a verification whose output error is twice the bound
-        def worst_rel_l2(self):
-            return 0.2
-
-    assert plan.revise(Missed(), "state 1", lambda _msg: None)
+    say = lambda _msg: None  # noqa: E731
+    # a round whose output error is twice the bound
+    assert plan.revise(0.2, say) is not None
     assert plan.kappa == pytest.approx(0.2 ** 2 / first.error)
     assert plan.allocation.error < first.error and plan.allocation.macs > first.macs
     assert plan.allocation.error <= (0.9 * 0.1) ** 2 / plan.kappa
-    plan.revise(Missed(), "state 2", lambda _msg: None)
-    assert not plan.revise(Missed(), "state 3", lambda _msg: None)  # at most MAX_ERROR_ROUNDS rounds
+    plan.revise(0.2, say)
+    assert plan.revise(0.2, say) is None  # at most MAX_ERROR_ROUNDS rounds
     assert len(plan.rounds) == 3
-    assert plan.final() == "state 3" and plan.met(0) is False  # nothing met: the last round
+    assert plan.final() is None  # nothing met: the caller falls back to the all-regular plan
 
 
 def test_max_error_round_loosens_after_a_hit_and_keeps_the_cheapest_hit():
     curves = synthetic_curves(5, 1)
-    opts = DecomposeOptions(calib=np.zeros((2, 1)), max_error=0.1)
-    plan = _Budget(opts, curves, fixed_macs=0, before_macs=reachable_macs(curves)[1], kappa=1.0)
+    plan = _planner(curves, 0, reachable_macs(curves)[1], 1.0)
     first = plan.allocation
-
-    class Measured:
-        def __init__(self, value):
-            self.value = value
-
-        def worst_rel_l2(self):
-            return self.value
-
+    say = lambda _msg: None  # noqa: E731
     # far below the bound: κ was pessimistic, the next round uses fewer MACs
-    assert plan.revise(Measured(0.01), "cheap enough", lambda _msg: None)
+    assert plan.revise(0.01, say) is not None
     assert plan.allocation.macs < first.macs
     # the looser round misses: it tightens again, but never to something dearer than the hit
-    more = plan.revise(Measured(0.5), "missed", lambda _msg: None)
-    if more:
+    if plan.revise(0.5, say) is not None:
         assert plan.allocation.macs < first.macs
-        plan.revise(Measured(0.5), "missed again", lambda _msg: None)
-    assert plan.final() == "cheap enough" and plan.met(0) is True
+        plan.revise(0.5, say)
+    assert plan.final() == 0 and plan.met(0) is True
     assert plan.allocation == first
 
 
@@ -212,7 +205,7 @@ def test_target_macs_end_to_end(net, calib):
                                                      p["macs"], p["predicted_error"]) for p in layer["curve"]))
               for layer in b["layers"]]
     assert b["predicted_error_sum"] <= budget.uniform(curves, 2).error + 1e-12
-    assert "budget --target-macs" in rep.render()
+    assert "plan --target-macs" in rep.render()
     json.dumps(rep.to_dict())
 
 

@@ -164,7 +164,8 @@ def test_constant_node_weights_are_not_cut_tensors():
     assert segments[1].static_nodes == (0,)  # [convA, Relu] brings the Constant producing WA
     from onnx_dwdecomp import decompose
     x = np.random.default_rng(1).normal(size=(20, 4, 16, 16)).astype(np.float32)
-    reports = [decompose(_two_conv_net(c), calib=x, batch_size=4, select="all")[1] for c in (True, False)]
+    reports = [decompose(_two_conv_net(c), calib=x, batch_size=4, select="all", multiplier=1)[1]
+               for c in (True, False)]
     # the same statistics and solves whatever holds the weights: identical per-layer errors
     assert [r.rel_error for r in reports[0].layers] == [r.rel_error for r in reports[1].layers]
     assert len(reports[0].layers) == 2
@@ -187,8 +188,8 @@ def test_onnxruntime_failure_in_a_segment_is_a_calibration_error():
     model.ir_version = 8
     x = rng.normal(size=(6, 4, 8, 8)).astype(np.float32)
     with pytest.raises(CalibrationError, match=r"onnxruntime cannot run nodes .* batches of 3: .*--batch-size 1"):
-        decompose(model, calib=x, batch_size=3, select="all")
-    _, report = decompose(model, calib=x, batch_size=1, select="all")  # the advice works
+        decompose(model, calib=x, batch_size=3, select="all", multiplier=1)
+    _, report = decompose(model, calib=x, batch_size=1, select="all", multiplier=1)  # the advice works
     assert len(report.layers) == 2
 
 
@@ -210,7 +211,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
     infos = infer_tensor_info(model, {"x": (1, 6, 12, 12)})
     layers = find_candidates(model, (), ()).layers
     outcomes = [calibrate_and_solve(model, layers, data, infos,
-                                    lambda layer, stats: gsvd_factors(layer.weight, layer.bias, stats, 1),
+                                    lambda layer, stats, _err: gsvd_factors(layer.weight, layer.bias, stats, 1),
                                     CalibrationOptions(batch_size=4, memory_budget=budget))
                 for budget in (1 << 30, 1)]
     assert outcomes[0].spilled_bytes == 0 and outcomes[1].spilled_bytes > 0

@@ -150,6 +150,7 @@ def solver_knobs(max_iter: int | None = None, ridge: float | None = None) -> Ite
 def run_row(label: str, evaluator: Evaluator, train: np.ndarray, slices: Sequence[slice], **options) -> Row:
     scores = []
     for part in slices:
+        options = {"multiplier": 1} | options if not ({"target_macs", "max_error"} & set(options)) else options
         model, _ = decompose(str(REGULAR), calib=train[part], exclude=EXCLUDE, select="all", seed=0,
                              verify=False, **options)
         scores.append(evaluator.score(model))
@@ -278,11 +279,11 @@ def _with(evaluator: Evaluator, train: np.ndarray, slices: Sequence[slice], labe
 def _single_layers(evaluator: Evaluator, train: np.ndarray, part: slice) -> list[tuple[str, Score, float]]:
     """(layer, score, the layer's held-out response error) with only that layer decomposed."""
     names = [s.name for s in decompose(str(REGULAR), calib=train[part][:8], exclude=EXCLUDE, select="all",
-                                       verify=False).report.layers]
+                                       multiplier=1, verify=False).report.layers]
     out = []
     for name in names:
         model, report = decompose(str(REGULAR), calib=train[part], include=(name,), select="all", seed=0,
-                                  verify=False)
+                                  multiplier=1, verify=False)
         out.append((name, evaluator.score(model), report.layers[0].rel_error))
         print(f"  {name}: test {100 * out[-1][1].test_top1:.1f} %", file=sys.stderr, flush=True)
     return out

@@ -3,7 +3,7 @@
 Usage::
 
     nice python tools/thirdparty.py [--models ppocr-det,ppocr-rec,ddddocr-ocr,ddddocr-det]
-        [--methods svd,gsvd] [--multipliers 1] [--calib-size 24] [--heldout-size 16]
+        [--methods gsvd] [--multipliers plan] [--calib-size 24] [--heldout-size 16] [--select latency]
         [--cache-dir ~/.cache/onnx_dwdecomp] [--threads 1] [--runs 30] [--out docs/THIRDPARTY.md]
         [--json results.json] [--exclude MODEL=GLOB ...]
 
@@ -584,7 +584,7 @@ def build_inputs(spec: ModelSpec, sources: dict, split: str, n: int, seed: int) 
 class Row:
     model: str
     method: str
-    multiplier: int
+    multiplier: int | str  # "plan": the package's default per-layer plan
     convs_rewritten: int
     convs_regular: int
     macs_before: int
@@ -666,15 +666,16 @@ def fidelity(spec: ModelSpec, ref: list[np.ndarray], new: list[np.ndarray],
 
 
 def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.ndarray, *, method: str,
-             multiplier: int, out_dir: Path, threads: int, runs: int, seed: int,
+             multiplier: int | str, out_dir: Path, threads: int, runs: int, seed: int,
              exclude: Sequence[str], log: Callable[[str], None], select: str | None = "all") -> Row:
     import onnx
 
     import onnx_dwdecomp
     from onnx_dwdecomp.bench import interleaved_timings
 
-    opts = {"method": method, "multiplier": multiplier, "exclude": tuple(spec.exclude) + tuple(exclude),
-                "seed": seed, "batch_size": 8, "verify": False}
+    planned = multiplier == "plan"  # the package default: per-layer plan within the error bound
+    opts = {"method": method, "multiplier": None if planned else multiplier,
+            "exclude": tuple(spec.exclude) + tuple(exclude), "seed": seed, "batch_size": 8, "verify": planned}
     if select is not None and "select" in {f.name for f in dataclasses.fields(onnx_dwdecomp.DecomposeOptions)}:
         opts["select"] = select  # newer onnx_dwdecomp: "all" rewrites every candidate
     if method == "svd":
@@ -701,6 +702,11 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     regular = len(report.layers) + sum(1 for s in report.skipped if "depthwise" not in s.reason
                                        and "pointwise" not in s.reason)
     notes = [f"example {e}" for e in examples]
+    if planned:
+        chosen = ", ".join(f"{layer.name}: r={layer.multiplier}" for layer in report.layers) or "none"
+        held = report.verification.worst_rel_l2() if report.verification is not None else float("nan")
+        notes.append(f"plan: {chosen}; held-out calibration rel L2 {held:.3g}; "
+                     + "; ".join(n for n in report.notes if "plan" in n or "bound" in n))
     return Row(spec.key, method, multiplier, len(report.layers), regular, report.model.macs_before,
                report.model.macs_after, 1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])),
                name, float(value), extra, out_l2, seconds, len(heldout), notes)
@@ -747,8 +753,10 @@ def _csv(kind: Callable, text: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--methods", default="svd,gsvd", help="comma list of svd, gsvd, channel")
-    p.add_argument("--multipliers", default="1", help="comma list of depth multipliers")
+    p.add_argument("--methods", default="gsvd", help="comma list of svd, gsvd, channel")
+    p.add_argument("--multipliers", default="plan",
+                   help="comma list of depth multipliers, or 'plan' for the package's default per-layer "
+                        "plan (gsvd: fastest within the default error bound)")
     p.add_argument("--calib-size", type=int, default=24)
     p.add_argument("--heldout-size", type=int, default=16)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -757,8 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude", action="append", default=[], metavar="MODEL=GLOB",
                    help="extra --exclude glob for one model (repeatable)")
-    p.add_argument("--select", default="all",
-                   help="onnx_dwdecomp layer selection where supported: all (default) or latency")
+    p.add_argument("--select", default="latency",
+                   help="onnx_dwdecomp layer selection: latency (default, the package's) or all")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     return p
@@ -787,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heldout, _held_names = build_inputs(spec, sources, "heldout", args.heldout_size, args.seed)
         log(f"{spec.key}: {path} calib {calib.shape} held-out {heldout.shape}")
         for method in _csv(str, args.methods):
-            for r in _csv(int, args.multipliers):
+            for r in _csv(lambda t: t if t == "plan" else int(t), args.multipliers):
                 log(f"{spec.key}: {method} r={r}")
                 try:
                     row = evaluate(spec, path, calib, heldout, method=method, multiplier=r,

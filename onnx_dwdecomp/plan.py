@@ -1,0 +1,380 @@
+r"""Plans: what each candidate conv becomes (kept regular, or decomposed at a depth multiplier r).
+
+A plan is a value passed between the stages of :func:`onnx_dwdecomp.decompose`:
+choose plan → solve → rewrite → verify → revise plan. Two planners:
+
+- uniform (``--multiplier R``, or without calibration data): every selected conv at R, one round;
+- budgeted (``--max-error E``, ``--target-macs F``, and with calibration data the *default*:
+  ``--max-error`` at :data:`DEFAULT_MAX_ERROR`): each conv gets its own option, chosen by
+  budget.py's knapsack from per-layer error curves and option prices.
+
+The budgeted planner
+--------------------
+1. **Prices.** Every option's exact MACs (a new pointwise conv merged into a following 1×1
+   conv included, :func:`option_macs`). With ``price="latency"`` (``--select latency``, the
+   default) every option is also timed in onnxruntime at its real shape (latency.py): r = 1, 2,
+   … while the separable form runs at least ``MIN_GAIN`` faster than the regular conv (latency
+   grows with r: a larger r is not tried once one is not faster). Only such options are offered,
+   priced at ``ratio_r × t_regular`` (each ratio from its own interleaved timing, one regular
+   reference per conv); a conv no multiplier makes faster stays regular, with that reason.
+   ``price="macs"`` (``--select all``) offers every r that saves MACs and times nothing.
+2. **Error curves.** One calibration pass over the *original* network (symmetric statistics);
+   for each offered r, the GSVD solution (sweep only, ``CURVE_ITER``) and its relative response
+   error measured on the **held-out** samples' patches — not on the fit samples, which a
+   rank-deficient fit (few images, large ``C·k²``) reproduces perfectly.
+3. **κ.** ``rel_L2(output)² ≈ κ·Σ e_l`` (budget.py). A probe network with every curve layer at
+   its first offered option runs on the held-out calibration samples and gives κ.
+4. **Allocation**: ``--max-error``: least price with ``κ·Σ e ≤ E²``; ``--target-macs``: least
+   predicted error with MACs ≤ F × the input's.
+5. **Rounds** (``--max-error``): the chosen plan is solved the normal way (asymmetric, in graph
+   order), rewritten and verified on the held-out samples; κ is re-measured from the round,
+   ``κ = measured² / Σ e``; a miss re-allocates for ``MARGIN × E`` (strictly below the missed
+   error sum), a hit with room to spare re-allocates looser when that is cheaper than the best
+   hit so far. At most ``MAX_ERROR_ROUNDS`` rounds; a plan is never solved twice. The result is
+   the cheapest round that met the bound, else the all-regular plan (the output then equals the
+   input: the tool never hands back a plan it measured outside the bound).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs
+from .candidates import ConvLayer, Skipped
+from .errors import BudgetError
+from .fold import fold_pointwise
+from .latency import MIN_GAIN, LatencySelector
+from .report import Selection
+from .rewrite import Replacement, apply_replacements
+from .shapes import node_macs
+from .solve import LayerStats, SeparableFactors, check_multiplier, gsvd_factors, svd_factors
+
+#: Default accuracy bound with calibration data: held-out output rel. L2 ≤ 5 %. Chosen on the
+#: MNIST model (models/mnist, test set): measured held-out rel. L2 0.033 → top-1 −0.2 points,
+#: 0.066 → −0.8, 0.142 → −1.5 (uniform r = 1); PP-OCRv4 det: rel. L2 0.25 → text-map IoU 0.93.
+#: Intel Neural Compressor's default is 1 % relative accuracy loss; 0.05 keeps MNIST within 0.3
+#: points. README "Accuracy-bounded default" has the table.
+DEFAULT_MAX_ERROR = 0.05
+#: L-BFGS rounds per multiplier when tracing an error curve (0 = the GSVD sweep only). Measured
+#: on the MNIST model (tools/budget_study.py, --target-macs at uniform r = 2's MACs): the
+#: allocation needs the order of the options, and the sweep alone gave the better network.
+CURVE_ITER = 0
+#: κ when it cannot be measured (no layer, zero errors).
+KAPPA0 = 1.0
+#: --max-error: solve + verify rounds at most.
+MAX_ERROR_ROUNDS = 3
+#: After a miss, the next round aims at MARGIN × the bound.
+MARGIN = 0.9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each candidate conv becomes: ``multipliers[name]`` is its depth multiplier, or ``SKIP``."""
+
+    multipliers: dict[str, int]
+
+    def rewritten(self, layers: list[ConvLayer]) -> list[ConvLayer]:
+        return [layer for layer in layers if self.multipliers.get(layer.name, SKIP) != SKIP]
+
+
+@dataclass(frozen=True)
+class Priced:
+    """Per layer: the offered options' MACs and, priced by latency, their latencies (ms)."""
+
+    macs: dict[str, dict[int, int]]
+    latency_ms: dict[str, dict[int, float]] | None
+
+
+# ------------------------------------------------------------------------------------- prices
+
+def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos) -> dict[str, dict[int, int]]:
+    """MACs of each layer per option (``SKIP`` and every r that saves MACs), exact for the rewritten model.
+
+    A layer's cost includes the 1×1 conv its new pointwise conv will be merged into (if any):
+    kept regular, both convs run (``P·n·c·K + P·m·n``); decomposed, the depthwise conv and the
+    merged pointwise (``P·c·r·K + P·m·c·r``).
+    """
+    dry = apply_replacements(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
+                                    for layer in layers])
+    producer = {out: node.name for node in dry.graph.node for out in node.output}
+    by_pointwise = {producer[layer.output]: layer.name for layer in layers}
+    merges = fold_pointwise(dry, list(by_pointwise)).folds
+    by_name = {node.name or f"{node.op_type}@{node.output[0]}": node for node in work.graph.node}
+    second = {by_pointwise[m.first]: by_name[m.into] for m in merges}
+    costs: dict[str, dict[int, int]] = {}
+    for layer in layers:
+        n, c, kh, kw = layer.weight_shape
+        k = kh * kw
+        out_shape = infos[layer.output].shape
+        positions = int(np.prod(out_shape[:1] + out_shape[2:]))
+        merged = node_macs(second[layer.name], infos) if layer.name in second else 0
+        options = {SKIP: node_macs(work.graph.node[layer.node_index], infos) + merged}
+        for r in range(1, k + 1):
+            pointwise = merged // n * c * r if layer.name in second else positions * n * c * r
+            macs = positions * c * r * k + pointwise
+            if check_multiplier(layer.weight_shape, r) is None and macs < options[SKIP]:
+                options[r] = macs
+        costs[layer.name] = options
+    return costs
+
+
+def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, int]],
+                     selector: LatencySelector, say) -> tuple[dict[str, dict[int, float]], list[Selection]]:
+    """Latency (ms) of each layer's regular conv (``SKIP``) and of every r that runs faster.
+
+    r = 1, 2, … in order until one is not ``MIN_GAIN`` faster (see the module docstring); each
+    option is priced ``ratio_r × t_regular`` with ``t_regular`` from r = 1's timing. Returns
+    the latencies and one :class:`Selection` per layer (the r = 1 timing and the verdict).
+    """
+    latencies: dict[str, dict[int, float]] = {}
+    selection: list[Selection] = []
+    for k, layer in enumerate(layers):
+        info = infos.get(layer.input)
+        if info is None or info.shape is None:
+            selection.append(Selection(layer.name, False, "input shape unknown, latency not measured; "
+                                                          "--select all prices by MACs instead"))
+            continue
+        c = layer.weight_shape[1]
+        offered: dict[int, float] = {}
+        first = None
+        reason = ""
+        for r in sorted(m for m in macs[layer.name] if m != SKIP):
+            config = selector.config(layer, info.shape, mid_channels=c * r, mid_group=c)
+            say(f"select: timing {k + 1}/{len(layers)} {layer.name} r={r} ({config.describe()})")
+            decision = selector.decide(config)
+            t = decision.timing
+            if t is None:  # onnxruntime cannot run this option (nor, then, a larger r)
+                reason = decision.reason
+                break
+            if first is None:
+                first = t
+                offered[SKIP] = t.regular_ms
+            if not decision.rewrite:
+                reason = decision.reason
+                break
+            offered[r] = t.ratio * first.regular_ms
+        rs = sorted(r for r in offered if r != SKIP)
+        if rs:
+            verdict = (f"faster at r = {', '.join(map(str, rs))} (×{first.regular_ms / offered[rs[0]]:.2f} at "
+                       f"r = {rs[0]}); the plan chooses among them")
+            latencies[layer.name] = offered
+        else:
+            verdict = reason or "no multiplier saves MACs"
+        selection.append(Selection(layer.name, bool(rs), verdict, first.regular_ms if first else None,
+                                   offered.get(rs[0]) if rs else (first.separable_ms if first else None)))
+    return latencies, selection
+
+
+def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
+                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection]]:
+    """The options offered per layer (layers with none left out) and the selection records."""
+    macs = option_macs(work, layers, infos) if layers else {}
+    macs = {name: options for name, options in macs.items() if len(options) > 1}
+    if price == "macs":
+        return Priced(macs, None), []
+    assert selector is not None
+    latencies, selection = option_latencies([layer for layer in layers if layer.name in macs], infos, macs,
+                                            selector, say)
+    macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}
+    return Priced(macs, latencies), selection
+
+
+# ---------------------------------------------------------------------------------- curves
+
+def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int]]):
+    """A ``solve`` callback for calibrate_and_solve that records each layer's held-out error per
+    multiplier (GSVD with CURVE_ITER rounds) and returns the factors of its first offered r."""
+    def solve(layer: ConvLayer, stats: LayerStats, heldout_error: Callable) -> SeparableFactors:
+        errors, first = {}, None
+        for r in wanted[layer.name]:
+            f = gsvd_factors(layer.weight, layer.bias, stats, r, max_iter=CURVE_ITER)
+            errors[r] = heldout_error(f)
+            if first is None:
+                first = f
+        curves[layer.name] = errors
+        return first
+    return solve
+
+
+def layer_curves(layers: list[ConvLayer], priced: Priced, errors: dict[str, dict[int, float]]) -> list[LayerCurve]:
+    out = []
+    for layer in layers:
+        lat = priced.latency_ms[layer.name] if priced.latency_ms is not None else {}
+        out.append(LayerCurve(layer.name, tuple(
+            Option(r, m, 0.0 if r == SKIP else _finite(errors[layer.name][r]), lat.get(r))
+            for r, m in sorted(priced.macs[layer.name].items()))))
+    return out
+
+
+def _finite(error: float) -> float:
+    """A held-out error for the allocation: NaN/inf (no held-out variance) counts as very large."""
+    return float(error) if np.isfinite(error) else 1e6
+
+
+# ---------------------------------------------------------------------------------- planner
+
+class BudgetPlanner:
+    """Curves, allocation and the --max-error rounds of one decompose call (module docstring)."""
+
+    def __init__(self, *, mode: str, target: float, price: str, curves: list[LayerCurve], fixed_macs: int,
+                 before_macs: int, kappa: float, default: bool = False):
+        self.mode, self.target, self.price, self.default = mode, target, price, default
+        self.curves = curves
+        self.fixed = fixed_macs
+        self.before = before_macs
+        self.kappa = self.probe_kappa = kappa
+        self.rounds: list[dict] = []
+        self._allocations: list[Allocation] = []
+        self._best: int | None = None  # index of the cheapest round that met --max-error
+        self.chosen_round = 0
+        if mode == "target_macs":
+            self.limit = int(np.floor(target * before_macs))
+            self.allocation = allocate_cost(curves, self.limit - fixed_macs)
+            self.bound = None
+        else:
+            self.limit = None
+            self.bound = target ** 2 / self.kappa
+            self.allocation = allocate_error(curves, self.bound, price=price)
+
+    def plan(self) -> Plan:
+        return Plan(dict(self.allocation.multipliers))
+
+    def _cost(self, alloc: Allocation) -> float:
+        return alloc.macs if self.price == "macs" else alloc.latency_ms
+
+    def revise(self, measured: float | None, say) -> Plan | None:
+        """Record the round just verified (worst output rel. L2 ``measured``); the next plan, or None."""
+        alloc = self.allocation
+        self.rounds.append({"multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
+                            "predicted_macs": self.fixed + alloc.macs, "predicted_latency_ms": alloc.latency_ms,
+                            "predicted_error_sum": alloc.error, "kappa": self.kappa,
+                            "error_sum_bound": self.bound, "measured_output_rel_l2": measured})
+        self._allocations.append(alloc)
+        if self.mode != "max_error" or measured is None:
+            return None
+        hit = measured <= self.target
+        if hit and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
+            self._best = len(self._allocations) - 1
+        if len(self.rounds) >= MAX_ERROR_ROUNDS or alloc.error <= 0 or measured <= 0:
+            return None
+        self.kappa = measured ** 2 / alloc.error
+        self.bound = (MARGIN * self.target) ** 2 / self.kappa
+        if not hit:
+            self.bound = min(self.bound, 0.999 * alloc.error)
+        nxt = allocate_error(self.curves, self.bound, price=self.price)
+        tried = {tuple(sorted(a.multipliers.items())) for a in self._allocations}
+        if tuple(sorted(nxt.multipliers.items())) in tried:
+            return None
+        if self._best is not None and self._cost(nxt) >= self._cost(self._allocations[self._best]):
+            return None
+        self.allocation = nxt
+        say(f"plan: output error {measured:.3g} {'≤' if hit else '>'} {self.target:g}; κ = {self.kappa:.3g}, "
+            f"re-allocating (round {len(self.rounds) + 1})")
+        return self.plan()
+
+    def final(self) -> int | None:
+        """Index of the chosen round: the cheapest that met --max-error, else the last one (target
+        MACs); None when no round met --max-error (the caller falls back to the all-regular plan)."""
+        if self.mode == "max_error" and self._best is None and any(
+                r["measured_output_rel_l2"] is not None for r in self.rounds):
+            return None
+        index = len(self._allocations) - 1 if self._best is None else self._best
+        self.chosen_round = index
+        self.allocation = self._allocations[index]
+        return index
+
+    def measured(self) -> float | None:
+        return self.rounds[self.chosen_round]["measured_output_rel_l2"] if self.rounds else None
+
+    def met(self, macs: int) -> bool | None:
+        if self.mode == "target_macs":
+            return macs <= self.limit
+        measured = self.measured()
+        return None if measured is None else measured <= self.target
+
+    def notes(self, macs: int) -> list[str]:
+        if self.met(macs) is not False:
+            return []
+        if self.mode == "target_macs":
+            return [f"budget NOT met: {macs} MACs > {self.limit} (--target-macs {self.target:g})"]
+        return [f"budget NOT met after {len(self.rounds)} round(s): output rel. L2 "
+                f"{self.measured():.3g} > --max-error {self.target:g}"]
+
+    def why_nothing(self) -> str:
+        """Why a plan that rewrites nothing was chosen (for the report)."""
+        if not self.curves:
+            return "no candidate conv has an option that is cheaper than the regular conv"
+        name, error = min(((c.name, min(o.error for o in c.options if o.multiplier != SKIP)) for c in self.curves),
+                          key=lambda item: item[1])
+        kappa = self.rounds[self.chosen_round]["kappa"] if self.rounds else self.kappa
+        return (f"no conv can be rewritten within the output error bound {self.target:g}: the smallest "
+                f"predicted output rel. L2 of a single rewrite is {np.sqrt(kappa * error):.3g} ({name}); "
+                f"the output is not slower than the input")
+
+    def to_dict(self, macs: int, measured_errors: dict[str, float], patches: dict[str, int]) -> dict:
+        chosen = self.allocation.multipliers
+        kappa = self.rounds[self.chosen_round]["kappa"] if self.rounds else self.kappa
+        lo, hi = reachable_macs(self.curves)
+        regular_ms = [c.option(SKIP).latency_ms for c in self.curves]
+        return {
+            "mode": self.mode,
+            "default": self.default,
+            "target": self.target,
+            "price": self.price,
+            "macs_limit": self.limit,
+            "original_macs": self.before,
+            "reachable_macs": [self.fixed + lo, self.fixed + hi],
+            "predicted_macs": self.fixed + self.allocation.macs,
+            "macs": macs,
+            "latency_ms_before": None if self.price == "macs" else float(sum(regular_ms)),
+            "latency_ms_after": self.allocation.latency_ms,
+            "predicted_error_sum": self.allocation.error,
+            "kappa": kappa,  # the κ the chosen round was allocated with
+            "probe_kappa": self.probe_kappa,
+            "predicted_output_rel_l2": float(np.sqrt(kappa * self.allocation.error)),
+            "measured_output_rel_l2": self.measured(),
+            "met": self.met(macs),
+            "exact": self.allocation.exact,
+            "curve": f"symmetric statistics of the original network, GSVD with max_iter={CURVE_ITER}, "
+                     f"relative response error on the held-out samples",
+            "rounds": self.rounds,
+            "chosen_round": self.chosen_round,
+            "layers": [{
+                "name": c.name,
+                "multiplier": _r(chosen[c.name]),
+                "predicted_error": c.option(chosen[c.name]).error,
+                "measured_error": measured_errors.get(c.name, 0.0 if chosen[c.name] == SKIP else None),
+                "macs": c.option(chosen[c.name]).macs,
+                "latency_ms": c.option(chosen[c.name]).latency_ms,
+                "regular_ms": c.option(SKIP).latency_ms,
+                "patches": patches.get(c.name),
+                "curve": [{"multiplier": _r(o.multiplier), "macs": o.macs, "latency_ms": o.latency_ms,
+                           "predicted_error": o.error} for o in c.options],
+            } for c in self.curves],
+        }
+
+
+def _r(multiplier: int) -> int | str:
+    return "skip" if multiplier == SKIP else multiplier
+
+
+def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, int]]) -> None:
+    """BudgetError when ``--target-macs`` is below what the offered options can reach."""
+    fixed = before - sum(c[SKIP] for c in macs.values())
+    least = fixed + sum(min(c.values()) for c in macs.values())
+    if target_macs * before < least:
+        raise BudgetError(
+            f"--target-macs {target_macs:g} is out of reach: with the {len(macs)} selected conv(s) "
+            f"the output model's MACs range from {least / before:.4f} (each at its cheapest multiplier) to 1 "
+            f"× the input's ({least} .. {before} MACs)")
+
+
+def skipped_without_options(layers: list[ConvLayer], priced: Priced) -> list[Skipped]:
+    """Layers for which the plan has no option but keeping them regular, with the reason."""
+    why = ("kept regular: no multiplier runs ≥ {:g} % faster in onnxruntime".format(100 * MIN_GAIN)
+           if priced.latency_ms is not None else "kept regular: no multiplier saves MACs (merged pointwise included)")
+    return [Skipped(layer.name, why) for layer in layers if layer.name not in priced.macs]
