@@ -469,22 +469,43 @@ class CalibrationOutcome:
     timing_s: dict[str, float]
 
 
-def split_holdout(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out samples: a seeded ``fraction`` of ``n`` (at least 1)."""
+#: With few samples at least this many are held out (when they are at most a quarter of all).
+MIN_HELDOUT = 4
+
+
+def split_holdout(n: int, fraction: float, seed: int, energy: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the held-out samples.
+
+    ``k = max(round(fraction·n), min(MIN_HELDOUT, n // 4))``, at least 1 and at most ``n − 1``:
+    10 % of many samples, but never a single image out of 8 or 24 when a few more can be spared.
+    With ``energy`` (each sample's output power, normalised per feature) the samples are taken
+    systematically over its ranks — ``k`` evenly spaced ranks from a seeded offset — so the
+    held-out set spans quiet and busy inputs (a text detector's held-out image is not only a
+    photo without text); without it, a seeded random choice.
+    """
     if n < 2:
         raise CalibrationError(f"calibration needs at least 2 samples (one is held out for "
                                f"verification), got {n}")
-    k = min(max(1, int(round(fraction * n))), n - 1)
+    k = min(max(1, int(round(fraction * n)), min(MIN_HELDOUT, n // 4)), n - 1)
+    rng = np.random.default_rng(seed)
+    if energy is None:
+        chosen = rng.permutation(n)[:k]
+    else:
+        ranks = np.argsort(np.asarray(energy, dtype=np.float64), kind="stable")
+        chosen = ranks[((np.arange(k) + rng.random()) * n / k).astype(int)]
     mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(seed).permutation(n)[:k]] = True
+    mask[chosen] = True
     return mask
 
 
 def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: CalibrationData,
                         infos: dict[str, TensorInfo], solve: SolveFn, options: CalibrationOptions,
                         fixed_batch: int | None = None,
-                        progress: Callable[[str], None] | None = None) -> CalibrationOutcome:
+                        progress: Callable[[str], None] | None = None,
+                        heldout: np.ndarray | None = None) -> CalibrationOutcome:
     """Decompose ``layers`` in graph order, each against statistics of the partially decomposed network.
+
+    ``heldout`` is the mask of samples left out of the statistics (default :func:`split_holdout`).
 
     ``solve(layer, stats)`` turns one layer's calibration statistics into factors; the factors
     of every layer are in place in the decomposed copy before the next layer's statistics are
@@ -493,7 +514,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     say = progress or (lambda _msg: None)
     layers = sorted(layers, key=lambda layer: layer.node_index)
     n = data.num_samples
-    heldout = split_holdout(n, options.holdout, options.seed)
+    if heldout is None:
+        heldout = split_holdout(n, options.holdout, options.seed)
     batch = fixed_batch or options.batch_size
     timing = {"load_data": 0.0, "forward": 0.0, "statistics": 0.0, "solve": 0.0}
     names = NameAllocator.for_model(model)

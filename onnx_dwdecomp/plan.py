@@ -30,7 +30,9 @@ The budgeted planner
    order), rewritten and verified on the held-out samples; κ is re-measured from the round,
    ``κ = measured² / Σ e``; a miss re-allocates for ``MARGIN × E`` (strictly below the missed
    error sum), a hit with room to spare re-allocates looser when that is cheaper than the best
-   hit so far. At most ``MAX_ERROR_ROUNDS`` rounds; a plan is never solved twice. The result is
+   hit so far. When the first plan rewrites nothing (the all-layer probe over-predicts sparse
+   plans), the option with the least predicted error is tried to measure κ where it matters.
+   At most ``MAX_ERROR_ROUNDS`` rounds; a plan is never solved twice. The result is
    the cheapest round that met the bound, else the all-regular plan (the output then equals the
    input: the tool never hands back a plan it measured outside the bound).
 """
@@ -65,7 +67,7 @@ DEFAULT_MAX_ERROR = 0.05
 CURVE_ITER = 0
 #: κ when it cannot be measured (no layer, zero errors).
 KAPPA0 = 1.0
-#: --max-error: solve + verify rounds at most.
+#: --max-error: solve + verify rounds at most (not counting a round that rewrites nothing).
 MAX_ERROR_ROUNDS = 3
 #: After a miss, the next round aims at MARGIN × the bound.
 MARGIN = 0.9
@@ -259,7 +261,17 @@ class BudgetPlanner:
         hit = measured <= self.target
         if hit and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
             self._best = len(self._allocations) - 1
-        if len(self.rounds) >= MAX_ERROR_ROUNDS or alloc.error <= 0 or measured <= 0:
+        solved = sum(1 for a in self._allocations if a.error > 0)  # rounds that rewrote something
+        if alloc.error <= 0 and not self._allocations[:-1]:
+            # The probe's κ (every layer rewritten) left no room for any rewrite; it over-predicts
+            # sparse plans (measured ~10× on models/mnist). Measure the single least-error option.
+            least = min((o.error for c in self.curves for o in c.options if o.multiplier != SKIP), default=0.0)
+            if least <= 0:
+                return None
+            self.allocation = allocate_error(self.curves, least, price=self.price)
+            say(f"plan: no rewrite predicted within {self.target:g}; measuring the least-error one")
+            return self.plan()
+        if solved >= MAX_ERROR_ROUNDS or alloc.error <= 0 or measured <= 0:
             return None
         self.kappa = measured ** 2 / alloc.error
         self.bound = (MARGIN * self.target) ** 2 / self.kappa

@@ -160,10 +160,10 @@ class Report:
             v = self.verification
             lines.append("")
             lines.append(f"verification on {v.samples} {v.inputs}:")
-            rows = [("output", "rel L2", "max abs", "cosine", "top-1 agree")]
+            rows = [("output", "rel L2", "per-feature", "max abs", "cosine", "top-1 agree")]
             for name, o in v.outputs.items():
-                rows.append((name, f"{o.rel_l2:.3e}", f"{o.max_abs:.3e}", f"{o.cosine:.6f}",
-                             "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
+                rows.append((name, f"{o.rel_l2:.3e}", f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
+                             f"{o.cosine:.6f}", "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
             lines += _table(rows)
         for note in self.notes:
             lines.append(f"note: {note}")
@@ -179,12 +179,12 @@ class Report:
                     f"{b['macs'] / 1e6:.3f} M reached (predicted {b['predicted_macs'] / 1e6:.3f} M)")
         else:
             flag = "default bound" if b["default"] else "--max-error"
-            head = (f"plan ({flag}): held-out output rel. L2 ≤ {b['target']:g}, "
+            head = (f"plan ({flag}): held-out output error ≤ {b['target']:g}, "
                     f"{'fastest' if b['price'] == 'latency' else 'fewest MACs'}; {b['macs'] / 1e6:.3f} M MACs")
         measured = b["measured_output_rel_l2"]
         met = {True: "met", False: "NOT met", None: "not verified"}[b["met"]]
         lines = ["", f"{head} — {met}",
-                 f"  output rel. L2: predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
+                 f"  output error (per-feature rel. L2): predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
                  f"Σ layer errors {b['predicted_error_sum']:.3g}), measured on held-out samples "
                  + ("-" if measured is None else f"{measured:.3g}") + f", {len(b['rounds'])} round(s)"]
         if b["latency_ms_before"] is not None and b["latency_ms_after"] is not None:

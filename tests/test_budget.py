@@ -153,6 +153,24 @@ def test_max_error_round_loosens_after_a_hit_and_keeps_the_cheapest_hit():
     assert plan.allocation == first
 
 
+def test_an_empty_first_plan_measures_the_least_error_option():
+    """κ from the all-layer probe can leave no room for any rewrite; the planner then solves the
+    single least-error option to measure κ where sparse plans live, and re-allocates from it."""
+    curves = [LayerCurve(f"l{k}", (Option(SKIP, 900, 0.0), Option(1, 200, e1), Option(2, 400, e2)))
+              for k, (e1, e2) in enumerate(((0.2, 0.05), (0.1, 0.02), (0.3, 0.1)))]
+    plan = _planner(curves, 0, reachable_macs(curves)[1], 1e6)
+    assert all(r == SKIP for r in plan.allocation.multipliers.values())
+    say = lambda _msg: None  # noqa: E731
+    nxt = plan.revise(0.0, say)  # the all-regular round: output error 0
+    least = min((o.error, c.name) for c in curves for o in c.options if o.multiplier != SKIP)
+    chosen = {k: v for k, v in nxt.multipliers.items() if v != SKIP}
+    assert list(chosen) == [least[1]] and plan.allocation.error == pytest.approx(least[0])
+    # measured far below the bound: κ is re-measured from it and the next plan rewrites more
+    bigger = plan.revise(0.01, say)
+    assert plan.kappa == pytest.approx(0.01 ** 2 / least[0])
+    assert bigger is not None and sum(v != SKIP for v in bigger.multipliers.values()) > 1
+
+
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
@@ -226,8 +244,8 @@ def test_max_error_end_to_end(net, calib):
     _, rep = decompose(net, calib=calib, select="all", max_error=0.3)
     b = rep.budget
     assert b["mode"] == "max_error" and 1 <= len(b["rounds"]) <= 3
-    assert b["measured_output_rel_l2"] == pytest.approx(rep.verification.worst_rel_l2())
-    assert b["met"] is True and rep.verification.worst_rel_l2() <= 0.3
+    assert b["measured_output_rel_l2"] == pytest.approx(rep.verification.worst_error())
+    assert b["met"] is True and rep.verification.worst_error() <= 0.3
     assert rep.model.macs_after < rep.model.macs_before  # something was decomposed
 
 

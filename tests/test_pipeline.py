@@ -94,7 +94,8 @@ def test_report_schema_zoo_svd_no_calib():
     out = d["verification"]["outputs"]
     assert len(out) == 1
     o = next(iter(out.values()))
-    assert set(o) == {"rel_l2", "max_abs", "cosine", "top1_agreement"} and o["top1_agreement"] is not None
+    assert set(o) == {"rel_l2", "max_abs", "cosine", "top1_agreement", "feature_rel_l2"}
+    assert o["top1_agreement"] is not None
     assert d["model"]["macs_after"] < d["model"]["macs_before"]
     assert d["model"]["params_after"] < d["model"]["params_before"]
     n_conv = sum(n.op_type == "Conv" for n in model.graph.node)

@@ -1092,8 +1092,11 @@ def isolated_layer_errors(model_path: Path, calib_path: Path, calib_size: int,
     solvers; the inputs of every layer come from one onnxruntime pass of the original model.
     Returns (layers, shapes, macs per position dict, errors dict).
     """
+    from onnx_dwdecomp.calibdata import load_calibration
     from onnx_dwdecomp.calibrate import MomentSums, extract_patches, output_hw, split_holdout
     from onnx_dwdecomp.candidates import find_candidates
+    from onnx_dwdecomp.pipeline import reference_pass
+    from onnx_dwdecomp.shapes import graph_inputs
     from onnx_dwdecomp.runtime import make_session
     from onnx_dwdecomp.solve import (channel_factors, channel_rank, gsvd_factors, relative_response_error,
                                      relative_weight_error, svd_factors)
@@ -1103,7 +1106,9 @@ def isolated_layer_errors(model_path: Path, calib_path: Path, calib_size: int,
     with np.load(calib_path) as data:
         x = np.ascontiguousarray(data["input"][:calib_size], dtype=np.float32)
     n = len(x)
-    held = split_holdout(n, HOLDOUT, SEED)
+    # the split decompose makes: spread over the original outputs' energy
+    energy = reference_pass(model, load_calibration(x, graph_inputs(model)), 32, None).energy
+    held = split_holdout(n, HOLDOUT, SEED, energy)
     sess = make_session(with_outputs(model, [ly.input for ly in layers]), optimize=False)
     names = [ly.input for ly in layers]
     acts: dict[str, list[np.ndarray]] = {nm: [] for nm in names}
