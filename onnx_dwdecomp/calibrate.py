@@ -581,10 +581,12 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                     t0 = time.perf_counter()
                     ahead.result()
                     timing["forward"] += time.perf_counter() - t0
-                # Free cut tensors no later segment reads (keeping what the worker just made).
-                alive = set()
+                # Free cut tensors no later segment or layer reads (keeping what the worker just
+                # made). A later layer's input need not be read by any segment: the last layer's
+                # conv is in none, and its input may come from an earlier segment.
+                alive = {later.input for later in layers[k + 1:]}
                 if k + 1 < len(segments):
-                    alive = _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
+                    alive |= _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
                 for store in (orig, approx):
                     for name in [nm for nm in store.values if nm not in alive]:
                         del store.values[name]

@@ -253,6 +253,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
         index = planner.final()
         if index is None:  # no round met the bound: the all-regular plan (output = input)
             chosen = _solve_rewrite_verify(job, layers, Plan({layer.name: SKIP for layer in layers}))
+            planner.fall_back(_worst(chosen.verification))
             notes.append(f"no plan tried met the output error bound {planner.target:g} "
                          f"(best measured {min(_worst(r.verification) for r in rounds):.3g}); every conv kept regular")
         else:

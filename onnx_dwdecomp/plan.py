@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs
+from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs, uniform
 from .candidates import ConvLayer, Skipped
 from .errors import BudgetError
 from .fold import fold_pointwise
@@ -298,6 +298,18 @@ class BudgetPlanner:
         self.chosen_round = index
         self.allocation = self._allocations[index]
         return index
+
+    def fall_back(self, measured: float | None) -> Plan:
+        """Make the all-regular plan the chosen round (no round met --max-error); ``measured`` is
+        its verified output error (round-off)."""
+        self.allocation = uniform(self.curves, SKIP)
+        self._allocations.append(self.allocation)
+        self.rounds.append({"multipliers": {c.name: "skip" for c in self.curves}, "predicted_macs": self.fixed
+                            + self.allocation.macs, "predicted_latency_ms": self.allocation.latency_ms,
+                            "predicted_error_sum": 0.0, "kappa": self.kappa, "error_sum_bound": self.bound,
+                            "measured_output_rel_l2": measured, "fallback": True})
+        self.chosen_round = len(self.rounds) - 1
+        return self.plan()
 
     def measured(self) -> float | None:
         return self.rounds[self.chosen_round]["measured_output_rel_l2"] if self.rounds else None

@@ -126,6 +126,27 @@ def test_plan_segments_chain_with_skip():
     assert (segs[0].start, segs[0].stop, segs[0].inputs, segs[0].outputs) == (0, 0, (), ())
 
 
+def test_last_layer_input_from_an_earlier_segment_survives():
+    """FPN-like fan-out: a and b are made before the first decomposed conv; the second one reads
+    b, which no segment between them reads (PP-OCRv4 det's neck, --max-error chose two of its
+    five convs: KeyError on the second conv's input)."""
+    from conftest import square_net
+    from onnx_dwdecomp import decompose
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), f"W{k}") for k in range(2)]
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Neg", ["x"], ["b"]),
+             helper.make_node("Conv", ["a", "W0"], ["c0"], name="conv0", pads=[1] * 4),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["b", "W1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Add", ["r0", "c1"], ["y"])]
+    model = square_net(nodes, inits, 4, 8, "fanout")
+    x = rng.normal(size=(12, 4, 8, 8)).astype(np.float32)
+    _, report = decompose(model, calib=x, multiplier=1, select="all", batch_size=4)
+    assert [layer.name for layer in report.layers] == ["conv0", "conv1"]
+    assert report.verification.inputs == "held-out calibration samples"
+
+
 def test_split_holdout():
     m1, m2 = split_holdout(24, 0.1, 0), split_holdout(24, 0.1, 0)
     np.testing.assert_array_equal(m1, m2)  # seeded
@@ -203,7 +224,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
     """A 1-byte memory budget puts every cut tensor in a memory-mapped file: same errors, nothing left on disk."""
     import tempfile
 
-    from conftest import correlated_images, three_layer_net
+    from conftest import square_net, correlated_images, three_layer_net
     from onnx_dwdecomp.calibdata import load_calibration
     from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates

@@ -667,7 +667,8 @@ def fidelity(spec: ModelSpec, ref: list[np.ndarray], new: list[np.ndarray],
 
 def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.ndarray, *, method: str,
              multiplier: int | str, out_dir: Path, threads: int, runs: int, seed: int,
-             exclude: Sequence[str], log: Callable[[str], None], select: str | None = "all") -> Row:
+             exclude: Sequence[str], log: Callable[[str], None], select: str | None = "all",
+             max_error: float | None = None) -> Row:
     import onnx
 
     import onnx_dwdecomp
@@ -676,6 +677,8 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     planned = multiplier == "plan"  # the package default: per-layer plan within the error bound
     opts = {"method": method, "multiplier": None if planned else multiplier,
             "exclude": tuple(spec.exclude) + tuple(exclude), "seed": seed, "batch_size": 8, "verify": planned}
+    if planned and max_error is not None:
+        opts["max_error"] = max_error
     if select is not None and "select" in {f.name for f in dataclasses.fields(onnx_dwdecomp.DecomposeOptions)}:
         opts["select"] = select  # newer onnx_dwdecomp: "all" rewrites every candidate
     if method == "svd":
@@ -767,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra --exclude glob for one model (repeatable)")
     p.add_argument("--select", default="latency",
                    help="onnx_dwdecomp layer selection: latency (default, the package's) or all")
+    p.add_argument("--max-error", type=float, help="output error bound of the 'plan' rows (default: the package's)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     return p
@@ -801,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row = evaluate(spec, path, calib, heldout, method=method, multiplier=r,
                                    out_dir=args.cache_dir / "out", threads=args.threads, runs=args.runs,
                                    seed=args.seed, exclude=excludes.get(spec.key, ()), log=log,
-                                   select=args.select)
+                                   select=args.select, max_error=args.max_error)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the next model
                     log(f"{spec.key}: {method} r={r} FAILED: {type(exc).__name__}: {exc}")
                     failures.append(f"{spec.key} {method} r={r}: {type(exc).__name__}: {str(exc)[:200]}")
