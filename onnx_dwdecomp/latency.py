@@ -131,6 +131,11 @@ class ConvConfig:
         onnxruntime intra-op threads.
     providers : tuple of str
         onnxruntime execution providers of the sessions, in priority order.
+    merged_channels : int
+        Output channels of the 1×1 conv that the replacement's pointwise conv will be merged
+        into (fold.fold_pointwise), 0 when there is none. Then both probes end in that 1×1
+        stage: the regular conv followed by the 1×1 conv, against the depthwise part followed
+        by the merged pointwise conv — what the output model runs.
     """
 
     input_shape: tuple[int, ...]
@@ -146,21 +151,23 @@ class ConvConfig:
     dtype: str
     threads: int
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    merged_channels: int = 0
 
     @classmethod
     def of(cls, layer: ConvLayer, input_shape: tuple[int, ...], *, mid_channels: int, mid_group: int,
-           threads: int, providers: Sequence[str] = DEFAULT_PROVIDERS) -> "ConvConfig":
+           threads: int, providers: Sequence[str] = DEFAULT_PROVIDERS, merged_channels: int = 0) -> "ConvConfig":
         return cls(tuple(int(d) for d in input_shape), int(layer.weight.shape[0]), tuple(layer.kernel),
                    tuple(layer.strides), tuple(layer.pads), tuple(layer.dilations),
                    layer.auto_pad if layer.auto_pad not in ("", "NOTSET") else "NOTSET",
                    int(mid_channels), int(mid_group), layer.bias is not None, layer.weight.dtype.name,
-                   int(threads), tuple(providers))
+                   int(threads), tuple(providers), int(merged_channels))
 
     def describe(self) -> str:
         n, c, *hw = self.input_shape
         k = "×".join(map(str, self.kernel))
         s = "×".join(map(str, self.strides))
-        return f"{c}→{self.out_channels} {k}/s{s} @{n}×{'×'.join(map(str, hw))}"
+        merged = f" +1×1→{self.merged_channels}" if self.merged_channels else ""
+        return f"{c}→{self.out_channels} {k}/s{s} @{n}×{'×'.join(map(str, hw))}{merged}"
 
 
 @dataclass(frozen=True)
@@ -277,7 +284,9 @@ def decide(timing: Timing, min_gain: float = MIN_GAIN) -> Decision:
 
 
 def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The one-conv regular model and the two-conv replacement model of ``config``.
+    """The one-conv regular model and the two-conv replacement model of ``config`` (with
+    ``merged_channels``: regular conv + 1×1 conv against the replacement with its pointwise conv
+    merged into that 1×1 conv).
 
     The replacement has the form :mod:`onnx_dwdecomp.rewrite` emits: for the separable form at
     multiplier ``r = mid_channels / C > 1`` (``mid_group = C``) that is ``r`` depthwise convs
@@ -311,9 +320,14 @@ def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto
         m.ir_version = 8
         return m
 
+    m = config.merged_channels
     regular_inputs = ["x", "W"] + (["B"] if config.bias else [])
     regular_inits = [const("W", (n, c, *config.kernel))] + ([const("B", (n,))] if config.bias else [])
-    regular = model([helper.make_node("Conv", regular_inputs, ["y"], group=1, **spatial)], regular_inits)
+    regular_nodes = [helper.make_node("Conv", regular_inputs, ["u" if m else "y"], group=1, **spatial)]
+    if m:  # the 1×1 conv it feeds, which the separable form absorbs
+        regular_nodes.append(helper.make_node("Conv", ["u", "Q", "C"], ["y"], kernel_shape=ones, group=1))
+        regular_inits += [const("Q", (m, n, *ones)), const("C", (m,))]
+    regular = model(regular_nodes, regular_inits)
     mid, group = config.mid_channels, config.mid_group
     r = mid // c
     if group == c and r > 1 and mid == c * r:  # split depthwise form, as rewrite.py emits it
@@ -323,9 +337,10 @@ def conv_pair_models(config: ConvConfig, seed: int = 0) -> tuple[onnx.ModelProto
     else:
         first = [helper.make_node("Conv", ["x", "D"], ["t"], group=group, **spatial)]
         first_inits = [const("D", (mid, c // group, *config.kernel))]
+    out = m or n
     separable = model(
         first + [helper.make_node("Conv", ["t", "P", "B"], ["y"], kernel_shape=ones, group=1)],
-        first_inits + [const("P", (n, mid, *ones)), const("B", (n,))])
+        first_inits + [const("P", (out, mid, *ones)), const("B", (out,))])
     return regular, separable
 
 
@@ -404,12 +419,12 @@ class LatencySelector:
         self.cache_hits: set[ConvConfig] = set()
 
     def config(self, layer: ConvLayer, input_shape: tuple[int, ...], *, mid_channels: int,
-               mid_group: int) -> ConvConfig:
+               mid_group: int, merged_channels: int = 0) -> ConvConfig:
         """The configuration of ``layer`` replaced by ``mid_channels`` channels in ``mid_group``
         groups (``C·r`` and ``C`` prices the separable form at multiplier ``r``), with this
         selector's threads and providers."""
         return ConvConfig.of(layer, input_shape, mid_channels=mid_channels, mid_group=mid_group,
-                             threads=self.threads, providers=self.providers)
+                             threads=self.threads, providers=self.providers, merged_channels=merged_channels)
 
     def timing(self, config: ConvConfig) -> Timing:
         """The timing of any configuration (e.g. an option at another multiplier): this

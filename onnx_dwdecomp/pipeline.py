@@ -28,7 +28,7 @@ from .latency import MIN_GAIN, Decision, LatencySelector
 from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
 from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_reachable, curve_solver, layer_curves,
-                   price_options, skipped_without_options)
+                   merge_targets, merged_channels, price_options, skipped_without_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
@@ -235,8 +235,7 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     planner: BudgetPlanner | None = None
     if opts.plan_mode() == "uniform":
         if opts.select == "latency":
-            layers = _select_by_latency(layers, job.infos, job.method, opts, selection, skipped, job.say,
-                                        job.latency_selector())
+            layers = _select_by_latency(job, layers, selection, skipped)
         else:
             selection += [Selection(layer.name, True, "--select all") for layer in layers]
         plan: Plan | None = Plan({layer.name: uniform_r for layer in layers})
@@ -475,11 +474,13 @@ def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> str | None:
     return None
 
 
-def _select_by_latency(layers: list[ConvLayer], infos, method: str, opts: DecomposeOptions,
-                       selection: list[Selection], skipped: list[Skipped], say,
-                       selector: LatencySelector) -> list[ConvLayer]:
-    """The layers whose replacement onnxruntime runs faster (see latency.py); appends the
-    decision for every layer to ``selection`` and the rejected ones to ``skipped``."""
+def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selection],
+                       skipped: list[Skipped]) -> list[ConvLayer]:
+    """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
+    (merged into a following 1×1 conv where it will be); appends the decision for every layer
+    to ``selection`` and the rejected ones to ``skipped``."""
+    infos, method, opts, say, selector = job.infos, job.method, job.opts, job.say, job.latency_selector()
+    merged = merged_channels(merge_targets(job.work, layers), infos)
     chosen = []
     for k, layer in enumerate(layers):
         info = infos.get(layer.input)
@@ -491,7 +492,8 @@ def _select_by_latency(layers: list[ConvLayer], infos, method: str, opts: Decomp
                 mid, group = channel_rank(layer.weight_shape, opts.multiplier or 1), 1
             else:
                 mid, group = c * (opts.multiplier or 1), c
-            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group)
+            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
+                                     merged_channels=merged.get(layer.name, 0))
             say(f"select: timing {k + 1}/{len(layers)} {layer.name} ({config.describe()})")
             decision = selector.decide(config)
         t = decision.timing

@@ -93,20 +93,38 @@ class Priced:
 
 # ------------------------------------------------------------------------------------- prices
 
-def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos) -> dict[str, dict[int, int]]:
-    """MACs of each layer per option (``SKIP`` and every r that saves MACs), exact for the rewritten model.
-
-    A layer's cost includes the 1×1 conv its new pointwise conv will be merged into (if any):
-    kept regular, both convs run (``P·n·c·K + P·m·n``); decomposed, the depthwise conv and the
-    merged pointwise (``P·c·r·K + P·m·c·r``).
-    """
+def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, onnx.NodeProto]:
+    """Layer name → the 1×1 conv its new pointwise conv will be merged into (fold_pointwise),
+    found by one dry-run rewrite with data-free factors; layers without one are left out."""
+    if not layers:
+        return {}
     dry = apply_replacements(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
                                     for layer in layers])
     producer = {out: node.name for node in dry.graph.node for out in node.output}
     by_pointwise = {producer[layer.output]: layer.name for layer in layers}
     merges = fold_pointwise(dry, list(by_pointwise)).folds
     by_name = {node.name or f"{node.op_type}@{node.output[0]}": node for node in work.graph.node}
-    second = {by_pointwise[m.first]: by_name[m.into] for m in merges}
+    return {by_pointwise[m.first]: by_name[m.into] for m in merges}
+
+
+def merged_channels(targets: dict[str, onnx.NodeProto], infos) -> dict[str, int]:
+    """Layer name → output channels of its merge target (ConvConfig.merged_channels)."""
+    out = {}
+    for name, node in targets.items():
+        info = infos.get(node.output[0])
+        if info is not None and info.shape is not None and len(info.shape) > 1:
+            out[name] = int(info.shape[1])
+    return out
+
+
+def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
+                second: dict[str, onnx.NodeProto]) -> dict[str, dict[int, int]]:
+    """MACs of each layer per option (``SKIP`` and every r that saves MACs), exact for the rewritten model.
+
+    A layer's cost includes the 1×1 conv ``second[name]`` its new pointwise conv will be merged
+    into (if any, :func:`merge_targets`): kept regular, both convs run (``P·n·c·K + P·m·n``);
+    decomposed, the depthwise conv and the merged pointwise (``P·c·r·K + P·m·c·r``).
+    """
     costs: dict[str, dict[int, int]] = {}
     for layer in layers:
         n, c, kh, kw = layer.weight_shape
@@ -125,8 +143,11 @@ def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos) -> dict[s
 
 
 def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, int]],
-                     selector: LatencySelector, say) -> tuple[dict[str, dict[int, float]], list[Selection]]:
-    """Latency (ms) of each layer's regular conv (``SKIP``) and of every r that runs faster.
+                     selector: LatencySelector, say, merged: dict[str, int] | None = None
+                     ) -> tuple[dict[str, dict[int, float]], list[Selection]]:
+    """Latency (ms) of each layer's regular conv (``SKIP``) and of every r that runs faster,
+    timed in the form the output model runs (``merged[name]``: the 1×1 conv the new pointwise
+    conv is merged into, see ConvConfig.merged_channels).
 
     r = 1, 2, … in order until one is not ``MIN_GAIN`` faster (see the module docstring); each
     option is priced ``ratio_r × t_regular`` with ``t_regular`` from r = 1's timing. Returns
@@ -145,7 +166,8 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
         first = None
         reason = ""
         for r in sorted(m for m in macs[layer.name] if m != SKIP):
-            config = selector.config(layer, info.shape, mid_channels=c * r, mid_group=c)
+            config = selector.config(layer, info.shape, mid_channels=c * r, mid_group=c,
+                                     merged_channels=(merged or {}).get(layer.name, 0))
             say(f"select: timing {k + 1}/{len(layers)} {layer.name} r={r} ({config.describe()})")
             decision = selector.decide(config)
             t = decision.timing
@@ -174,13 +196,14 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
 def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
                   selector: LatencySelector | None, say) -> tuple[Priced, list[Selection]]:
     """The options offered per layer (layers with none left out) and the selection records."""
-    macs = option_macs(work, layers, infos) if layers else {}
+    second = merge_targets(work, layers)
+    macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
     if price == "macs":
         return Priced(macs, None), []
     assert selector is not None
     latencies, selection = option_latencies([layer for layer in layers if layer.name in macs], infos, macs,
-                                            selector, say)
+                                            selector, say, merged_channels(second, infos))
     macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}
     return Priced(macs, latencies), selection
 

@@ -329,3 +329,20 @@ def test_select_and_threads_validation(tmp_path, capsys):
         assert main([str(path), "--quiet", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_probe_models_with_a_merged_pointwise(mult):
+    """merged_channels = m: the regular probe is the conv followed by its 1×1 conv (n → m), the
+    separable probe ends in the merged pointwise conv (C·r → m) — both write m channels."""
+    from dataclasses import replace
+
+    config = replace(_config(c=8, n=16, mult=mult), merged_channels=12)
+    regular, separable = latency.conv_pair_models(config)
+    assert [n.op_type for n in regular.graph.node] == ["Conv", "Conv"]
+    inits = {t.name: tuple(t.dims) for t in separable.graph.initializer}
+    assert inits["P"] == (12, 8 * mult, 1, 1)
+    x = np.random.default_rng(0).standard_normal((1, 8, 10, 10)).astype(np.float32)
+    assert run_model(regular, {"x": x})[0].shape == run_model(separable, {"x": x})[0].shape == (1, 12, 10, 10)
+    assert "+1×1→12" in config.describe()
+    assert config != _config(c=8, n=16, mult=mult)  # another cache key than the isolated pair

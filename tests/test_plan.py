@@ -190,3 +190,23 @@ def test_cli_timing_cache_gives_the_same_bytes(tmp_path, fast_r1):
     assert main([str(net), "--calib", str(data), "--no-timing-cache", "-o", str(tmp_path / "o2.onnx"),
                  "--quiet"]) == 0
     assert len(fast_r1) == 2 * timed
+
+
+def test_options_are_timed_as_merged_when_the_pointwise_will_be_merged(monkeypatch):
+    """Depthwise-only counterpart: conv0's new pointwise conv is merged into the 1×1 conv after
+    it, so its options are timed with that 1×1 stage (12 outputs); conv2 feeds no 1×1 conv."""
+    from test_budget import merge_net
+
+    seen: dict[str, int] = {}
+
+    def timer(config, scale=1):
+        seen[config.describe()] = config.merged_channels
+        return Timing(1.0, 0.5 if config.mid_channels == config.input_shape[1] else 1.0, runs=9)
+
+    monkeypatch.setattr(latency, "ort_timer", timer)
+    decompose(merge_net(), calib=correlated_images(30, 8, 10, 10, seed=2), timing_cache=False)
+    by_channels = {k.split(" ")[0]: v for k, v in seen.items()}
+    assert by_channels == {"8→8": 12, "12→8": 0}
+    seen.clear()
+    decompose(merge_net(), timing_cache=False)  # uniform data-free selection times the same way
+    assert {k.split(" ")[0]: v for k, v in seen.items()} == {"8→8": 12, "12→8": 0}
