@@ -440,9 +440,11 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
         sel = job.selector
         if sel.cache is not None:
             notes += sel.cache.notes
-            notes.append(f"timing cache {sel.cache.path}: {len(sel.cache_hits)} of {len(sel.timings)} conv "
-                         f"timing(s) read from it, the rest measured now and stored (timings depend on the machine, "
-                         f"its onnxruntime and its load when measured; --no-timing-cache measures afresh)")
+            hits, total = len(sel.cache_hits), len(sel.timings)
+            fresh = f", {total - hits} measured now and stored" if total > hits else ""
+            notes.append(f"timing cache {sel.cache.path}: {hits} of {total} conv timing(s) read from it{fresh} "
+                         f"(timings depend on the machine, its onnxruntime and its load when measured; "
+                         f"--no-timing-cache measures afresh)")
         else:
             notes.append(f"no timing cache: {len(sel.timings)} conv timing(s) measured now; timings depend on the "
                          f"machine and its load, decisions near the threshold may differ between runs")

@@ -184,8 +184,8 @@ def test_cli_timing_cache_gives_the_same_bytes(tmp_path, fast_r1):
     timed = len(fast_r1)
     assert timed > 0 and json.loads(cache.read_text())["entries"]
     first, second = (r["notes"] for _, r in outputs)
-    assert any("0 of" in n and "read from it" in n for n in first)
-    assert any(f"{timed} of {timed} conv timing(s) read from it" in n for n in second)
+    assert any("0 of" in n and "read from it" in n and "measured now and stored" in n for n in first)
+    assert any(f"{timed} of {timed} conv timing(s) read from it (" in n for n in second)
     # --no-timing-cache measures afresh
     assert main([str(net), "--calib", str(data), "--no-timing-cache", "-o", str(tmp_path / "o2.onnx"),
                  "--quiet"]) == 0
