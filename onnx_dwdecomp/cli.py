@@ -20,7 +20,7 @@ from .modelio import default_output_path, load_model, save_model_atomic
 EPILOG = """\
 examples:
   onnx-dwdecomp model.onnx                          data-free SVD, writes model.dw.onnx
-  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 5 % output error
+  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 3 % output error
   onnx-dwdecomp model.onnx --calib calib.npz --multiplier 1 --select all   the paper's uniform setting
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
   onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-error", type=float, metavar="E",
                         help="choose each conv's multiplier (or keep it regular) for the fastest plan "
                              "(fewest MACs with --select all) with the outputs' relative L2 error on "
-                             "held-out calibration samples ≤ E (needs --calib; default with --calib: 0.05)")
+                             "held-out calibration samples ≤ E (needs --calib; default with --calib: 0.03)")
     p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="only rewrite Conv nodes whose name matches one of these globs")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
