@@ -431,7 +431,7 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
         if not chosen.layers and planner.mode == "max_error":
             notes.append(planner.why_nothing())
         if planner.default:
-            notes.append(f"plan: the fastest found whose held-out output rel. L2 stays ≤ {planner.target:g} "
+            notes.append(f"plan: the fastest found whose held-out output error stays ≤ {planner.target:g} "
                          f"(default bound; --max-error E to change it, --multiplier R for one multiplier everywhere)")
     if job.data is None:
         notes.append("no calibration data: data-free SVD, no accuracy was checked on real inputs "

@@ -203,15 +203,16 @@ class Report:
         timed = [s for s in self.selection if s.regular_ms is not None]
         if self.select != "latency" or not self.selection:
             return []
+        verdict = ("offered to the plan" if self.budget is not None else "rewrite")
         lines = ["", f"latency selection ({len(timed)} of {len(self.selection)} candidate(s) timed in "
-                     f"onnxruntime; rewrite when the separable median is ≥ {100 * MIN_GAIN:g} % lower):"]
+                     f"onnxruntime; {verdict} when the separable median is ≥ {100 * MIN_GAIN:g} % lower):"]
         rows = [("layer", "regular ms", "separable ms", "speed-up", "decision")]
         for s in self.selection:
             timed_row = s.regular_ms is not None and s.separable_ms is not None
             rows.append((s.name, f"{s.regular_ms:.3f}" if timed_row else "-",
                          f"{s.separable_ms:.3f}" if timed_row else "-",
                          f"×{s.regular_ms / s.separable_ms:.2f}" if timed_row and s.separable_ms > 0 else "-",
-                         "rewrite" if s.rewritten else "keep"))
+                         ("offered" if self.budget is not None else "rewrite") if s.rewritten else "keep"))
         return lines + _table(rows)
 
 
