@@ -509,7 +509,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
 
     ``solve(layer, stats)`` turns one layer's calibration statistics into factors; the factors
     of every layer are in place in the decomposed copy before the next layer's statistics are
-    gathered (asymmetric correction). With ``options.symmetric`` the solve sees (x, x) instead.
+    gathered (asymmetric correction). With ``options.symmetric`` the solve sees (x, x) instead,
+    the held-out errors are measured on x alone, and the decomposed network is never run.
     """
     say = progress or (lambda _msg: None)
     layers = sorted(layers, key=lambda layer: layer.node_index)
@@ -551,7 +552,9 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                     replace = to_onnx_nodes(replacement_convs(previous, names))
                 if ahead is None:
                     _advance(model, seg, infos, orig, None, batch, shared)
-                if replace is None and all(approx.values[i] is orig.values[i] for i in seg.inputs):
+                if options.symmetric:
+                    pass  # x̂ = x: the decomposed network is not needed
+                elif replace is None and all(approx.values[i] is orig.values[i] for i in seg.inputs):
                     approx.values.update({o: orig.values[o] for o in seg.outputs})  # nothing decomposed yet
                 else:
                     _advance(model, seg, infos, approx, replace, batch, shared)
@@ -559,7 +562,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
 
                 t0 = time.perf_counter()
                 x_in = orig.samples(layer.input)
-                xhat_in = (x_in if approx.values[layer.input] is orig.values[layer.input]
+                xhat_in = (x_in if options.symmetric or approx.values[layer.input] is orig.values[layer.input]
                            else approx.samples(layer.input))
                 fit, positions = _layer_sums(layer, x_in, xhat_in, heldout, batch, options, k)
                 timing["statistics"] += time.perf_counter() - t0
@@ -656,7 +659,7 @@ def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldo
     for start in range(0, len(fit_index), batch):
         rows = fit_index[start:start + batch]
         x, x_hat = _patch_pair(layer, x_all, xhat_all, rows, positions)
-        fit.add(x, x if options.symmetric else x_hat)
+        fit.add(x, x_hat)
     return fit, positions
 
 

@@ -42,16 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "channel decomposition at matched MACs (default: gsvd with --calib, else svd)")
     p.add_argument("--multiplier", type=int, metavar="R",
                    help="depthwise filters per input channel, 1..kh·kw, the same for every rewritten conv "
-                        "(default: with --calib each conv gets its own, the fastest plan within the "
-                        "default error bound; without data 1)")
+                        "(default: with --calib and gsvd each conv gets its own, the fastest plan "
+                        "within the default error bound; otherwise 1)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-macs", type=float, metavar="F",
                         help="choose each conv's multiplier (or keep it regular) for the least predicted "
                              "error with output MACs ≤ F × the input model's (needs --calib)")
     budget.add_argument("--max-error", type=float, metavar="E",
                         help="choose each conv's multiplier (or keep it regular) for the fastest plan "
-                             "(fewest MACs with --select all) with the outputs' relative L2 error on "
-                             "held-out calibration samples ≤ E (needs --calib; default with --calib: 0.03)")
+                             "(fewest MACs with --select all) with the output error (per-feature relative "
+                             "L2 against the calibration outputs' scale) on held-out calibration samples ≤ E "
+                             "(needs --calib; the default with --calib and gsvd: 0.03)")
     p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="only rewrite Conv nodes whose name matches one of these globs")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
@@ -76,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rel-error", type=float, metavar="E",
                    help="fail (exit 1, write nothing) if any output's relative L2 error exceeds E")
     p.add_argument("--select", choices=["latency", "all"], default="latency",
-                   help="latency: rewrite a conv only where onnxruntime runs depthwise + pointwise at "
-                        "least 5 %% faster than the regular conv, timed on this machine (default); "
-                        "all: rewrite every candidate (reproducible output)")
+                   help="latency: a conv's separable form is used only where onnxruntime runs it at "
+                        "least 5 %% faster than the regular conv, timed on this machine (default); all: "
+                        "time nothing - a uniform --multiplier rewrites every candidate, a plan prices "
+                        "its options by MACs")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--timing-cache", metavar="PATH",
                        help="persistent onnxruntime timing cache (default: onnx_dwdecomp/timing_cache.json in "

@@ -66,7 +66,8 @@ Timings depend on the machine, the onnxruntime version, the thread count and the
 moment, so two runs without a shared timing cache can choose differently for a conv near the
 threshold; the noise band makes that rarer and the cache (keyed by all of those, see
 :mod:`onnx_dwdecomp.timing_cache`) makes a repeated run on the same machine reuse the same
-timings. ``select="all"`` (``--select all``) skips the timing and rewrites every candidate: use
+timings. ``select="all"`` (``--select all``) times nothing (a uniform multiplier rewrites every
+candidate, a plan prices its options by MACs): use
 it for outputs that are the same on every machine.
 """
 

@@ -3,8 +3,9 @@ fold pointwise pairs → verify → revise plan → report.
 
 ``decompose(model_or_path, **options)`` returns ``(model, report)``; it never touches the
 input (a path is read, a ``ModelProto`` is copied) and writes nothing to disk. The plan (what
-each conv becomes) comes from plan.py: uniform, or budgeted — with calibration data the
-default is the fastest plan whose held-out output error stays within ``DEFAULT_MAX_ERROR``.
+each conv becomes) comes from plan.py: uniform, or budgeted — with calibration data and method
+gsvd the default is the fastest plan whose held-out output error stays within
+``DEFAULT_MAX_ERROR``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from .fold import fold_batchnorm, fold_pointwise
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
-from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_reachable, curve_solver, layer_curves,
-                   merge_targets, merged_channels, price_options, skipped_without_options)
+from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_reachable, curve_error, curve_solver,
+                   layer_curves, merge_targets, merged_channels, price_options, skipped_without_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
@@ -110,6 +111,9 @@ class DecomposeOptions:
             raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
         if self.target_macs is not None or self.max_error is not None:
             _validate_budget(self, method)
+        if self.default_plan and not self.verify:
+            raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
+                              "calibration samples; give --multiplier R for one multiplier everywhere, unverified")
 
 
 def _validate_budget(opts: DecomposeOptions, method: str) -> None:
@@ -328,8 +332,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
                                               for layer in layers])
         measured = compare_models(job.work, probe, _heldout_batches(job), "held-out calibration samples",
                                   job.output_scales()).worst_error()
-        total = sum(errors[layer.name][wanted[layer.name][0]] for layer in layers)
-        if total > 0 and np.isfinite(measured):
+        total = sum(curve_error(errors[layer.name][wanted[layer.name][0]]) for layer in layers)
+        if total > 0 and measured > 0 and np.isfinite(measured):  # else κ cannot be measured
             kappa = measured ** 2 / total
     curves = layer_curves(layers, priced, errors)
     fixed = before - sum(c.option(SKIP).macs for c in curves)

@@ -233,12 +233,12 @@ def layer_curves(layers: list[ConvLayer], priced: Priced, errors: dict[str, dict
     for layer in layers:
         lat = priced.latency_ms[layer.name] if priced.latency_ms is not None else {}
         out.append(LayerCurve(layer.name, tuple(
-            Option(r, m, 0.0 if r == SKIP else _finite(errors[layer.name][r]), lat.get(r))
+            Option(r, m, 0.0 if r == SKIP else curve_error(errors[layer.name][r]), lat.get(r))
             for r, m in sorted(priced.macs[layer.name].items()))))
     return out
 
 
-def _finite(error: float) -> float:
+def curve_error(error: float) -> float:
     """A held-out error for the allocation: NaN/inf (no held-out variance) counts as very large."""
     return float(error) if np.isfinite(error) else 1e6
 
@@ -265,7 +265,7 @@ class BudgetPlanner:
             self.bound = None
         else:
             self.limit = None
-            self.bound = target ** 2 / self.kappa
+            self.bound = target ** 2 / self.kappa if self.kappa > 0 else float("inf")
             self.allocation = allocate_error(curves, self.bound, price=price)
 
     def plan(self) -> Plan:
@@ -275,7 +275,8 @@ class BudgetPlanner:
         return alloc.macs if self.price == "macs" else alloc.latency_ms
 
     def revise(self, measured: float | None, say) -> Plan | None:
-        """Record the round just verified (worst output rel. L2 ``measured``); the next plan, or None."""
+        """Record the round just verified (worst output error ``measured``; NaN counts as a miss
+        that says nothing about κ); the next plan, or None."""
         alloc = self.allocation
         self.rounds.append({"multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
                             "predicted_macs": self.fixed + alloc.macs, "predicted_latency_ms": alloc.latency_ms,
@@ -284,7 +285,8 @@ class BudgetPlanner:
         self._allocations.append(alloc)
         if self.mode != "max_error" or measured is None:
             return None
-        hit = measured <= self.target
+        finite = bool(np.isfinite(measured))
+        hit = finite and measured <= self.target
         if hit and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
             self._best = len(self._allocations) - 1
         solved = sum(1 for a in self._allocations if a.error > 0)  # rounds that rewrote something
@@ -297,13 +299,21 @@ class BudgetPlanner:
             self.allocation = allocate_error(self.curves, least, price=self.price)
             say(f"plan: no rewrite predicted within {self.target:g}; measuring the least-error one")
             return self.plan()
-        if solved >= MAX_ERROR_ROUNDS or alloc.error <= 0 or measured <= 0:
+        if solved >= MAX_ERROR_ROUNDS or alloc.error <= 0 or (finite and measured <= 0):
             return None
-        self.kappa = measured ** 2 / alloc.error
-        self.bound = (MARGIN * self.target) ** 2 / self.kappa
-        if not hit:
-            self.bound = min(self.bound, 0.999 * alloc.error)
+        missed_bound = 0.999 * alloc.error  # strictly below the missed round's error sum
+        if finite:
+            self.kappa = measured ** 2 / alloc.error
+            self.bound = (MARGIN * self.target) ** 2 / self.kappa
+            if not hit:
+                self.bound = min(self.bound, missed_bound)
+        else:
+            self.bound = missed_bound
         nxt = allocate_error(self.curves, self.bound, price=self.price)
+        if not hit and nxt.error <= 0 < allocate_error(self.curves, missed_bound, price=self.price).error:
+            # the margin left nothing: try the largest plan below the missed one instead
+            self.bound = missed_bound
+            nxt = allocate_error(self.curves, self.bound, price=self.price)
         tried = {tuple(sorted(a.multipliers.items())) for a in self._allocations}
         if tuple(sorted(nxt.multipliers.items())) in tried:
             return None

@@ -11,10 +11,11 @@ selection it carries the median onnxruntime latencies of the regular conv and it
 measured in isolation (see latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
 folded into convs before decomposition, ``merged`` the pointwise pairs merged after it (fold.py).
 
-``budget`` (``--target-macs`` / ``--max-error`` only) is a plain dict: the mode and target, the
-MACs limit and reachable range, predicted and measured MACs and output error, whether the budget
-was met, the rounds run, and per layer the chosen multiplier (``"skip"`` = kept regular), its
-predicted and measured error and its whole error curve (multiplier → MACs, predicted error).
+``budget`` (plans: the default with calibration data, ``--max-error``, ``--target-macs``) is a
+plain dict: the mode, target and price, the MACs limit and reachable range, predicted and
+measured MACs, latency and output error, whether the bound was met, the rounds run, and per
+layer the chosen multiplier (``"skip"`` = kept regular), its latency, predicted and held-out
+error, patches and whole curve (multiplier → MACs, latency, predicted error).
 """
 
 from __future__ import annotations

@@ -179,6 +179,7 @@ class TimingCache:
     def _write(self, entries: dict[str, dict]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, _file_mode(self.path))  # mkstemp's 0600 would lock a shared cache away
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}, f,
                           indent=1)
@@ -187,6 +188,16 @@ class TimingCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _file_mode(path: Path) -> int:
+    """The mode to write ``path`` with: the existing file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def _read_entries(path: Path) -> tuple[dict[str, dict], str | None]:

@@ -22,7 +22,8 @@ Metrics per graph output, over all verification samples (``y`` original, ``ŷ`` 
 
 With calibration data the denominators are the output's *typical* magnitude: ``‖y_f‖₂`` is
 replaced by ``sqrt(rows · m_f)``, ``m_f`` the mean square of feature ``f`` over all calibration
-samples (:func:`mean_squares`, from the original model). A held-out sample whose output is
+samples (``pipeline.reference_pass``, the original model), floored at ``FEATURE_FLOOR`` of the
+output's RMS feature scale so that a feature that almost never fires cannot dominate. A held-out sample whose output is
 near zero (a text detector on a photo without text: probabilities ~1e-7) would otherwise turn
 float round-off into a relative error of 0.9.
 """
@@ -62,11 +63,17 @@ class Verification:
     outputs: dict[str, OutputAgreement]
 
     def worst_rel_l2(self) -> float:
-        return max((o.rel_l2 for o in self.outputs.values()), default=0.0)
+        """The largest ``rel_l2`` over the outputs (NaN counts as infinite)."""
+        return _worst(o.rel_l2 for o in self.outputs.values())
 
     def worst_error(self) -> float:
-        """The output error plans bound: the largest ``feature_rel_l2`` over the outputs."""
-        return max((o.feature_rel_l2 for o in self.outputs.values()), default=0.0)
+        """The output error plans bound: the largest ``feature_rel_l2`` over the outputs (NaN
+        counts as infinite)."""
+        return _worst(o.feature_rel_l2 for o in self.outputs.values())
+
+
+def _worst(errors: Iterable[float]) -> float:
+    return max((e if e == e else float("inf") for e in errors), default=0.0)
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -107,48 +114,64 @@ def as_features(y: np.ndarray) -> np.ndarray:
     return np.moveaxis(y.astype(np.float64), axis, -1).reshape(-1, y.shape[axis])
 
 
-def mean_squares(outputs: Iterable[np.ndarray]) -> np.ndarray:
-    """Mean square of each feature (shape (F,); (1,) without a feature axis) over ``outputs``,
-    arrays of one graph output (e.g. one per batch)."""
-    total, rows = None, 0
-    for y in outputs:
-        f = as_features(y)
-        total = (f * f).sum(axis=0) if total is None else total + (f * f).sum(axis=0)
-        rows += len(f)
-    return np.zeros(1) if total is None else total / max(rows, 1)
+#: A feature's scale is floored at this share of the output's RMS feature scale: a channel that
+#: almost never fires must not turn round-off into a relative error of 15.
+FEATURE_FLOOR = 1e-3
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndarray | None = None
               ) -> OutputAgreement:
-    """Agreement of one output; ``mean_square`` (from :func:`mean_squares`) sets the scale the
-    relative errors are taken against, else the reference's own norm."""
-    y = reference.astype(np.float64).ravel()
-    y_hat = candidate.astype(np.float64).ravel()
-    diff = y_hat - y
-    norm_y, norm_hat = np.linalg.norm(y), np.linalg.norm(y_hat)
+    """Agreement of one output; ``mean_square`` (per feature, from the calibration samples) sets
+    the scale the relative errors are taken against, else the reference's own norm.
+
+    Non-float outputs (class indices) are compared for equality: both errors are the share of
+    entries that differ. Entries where the reference is not finite are left out; a non-finite
+    candidate where the reference is finite makes both errors infinite.
+    """
+    if not (np.issubdtype(reference.dtype, np.floating) and np.issubdtype(candidate.dtype, np.floating)):
+        mismatch = float(np.mean(reference != candidate)) if reference.size else 0.0
+        return OutputAgreement(mismatch, float(mismatch > 0), 1.0 - mismatch, None, mismatch)
     ref, cand = as_features(reference), as_features(candidate)
+    valid = np.isfinite(ref)
+    if not np.isfinite(cand[valid]).all():
+        inf = float("inf")
+        return OutputAgreement(inf, inf, float("nan"), None, inf)
+    ref, cand = np.where(valid, ref, 0.0), np.where(valid, cand, 0.0)
+    diff = cand - ref
     rows = len(ref)
     scale = (np.linalg.norm(ref, axis=0) if mean_square is None or mean_square.shape != (ref.shape[1],)
-             else np.sqrt(rows * mean_square))
+             else np.sqrt(rows * np.nan_to_num(mean_square, nan=0.0, posinf=0.0)))
     scale_all = float(np.sqrt(np.sum(scale ** 2)))
     rel = float(np.linalg.norm(diff) / scale_all) if scale_all > 0 else float(np.linalg.norm(diff) > 0)
-    cos = float(y @ y_hat / (norm_y * norm_hat)) if norm_y > 0 and norm_hat > 0 else float(norm_y == norm_hat)
+    norm_y, norm_hat = np.linalg.norm(ref), np.linalg.norm(cand)
+    cos = float(np.sum(ref * cand) / (norm_y * norm_hat)) if norm_y > 0 and norm_hat > 0 else float(norm_y == norm_hat)
     top1 = None
     if reference.ndim == 2 and reference.shape[1] > 1:
         top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
     feature = rel
-    live = scale > 0
-    if ref.shape[1] > 1 and live.any():
-        errors = np.linalg.norm((cand - ref)[:, live], axis=0) / scale[live]
+    if ref.shape[1] > 1 and scale_all > 0:
+        floored = np.maximum(scale, FEATURE_FLOOR * scale_all / np.sqrt(len(scale)))
+        errors = np.linalg.norm(diff, axis=0)[scale > 0] / floored[scale > 0]
         feature = float(np.sqrt(np.mean(errors ** 2)))
     return OutputAgreement(rel, float(np.abs(diff).max()) if diff.size else 0.0, cos, top1, feature)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """One output's per-batch values as one array: along the axis whose size differs between
+    batches (the batch axis; axis 0 when they all agree), 0-d values stacked."""
+    if not parts[0].ndim:
+        return np.stack(parts)
+    shapes = {p.shape for p in parts}
+    differ = [k for k in range(parts[0].ndim) if len({shape[k] for shape in shapes}) > 1]
+    return np.concatenate(parts, axis=differ[0] if len(differ) == 1 else 0)
 
 
 def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                    batches: Iterable[dict[str, np.ndarray]], inputs: str,
                    scales: dict[str, np.ndarray] | None = None) -> Verification:
-    """Run both models on the same batches and measure agreement per graph output (against the
-    typical magnitudes ``scales[name]`` from :func:`mean_squares` where given)."""
+    """Run both models on the same batches and measure agreement per graph output that is a
+    tensor (sequence outputs are skipped), against the typical magnitudes ``scales[name]``
+    (per-feature mean squares over the calibration samples) where given."""
     try:
         ref_session = make_session(original)
     except Exception as exc:  # onnxruntime's own exception types
@@ -170,9 +193,9 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
             new_out[name].append(value)
     outputs = {}
     for n in names:
-        ref = np.concatenate(ref_out[n]) if ref_out[n][0].ndim else np.stack(ref_out[n])
-        new = np.concatenate(new_out[n]) if new_out[n][0].ndim else np.stack(new_out[n])
-        outputs[n] = agreement(ref, new, (scales or {}).get(n))
+        if not all(isinstance(v, np.ndarray) for v in ref_out[n] + new_out[n]):
+            continue
+        outputs[n] = agreement(_join(ref_out[n]), _join(new_out[n]), (scales or {}).get(n))
     return Verification(samples, inputs, outputs)
 
 

@@ -175,6 +175,26 @@ def test_an_empty_first_plan_measures_the_least_error_option():
     assert bigger is not None and sum(v != SKIP for v in bigger.multipliers.values()) > 1
 
 
+def test_a_nan_round_is_a_miss_that_keeps_kappa():
+    curves = synthetic_curves(5, 1)
+    plan = _planner(curves, 0, reachable_macs(curves)[1], 1e-3)
+    first = plan.allocation
+    nxt = plan.revise(float("nan"), lambda _msg: None)
+    assert plan.kappa == 1e-3 and plan._best is None
+    assert nxt is not None and plan.allocation.error < first.error  # strictly below the missed round
+
+
+def test_a_margin_that_leaves_nothing_retries_below_the_missed_round():
+    """Two layers; after a miss with both rewritten, 0.9·E alone would keep everything regular,
+    but one of them alone may still fit: the next round tries it."""
+    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.10))),
+              LayerCurve("b", (Option(SKIP, 900, 0.0), Option(1, 200, 0.08)))]
+    plan = _planner(curves, 0, 1800, 0.1 ** 2 / 0.18)  # bound admits both: Σe = 0.18
+    assert plan.allocation.multipliers == {"a": 1, "b": 1}
+    nxt = plan.revise(0.5, lambda _msg: None)  # far off: κ = 0.25 / 0.18, 0.9·E → bound 0.0058
+    assert nxt is not None and sum(v != SKIP for v in nxt.multipliers.values()) == 1
+
+
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")

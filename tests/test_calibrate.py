@@ -147,6 +147,27 @@ def test_last_layer_input_from_an_earlier_segment_survives():
     assert report.verification.inputs == "held-out calibration samples"
 
 
+def test_symmetric_errors_do_not_depend_on_the_other_layers():
+    """With symmetric statistics (plan curves) a layer's held-out error is measured on its input
+    in the original network: the same whether earlier layers are in the pass or not."""
+    from conftest import correlated_images, three_layer_net
+    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.candidates import find_candidates
+    from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
+    from onnx_dwdecomp.solve import gsvd_factors
+
+    model = three_layer_net()
+    data = load_calibration(correlated_images(20, 6, 12, 12), graph_inputs(model))
+    infos = infer_tensor_info(model, {"x": (1, 6, 12, 12)})
+    layers = find_candidates(model, (), ()).layers
+    solve = lambda layer, stats, _err: gsvd_factors(layer.weight, layer.bias, stats, 1, max_iter=0)  # noqa: E731
+    opts = CalibrationOptions(batch_size=4, positions=None, symmetric=True)
+    together = calibrate_and_solve(model, layers, data, infos, solve, opts).layers
+    alone = calibrate_and_solve(model, [layers[1]], data, infos, solve, opts).layers
+    assert together[layers[1].name].heldout_error == alone[layers[1].name].heldout_error
+
+
 def test_split_holdout():
     m1, m2 = split_holdout(24, 0.1, 0), split_holdout(24, 0.1, 0)
     np.testing.assert_array_equal(m1, m2)  # seeded

@@ -128,5 +128,7 @@ def test_gsvd_without_calib_raises(net):
 def test_default_method_and_no_verify(net, calib):
     _, rep = decompose(net)
     assert rep.method == "svd"
-    _, rep = decompose(net, verify=False, calib=calib)
+    _, rep = decompose(net, verify=False, calib=calib, multiplier=1, select="all")
     assert rep.method == "gsvd" and rep.verification is None
+    with pytest.raises(OptionError, match="--no-verify: the default plan"):
+        decompose(net, verify=False, calib=calib)  # the default plan is chosen by verifying

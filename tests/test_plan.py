@@ -210,3 +210,15 @@ def test_options_are_timed_as_merged_when_the_pointwise_will_be_merged(monkeypat
     seen.clear()
     decompose(merge_net(), timing_cache=False)  # uniform data-free selection times the same way
     assert {k.split(" ")[0]: v for k, v in seen.items()} == {"8→8": 12, "12→8": 0}
+
+
+def test_a_model_with_an_integer_output_plans(fast_r1):
+    """Logits and their ArgMax: the class indices are compared for equality (mismatch share),
+    and a κ probe that measures 0 on them leaves κ unmeasured instead of dividing by zero."""
+    net = three_layer_net()
+    net.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], axis=1, keepdims=0))
+    net.graph.output.append(helper.make_tensor_value_info("cls", onnx.TensorProto.INT64, ["N", 12, 12]))
+    _, rep = decompose(net, calib=correlated_images(30, 6, 12, 12, seed=2))
+    assert {"y", "cls"} == set(rep.verification.outputs)
+    assert 0.0 <= rep.verification.outputs["cls"].feature_rel_l2 <= 1.0
+    assert rep.budget["met"] is True

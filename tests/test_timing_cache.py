@@ -271,3 +271,21 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
         for i in range(_ENTRIES):
             assert cache.get(_config(c=1 + i, threads=1 + w)) == Timing(1.0 + w, 0.5 + i, 3)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temporary file left
+
+
+def test_rewritten_cache_keeps_a_shared_files_mode(tmp_path):
+    path = tmp_path / "shared.json"
+    first = TimingCache(path, onnxruntime_version="1.0", cpu="cpu")
+    first.put(_config(), Timing(1.0, 0.5, runs=3))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # a new file follows the umask
+    path.chmod(0o664)
+    TimingCache(path, onnxruntime_version="1.0", cpu="cpu").put(_config(threads=2), Timing(1.0, 0.5, runs=3))
+    assert path.stat().st_mode & 0o777 == 0o664
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -5,18 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_dwdecomp.verify import MAX_FEATURES, Verification, agreement, mean_squares
+from onnx_dwdecomp.verify import MAX_FEATURES, Verification, _join, agreement, as_features
+
+
+def mean_squares(arrays):
+    """Per-feature mean square over arrays of one output, as pipeline.reference_pass makes it."""
+    f = np.concatenate([as_features(a) for a in arrays])
+    return (f * f).mean(axis=0)
 
 
 def test_feature_error_is_not_hidden_by_large_features():
-    """A YOLO-style head (N, anchors, 6): coordinates ~100, objectness ~0.01. Half the
+    """A YOLO-style head (N, anchors, 6) as ddddocr's: coordinates ~1, objectness ~0.01. Half the
     objectness signal lost is a 0.5 error on that feature, while the plain rel. L2 barely moves."""
     rng = np.random.default_rng(0)
-    y = np.concatenate([100 * rng.random((2, 500, 4)), 0.01 * rng.random((2, 500, 2))], axis=-1)
+    y = np.concatenate([rng.random((2, 500, 4)), 0.01 * rng.random((2, 500, 2))], axis=-1)
     y_hat = y.copy()
     y_hat[..., 4] *= 0.5
     a = agreement(y.astype(np.float32), y_hat.astype(np.float32))
-    assert a.rel_l2 < 1e-4
+    assert a.rel_l2 < 0.01
     # e = (0, 0, 0, 0, 0.5, 0) over 6 features: sqrt(0.25 / 6)
     assert a.feature_rel_l2 == pytest.approx(np.sqrt(0.25 / 6), rel=1e-5)
 
@@ -69,8 +75,46 @@ def test_errors_against_the_typical_scale_ignore_round_off_on_a_blank_output():
     assert agreement(blank, noisy, scale).rel_l2 < 1e-5
 
 
-def test_mean_squares_per_feature():
+def test_errors_against_given_scales_per_feature():
     y = np.stack([np.full((5, 3), 1.0), np.full((5, 3), 3.0)], axis=-1)  # (5, 3, 2): 2 features
     np.testing.assert_allclose(mean_squares([y, y]), [1.0, 9.0])
     a = agreement(y, 1.1 * y, mean_squares([y]))
     assert a.rel_l2 == pytest.approx(0.1) and a.feature_rel_l2 == pytest.approx(0.1)
+
+
+def test_a_feature_that_almost_never_fires_does_not_dominate():
+    """8 channels, one firing at 1e-5 of the others' scale, the same 1e-3 noise everywhere: its
+    scale is floored at FEATURE_FLOOR of the RMS feature scale (unfloored: error ~15)."""
+    rng = np.random.default_rng(4)
+    y = rng.random((4, 8, 6, 6))
+    y[:, 3] *= 1e-5
+    noisy = y + 1e-3 * rng.standard_normal(y.shape)
+    a = agreement(y, noisy, mean_squares([y]))
+    assert a.rel_l2 < 0.01 and a.feature_rel_l2 < 1.0
+
+
+def test_non_finite_values():
+    y = np.ones((4, 3))
+    bad = y.copy()
+    bad[1, 2] = np.nan
+    assert agreement(y, bad).feature_rel_l2 == np.inf and agreement(y, bad).rel_l2 == np.inf
+    ref = y.copy()
+    ref[0, 0] = np.inf  # left out of the comparison; the rest is off by 10 %
+    a = agreement(ref, 1.1 * y)
+    assert a.rel_l2 == pytest.approx(0.1) and np.isfinite(a.feature_rel_l2)
+    v = Verification(4, "x", {"good": agreement(y, y), "bad": agreement(y, bad)})
+    assert v.worst_error() == np.inf and v.worst_rel_l2() == np.inf  # NaN/inf never hides
+
+
+def test_integer_outputs_are_compared_for_equality():
+    labels = np.array([[1, 2, 3, 4]], np.int64)
+    a = agreement(labels, np.array([[1, 2, 0, 4]], np.int64))
+    assert a.rel_l2 == a.feature_rel_l2 == 0.25 and a.top1_agreement is None
+    assert agreement(labels, labels).feature_rel_l2 == 0.0
+
+
+def test_batches_of_a_time_major_output_join_along_the_batch_axis():
+    parts = [np.zeros((7, 32, 5)), np.ones((7, 8, 5))]  # (T, N, C) with batches of 32 and 8
+    assert _join(parts).shape == (7, 40, 5)
+    assert _join([np.zeros((4, 3)), np.zeros((2, 3))]).shape == (6, 3)
+    assert _join([np.float32(1.0), np.float32(2.0)]).shape == (2,)
