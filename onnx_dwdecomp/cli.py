@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-macs", type=float, metavar="F",
                         help="choose each conv's multiplier (or keep it regular) for the least predicted "
                              "error with output MACs ≤ F × the input model's (needs --calib)")
+    budget.add_argument("--target-latency", type=float, metavar="F",
+                        help="choose each conv's multiplier (or keep it regular) for the least predicted "
+                             "error with the candidate convs' onnxruntime latency ≤ F × their regular "
+                             "latency, timed on this machine (needs --calib)")
     budget.add_argument("--max-error", type=float, metavar="E",
                         help="choose each conv's multiplier (or keep it regular) for the fastest plan "
                              "(fewest MACs with --select all) with the output error (per-feature relative "
@@ -132,6 +136,7 @@ def _options_from_args(args: argparse.Namespace) -> dict:
                 batch_size=args.batch_size, positions=positions, symmetric=args.symmetric,
                 mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed,
                 select=args.select, threads=args.threads, target_macs=args.target_macs,
+                target_latency=args.target_latency,
                 timing_cache=False if args.no_timing_cache else args.timing_cache,
                 max_error=args.max_error)
 

@@ -28,7 +28,8 @@ from .fold import fold_batchnorm, fold_pointwise
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
-from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_reachable, curve_error, curve_solver,
+from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
+                   curve_error, curve_solver,
                    layer_curves, merge_targets, merged_channels, price_options, skipped_without_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
@@ -67,17 +68,20 @@ class DecomposeOptions:
     # folder, a path = that file, False = measure afresh and store nothing
     timing_cache: str | os.PathLike | bool | None = None
     target_macs: float | None = None  # budget: output MACs ≤ target_macs × input MACs (per-layer r)
+    target_latency: float | None = None  # budget: the convs' timed latency ≤ target_latency × regular
     max_error: float | None = None  # budget: held-out output rel. L2 ≤ max_error, fastest plan
 
     def resolved_method(self) -> str:
         return self.method or ("gsvd" if self.calib is not None else "svd")
 
     def plan_mode(self) -> str:
-        """``"uniform"`` (every selected conv at one multiplier), ``"target_macs"`` or
-        ``"max_error"``. With calibration data, method gsvd and no ``multiplier``, the default
+        """``"uniform"`` (every selected conv at one multiplier), ``"target_macs"``,
+        ``"target_latency"`` or ``"max_error"``. With calibration data, method gsvd and no ``multiplier``, the default
         is ``"max_error"`` at :data:`DEFAULT_MAX_ERROR`."""
         if self.target_macs is not None:
             return "target_macs"
+        if self.target_latency is not None:
+            return "target_latency"
         if self.max_error is not None or (self.multiplier is None and self.calib is not None
                                           and self.resolved_method() == "gsvd"):
             return "max_error"
@@ -109,7 +113,7 @@ class DecomposeOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
-        if self.target_macs is not None or self.max_error is not None:
+        if self.target_macs is not None or self.max_error is not None or self.target_latency is not None:
             _validate_budget(self, method)
         if self.default_plan and not self.verify:
             raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
@@ -117,14 +121,22 @@ class DecomposeOptions:
 
 
 def _validate_budget(opts: DecomposeOptions, method: str) -> None:
-    if opts.target_macs is not None and opts.max_error is not None:
-        raise OptionError("give either --target-macs or --max-error, not both")
+    given = [flag for flag, value in (("--target-macs", opts.target_macs), ("--target-latency", opts.target_latency),
+                                      ("--max-error", opts.max_error)) if value is not None]
+    if len(given) > 1:
+        raise OptionError(f"give one of --target-macs, --target-latency, --max-error, not {' and '.join(given)}")
     if opts.calib is None or method != "gsvd":
-        raise OptionError("--target-macs/--max-error need calibration data (--calib) and --method gsvd: "
+        raise OptionError(f"{given[0]} needs calibration data (--calib) and --method gsvd: "
                           "the per-layer error curves come from the data-driven statistics")
     if opts.multiplier is not None:
-        raise OptionError("--multiplier cannot be combined with --target-macs/--max-error "
+        raise OptionError(f"--multiplier cannot be combined with {given[0]} "
                           "(the budget chooses each layer's multiplier)")
+    if opts.target_latency is not None:
+        if not (0 < opts.target_latency <= 1):
+            raise BudgetError(f"--target-latency {opts.target_latency:g}: must be a fraction of the regular "
+                              f"convs' latency in (0, 1]")
+        if opts.select != "latency":
+            raise OptionError("--target-latency prices options by timing them: drop --select all")
     if opts.target_macs is not None and not (0 < opts.target_macs <= 1):
         raise BudgetError(f"--target-macs {opts.target_macs:g}: must be a fraction of the input model's "
                           f"MACs in (0, 1]")
@@ -316,6 +328,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     before = model_cost(job.work, job.infos).macs
     if opts.target_macs is not None:
         check_reachable(opts.target_macs, before, priced.macs)
+    if opts.target_latency is not None:
+        check_latency_reachable(opts.target_latency, priced.latency_ms or {})
     errors: dict[str, dict[int, float]] = {}
     kappa = KAPPA0
     if layers:
@@ -338,7 +352,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     curves = layer_curves(layers, priced, errors)
     fixed = before - sum(c.option(SKIP).macs for c in curves)
     mode = opts.plan_mode()
-    target = opts.target_macs if mode == "target_macs" else (opts.max_error or DEFAULT_MAX_ERROR)
+    target = {"target_macs": opts.target_macs, "target_latency": opts.target_latency}.get(
+        mode, opts.max_error or DEFAULT_MAX_ERROR)
     return BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
                          before_macs=before, kappa=kappa, default=opts.default_plan), layers
 
@@ -594,7 +609,7 @@ def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) ->
         "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
         "verify": opts.verify, "seed": opts.seed, "select": opts.select, "threads": opts.threads,
         "timing_cache": None if opts.timing_cache is None else str(opts.timing_cache),
-        "plan": opts.plan_mode(), "target_macs": opts.target_macs,
+        "plan": opts.plan_mode(), "target_macs": opts.target_macs, "target_latency": opts.target_latency,
         "max_error": DEFAULT_MAX_ERROR if opts.default_plan else opts.max_error,
     }
 

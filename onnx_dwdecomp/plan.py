@@ -263,6 +263,10 @@ class BudgetPlanner:
             self.limit = int(np.floor(target * before_macs))
             self.allocation = allocate_cost(curves, self.limit - fixed_macs)
             self.bound = None
+        elif mode == "target_latency":  # the candidate convs' summed latency, in nanoseconds
+            self.limit = int(np.floor(target * sum(c.option(SKIP).cost("latency") for c in curves)))
+            self.allocation = allocate_cost(curves, self.limit, price="latency")
+            self.bound = None
         else:
             self.limit = None
             self.bound = target ** 2 / self.kappa if self.kappa > 0 else float("inf")
@@ -353,6 +357,8 @@ class BudgetPlanner:
     def met(self, macs: int) -> bool | None:
         if self.mode == "target_macs":
             return macs <= self.limit
+        if self.mode == "target_latency":
+            return sum(c.option(self.allocation.multipliers[c.name]).cost("latency") for c in self.curves) <= self.limit
         measured = self.measured()
         return None if measured is None else measured <= self.target
 
@@ -361,6 +367,8 @@ class BudgetPlanner:
             return []
         if self.mode == "target_macs":
             return [f"budget NOT met: {macs} MACs > {self.limit} (--target-macs {self.target:g})"]
+        if self.mode == "target_latency":
+            return [f"budget NOT met: convs' latency above --target-latency {self.target:g} of the regular convs'"]
         return [f"budget NOT met after {len(self.rounds)} round(s): output rel. L2 "
                 f"{self.measured():.3g} > --max-error {self.target:g}"]
 
@@ -385,7 +393,8 @@ class BudgetPlanner:
             "default": self.default,
             "target": self.target,
             "price": self.price,
-            "macs_limit": self.limit,
+            "macs_limit": self.limit if self.mode == "target_macs" else None,
+            "latency_limit_ms": self.limit / 1e6 if self.mode == "target_latency" else None,
             "original_macs": self.before,
             "reachable_macs": [self.fixed + lo, self.fixed + hi],
             "predicted_macs": self.fixed + self.allocation.macs,
@@ -420,6 +429,18 @@ class BudgetPlanner:
 
 def _r(multiplier: int) -> int | str:
     return "skip" if multiplier == SKIP else multiplier
+
+
+def check_latency_reachable(target: float, latency_ms: dict[str, dict[int, float]]) -> None:
+    """BudgetError when ``--target-latency`` is below what the offered options can reach."""
+    regular = sum(options[SKIP] for options in latency_ms.values())
+    least = sum(min(options.values()) for options in latency_ms.values())
+    if not latency_ms or target * regular < least:
+        reach = f"{least / regular:.3f}" if regular > 0 else "1"
+        raise BudgetError(
+            f"--target-latency {target:g} is out of reach: the {len(latency_ms)} conv(s) that run faster "
+            f"separable can reach {reach} of their regular latency at best ({least:.3f} of {regular:.3f} ms, "
+            f"timed on this machine)")
 
 
 def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, int]]) -> None:

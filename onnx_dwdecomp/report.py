@@ -178,6 +178,9 @@ class Report:
         if b["mode"] == "target_macs":
             head = (f"plan --target-macs {b['target']:g}: at most {b['macs_limit'] / 1e6:.3f} M MACs; "
                     f"{b['macs'] / 1e6:.3f} M reached (predicted {b['predicted_macs'] / 1e6:.3f} M)")
+        elif b["mode"] == "target_latency":
+            head = (f"plan --target-latency {b['target']:g}: convs' latency at most {b['latency_limit_ms']:.3f} ms; "
+                    f"{b['latency_ms_after']:.3f} ms planned")
         else:
             flag = "default bound" if b["default"] else "--max-error"
             head = (f"plan ({flag}): held-out output error ≤ {b['target']:g}, "

@@ -278,7 +278,7 @@ def test_max_error_end_to_end(net, calib):
     (dict(target_macs=1.5), BudgetError, r"\(0, 1\]"),
     (dict(max_error=0.0), BudgetError, "must be > 0"),
     (dict(max_error=-1.0), BudgetError, "must be > 0"),
-    (dict(target_macs=0.5, max_error=0.1), OptionError, "not both"),
+    (dict(target_macs=0.5, max_error=0.1), OptionError, "not --target-macs and --max-error"),
     (dict(target_macs=0.5, multiplier=2), OptionError, "multiplier"),
     (dict(max_error=0.1, verify=False), OptionError, "no-verify"),
 ])

@@ -16,6 +16,7 @@ from onnx_dwdecomp.budget import SKIP, LayerCurve, Option, allocate_error
 from onnx_dwdecomp.calibrate import PATCHES_PER_DIM, positions_per_sample
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.cli import main
+from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.latency import LatencySelector, Timing
 from onnx_dwdecomp.pipeline import DecomposeOptions, decompose
 from onnx_dwdecomp.plan import DEFAULT_MAX_ERROR, option_latencies
@@ -222,3 +223,23 @@ def test_a_model_with_an_integer_output_plans(fast_r1):
     assert {"y", "cls"} == set(rep.verification.outputs)
     assert 0.0 <= rep.verification.outputs["cls"].feature_rel_l2 <= 1.0
     assert rep.budget["met"] is True
+
+
+def test_target_latency_least_error_within_the_timed_budget(fast_r1):
+    """Every conv's r = 1 form runs in 0.5 of its regular time (fake timer): a budget of 0.85 of
+    the three convs' latency (3 ms → 2.55 ms) leaves room for one rewrite, the one with the
+    least predicted error — the exactly separable conv0."""
+    net = mixed_net()
+    calib = correlated_images(40, 6, 12, 12, seed=4)
+    _, rep = decompose(net, calib=calib, target_latency=0.85)
+    b = rep.to_dict()["budget"]
+    assert b["mode"] == "target_latency" and b["met"] is True
+    assert b["latency_limit_ms"] == pytest.approx(2.55) and b["latency_ms_after"] == pytest.approx(2.5)
+    assert [layer.name for layer in rep.layers] == ["conv0"]
+    assert "plan --target-latency 0.85" in rep.render()
+    with pytest.raises(BudgetError, match="out of reach.*0.500 of their regular latency"):
+        decompose(net, calib=calib, target_latency=0.4)
+    with pytest.raises(OptionError, match="drop --select all"):
+        decompose(net, calib=calib, target_latency=0.5, select="all")
+    with pytest.raises(OptionError, match="not --target-latency and --max-error"):
+        decompose(net, calib=calib, target_latency=0.5, max_error=0.1)
