@@ -20,7 +20,7 @@ from .modelio import default_output_path, load_model, save_model_atomic
 EPILOG = """\
 examples:
   onnx-dwdecomp model.onnx                          data-free SVD, writes model.dw.onnx
-  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 3 % output error
+  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 2 % output error
   onnx-dwdecomp model.onnx --calib calib.npz --multiplier 1 --select all   the paper's uniform setting
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
   onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="choose each conv's multiplier (or keep it regular) for the fastest plan "
                              "(fewest MACs with --select all) with the output error (per-feature relative "
                              "L2 against the calibration outputs' scale) on held-out calibration samples ≤ E "
-                             "(needs --calib; the default with --calib and gsvd: 0.03)")
+                             "(needs --calib; the default with --calib and gsvd: 0.02)")
     p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="only rewrite Conv nodes whose name matches one of these globs")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
