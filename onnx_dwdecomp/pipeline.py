@@ -30,7 +30,7 @@ from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
 from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
                    curve_error, curve_solver,
-                   layer_curves, merge_targets, merged_channels, price_options, skipped_without_options)
+                   layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session
@@ -320,10 +320,10 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
-    priced, timed = price_options(job.work, layers, job.infos, price, selector, job.say)
+    priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector, job.say)
     selection += timed if timed else [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                       for layer in layers]
-    skipped += skipped_without_options(layers, priced)
+    skipped += without_options
     layers = [layer for layer in layers if layer.name in priced.macs]
     before = model_cost(job.work, job.infos).macs
     if opts.target_macs is not None:

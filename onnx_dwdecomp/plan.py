@@ -4,9 +4,10 @@ A plan is a value passed between the stages of :func:`onnx_dwdecomp.decompose`:
 choose plan → solve → rewrite → verify → revise plan. Two planners:
 
 - uniform (``--multiplier R``, or without calibration data): every selected conv at R, one round;
-- budgeted (``--max-error E``, ``--target-macs F``, and with calibration data the *default*:
-  ``--max-error`` at :data:`DEFAULT_MAX_ERROR`): each conv gets its own option, chosen by
-  budget.py's knapsack from per-layer error curves and option prices.
+- budgeted (``--max-error E``, ``--target-macs F``, ``--target-latency F``, and with
+  calibration data and gsvd the *default*: ``--max-error`` at :data:`DEFAULT_MAX_ERROR`): each
+  conv gets its own option, chosen by budget.py's knapsack from per-layer error curves and
+  option prices.
 
 The budgeted planner
 --------------------
@@ -25,7 +26,8 @@ The budgeted planner
 3. **κ.** ``rel_L2(output)² ≈ κ·Σ e_l`` (budget.py). A probe network with every curve layer at
    its first offered option runs on the held-out calibration samples and gives κ.
 4. **Allocation**: ``--max-error``: least price with ``κ·Σ e ≤ E²``; ``--target-macs``: least
-   predicted error with MACs ≤ F × the input's.
+   predicted error with MACs ≤ F × the input's; ``--target-latency``: least predicted error
+   with the candidate convs' summed latency ≤ F × their regular latency.
 5. **Rounds** (``--max-error``): the chosen plan is solved the normal way (asymmetric, in graph
    order), rewritten and verified on the held-out samples; κ is re-measured from the round,
    ``κ = measured² / Σ e``; a miss re-allocates for ``MARGIN × E`` (strictly below the missed
@@ -197,18 +199,25 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
 
 
 def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
-                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection]]:
-    """The options offered per layer (layers with none left out) and the selection records."""
+                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection], list[Skipped]]:
+    """The options offered per layer (layers with none left out), the selection records and
+    the layers kept regular for want of an option, with the reason."""
     second = merge_targets(work, layers)
     macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
+    skipped = [Skipped(layer.name, "kept regular: no multiplier saves MACs (merged pointwise included)")
+               for layer in layers if layer.name not in macs]
     if price == "macs":
-        return Priced(macs, None), []
+        return Priced(macs, None), [], skipped
     assert selector is not None
     latencies, selection = option_latencies([layer for layer in layers if layer.name in macs], infos, macs,
                                             selector, say, merged_channels(second, infos))
+    unknown = {s.name for s in selection if s.regular_ms is None}  # input shape unknown or not timed
+    skipped += [Skipped(name, "kept regular: latency not measured" if name in unknown else
+                        f"kept regular: no multiplier runs ≥ {100 * MIN_GAIN:g} % faster in onnxruntime")
+                for name in macs if name not in latencies]
     macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}
-    return Priced(macs, latencies), selection
+    return Priced(macs, latencies), selection, skipped
 
 
 # ---------------------------------------------------------------------------------- curves
@@ -452,10 +461,3 @@ def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, i
             f"--target-macs {target_macs:g} is out of reach: with the {len(macs)} selected conv(s) "
             f"the output model's MACs range from {least / before:.4f} (each at its cheapest multiplier) to 1 "
             f"× the input's ({least} .. {before} MACs)")
-
-
-def skipped_without_options(layers: list[ConvLayer], priced: Priced) -> list[Skipped]:
-    """Layers for which the plan has no option but keeping them regular, with the reason."""
-    why = ("kept regular: no multiplier runs ≥ {:g} % faster in onnxruntime".format(100 * MIN_GAIN)
-           if priced.latency_ms is not None else "kept regular: no multiplier saves MACs (merged pointwise included)")
-    return [Skipped(layer.name, why) for layer in layers if layer.name not in priced.macs]
