@@ -56,8 +56,10 @@ and the band is ``[R − h, R + h]``. When the threshold lies strictly inside it
 ``|R − θ| < h``, the rounds cannot tell which side of ``θ`` the true ratio is on, and the
 configuration is re-timed with :data:`RETIME_FACTOR` (3) times the budget and round limits, up to
 :data:`MAX_RETIMES` (2) times (3×, then 9×); each re-timing replaces the previous measurement
-and narrows the band by about ``sqrt(3)``. After the last one — and whenever ``θ`` is on the
-band's edge or outside it — ``R ≤ θ`` decides. A band of width 0 (one round, or rounds without
+and narrows the band by about ``sqrt(3)``. Whenever ``θ`` is on the band's edge or outside
+it, ``R ≤ θ`` decides; still inside after the last re-timing, the conv stays regular — the
+safe side, and the one that does not flip from run to run on a machine whose load changes
+(measured on a loaded 2-core machine: ratios of 10–35 µs convs moved by ±0.1–0.5 between runs). A band of width 0 (one round, or rounds without
 spread) never re-times. Every :class:`Decision` carries its :class:`Timing`: medians,
 interquartile ranges, rounds, the band, how often it was re-timed, and whether it came from the
 persistent cache.
@@ -265,20 +267,21 @@ def within_noise(timing: Timing, min_gain: float = MIN_GAIN) -> bool:
 
 
 def decide(timing: Timing, min_gain: float = MIN_GAIN) -> Decision:
-    """The rewrite decision on the point estimate of one timing (see the module docstring).
+    """The rewrite decision on the point estimate of one timing, or "keep regular" when the
+    threshold is still inside the noise band after the last re-timing (module docstring).
 
-    The reason states the medians and the evidence: ratio and band, rounds, re-timings, the
-    persistent cache, and whether the threshold is still inside the band.
+    The reason states the medians and the evidence: ratio and band, rounds, re-timings and the
+    persistent cache.
     """
     t = timing
     text = f"separable {t.separable_ms:.3f} ms vs regular {t.regular_ms:.3f} ms"
     evidence = f"ratio {t.ratio:.3f} ± {t.ratio_halfwidth:.3f}, {t.runs} round{'s' if t.runs != 1 else ''}"
     if t.retimed:
         evidence += f", re-timed {t.retimes}×"
-    if within_noise(t, min_gain):
-        evidence += ", within noise: decided by the medians"
     if t.cached:
         evidence += ", from the timing cache"
+    if within_noise(t, min_gain) and t.retimes >= MAX_RETIMES:
+        return Decision(False, f"within noise after {t.retimes} re-timings, kept regular: {text} ({evidence})", t)
     if t.regular_ms > 0 and t.separable_ms <= (1.0 - min_gain) * t.regular_ms:
         return Decision(True, f"faster: {text} (×{1 / t.ratio:.2f}; {evidence})", t)
     return Decision(False, f"not faster: {text}; needs ≥ {100 * min_gain:g} % lower median ({evidence})", t)
