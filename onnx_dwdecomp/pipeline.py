@@ -38,7 +38,7 @@ from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, nod
                      resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
-from .verify import Verification, as_features, check_model, compare_models, random_batches
+from .verify import PaddedFeeds, Verification, as_features, check_model, compare_models, random_batches
 
 METHODS = ("svd", "gsvd", "channel")
 SELECT = ("latency", "all")
@@ -542,7 +542,8 @@ def _batches(arrays: dict[str, np.ndarray], batch: int, fixed: int | None) -> li
     out = []
     for start in range(0, n, batch):
         feeds = {k: v[start:start + batch] for k, v in arrays.items()}
-        out.append(calibdata.pad_feeds(feeds, fixed) if fixed else feeds)
+        rows = len(next(iter(feeds.values())))
+        out.append(PaddedFeeds(calibdata.pad_feeds(feeds, fixed), rows) if fixed else feeds)
     return out
 
 

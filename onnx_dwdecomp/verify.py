@@ -76,6 +76,14 @@ def _worst(errors: Iterable[float]) -> float:
     return max((e if e == e else float("inf") for e in errors), default=0.0)
 
 
+class PaddedFeeds(dict):
+    """Feeds padded to a fixed batch size; ``rows`` of them are real samples."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], rows: int):
+        super().__init__(feeds)
+        self.rows = rows
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(full_check=True)``; a failure here is a bug of this tool."""
     try:
@@ -156,6 +164,13 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndar
     return OutputAgreement(rel, float(np.abs(diff).max()) if diff.size else 0.0, cos, top1, feature)
 
 
+def _real_rows(value, fed: int, real: int):
+    """``value`` without the padding rows of a batch fed ``fed`` rows of which ``real`` are samples."""
+    if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == fed and real < fed:
+        return value[:real]
+    return value
+
+
 def _join(parts: list[np.ndarray]) -> np.ndarray:
     """One output's per-batch values as one array: along the axis whose size differs between
     batches (the batch axis; axis 0 when they all agree), 0-d values stacked."""
@@ -171,7 +186,11 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                    scales: dict[str, np.ndarray] | None = None) -> Verification:
     """Run both models on the same batches and measure agreement per graph output that is a
     tensor (sequence outputs are skipped), against the typical magnitudes ``scales[name]``
-    (per-feature mean squares over the calibration samples) where given."""
+    (per-feature mean squares over the calibration samples) where given.
+
+    A batch padded to a fixed batch size (:class:`PaddedFeeds`) counts its real rows only:
+    outputs whose axis 0 has the fed row count are cut to them.
+    """
     try:
         ref_session = make_session(original)
     except Exception as exc:  # onnxruntime's own exception types
@@ -182,15 +201,17 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     new_out: dict[str, list] = {n: [] for n in names}
     samples = 0
     for feeds in batches:
-        samples += len(next(iter(feeds.values())))
+        fed = len(next(iter(feeds.values())))
+        real = getattr(feeds, "rows", fed)
+        samples += real
         try:
-            reference = run(ref_session, feeds, names)
+            reference = run(ref_session, dict(feeds), names)
         except Exception as exc:  # onnxruntime's own exception types
             raise ModelError(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
         for name, value in reference.items():
-            ref_out[name].append(value)
-        for name, value in run(new_session, feeds, names).items():
-            new_out[name].append(value)
+            ref_out[name].append(_real_rows(value, fed, real))
+        for name, value in run(new_session, dict(feeds), names).items():
+            new_out[name].append(_real_rows(value, fed, real))
     outputs = {}
     for n in names:
         if not all(isinstance(v, np.ndarray) for v in ref_out[n] + new_out[n]):

@@ -118,3 +118,23 @@ def test_batches_of_a_time_major_output_join_along_the_batch_axis():
     assert _join(parts).shape == (7, 40, 5)
     assert _join([np.zeros((4, 3)), np.zeros((2, 3))]).shape == (6, 3)
     assert _join([np.float32(1.0), np.float32(2.0)]).shape == (2,)
+
+
+def test_padding_rows_of_a_fixed_batch_are_not_scored():
+    """A model with batch dim fixed at 4 and 3 held-out samples: the last batch is padded with
+    a copy of its last row, which must not count as a fourth sample."""
+    from conftest import correlated_images
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_dwdecomp import decompose
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4, 6, 6])],
+                              initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _, rep = decompose(model, calib=correlated_images(12, 4, 6, 6), multiplier=1, select="all")
+    assert rep.calibration["heldout_samples"] == 3 and rep.verification.samples == 3
