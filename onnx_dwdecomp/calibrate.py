@@ -358,7 +358,6 @@ class TensorStore:
         self.budget = budget
         self.tmp_dir = tmp_dir
         self.spilled_bytes = 0  # everything ever written to disk
-        self._counter = 0
 
     def in_memory(self) -> dict[int, int]:
         """id → bytes held in memory, per tensor (ids: the two stores share values at first)."""
@@ -369,8 +368,8 @@ class TensorStore:
         budget — unless it is smaller than a page, which a file of its own would not save."""
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if nbytes >= mmap.PAGESIZE and shared_bytes() + nbytes > self.budget:
-            self._counter += 1
-            path = os.path.join(self.tmp_dir, f"t{self._counter}.bin")
+            fd, path = tempfile.mkstemp(dir=self.tmp_dir, suffix=".bin")  # unique across both stores
+            os.close(fd)
             arr = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
             try:
                 os.unlink(path)  # POSIX: the mapping stays valid, the space goes when the array is freed
