@@ -245,7 +245,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
     """A 1-byte memory budget puts every cut tensor in a memory-mapped file: same errors, nothing left on disk."""
     import tempfile
 
-    from conftest import square_net, correlated_images, three_layer_net
+    from conftest import correlated_images, three_layer_net
     from onnx_dwdecomp.calibdata import load_calibration
     from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates

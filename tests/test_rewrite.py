@@ -12,7 +12,7 @@ from onnx_dwdecomp.candidates import conv_kinds, find_candidates
 from onnx_dwdecomp.fold import fold_pointwise
 from onnx_dwdecomp.pipeline import decompose
 from onnx_dwdecomp.rewrite import NameAllocator, Replacement, apply_replacements, replacement_convs, to_onnx_nodes
-from onnx_dwdecomp.solve import SeparableFactors, channel_factors, svd_factors
+from onnx_dwdecomp.solve import SeparableFactors, svd_factors
 
 # Tolerance for the exact round-trips below: factors are exact up to float32 rounding, and the
 # two-conv form sums in a different order than the regular conv -> ~1e-6 relative; 1e-5 margin.
