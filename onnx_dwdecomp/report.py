@@ -191,7 +191,7 @@ class Report:
                  f"  output error (per-feature rel. L2): predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
                  f"Σ layer errors {b['predicted_error_sum']:.3g}), measured on held-out samples "
                  + ("-" if measured is None else f"{measured:.3g}") + f", {len(b['rounds'])} round(s)"]
-        if b["latency_ms_before"] is not None and b["latency_ms_after"] is not None:
+        if b["latency_ms_before"] and b["latency_ms_after"] is not None:  # timed, and some conv was
             lines.append(f"  convs' latency (selection timings): {b['latency_ms_before']:.3f} ms → "
                          f"{b['latency_ms_after']:.3f} ms (×{b['latency_ms_after'] / max(b['latency_ms_before'], 1e-12):.2f})")
         rows = [("layer", "r", "MMACs", "ms (regular)", "predicted error", "held-out error", "patches")]
