@@ -462,7 +462,6 @@ class CalibrationOutcome:
     layers: dict[str, CalibratedLayer]
     samples: int
     heldout_samples: int
-    heldout_inputs: dict[str, np.ndarray]  # graph inputs of the held-out samples
     positions: int | None
     spilled_bytes: int
     timing_s: dict[str, float]
@@ -532,7 +531,6 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
             for name, value in loaded.feeds.items():
                 orig.put(name, b, value, shared)
         approx.values.update(orig.values)  # identical until the first decomposed layer
-        heldout_inputs = {k: np.asarray(orig.samples(k)[heldout]) for k in orig.values}
         timing["load_data"] = time.perf_counter() - t0
 
         segments = plan_segments(model, [layer.node_index for layer in layers])
@@ -593,7 +591,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                     for name in [nm for nm in store.values if nm not in alive]:
                         del store.values[name]
         spilled = orig.spilled_bytes + approx.spilled_bytes
-    return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()), heldout_inputs,
+    return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()),
                               options.positions, spilled, timing)
 
 

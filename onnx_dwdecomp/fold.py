@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 
 from . import modelio
 from .candidates import constant_values
-from .rewrite import NameAllocator, drop_orphan_producers, export_like
+from .rewrite import NameAllocator, Replacement, apply_replacements, drop_orphan_producers, export_like
 
 __all__ = ["Affine", "Fold", "Merge", "Refusal", "FoldResult", "affine_after", "check_pointwise",
            "fold_batchnorm", "fold_pointwise"]
@@ -438,3 +438,16 @@ def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
     for node in [first, *path]:
         surgery.remove(node)
     return Merge(_name(first), tuple(_name(n) for n in path), _name(second))
+
+
+def rewrite_and_merge(model: onnx.ModelProto, replacements: list[Replacement]) -> tuple[FoldResult, dict[str, str]]:
+    """Apply ``replacements`` (rewrite.py), then merge each one's new pointwise conv — the node
+    that writes the replaced conv's output — into a 1×1 conv it feeds (:func:`fold_pointwise`).
+
+    Returns the fold result (its ``model`` is the rewritten model) and pointwise node name →
+    name of the conv it replaced.
+    """
+    rewritten = apply_replacements(model, replacements)
+    producer = {out: node.name for node in rewritten.graph.node for out in node.output}
+    pointwise = {producer[r.layer.output]: r.layer.name for r in replacements}
+    return fold_pointwise(rewritten, list(pointwise)), pointwise

@@ -24,7 +24,7 @@ from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, Skipped, find_candidates
 from .errors import BudgetError, CalibrationError, OptionError, first_line
-from .fold import fold_batchnorm, fold_pointwise
+from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
@@ -169,6 +169,8 @@ class _Job:
     timing: dict[str, float]
     selector: LatencySelector | None = None
     _reference: Reference | None = None
+    _heldout_mask: np.ndarray | None = None
+    _heldout_batches: list[dict[str, np.ndarray]] | None = None
 
     def reference(self) -> Reference:
         """The plain pass of the original model over the calibration samples (once per job,
@@ -184,8 +186,23 @@ class _Job:
 
     def heldout_mask(self) -> np.ndarray:
         """The held-out samples, spread over the outputs' energy (calibrate.split_holdout)."""
-        return split_holdout(self.data.num_samples, CalibrationOptions().holdout, self.opts.seed,
-                             self.reference().energy)
+        if self._heldout_mask is None:
+            self._heldout_mask = split_holdout(self.data.num_samples, CalibrationOptions().holdout, self.opts.seed,
+                                               self.reference().energy)
+        return self._heldout_mask
+
+    def heldout_batches(self) -> list[dict[str, np.ndarray]]:
+        """The held-out calibration samples as feeds (read once per job; calibrate_and_solve is
+        given the same mask and leaves them out)."""
+        if self._heldout_batches is None:
+            mask, batch = self.heldout_mask(), self.opts.batch_size
+            arrays: dict[str, list[np.ndarray]] = {}
+            for b in self.data.iter_batches(batch):
+                for name, value in b.feeds.items():
+                    arrays.setdefault(name, []).append(value[mask[b.start:b.start + b.count]])
+            self._heldout_batches = _batches({k: np.concatenate(v) for k, v in arrays.items()},
+                                             self.fixed_batch or batch, self.fixed_batch)
+        return self._heldout_batches
 
     def latency_selector(self) -> LatencySelector:
         """One selector per job (its timings are reused across plan rounds), backed by the
@@ -344,7 +361,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
         job.say("plan: measuring κ")
         probe = apply_replacements(job.work, [Replacement(layer, outcome.layers[layer.name].factors)
                                               for layer in layers])
-        measured = compare_models(job.work, probe, _heldout_batches(job), "held-out calibration samples",
+        measured = compare_models(job.work, probe, job.heldout_batches(), "held-out calibration samples",
                                   job.output_scales()).worst_error()
         total = sum(curve_error(errors[layer.name][wanted[layer.name][0]]) for layer in layers)
         if total > 0 and measured > 0 and np.isfinite(measured):  # else κ cannot be measured
@@ -363,18 +380,6 @@ def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> Calibration
                               seed=opts.seed)
 
 
-def _heldout_batches(job: _Job) -> list[dict[str, np.ndarray]]:
-    """The held-out calibration samples (the split calibrate_and_solve leaves out) as feeds."""
-    data, opts = job.data, job.opts
-    mask = job.heldout_mask()
-    arrays: dict[str, list[np.ndarray]] = {}
-    for b in data.iter_batches(opts.batch_size):
-        for name, value in b.feeds.items():
-            arrays.setdefault(name, []).append(value[mask[b.start:b.start + b.count]])
-    return _batches({k: np.concatenate(v) for k, v in arrays.items()}, job.fixed_batch or opts.batch_size,
-                    job.fixed_batch)
-
-
 def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) -> _Round:
     """Solve the plan's layers (calibrated in graph order with data), rewrite, merge pointwise pairs, verify."""
     layers = plan.rewritten(all_layers)
@@ -384,11 +389,9 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
 
     t0 = time.perf_counter()
     job.say("rewrite")
-    new_model = apply_replacements(job.work, [Replacement(layer, solved.factors[layer.name]) for layer in layers])
-    # The second conv of each replacement writes the layer's output tensor; merge it into a
-    # 1×1 conv it feeds (depthwise-only counterparts), recovering the native structure.
-    producer = {out: node.name for node in new_model.graph.node for out in node.output}
-    pw_fold = fold_pointwise(new_model, [producer[layer.output] for layer in layers])
+    # Each new pointwise conv is merged into a 1×1 conv it feeds (depthwise-only counterparts),
+    # recovering the native structure.
+    pw_fold, _ = rewrite_and_merge(job.work, [Replacement(layer, solved.factors[layer.name]) for layer in layers])
     new_model = pw_fold.model
     job.add_time("rewrite", time.perf_counter() - t0)
 
@@ -398,7 +401,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
     if job.opts.verify:
         job.say("verify")
         if job.data is not None:
-            batches = solved.verify_batches or _heldout_batches(job)
+            batches = job.heldout_batches()
             what = "held-out calibration samples"
         else:
             batches = random_batches(job.specs, job.shapes, job.opts.seed)
@@ -625,7 +628,6 @@ class _Solved(NamedTuple):
     factors: dict[str, SeparableFactors | ChannelFactors]
     heldout_errors: dict[str, float]
     patches: dict[str, int]  # fit patches per layer (calibrated layers only)
-    verify_batches: list[dict[str, np.ndarray]] | None
     calib_report: dict | None
     timing: dict[str, float]
 
@@ -640,16 +642,15 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
         for k, layer in enumerate(layers):
             say(f"solve: layer {k + 1}/{len(layers)} {layer.name}")
             factors[layer.name] = _solve_layer(layer, method, multipliers[layer.name], None)
-        return _Solved(factors, {}, {}, None, None, {"solve": time.perf_counter() - t0})
-    fixed = job.fixed_batch
+        return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
     outcome = calibrate_and_solve(
         job.work, layers, job.data, job.infos,
         lambda layer, stats, _heldout_error: _solve_layer(layer, method, multipliers[layer.name], stats),
-        _calibration_options(opts, opts.symmetric), fixed_batch=fixed, progress=say, heldout=job.heldout_mask())
+        _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch, progress=say,
+        heldout=job.heldout_mask())
     factors = {name: result.factors for name, result in outcome.layers.items()}
     errors = {name: result.heldout_error for name, result in outcome.layers.items()}
     patches = {name: result.stats_count for name, result in outcome.layers.items()}
-    batches = _batches(outcome.heldout_inputs, fixed or opts.batch_size, fixed)
     timing = {"calibration": sum(v for k, v in outcome.timing_s.items() if k != "solve"),
               "solve": outcome.timing_s["solve"]}
     calib_report = {"samples": outcome.samples, "heldout_samples": outcome.heldout_samples,
@@ -657,4 +658,4 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
                     "patches_per_layer": patches,
                     "symmetric": opts.symmetric, "spilled_bytes": outcome.spilled_bytes,
                     "timing_s": {k: round(v, 4) for k, v in outcome.timing_s.items()}}
-    return _Solved(factors, errors, patches, batches, calib_report, timing)
+    return _Solved(factors, errors, patches, calib_report, timing)

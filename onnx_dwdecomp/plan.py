@@ -50,10 +50,10 @@ import onnx
 from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs, uniform
 from .candidates import ConvLayer, Skipped
 from .errors import BudgetError
-from .fold import fold_pointwise
+from .fold import rewrite_and_merge
 from .latency import MIN_GAIN, LatencySelector
 from .report import Selection
-from .rewrite import Replacement, apply_replacements
+from .rewrite import Replacement
 from .shapes import node_macs
 from .solve import LayerStats, SeparableFactors, check_multiplier, gsvd_factors, svd_factors
 
@@ -103,13 +103,10 @@ def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, o
     found by one dry-run rewrite with data-free factors; layers without one are left out."""
     if not layers:
         return {}
-    dry = apply_replacements(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
-                                    for layer in layers])
-    producer = {out: node.name for node in dry.graph.node for out in node.output}
-    by_pointwise = {producer[layer.output]: layer.name for layer in layers}
-    merges = fold_pointwise(dry, list(by_pointwise)).folds
+    merged, by_pointwise = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
+                                                    for layer in layers])
     by_name = {node.name or f"{node.op_type}@{node.output[0]}": node for node in work.graph.node}
-    return {by_pointwise[m.first]: by_name[m.into] for m in merges}
+    return {by_pointwise[m.first]: by_name[m.into] for m in merged.folds}
 
 
 def merged_channels(targets: dict[str, onnx.NodeProto], infos) -> dict[str, int]:
