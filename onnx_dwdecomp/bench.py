@@ -1,8 +1,9 @@
-"""Side-by-side onnxruntime CPU latency of several models: ``onnx-dwdecomp bench A.onnx B.onnx``.
+"""Side-by-side onnxruntime latency of several models: ``onnx-dwdecomp bench A.onnx B.onnx``.
 
 Method
 ------
-Each model gets its own onnxruntime CPU session with the settings of a real deployment:
+Each model gets its own onnxruntime session (on ``--providers``, default the CPU) with the
+settings of a real deployment:
 ``ORT_ENABLE_ALL`` graph optimisation, sequential execution, ``intra_op_num_threads = threads``
 (default: the CPUs this process may use), ``inter_op_num_threads = 1``. Sessions are created
 from the model *path*, so weights stored as external data beside the model are found.
@@ -22,13 +23,7 @@ requested batch size. For each batch size::
     warm-up:   A × warmup, B × warmup, ...
     timing:    A, B, A, B, ... (``runs`` rounds), each call timed with time.perf_counter
 
-Why interleave. Machine noise — frequency scaling, a background process, thermal throttling, a
-noisy neighbour on a shared host — comes in bursts lasting far longer than one inference. Timing
-all runs of A and then all runs of B lets a burst land on one model only and shows up as a fake
-speed-up; alternating A and B spreads every burst over both. It also puts every model in the
-same cache situation: each call follows a call of another model (with two or more models), so
-no model profits from a cache left hot by its own previous call while the other does not.
-Python's garbage collector is paused during the timing loop so its pauses do not land at random.
+Why interleave: see :mod:`onnx_dwdecomp.timing`.
 
 Why median and p90, not mean. Latency distributions are skewed: a few slow calls (a preemption,
 a page fault) can move the mean a lot while telling nothing about the model. The median is the
@@ -44,7 +39,6 @@ MACs are multiply-accumulates of Conv/Gemm/MatMul nodes *per inference at that b
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -61,67 +55,14 @@ import onnx
 
 from .errors import ModelError, OptionError, first_line
 from .modelio import iter_graph_tensors, load_model
-from .runtime import session_options
+from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
+from .timing import default_threads, interleaved_timings
 
-__all__ = ["ModelBench", "interleaved_timings", "run_bench", "format_table", "bench_main"]
+__all__ = ["ModelBench", "run_bench", "format_table", "bench_main"]
 
 #: run_bench forwards progress messages at most this often (seconds); phase changes always pass.
 PROGRESS_INTERVAL_S = 0.25
-
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-
-def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
-                        on_round: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """Time several callables in interleaved rounds.
-
-    Each fn is first called ``warmup`` times (fn0 × warmup, then fn1 × warmup, ...), then the fns
-    are called in the order fn0, fn1, ..., fn0, fn1, ... for ``runs`` rounds, so machine noise
-    hits all alike. The garbage collector is paused while timing.
-
-    Parameters
-    ----------
-    fns : sequence of zero-argument callables
-    runs : int, ≥ 1
-        Timed rounds; each fn is timed once per round.
-    warmup : int, ≥ 0
-        Untimed calls of each fn before the first round.
-    on_round : callable, optional
-        Called with the 1-based round number after each round (outside the timed calls).
-
-    Returns
-    -------
-    list of ndarray, shape (runs,)
-        Per fn, the seconds each timed call took (``time.perf_counter``), in call order.
-    """
-    if not isinstance(runs, (int, np.integer)) or isinstance(runs, bool) or runs < 1:
-        raise OptionError(f"--runs must be an integer >= 1, got {runs!r}")
-    if not isinstance(warmup, (int, np.integer)) or isinstance(warmup, bool) or warmup < 0:
-        raise OptionError(f"--warmup must be an integer >= 0, got {warmup!r}")
-    fns = list(fns)
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = np.empty((len(fns), runs), dtype=np.float64)
-    clock = time.perf_counter
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(runs):
-            for i, fn in enumerate(fns):
-                t0 = clock()
-                fn()
-                times[i, r] = clock() - t0
-            if on_round is not None:
-                on_round(r + 1)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return [times[i].copy() for i in range(len(fns))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,12 +203,12 @@ def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], 
     return cache[key]
 
 
-def _session(path: Path, label: str, threads: int, allow_spinning: bool):
+def _session(path: Path, label: str, threads: int, allow_spinning: bool, providers: Sequence[str]):
     import onnxruntime as ort
 
     so = session_options(threads, spinning=allow_spinning)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own unrelated types
         raise ModelError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}") from exc
 
@@ -292,14 +233,6 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def _check_int(value, flag: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise OptionError(f"{flag} must be an integer >= {minimum}, got {value!r}")
@@ -314,8 +247,9 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
               threads: int | None = None, runs: int = 50, warmup: int = 5,
               input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
               progress: Callable[[str], None] | None = None,
-              allow_spinning: bool = False) -> list[ModelBench]:
-    """Benchmark models side by side with onnxruntime on the CPU (see the module docstring).
+              allow_spinning: bool = False, providers: str | Sequence[str] = DEFAULT_PROVIDERS
+              ) -> list[ModelBench]:
+    """Benchmark models side by side with onnxruntime (see the module docstring).
 
     Parameters
     ----------
@@ -337,6 +271,8 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
     allow_spinning : bool
         Let onnxruntime's idle worker threads busy-wait (its default); off by default because
         the spinning threads of one model slow down the next one (see the module docstring).
+    providers : sequence of str, or one comma-separated string
+        onnxruntime execution providers of every session, in priority order (default: CPU).
 
     Returns
     -------
@@ -362,6 +298,7 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
     runs = _check_int(runs, "--runs", 1)
     warmup = _check_int(warmup, "--warmup", 0)
     seed = _check_int(seed, "--seed", 0)
+    providers = check_providers(providers)
     overrides = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
 
     last_sent = [-math.inf]
@@ -385,7 +322,7 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
     if unknown:
         raise OptionError(f"--input-shape names {unknown}, but no model has such an input "
                           f"(inputs: {sorted(used)})")
-    sessions = [_session(p.path, p.label, threads, bool(allow_spinning)) for p in prepared]
+    sessions = [_session(p.path, p.label, threads, bool(allow_spinning), providers) for p in prepared]
 
     results: list[ModelBench] = []
     for b in batch_sizes:
@@ -439,13 +376,13 @@ def format_table(results: Sequence[ModelBench]) -> str:
 
 
 def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequence[int],
-            allow_spinning: bool) -> dict:
+            allow_spinning: bool, providers: Sequence[str]) -> dict:
     import onnxruntime as ort
 
     return {
         "tool": "onnx-dwdecomp bench",
         "onnxruntime": ort.__version__,
-        "provider": "CPUExecutionProvider",
+        "providers": list(providers),
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "threads": threads,
         "inter_op_threads": 1,
@@ -526,7 +463,7 @@ def _parse_batch_sizes(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnx-dwdecomp bench",
-                description="Side-by-side onnxruntime CPU latency (ORT_ENABLE_ALL, interleaved "
+                description="Side-by-side onnxruntime latency (ORT_ENABLE_ALL, interleaved "
                             "runs A, B, A, B, ...; median and p90). The first model is the "
                             "reference of the speed-up column.")
     p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare")
@@ -544,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-spinning", action="store_true",
                    help="keep onnxruntime's thread spinning on (its default); off by default "
                         "because one model's spinning threads slow down the next one")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), metavar="NAME[,NAME...]",
+                   help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
@@ -563,6 +502,7 @@ def bench_main(argv: Sequence[str]) -> int:
     runs = _int_flag(args.runs, "--runs", 1)
     warmup = _int_flag(args.warmup, "--warmup", 0)
     seed = _int_flag(args.seed, "--seed", 0)
+    providers = check_providers(args.providers)
     overrides: dict[str, tuple[int, ...]] = {}
     for text in args.input_shape:
         name, shape = parse_input_shape(text)
@@ -580,13 +520,13 @@ def bench_main(argv: Sequence[str]) -> int:
     try:
         results = run_bench(args.models, batch_sizes=batch_sizes, threads=threads, runs=runs,
                             warmup=warmup, input_shapes=overrides, seed=seed, progress=reporter,
-                            allow_spinning=args.allow_spinning)
+                            allow_spinning=args.allow_spinning, providers=providers)
     finally:
         if reporter is not None:
             reporter.close()
     threads_used = default_threads() if threads is None else threads
-    header = _header(threads_used, runs, warmup, seed, batch_sizes, args.allow_spinning)
-    print(f"onnxruntime {header['onnxruntime']} CPU, {threads_used} intra-op thread"
+    header = _header(threads_used, runs, warmup, seed, batch_sizes, args.allow_spinning, providers)
+    print(f"onnxruntime {header['onnxruntime']} {','.join(providers)}, {threads_used} intra-op thread"
           f"{'s' if threads_used != 1 else ''}, ORT_ENABLE_ALL, spinning "
           f"{'on' if args.allow_spinning else 'off'}; {runs} interleaved rounds after {warmup} "
           f"warm-up; speed-up = first model's median / median")

@@ -45,6 +45,7 @@ the held-out patches (:func:`heldout_response_error`).
 
 from __future__ import annotations
 
+import contextvars
 import mmap
 import os
 import tempfile
@@ -566,7 +567,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
 
                 ahead = None
                 if k + 1 < len(segments):
-                    ahead = worker.submit(_advance, model, segments[k + 1], infos, orig, None, batch, shared)
+                    ahead = worker.submit(contextvars.copy_context().run,  # the job's providers (runtime.py)
+                                           _advance, model, segments[k + 1], infos, orig, None, batch, shared)
                 t0 = time.perf_counter()
                 fit_stats = fit.stats()
                 def heldout_error(f, layer=layer, x_in=x_in, xhat_in=xhat_in, positions=positions):

@@ -84,10 +84,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bench import default_threads, interleaved_timings
 from .candidates import ConvLayer
 from .errors import DwDecompError, first_line
-from .runtime import session_options
+from .runtime import DEFAULT_PROVIDERS, session_options
+from .timing import default_threads, interleaved_timings
 
 if TYPE_CHECKING:
     from .timing_cache import TimingCache
@@ -104,8 +104,6 @@ BAND_Z = 2.0
 MAX_RETIMES = 2
 #: Each re-timing multiplies the budget and the round limits of the previous one by this.
 RETIME_FACTOR = 3
-#: onnxruntime execution providers of the probe sessions unless told otherwise.
-DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 _OPSET = 17
 
 

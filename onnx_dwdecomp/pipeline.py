@@ -33,7 +33,7 @@ from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency
                    layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
-from .runtime import make_session
+from .runtime import DEFAULT_PROVIDERS, check_providers, make_session, using_providers
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
@@ -64,12 +64,19 @@ class DecomposeOptions:
     seed: int = 0
     select: str = "latency"  # "latency": price/choose by onnxruntime timings; "all": by MACs, nothing timed
     threads: int | None = None  # onnxruntime threads for latency selection; None = all CPUs
+    # onnxruntime execution providers, in priority order, for every session of the job:
+    # calibration, latency timing (and its cache key), verification
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
     # persistent timing cache (timing_cache.py): None = the default file in the user cache
     # folder, a path = that file, False = measure afresh and store nothing
     timing_cache: str | os.PathLike | bool | None = None
     target_macs: float | None = None  # budget: output MACs ≤ target_macs × input MACs (per-layer r)
     target_latency: float | None = None  # budget: the convs' timed latency ≤ target_latency × regular
     max_error: float | None = None  # budget: held-out output rel. L2 ≤ max_error, fastest plan
+
+    def __post_init__(self):
+        if isinstance(self.providers, str):  # "A,B" as on the command line
+            object.__setattr__(self, "providers", tuple(p.strip() for p in self.providers.split(",")))
 
     def resolved_method(self) -> str:
         return self.method or ("gsvd" if self.calib is not None else "svd")
@@ -115,6 +122,7 @@ class DecomposeOptions:
             raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
         if self.target_macs is not None or self.max_error is not None or self.target_latency is not None:
             _validate_budget(self, method)
+        check_providers(self.providers)
         if self.default_plan and not self.verify:
             raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
                               "calibration samples; give --multiplier R for one multiplier everywhere, unverified")
@@ -210,7 +218,7 @@ class _Job:
         if self.selector is None:
             choice = self.opts.timing_cache
             cache = None if choice is False else TimingCache(None if choice in (None, True) else choice)
-            self.selector = LatencySelector(threads=self.opts.threads, cache=cache)
+            self.selector = LatencySelector(threads=self.opts.threads, cache=cache, providers=self.opts.providers)
         return self.selector
 
     def add_time(self, key: str, seconds: float) -> None:
@@ -247,6 +255,11 @@ def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progr
     """
     opts = DecomposeOptions(**options)
     opts.validate()
+    with using_providers(opts.providers):
+        return _decompose(model, opts, progress)
+
+
+def _decompose(model, opts: DecomposeOptions, progress: Callable[[str], None] | None) -> DecomposeResult:
     start = time.perf_counter()
     job, bn_fold, notes = _prepare(model, opts, progress or (lambda _msg: None))
     candidates = find_candidates(job.work, opts.include, opts.exclude)
@@ -612,6 +625,7 @@ def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) ->
         "calib_size": opts.calib_size, "batch_size": opts.batch_size,
         "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
         "verify": opts.verify, "seed": opts.seed, "select": opts.select, "threads": opts.threads,
+        "providers": list(opts.providers),
         "timing_cache": None if opts.timing_cache is None else str(opts.timing_cache),
         "plan": opts.plan_mode(), "target_macs": opts.target_macs, "target_latency": opts.target_latency,
         "max_error": DEFAULT_MAX_ERROR if opts.default_plan else opts.max_error,

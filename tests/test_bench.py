@@ -1,4 +1,4 @@
-"""Tests of onnx_dwdecomp.bench: interleaving, results, flags, JSON (tiny models, few runs)."""
+"""Tests of onnx_dwdecomp.bench: results, flags, JSON (tiny models, few runs)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp.bench import (ModelBench, _make_inputs, bench_main, format_table,
-                                 interleaved_timings, run_bench)
+from onnx_dwdecomp.bench import ModelBench, _make_inputs, bench_main, format_table, run_bench
 from onnx_dwdecomp.errors import ModelError, OptionError, UserError
 
 FAST = dict(runs=3, warmup=1, threads=1)
@@ -61,25 +60,6 @@ def models(tmp_path):
     onnx.save(_conv_net(False), str(a))
     onnx.save(_conv_net(True), str(b))
     return a, b
-
-
-def test_interleaved_order_and_counts():
-    log = []
-    fns = [lambda i=i: log.append(i) for i in range(3)]
-    rounds = []
-    times = interleaved_timings(fns, runs=4, warmup=2, on_round=rounds.append)
-    assert log == [0, 0, 1, 1, 2, 2] + [0, 1, 2] * 4
-    assert rounds == [1, 2, 3, 4]
-    assert len(times) == 3
-    for t in times:
-        assert t.shape == (4,) and np.all(t >= 0)
-
-
-def test_interleaved_rejects_bad_counts():
-    with pytest.raises(OptionError, match="--runs"):
-        interleaved_timings([lambda: None], runs=0, warmup=0)
-    with pytest.raises(OptionError, match="--warmup"):
-        interleaved_timings([lambda: None], runs=1, warmup=-1)
 
 
 def test_run_bench_rows_macs_params_size(models):

@@ -672,7 +672,7 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     import onnx
 
     import onnx_dwdecomp
-    from onnx_dwdecomp.bench import interleaved_timings
+    from onnx_dwdecomp.timing import interleaved_timings
 
     planned = multiplier == "plan"  # the package default: per-layer plan within the error bound
     opts = {"method": method, "multiplier": None if planned else multiplier,

@@ -1,0 +1,79 @@
+"""Interleaved wall-clock timing, shared by ``bench`` and the latency selection (latency.py).
+
+Why interleave. Machine noise — frequency scaling, a background process, thermal throttling, a
+noisy neighbour on a shared host — comes in bursts lasting far longer than one inference. Timing
+all runs of A and then all runs of B lets a burst land on one model only and shows up as a fake
+speed-up; alternating A and B spreads every burst over both. It also puts every model in the
+same cache situation: each call follows a call of another model (with two or more models), so
+no model profits from a cache left hot by its own previous call while the other does not.
+Python's garbage collector is paused during the timing loop so its pauses do not land at random.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import OptionError
+
+
+def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
+                        on_round: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Time several callables in interleaved rounds.
+
+    Each fn is first called ``warmup`` times (fn0 × warmup, then fn1 × warmup, ...), then the fns
+    are called in the order fn0, fn1, ..., fn0, fn1, ... for ``runs`` rounds, so machine noise
+    hits all alike. The garbage collector is paused while timing.
+
+    Parameters
+    ----------
+    fns : sequence of zero-argument callables
+    runs : int, ≥ 1
+        Timed rounds; each fn is timed once per round.
+    warmup : int, ≥ 0
+        Untimed calls of each fn before the first round.
+    on_round : callable, optional
+        Called with the 1-based round number after each round (outside the timed calls).
+
+    Returns
+    -------
+    list of ndarray, shape (runs,)
+        Per fn, the seconds each timed call took (``time.perf_counter``), in call order.
+    """
+    if not isinstance(runs, (int, np.integer)) or isinstance(runs, bool) or runs < 1:
+        raise OptionError(f"--runs must be an integer >= 1, got {runs!r}")
+    if not isinstance(warmup, (int, np.integer)) or isinstance(warmup, bool) or warmup < 0:
+        raise OptionError(f"--warmup must be an integer >= 0, got {warmup!r}")
+    fns = list(fns)
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = np.empty((len(fns), runs), dtype=np.float64)
+    clock = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(runs):
+            for i, fn in enumerate(fns):
+                t0 = clock()
+                fn()
+                times[i, r] = clock() - t0
+            if on_round is not None:
+                on_round(r + 1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [times[i].copy() for i in range(len(fns))]
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
