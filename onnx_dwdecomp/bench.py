@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,7 +56,7 @@ from .errors import ModelError, OptionError, first_line
 from .modelio import iter_graph_tensors, load_model
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
-from .timing import default_threads, interleaved_timings
+from .timing import default_threads, environment, interleaved_timings
 
 __all__ = ["ModelBench", "run_bench", "format_table", "bench_main"]
 
@@ -377,14 +376,10 @@ def format_table(results: Sequence[ModelBench]) -> str:
 
 def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequence[int],
             allow_spinning: bool, providers: Sequence[str]) -> dict:
-    import onnxruntime as ort
-
     return {
         "tool": "onnx-dwdecomp bench",
-        "onnxruntime": ort.__version__,
-        "providers": list(providers),
+        **environment(providers, threads),
         "graph_optimization_level": "ORT_ENABLE_ALL",
-        "threads": threads,
         "inter_op_threads": 1,
         "allow_spinning": allow_spinning,
         "runs": runs,
@@ -392,12 +387,6 @@ def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequen
         "seed": seed,
         "batch_sizes": list(batch_sizes),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
     }
 
 

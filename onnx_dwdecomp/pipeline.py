@@ -26,6 +26,7 @@ from .candidates import ConvLayer, Skipped, find_candidates
 from .errors import BudgetError, CalibrationError, OptionError, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
+from .timing import default_threads, environment
 from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
 from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
@@ -181,11 +182,11 @@ class _Job:
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
 
     def reference(self) -> Reference:
-        """The plain pass of the original model over the calibration samples (once per job,
-        timed as ``reference_forward``)."""
+        """The plain pass of the original model over the calibration samples (once per job; its
+        onnxruntime run time is ``timing_s["reference_pass"]``)."""
         if self._reference is None:
             self._reference = reference_pass(self.source, self.data, self.opts.batch_size, self.fixed_batch)
-            self.timing["reference_forward"] = self._reference.seconds
+            self.timing["reference_pass"] = self._reference.seconds
         return self._reference
 
     def output_scales(self) -> dict[str, np.ndarray] | None:
@@ -452,8 +453,8 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
             rank=f.first.shape[0] if isinstance(f, ChannelFactors) else None,
             patches=chosen.patches.get(layer.name)))
     timing = job.timing
-    # The whole decompose call. reference_forward (onnxruntime's share of the plain pass that
-    # gives the output scales) is part of it and reported on its own as the speed yardstick.
+    # The whole decompose call; reference_pass (onnxruntime's share of the plain pass that gives
+    # the output scales) is part of it. The CLI adds ``wall``: process start to written files.
     timing["total"] = time.perf_counter() - start
     totals = ModelTotals(before.macs, after.macs, before.params, after.params,
                          model_byte_size(job.source), model_byte_size(new_model))
@@ -490,7 +491,8 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
                   verification=chosen.verification, timing_s=timing, notes=tuple(notes),
                   calibration=chosen.calib_report, options=_options_dict(opts, job.shapes),
                   select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
-                  merged=chosen.merged.folds, budget=budget)
+                  merged=chosen.merged.folds, budget=budget,
+                  environment=environment(opts.providers, opts.threads or default_threads()))
 
 
 def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> str | None:
@@ -624,7 +626,8 @@ def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) ->
                                              else type(calib).__name__),
         "calib_size": opts.calib_size, "batch_size": opts.batch_size,
         "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
-        "verify": opts.verify, "seed": opts.seed, "select": opts.select, "threads": opts.threads,
+        "verify": opts.verify, "seed": opts.seed, "select": opts.select,
+        "threads": opts.threads or default_threads(),
         "providers": list(opts.providers),
         "timing_cache": None if opts.timing_cache is None else str(opts.timing_cache),
         "plan": opts.plan_mode(), "target_macs": opts.target_macs, "target_latency": opts.target_latency,

@@ -11,6 +11,9 @@ selection it carries the median onnxruntime latencies of the regular conv and it
 measured in isolation (see latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
 folded into convs before decomposition, ``merged`` the pointwise pairs merged after it (fold.py).
 
+``options`` are the options as resolved (defaults filled in); ``environment`` records the
+package versions, CPU, thread count and execution providers the latency decisions depend on.
+
 ``budget`` (plans: the default with calibration data, ``--max-error``, ``--target-macs``) is a
 plain dict: the mode, target and price, the MACs limit and reachable range, predicted and
 measured MACs, latency and output error, whether the bound was met, the rounds run, and per
@@ -85,11 +88,13 @@ class Report:
     folded: tuple["Fold", ...] = ()
     merged: tuple["Merge", ...] = ()
     budget: dict | None = None
+    environment: dict = field(default_factory=dict)  # versions, machine, providers (timing.environment)
 
     def to_dict(self) -> dict:
         out = {
             "method": self.method,
             "options": self.options,
+            "environment": self.environment,
             "layers": [asdict(layer) for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
             "select": self.select,

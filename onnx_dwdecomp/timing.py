@@ -1,4 +1,6 @@
-"""Interleaved wall-clock timing, shared by ``bench`` and the latency selection (latency.py).
+"""Interleaved wall-clock timing, shared by ``bench`` and the latency selection (latency.py),
+and the record of what timings depend on (:func:`environment`: versions, CPU, threads, providers),
+written into the JSON of both.
 
 Why interleave. Machine noise — frequency scaling, a background process, thermal throttling, a
 noisy neighbour on a shared host — comes in bursts lasting far longer than one inference. Timing
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import time
 from typing import Callable, Sequence
 
@@ -77,3 +80,33 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo``, else ``platform.processor()``, else
+    ``platform.machine()``, else ``"unknown"``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, colon, value = line.partition(":")
+                if colon and name.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(providers: Sequence[str], threads: int) -> dict:
+    """What a timing or a latency decision depends on: package versions, the machine and the
+    onnxruntime settings (recorded in the decompose report and in ``bench --json``)."""
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+
+    return {
+        "onnx_dwdecomp": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__, "python": platform.python_version(),
+        "providers": list(providers), "threads": threads,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    }

@@ -43,7 +43,6 @@ import errno
 import json
 import math
 import os
-import platform
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -56,8 +55,9 @@ except ImportError:  # not POSIX: atomic replace without the lock
 
 from .errors import first_line
 from .latency import ConvConfig, Timing
+from .timing import cpu_model
 
-__all__ = ["FORMAT", "VERSION", "TimingCache", "cpu_model", "default_cache_path"]
+__all__ = ["FORMAT", "VERSION", "TimingCache", "default_cache_path"]
 
 #: ``format`` marker of the cache file.
 FORMAT = "onnx_dwdecomp.timing_cache"
@@ -75,20 +75,6 @@ def default_cache_path() -> Path:
     return root / "onnx_dwdecomp" / "timing_cache.json"
 
 
-def cpu_model() -> str:
-    """The CPU's ``model name`` from ``/proc/cpuinfo``, else ``platform.processor()``, else
-    ``platform.machine()``, else ``"unknown"``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                name, colon, value = line.partition(":")
-                if colon and name.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 class TimingCache:
     """The timing cache file at ``path``, read once on construction, written on every :meth:`put`.
 
@@ -97,7 +83,7 @@ class TimingCache:
     path : path-like, optional
         Default :func:`default_cache_path`.
     onnxruntime_version, cpu : str, optional
-        Parts of every key; default the installed onnxruntime's version and :func:`cpu_model`.
+        Parts of every key; default the installed onnxruntime's version and :func:`~onnx_dwdecomp.timing.cpu_model`.
 
     Attributes
     ----------

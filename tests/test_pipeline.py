@@ -73,8 +73,25 @@ def test_report_schema_with_calib(net, calib):
     assert v["samples"] == 5  # round(0.1 * 48) held out
     assert set(v["outputs"]) == {"y"}
     assert set(v["outputs"]["y"]) >= {"rel_l2", "max_abs", "cosine", "top1_agreement"}
-    assert {"load", "solve", "rewrite", "verify", "total", "reference_forward"} <= set(d["timing_s"])
+    assert {"load", "solve", "rewrite", "verify", "total", "reference_pass"} <= set(d["timing_s"])
     assert d["calibration"]["samples"] == 43 and d["calibration"]["heldout_samples"] == 5
+
+
+def test_report_records_versions_machine_and_resolved_options(net):
+    """Latency decisions depend on the machine and the versions: the JSON says which."""
+    import onnx
+    import onnxruntime
+
+    import onnx_dwdecomp
+    from onnx_dwdecomp.timing import cpu_model, default_threads
+
+    d = json.loads(decompose(net, select="all")[1].to_json())
+    env = d["environment"]
+    assert env["onnx_dwdecomp"] == onnx_dwdecomp.__version__ and env["onnx"] == onnx.__version__
+    assert env["onnxruntime"] == onnxruntime.__version__ and env["numpy"] == np.__version__
+    assert env["providers"] == ["CPUExecutionProvider"] and env["cpu"] == cpu_model()
+    assert env["threads"] == default_threads() == d["options"]["threads"]
+    assert d["options"]["method"] == "svd" and d["options"]["providers"] == ["CPUExecutionProvider"]
 
 
 def test_report_schema_zoo_svd_no_calib():
@@ -90,7 +107,7 @@ def test_report_schema_zoo_svd_no_calib():
     assert d["skipped"] and all(set(s) == {"name", "reason"} for s in d["skipped"])
     assert any("pointwise" in s["reason"] for s in d["skipped"])
     assert set(d["timing_s"]) >= {"load", "solve", "rewrite", "verify", "total"}
-    assert "reference_forward" not in d["timing_s"]
+    assert "reference_pass" not in d["timing_s"]
     out = d["verification"]["outputs"]
     assert len(out) == 1
     o = next(iter(out.values()))
