@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure every timing afresh and store nothing")
     p.add_argument("--threads", type=int, metavar="N",
                    help="onnxruntime threads for the latency timing (default: all CPUs)")
+    p.add_argument("--providers", default="CPUExecutionProvider", metavar="NAME[,NAME...]",
+                   help="onnxruntime execution providers in priority order, for calibration, latency "
+                        "timing, verification (default: CPUExecutionProvider; e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider with onnxruntime-gpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and random inputs (default 0)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,7 +142,7 @@ def _options_from_args(args: argparse.Namespace) -> dict:
                 select=args.select, threads=args.threads, target_macs=args.target_macs,
                 target_latency=args.target_latency,
                 timing_cache=False if args.no_timing_cache else args.timing_cache,
-                max_error=args.max_error)
+                max_error=args.max_error, providers=args.providers)
 
 
 def _int(text: str, flag: str) -> int:
@@ -192,7 +196,7 @@ def _check_destinations(input_path: Path, out_path: Path, report_path: Path | No
 
 
 def run_decompose(argv: list[str]) -> int:
-    from .pipeline import decompose
+    from .pipeline import DecomposeOptions, decompose_loaded
 
     debug = "--debug" in argv
     try:
@@ -203,7 +207,7 @@ def run_decompose(argv: list[str]) -> int:
         say = _progress(args.quiet)
         options = _options_from_args(args)
         loaded = load_model(input_path)
-        model, report = decompose(loaded, progress=say, **options)
+        model, report = decompose_loaded(loaded, DecomposeOptions.of(options), say)
         if say and sys.stderr.isatty():
             sys.stderr.write("\r\033[K")
         if args.max_rel_error is not None and report.verification is not None:

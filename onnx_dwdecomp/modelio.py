@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class LoadedModel:
     path: Path | None
     used_external_data: bool
     file_size: int | None
+    seconds: float = 0.0  # time taken to read and check it
 
 
 def iter_graph_tensors(graph: onnx.GraphProto):
@@ -61,12 +63,13 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     ModelError
         Missing, empty or unreadable file; not an ONNX model; missing external data.
     """
+    start = time.perf_counter()
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_is_model(model, "<ModelProto>")
         _check_valid(model, "<ModelProto>")
-        return LoadedModel(model, None, _uses_external_data(model), None)
+        return LoadedModel(model, None, _uses_external_data(model), None, time.perf_counter() - start)
 
     path = Path(source)
     if not path.exists():
@@ -88,7 +91,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelError(f"cannot read the external data of {path}: {str(exc).splitlines()[0]}") from exc
     _check_valid(model, str(path))
-    return LoadedModel(model, path, external, size)
+    return LoadedModel(model, path, external, size, time.perf_counter() - start)
 
 
 def model_byte_size(model: onnx.ModelProto) -> int:

@@ -10,10 +10,11 @@ gsvd the default is the fastest plan whose held-out output error stays within
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -78,6 +79,20 @@ class DecomposeOptions:
     def __post_init__(self):
         if isinstance(self.providers, str):  # "A,B" as on the command line
             object.__setattr__(self, "providers", tuple(p.strip() for p in self.providers.split(",")))
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> DecomposeOptions:
+        """Validated options from keyword arguments; an unknown name is an :class:`OptionError`
+        listing the valid ones (with the closest as a hint)."""
+        names = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise OptionError(f"unknown option {key!r}{hint}; valid options: {', '.join(names)}")
+        opts = cls(**options)
+        opts.validate()
+        return opts
 
     def resolved_method(self) -> str:
         return self.method or ("gsvd" if self.calib is not None else "svd")
@@ -240,29 +255,37 @@ class _Round(NamedTuple):
     verification: Verification | None
 
 
-def decompose(model: str | os.PathLike | onnx.ModelProto | LoadedModel, *, progress: Callable[[str], None] | None = None,
+def decompose(model: str | os.PathLike | onnx.ModelProto, *, progress: Callable[[str], None] | None = None,
               **options: Any) -> DecomposeResult:
     """Rewrite the regular convs of ``model`` into depthwise + pointwise pairs.
 
     Parameters
     ----------
     model : path or onnx.ModelProto
+        Never modified (a path is read, a ModelProto copied).
     progress : called with short status lines during long phases (the CLI prints them to stderr).
-    **options : fields of :class:`DecomposeOptions`.
+    **options : fields of :class:`DecomposeOptions`; an unknown name is an :class:`OptionError`.
 
     Returns
     -------
     (onnx.ModelProto, Report)
     """
-    opts = DecomposeOptions(**options)
-    opts.validate()
+    opts = DecomposeOptions.of(options)
+    return decompose_loaded(load_model(model), opts, progress)
+
+
+def decompose_loaded(loaded: LoadedModel, opts: DecomposeOptions,
+                     progress: Callable[[str], None] | None = None) -> DecomposeResult:
+    """:func:`decompose` of a model already read by ``modelio.load_model`` (the CLI's entry: it
+    keeps the loaded model to save the result the way the input was stored)."""
     with using_providers(opts.providers):
-        return _decompose(model, opts, progress)
+        return _decompose(loaded, opts, progress)
 
 
-def _decompose(model, opts: DecomposeOptions, progress: Callable[[str], None] | None) -> DecomposeResult:
+def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[str], None] | None
+               ) -> DecomposeResult:
     start = time.perf_counter()
-    job, bn_fold, notes = _prepare(model, opts, progress or (lambda _msg: None))
+    job, bn_fold, notes = _prepare(loaded, opts, progress or (lambda _msg: None))
     candidates = find_candidates(job.work, opts.include, opts.exclude)
     skipped = list(candidates.skipped)
     layers: list[ConvLayer] = []
@@ -315,18 +338,15 @@ def _worst(verification: Verification | None) -> float | None:
     return None if verification is None else verification.worst_error()
 
 
-def _prepare(model, opts: DecomposeOptions, say) -> tuple[_Job, Any, list[str]]:
+def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, Any, list[str]]:
     """Load, fold BatchNormalization / per-channel Mul/Add into the convs, read the data, infer shapes.
 
     ``work`` (the folded model) is what every later stage reads; verification compares the final
     model with the untouched ``source``.
     """
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    timing: dict[str, float] = {"load": loaded.seconds}
     source = loaded.model
     specs = graph_inputs(source)
-    timing["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bn_fold = fold_batchnorm(source)
     timing["fold"] = time.perf_counter() - t0

@@ -149,3 +149,16 @@ def test_default_method_and_no_verify(net, calib):
     assert rep.method == "gsvd" and rep.verification is None
     with pytest.raises(OptionError, match="--no-verify: the default plan"):
         decompose(net, verify=False, calib=calib)  # the default plan is chosen by verifying
+
+
+def test_unknown_option_is_an_option_error_naming_the_valid_ones(net):
+    """A misspelled keyword used to raise the dataclass's TypeError."""
+    with pytest.raises(OptionError, match=r"unknown option 'multipler' \(did you mean 'multiplier'\?\); "
+                                          r"valid options: method, multiplier, "):
+        decompose(net, multipler=2)
+
+
+def test_public_signature_names_only_public_types():
+    import inspect
+
+    assert "LoadedModel" not in str(inspect.signature(decompose))
