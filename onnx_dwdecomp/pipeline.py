@@ -10,11 +10,10 @@ gsvd the default is the fastest plan whose held-out output error stays within
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,152 +23,24 @@ from . import calibdata
 from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, Skipped, find_candidates
-from .errors import BudgetError, CalibrationError, OptionError, first_line
+from .errors import CalibrationError, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
-from .timing import default_threads, environment
-from .timing_cache import TimingCache
 from .modelio import LoadedModel, load_model, model_byte_size
+from .options import DecomposeOptions
 from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
                    curve_error, curve_solver,
                    layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
-from .runtime import DEFAULT_PROVIDERS, check_providers, make_session, using_providers
+from .runtime import make_session, using_providers
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
+from .timing import default_threads, environment
+from .timing_cache import TimingCache
 from .verify import PaddedFeeds, Verification, as_features, check_model, compare_models, random_batches
-
-METHODS = ("svd", "gsvd", "channel")
-SELECT = ("latency", "all")
-
-
-@dataclass(frozen=True)
-class DecomposeOptions:
-    """Every knob of :func:`decompose` (the CLI flags map one to one)."""
-
-    method: str | None = None  # default: "gsvd" with calibration data, else "svd"
-    multiplier: int | None = None  # None: per-layer plan with gsvd data, else 1 (see plan_mode)
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    calib: Any = None  # path (.npy/.npz/image folder) or a CalibrationDataReader-like object
-    calib_size: int | None = None
-    batch_size: int = 32
-    positions: int | None = 64  # sampled output positions per image (at least; see calibrate.py); None = all
-    symmetric: bool = False
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    verify: bool = True
-    seed: int = 0
-    select: str = "latency"  # "latency": price/choose by onnxruntime timings; "all": by MACs, nothing timed
-    threads: int | None = None  # onnxruntime threads for latency selection; None = all CPUs
-    # onnxruntime execution providers, in priority order, for every session of the job:
-    # calibration, latency timing (and its cache key), verification
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    # persistent timing cache (timing_cache.py): None = the default file in the user cache
-    # folder, a path = that file, False = measure afresh and store nothing
-    timing_cache: str | os.PathLike | bool | None = None
-    target_macs: float | None = None  # budget: output MACs ≤ target_macs × input MACs (per-layer r)
-    target_latency: float | None = None  # budget: the convs' timed latency ≤ target_latency × regular
-    max_error: float | None = None  # budget: held-out output rel. L2 ≤ max_error, fastest plan
-
-    def __post_init__(self):
-        if isinstance(self.providers, str):  # "A,B" as on the command line
-            object.__setattr__(self, "providers", tuple(p.strip() for p in self.providers.split(",")))
-
-    @classmethod
-    def of(cls, options: Mapping[str, Any]) -> DecomposeOptions:
-        """Validated options from keyword arguments; an unknown name is an :class:`OptionError`
-        listing the valid ones (with the closest as a hint)."""
-        names = [f.name for f in fields(cls)]
-        for key in options:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise OptionError(f"unknown option {key!r}{hint}; valid options: {', '.join(names)}")
-        opts = cls(**options)
-        opts.validate()
-        return opts
-
-    def resolved_method(self) -> str:
-        return self.method or ("gsvd" if self.calib is not None else "svd")
-
-    def plan_mode(self) -> str:
-        """``"uniform"`` (every selected conv at one multiplier), ``"target_macs"``,
-        ``"target_latency"`` or ``"max_error"``. With calibration data, method gsvd and no ``multiplier``, the default
-        is ``"max_error"`` at :data:`DEFAULT_MAX_ERROR`."""
-        if self.target_macs is not None:
-            return "target_macs"
-        if self.target_latency is not None:
-            return "target_latency"
-        if self.max_error is not None or (self.multiplier is None and self.calib is not None
-                                          and self.resolved_method() == "gsvd"):
-            return "max_error"
-        return "uniform"
-
-    @property
-    def default_plan(self) -> bool:
-        """True when the accuracy bound is the default, not asked for."""
-        return self.plan_mode() == "max_error" and self.max_error is None
-
-    def validate(self) -> None:
-        method = self.resolved_method()
-        if method not in METHODS:
-            raise OptionError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-        if self.multiplier is not None and self.multiplier < 1:
-            raise OptionError(f"--multiplier {self.multiplier}: must be ≥ 1 (depthwise filters per channel)")
-        if self.batch_size < 1:
-            raise OptionError(f"--batch-size {self.batch_size}: must be ≥ 1")
-        if self.positions is not None and self.positions < 1:
-            raise OptionError(f"--positions {self.positions}: must be ≥ 1 or 'all'")
-        if self.calib_size is not None and self.calib_size < 1:
-            raise OptionError(f"--calib-size {self.calib_size}: must be ≥ 1")
-        if method == "gsvd" and self.calib is None:
-            raise OptionError("--method gsvd needs calibration data: pass --calib (or use --method svd)")
-        if self.symmetric and self.calib is None:
-            raise OptionError("--symmetric needs calibration data (--calib)")
-        if self.select not in SELECT:
-            raise OptionError(f"--select {self.select!r}: expected one of {', '.join(SELECT)}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
-        if self.target_macs is not None or self.max_error is not None or self.target_latency is not None:
-            _validate_budget(self, method)
-        check_providers(self.providers)
-        if self.default_plan and not self.verify:
-            raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
-                              "calibration samples; give --multiplier R for one multiplier everywhere, unverified")
-
-
-def _validate_budget(opts: DecomposeOptions, method: str) -> None:
-    given = [flag for flag, value in (("--target-macs", opts.target_macs), ("--target-latency", opts.target_latency),
-                                      ("--max-error", opts.max_error)) if value is not None]
-    if len(given) > 1:
-        raise OptionError(f"give one of --target-macs, --target-latency, --max-error, not {' and '.join(given)}")
-    if opts.calib is None or method != "gsvd":
-        raise OptionError(f"{given[0]} needs calibration data (--calib) and --method gsvd: "
-                          "the per-layer error curves come from the data-driven statistics")
-    if opts.multiplier is not None:
-        raise OptionError(f"--multiplier cannot be combined with {given[0]} "
-                          "(the budget chooses each layer's multiplier)")
-    if opts.target_latency is not None:
-        if not (0 < opts.target_latency <= 1):
-            raise BudgetError(f"--target-latency {opts.target_latency:g}: must be a fraction of the regular "
-                              f"convs' latency in (0, 1]")
-        if opts.select != "latency":
-            raise OptionError("--target-latency prices options by timing them: drop --select all")
-    if opts.target_macs is not None and not (0 < opts.target_macs <= 1):
-        raise BudgetError(f"--target-macs {opts.target_macs:g}: must be a fraction of the input model's "
-                          f"MACs in (0, 1]")
-    if opts.max_error is not None:
-        if not opts.max_error > 0:
-            raise BudgetError(f"--max-error {opts.max_error:g}: must be > 0 (relative L2 error of the outputs)")
-        if not opts.verify:
-            raise OptionError("--max-error is checked by verification; drop --no-verify")
-
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto
@@ -509,7 +380,7 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
         budget = planner.to_dict(after.macs, chosen.heldout_errors, chosen.patches)
     return Report(method=job.method, layers=tuple(results), skipped=tuple(skipped), model=totals,
                   verification=chosen.verification, timing_s=timing, notes=tuple(notes),
-                  calibration=chosen.calib_report, options=_options_dict(opts, job.shapes),
+                  calibration=chosen.calib_report, options=opts.to_dict(job.shapes),
                   select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
                   merged=chosen.merged.folds, budget=budget,
                   environment=environment(opts.providers, opts.threads or default_threads()))
@@ -635,25 +506,6 @@ def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) 
             part = (np.concatenate(parts)[:, live] / scales[name][live]).sum(axis=1)
             energy = part if energy is None else energy + part
     return Reference(scales, energy, seconds)
-
-
-def _options_dict(opts: DecomposeOptions, shapes: dict[str, tuple[int, ...]]) -> dict:
-    calib = opts.calib
-    return {
-        "method": opts.resolved_method(), "multiplier": opts.multiplier, "include": list(opts.include),
-        "exclude": list(opts.exclude), "input_shapes": {k: list(v) for k, v in shapes.items()},
-        "calib": None if calib is None else (str(calib) if isinstance(calib, (str, bytes)) or hasattr(calib, "__fspath__")
-                                             else type(calib).__name__),
-        "calib_size": opts.calib_size, "batch_size": opts.batch_size,
-        "positions": "all" if opts.positions is None else opts.positions, "symmetric": opts.symmetric,
-        "verify": opts.verify, "seed": opts.seed, "select": opts.select,
-        "threads": opts.threads or default_threads(),
-        "providers": list(opts.providers),
-        "timing_cache": None if opts.timing_cache is None else str(opts.timing_cache),
-        "plan": opts.plan_mode(), "target_macs": opts.target_macs, "target_latency": opts.target_latency,
-        "max_error": DEFAULT_MAX_ERROR if opts.default_plan else opts.max_error,
-    }
-
 
 
 def _fixed_batch(specs) -> int | None:
