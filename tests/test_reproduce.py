@@ -1,32 +1,58 @@
-"""Tests for the pure-Python parts of tools/reproduce.py (no torch; the reproduction is not run)."""
+"""Tests for tools/reproduce.py and its parts in tools/repro/ (no torch; the reproduction is not run)."""
 
 from __future__ import annotations
 
 import ast
+import sys
 
 import numpy as np
 import onnx
 import pytest
-
+from conftest import TOOLS, load_tool
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TOOLS, load_tool
+if str(TOOLS) not in sys.path:  # the tools import their neighbours by plain name
+    sys.path.insert(0, str(TOOLS))
 
-REPRODUCE_PY = TOOLS / "reproduce.py"
-rp = load_tool("reproduce")
-
+import budget_study
+import provenance
+from repro import (
+    claims,
+    config,
+    discussion,
+    experiments,
+    formatting,
+    plots,
+    render,
+    results,
+)
 
 # ----------------------------------------------------------------- imports
 
-def test_no_top_level_torch_or_matplotlib_import():
-    tree = ast.parse(REPRODUCE_PY.read_text())
+TORCH_FREE = [TOOLS / "reproduce.py", TOOLS / "onnx_torch.py", TOOLS / "provenance.py",
+              *sorted((TOOLS / "repro").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", TORCH_FREE, ids=lambda p: str(p.relative_to(TOOLS)))
+def test_no_top_level_torch_or_matplotlib_import(path):
+    tree = ast.parse(path.read_text())
     names = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
-    assert not names & {"torch", "matplotlib", "onnx2torch"}
+    assert not names & {"torch", "matplotlib", "onnx2torch", "train"}
+
+
+def test_entry_point_parses_its_flags(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_tool("reproduce").main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--out-dir", "--threads", "--finetune-epochs", "--finetune-lr", "--bench-runs", "--keep-models",
+                 "--quick"):
+        assert flag in out
 
 
 # ----------------------------------------------------------------- formatting
@@ -34,19 +60,19 @@ def test_no_top_level_torch_or_matplotlib_import():
 @pytest.mark.parametrize("value, text", [(0.985, "98.5 %"), (1.0, "100.0 %"), (0.1, "10.0 %"),
                                          (None, "—"), (float("nan"), "—")])
 def test_fmt_pct(value, text):
-    assert rp.fmt_pct(value) == text
+    assert formatting.fmt_pct(value) == text
 
 
 def test_fmt_pct_digits():
-    assert rp.fmt_pct(0.98765, 2) == "98.77 %"
+    assert formatting.fmt_pct(0.98765, 2) == "98.77 %"
 
 
 def test_fmt_err_and_count():
-    assert rp.fmt_err(0.012345) == "1.23e-02"
-    assert rp.fmt_err(None) == "—"
-    assert rp.fmt_count(8685568) == "8.69 M"
-    assert rp.fmt_count(347336) == "0.347 M"
-    assert rp.fmt_count(None) == "—"
+    assert formatting.fmt_err(0.012345) == "1.23e-02"
+    assert formatting.fmt_err(None) == "—"
+    assert formatting.fmt_count(8685568) == "8.69 M"
+    assert formatting.fmt_count(347336) == "0.347 M"
+    assert formatting.fmt_count(None) == "—"
 
 
 @pytest.mark.parametrize("name, short", [
@@ -56,16 +82,16 @@ def test_fmt_err_and_count():
     ("conv_7", "conv_7"),
 ])
 def test_short_layer_name(name, short):
-    assert rp.short_layer_name(name) == short
+    assert formatting.short_layer_name(name) == short
 
 
 def test_markdown_table_layout():
-    text = rp.markdown_table(["a", "b"], [[1, "x"], ["y|z", 2.5]], "lr")
+    text = formatting.markdown_table(["a", "b"], [[1, "x"], ["y|z", 2.5]], "lr")
     assert text.splitlines() == ["| a | b |", "|---|--:|", "| 1 | x |", "| y\\|z | 2.5 |"]
 
 
 def test_markdown_table_default_alignment_and_empty_rows():
-    assert rp.markdown_table(["h"], []) == "| h |\n|---|"
+    assert formatting.markdown_table(["h"], []) == "| h |\n|---|"
 
 
 @pytest.mark.parametrize("headers, rows, align", [
@@ -75,39 +101,39 @@ def test_markdown_table_default_alignment_and_empty_rows():
 ])
 def test_markdown_table_errors(headers, rows, align):
     with pytest.raises(ValueError):
-        rp.markdown_table(headers, rows, align)
+        formatting.markdown_table(headers, rows, align)
 
 
 def test_geometric_mean():
-    assert rp.geometric_mean([1e-2, 1e-4]) == pytest.approx(1e-3)
-    assert rp.geometric_mean([0.5, None, float("nan")]) == pytest.approx(0.5)
-    assert np.isnan(rp.geometric_mean([]))
+    assert formatting.geometric_mean([1e-2, 1e-4]) == pytest.approx(1e-3)
+    assert formatting.geometric_mean([0.5, None, float("nan")]) == pytest.approx(0.5)
+    assert np.isnan(formatting.geometric_mean([]))
 
 
 def test_compare_uses_tie_band():
-    assert rp.compare(0.985, 0.975) == "better"
-    assert rp.compare(0.975, 0.985) == "worse"
-    assert rp.compare(0.980, 0.977) == "tie"
-    assert rp.compare(0.980, 0.977, tie=0.001) == "better"
+    assert formatting.compare(0.985, 0.975) == "better"
+    assert formatting.compare(0.975, 0.985) == "worse"
+    assert formatting.compare(0.980, 0.977) == "tie"
+    assert formatting.compare(0.980, 0.977, tie=0.001) == "better"
 
 
 # ----------------------------------------------------------------- decompose options
 
 def test_decompose_options_per_method():
-    svd = rp.decompose_options(rp.SVD, "c.npz", 512, 1)
+    svd = config.decompose_options(config.SVD, "c.npz", 512, 1)
     assert svd["method"] == "svd" and "symmetric" not in svd and svd["calib_size"] == 512
-    sym = rp.decompose_options(rp.GSVD_SYM, "c.npz", 32, 2)
+    sym = config.decompose_options(config.GSVD_SYM, "c.npz", 32, 2)
     assert sym["symmetric"] is True and sym["multiplier"] == 2 and sym["calib_size"] == 32
-    asym = rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1)
-    assert "symmetric" not in asym and asym["exclude"] == rp.EXCLUDE and asym["seed"] == rp.SEED
-    free = rp.decompose_options(rp.SVD, None, None, 1)
+    asym = config.decompose_options(config.GSVD_ASYM, "c.npz", 32, 1)
+    assert "symmetric" not in asym and asym["exclude"] == config.EXCLUDE and asym["seed"] == config.SEED
+    free = config.decompose_options(config.SVD, None, None, 1)
     assert "calib" not in free and "calib_size" not in free
 
 
 def test_decompose_options_select_only_when_supported():
-    assert "select" not in rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1, ["method", "calib"])
-    assert rp.decompose_options(rp.GSVD_ASYM, "c.npz", 32, 1, ["select"])["select"] == "all"
-    assert rp.decompose_options(rp.CHANNEL, "c.npz", 32, 1, include=("/a/*",))["include"] == ("/a/*",)
+    assert "select" not in config.decompose_options(config.GSVD_ASYM, "c.npz", 32, 1, ["method", "calib"])
+    assert config.decompose_options(config.GSVD_ASYM, "c.npz", 32, 1, ["select"])["select"] == "all"
+    assert config.decompose_options(config.CHANNEL, "c.npz", 32, 1, include=("/a/*",))["include"] == ("/a/*",)
 
 
 def test_decompose_options_are_accepted_by_the_package():
@@ -116,8 +142,8 @@ def test_decompose_options_are_accepted_by_the_package():
     from onnx_dwdecomp.pipeline import DecomposeOptions
 
     fields = [f.name for f in dataclasses.fields(DecomposeOptions)]
-    for cfg in rp.METHOD_CONFIGS:
-        opts = DecomposeOptions(**rp.decompose_options(cfg, "c.npz", 128, 2, fields))
+    for cfg in config.METHOD_CONFIGS:
+        opts = DecomposeOptions(**config.decompose_options(cfg, "c.npz", 128, 2, fields))
         opts.validate()
 
 
@@ -155,36 +181,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray, names=None):
     return sess.run(names, {"input": x})
 
 
-def test_trainable_initializers_are_conv_and_gemm_floats():
-    assert rp.trainable_initializers(_conv_model()) == ["W", "B", "G"]
-
-
-def test_replace_initializers_changes_values_not_graph():
-    model = _conv_model()
-    before = onnx.ModelProto()
-    before.CopyFrom(model)
-    g = np.zeros((3, 4), dtype=np.float64)  # dtype is converted back to the model's
-    out = rp.replace_initializers(model, {"G": g})
-    assert model == before  # input untouched
-    assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
-    new_g = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "G"))
-    assert new_g.dtype == np.float32 and not new_g.any()
-    x = np.random.default_rng(1).normal(size=(1, 2, 5, 5)).astype(np.float32)
-    np.testing.assert_array_equal(_run(out, x)[0], np.zeros((1, 4), dtype=np.float32))
-    assert np.abs(_run(model, x)[0]).max() > 0
-
-
-def test_replace_initializers_errors():
-    model = _conv_model()
-    with pytest.raises(KeyError):
-        rp.replace_initializers(model, {"nope": np.zeros(3)})
-    with pytest.raises(ValueError, match="shape"):
-        rp.replace_initializers(model, {"B": np.zeros(4)})
-
-
 def test_with_outputs_exposes_intermediate_tensors():
     model = _conv_model()
-    probe = rp.with_outputs(model, ["conv", "conv", "output"])
+    probe = experiments.with_outputs(model, ["conv", "conv", "output"])
     assert [o.name for o in probe.graph.output] == ["output", "conv"]
     assert len(model.graph.output) == 1
     x = np.random.default_rng(2).normal(size=(1, 2, 5, 5)).astype(np.float32)
@@ -201,21 +200,22 @@ def test_isolated_errors_match_decompose_report(tmp_path, monkeypatch):
     calib = tmp_path / "calib.npz"
     x = np.random.default_rng(3).normal(size=(20, 2, 5, 5)).astype(np.float32)
     np.savez(calib, input=x)
-    monkeypatch.setattr(rp, "EXCLUDE", ())
-    layers, shapes, macs, errors = rp.isolated_layer_errors(model_path, calib, 20, (1, 2), say=lambda m: None)
+    monkeypatch.setattr(experiments, "EXCLUDE", ())
+    layers, shapes, macs, errors = experiments.isolated_layer_errors(model_path, calib, 20, (1, 2), say=lambda m: None)
     assert layers == ["/stage2/stage2.0/branch2/branch2.3/Conv"]
     assert shapes[layers[0]] == (3, 2, 3, 3)
     assert macs[layers[0]]["regular"] == 25 * 3 * 2 * 9
     assert macs[layers[0]]["sep_r1"] == 25 * (2 * 9 + 3 * 2)
     # r = 2 on 2 channels of 3x3 must still be cheaper than the regular conv
     for r in (1, 2):
-        for key in rp.ISOLATED_KEYS:
+        for key in config.ISOLATED_KEYS:
             assert np.isfinite(errors[(layers[0], key, r)])
-    from onnx_dwdecomp.pipeline import DecomposeOptions
     import dataclasses
 
+    from onnx_dwdecomp.pipeline import DecomposeOptions
+
     fields = [f.name for f in dataclasses.fields(DecomposeOptions)]
-    opts = rp.decompose_options(rp.GSVD_ASYM, calib, 20, 1, fields)
+    opts = config.decompose_options(config.GSVD_ASYM, calib, 20, 1, fields)
     opts["exclude"] = ()
     _, report = onnx_dwdecomp.decompose(str(model_path), **opts)
     (layer,) = report.layers
@@ -228,16 +228,16 @@ LAYERS = ["/stage2/stage2.0/branch1/branch1.0/Conv", "/stage3/stage3.1/branch2/b
 
 
 def _results(asym=(0.970, 0.975, 0.978, 0.980), sym=(0.950, 0.960, 0.961, 0.962), chan=(0.90, 0.93, 0.94, 0.95),
-             svd=0.10, finetune=None, **kw) -> "rp.Results":
-    runs = [rp.RunResult("svd", None, 1, svd, {LAYERS[0]: 0.5, LAYERS[1]: 0.9}, 3_230_848, 347_336, 5.0)]
+             svd=0.10, finetune=None, **kw) -> results.Results:
+    runs = [results.RunResult("svd", None, 1, svd, {LAYERS[0]: 0.5, LAYERS[1]: 0.9}, 3_230_848, 347_336, 5.0)]
     for key, vals in (("gsvd_asym", asym), ("gsvd_sym", sym), ("channel", chan)):
-        assert len(vals) == len(rp.CALIB_SIZES)
-        for n, v in zip(rp.CALIB_SIZES, vals):
+        assert len(vals) == len(config.CALIB_SIZES)
+        for n, v in zip(config.CALIB_SIZES, vals):
             err = {"gsvd_asym": 0.02, "gsvd_sym": 0.03, "channel": 0.2}[key]
-            runs.append(rp.RunResult(key, n, 1, v, {LAYERS[0]: err, LAYERS[1]: 2 * err}, 3_230_848,
+            runs.append(results.RunResult(key, n, 1, v, {LAYERS[0]: err, LAYERS[1]: 2 * err}, 3_230_848,
                                      347_336, 30.0))
     for key in ("svd", "gsvd_asym", "gsvd_sym", "channel"):
-        runs.append(rp.RunResult(key, None if key == "svd" else 512, 2, 0.98, {LAYERS[0]: 0.01, LAYERS[1]: 0.02},
+        runs.append(results.RunResult(key, None if key == "svd" else 512, 2, 0.98, {LAYERS[0]: 0.01, LAYERS[1]: 0.02},
                                  3_700_000, 400_000, 40.0))
     isolated = {}
     for ly in LAYERS:
@@ -257,17 +257,17 @@ def _results(asym=(0.970, 0.975, 0.978, 0.980), sym=(0.950, 0.960, 0.961, 0.962)
         finetune=finetune if finetune is not None else {"gsvd_asym": 0.983, "svd": 0.95},
         finetune_info={"epochs": 5, "lr": 0.01, "batch_size": 64, "weight_decay": 5e-5,
                        "label_smoothing": 0.1, "shift": 4, "seed": 0, "threads": 2, "seconds_per_model": 30.0},
-        bench=[rp.BenchRow("regular (original)", 8_685_568, 895_616, 3.0, 3.5),
-               rp.BenchRow("decomposed, separable", 3_230_848, 347_336, 1.8, 2.0),
-               rp.BenchRow("standard ShuffleNet V2", 3_230_848, 348_066, 1.7, 1.9),
-               rp.BenchRow("regular (original)", 32 * 8_685_568, 895_616, 40.0, 41.0, 32),
-               rp.BenchRow("decomposed, separable", 32 * 3_230_848, 347_336, 20.0, 21.0, 32),
-               rp.BenchRow("standard ShuffleNet V2", 32 * 3_230_848, 348_066, 16.0, 17.0, 32)],
+        bench=[results.BenchRow("regular (original)", 8_685_568, 895_616, 3.0, 3.5),
+               results.BenchRow("decomposed, separable", 3_230_848, 347_336, 1.8, 2.0),
+               results.BenchRow("standard ShuffleNet V2", 3_230_848, 348_066, 1.7, 1.9),
+               results.BenchRow("regular (original)", 32 * 8_685_568, 895_616, 40.0, 41.0, 32),
+               results.BenchRow("decomposed, separable", 32 * 3_230_848, 347_336, 20.0, 21.0, 32),
+               results.BenchRow("standard ShuffleNet V2", 32 * 3_230_848, 348_066, 16.0, 17.0, 32)],
         bench_info={"threads": 2, "runs": 300, "warmup": 20, "batch_size": 1, "loadavg": "1.0",
                     "onnxruntime": "1.32.0", "regular_macs": 8_685_568, "standard_macs": 3_230_848},
     )
     base.update(kw)
-    return rp.Results(**base)
+    return results.Results(**base)
 
 
 def test_results_lookup():
@@ -280,12 +280,12 @@ def test_results_lookup():
 
 
 def _verdicts(res):
-    return {c.claim.split(" ")[0] + ":" + c.claim.split(" ")[-1]: c.verdict for c in rp.claims(res)}
+    return {c.claim.split(" ")[0] + ":" + c.claim.split(" ")[-1]: c.verdict for c in claims.claims(res)}
 
 
 def test_claims_when_everything_holds():
     res = _results(asym=(0.985, 0.988, 0.988, 0.989), finetune={"gsvd_asym": 0.995})
-    by_claim = {c.claim: c.verdict for c in rp.claims(res)}
+    by_claim = {c.claim: c.verdict for c in claims.claims(res)}
     assert all(v == "holds" for v in by_claim.values()), by_claim
     assert len(by_claim) == 5
 
@@ -294,7 +294,7 @@ def test_claims_failures_and_ties():
     # asymmetric equal to symmetric, channel better than gsvd, loss of 2 points, svd equal
     res = _results(asym=(0.96, 0.965, 0.967, 0.97), sym=(0.96, 0.965, 0.967, 0.97), chan=(0.99,) * 4, svd=0.97,
                    finetune={})
-    by_claim = {c.claim: c.verdict for c in rp.claims(res)}
+    by_claim = {c.claim: c.verdict for c in claims.claims(res)}
     keeps = next(v for k, v in by_claim.items() if k.startswith("decomposed regular net keeps"))
     beats = next(v for k, v in by_claim.items() if k.startswith("decomposed regular net beats"))
     chan = next(v for k, v in by_claim.items() if k.startswith("depth-wise"))
@@ -306,14 +306,14 @@ def test_claims_failures_and_ties():
 
 def test_claims_partly():
     res = _results(asym=(0.95, 0.975, 0.978, 0.980), chan=(0.90, 0.975, 0.98, 0.99))
-    chan = next(c for c in rp.claims(res) if c.claim.startswith("depth-wise"))
+    chan = next(c for c in claims.claims(res) if c.claim.startswith("depth-wise"))
     assert chan.verdict == "partly"
     assert "1/2 (r=1)" not in chan.evidence and "2/2 (r=1)" in chan.evidence
 
 
 def test_render_results_has_every_section():
     res = _results()
-    text = rp.render_results(res, ["closing words"])
+    text = render.render_results(res, ["closing words"])
     for needle in ["# Results", "Command: `python tools/reproduce.py`", "2 CPUs", "onnxruntime 1.32.0",
                    "## 1. Single-layer study", "### Multiplier 1", "### Multiplier 2",
                    "## 2. Whole network", "N = 32", "N = 512", "fine-tuned (5 epochs, from N = 512)",
@@ -358,27 +358,26 @@ def test_budget_configs_are_the_study_labels(monkeypatch, tmp_path):
 
     from onnx_dwdecomp.pipeline import DecomposeOptions
 
-    bs = rp._import_tool("budget_study")
     calls = []
 
     def fake_run(label, out_dir, calib, **options):
         calls.append((label, options))
         return next(r for r in _study_rows() if r["label"] == label)
 
-    monkeypatch.setattr(bs, "run", fake_run)
-    rows = bs.study("c.npz", tmp_path, rp.BUDGET_MULTIPLIER, (rp.BUDGET_MAX_ERROR,), calib_size=512, seed=0)
-    assert [r["label"] for r in rows] == [c.key for c in rp.BUDGET_CONFIGS]
+    monkeypatch.setattr(budget_study, "run", fake_run)
+    rows = budget_study.study("c.npz", tmp_path, config.BUDGET_MULTIPLIER, (config.BUDGET_MAX_ERROR,), calib_size=512, seed=0)
+    assert [r["label"] for r in rows] == [c.key for c in config.BUDGET_CONFIGS]
     assert calls[0][1] == {"multiplier": 2, "calib_size": 512, "seed": 0}
     assert calls[1][1]["target_macs"] == pytest.approx(3_700_000 / 8_685_568)
-    assert calls[2][1]["max_error"] == rp.BUDGET_MAX_ERROR
+    assert calls[2][1]["max_error"] == config.BUDGET_MAX_ERROR
     fields = {f.name for f in dataclasses.fields(DecomposeOptions)}
     for _, options in calls:
         opts = {k: v for k, v in options.items() if k in fields}
-        DecomposeOptions(calib="c.npz", exclude=rp.EXCLUDE, select="all", **opts).validate()
+        DecomposeOptions(calib="c.npz", exclude=config.EXCLUDE, select="all", **opts).validate()
 
 
 def test_budget_row_conversion():
-    uniform, target, error = (rp.budget_row(r, 512) for r in _study_rows())
+    uniform, target, error = (results.budget_row(r, 512) for r in _study_rows())
     assert uniform.met is None and uniform.multipliers == {LAYERS[0]: 2, LAYERS[1]: 2}
     assert uniform.fraction == pytest.approx(3_700_000 / 8_685_568) and uniform.rounds is None
     assert target.met is True and target.multipliers == {LAYERS[0]: 3, LAYERS[1]: 1}
@@ -387,15 +386,19 @@ def test_budget_row_conversion():
 
 
 def test_multiplier_histogram():
-    assert rp.multiplier_histogram([2, 1, "skip", 10, 2, 1, 1]) == "r=1: 3, r=2: 2, r=10: 1, regular: 1"
-    assert rp.multiplier_histogram([]) == "—"
+    """The per-layer r column: budget_study's counts, formatted."""
+    def histogram(multipliers):
+        return budget_study.format_counts(budget_study.multiplier_counts(multipliers))
+
+    assert histogram([2, 1, "skip", 10, 2, 1, 1]) == "r=1: 3, r=2: 2, r=10: 1, regular: 1"
+    assert histogram([]) == "—"
 
 
 def test_render_budget_section_lists_rows_when_present():
-    rows = [rp.budget_row(r, 256) for r in _study_rows(met_error=False)]
-    rows += [rp.budget_row(r, 512) for r in _study_rows()]
+    rows = [results.budget_row(r, 256) for r in _study_rows(met_error=False)]
+    rows += [results.budget_row(r, 512) for r in _study_rows()]
     res = _results(budget_rows=rows, budget_option=True)
-    text = "\n".join(rp.render_budget_section(res))
+    text = "\n".join(render.render_budget_section(res))
     assert "Not measured" not in text
     for needle in ["uniform multiplier 2", "`target_macs` = uniform r=2's MACs fraction", "`max_error` = 0.05",
                    "98.5 %", "98.7 %", "3.70 M (0.4260)", "r=2: 2", "r=1: 1, r=3: 1", "r=1: 1, regular: 1",
@@ -407,34 +410,34 @@ def test_render_budget_section_lists_rows_when_present():
         table = [ln for ln in block.splitlines() if ln.startswith("|")]
         if table:
             assert len({ln.replace("\\|", "").count("|") for ln in table}) == 1, block
-    layers = rp.render_budget_layers(res, 512).splitlines()
+    layers = render.render_budget_layers(res, 512).splitlines()
     assert len(layers) == 2 + len(LAYERS) + 1  # header, rule, layers, geometric mean
     assert "| regular | — |" in layers[3]  # max_error kept the second layer regular
 
 
 def test_budget_placeholder_depends_on_the_package():
-    assert "no per-layer multipliers" in "\n".join(rp.render_budget_section(_results()))
-    text = "\n".join(rp.render_budget_section(_results(budget_option=True)))
+    assert "no per-layer multipliers" in "\n".join(render.render_budget_section(_results()))
+    text = "\n".join(render.render_budget_section(_results(budget_option=True)))
     assert "no budget rows" in text and "BUDGET_CONFIGS" in text
 
 
 def test_render_notes_and_missing_values():
     res = _results(finetune={}, notes=["QUICK DEBUG RUN"])
-    text = rp.render_results(res)
+    text = render.render_results(res)
     assert "> QUICK DEBUG RUN" in text
     assert "—" in text  # missing fine-tune values
 
 
 def test_discussion_uses_the_numbers():
     res = _results()
-    text = "\n".join(rp.discussion(res))
+    text = "\n".join(discussion.discussion(res))
     assert "98.0 %" in text and "10.0 %" in text and "2/2 (r=1)" in text
     assert "{" not in text and "}" not in text  # no f-string left unformatted
-    assert "{" not in rp.render_results(res, rp.discussion(res))
+    assert "{" not in render.render_results(res, discussion.discussion(res))
 
 
 def test_machine_info_keys():
-    info = rp.machine_info()
+    info = provenance.machine_info()
     for key in ("cpus", "python", "onnxruntime", "onnx", "numpy", "torch", "loadavg"):
         assert key in info
 
@@ -442,13 +445,13 @@ def test_machine_info_keys():
 def test_plots_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     res = _results()
-    rp.plot_single_layer(res, tmp_path / "a.png")
-    rp.plot_top1(res, tmp_path / "b.png")
+    plots.plot_single_layer(res, tmp_path / "a.png")
+    plots.plot_top1(res, tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
 
 
 def test_cost_table_groups_batch_sizes():
-    text = rp.render_cost_table(_results())
+    text = render.render_cost_table(_results())
     lines = text.splitlines()
     assert "batch 1: median (ms)" in lines[0] and "batch 32: median (ms)" in lines[0]
     assert len(lines) == 2 + 3  # header, rule, one row per model
@@ -460,17 +463,17 @@ def test_rank_examples_and_deepest_layer_text():
     res = _results(layer_shapes={LAYERS[0]: (24, 24, 3, 3), LAYERS[1]: (96, 96, 3, 3)},
                    layer_macs={LAYERS[0]: {"regular": 64 * 24 * 24 * 9},
                                LAYERS[1]: {"regular": 4 * 96 * 96 * 9}})
-    assert rp._rank_examples(res) == "3 for 24→24, 10 for 96→96"
-    text = rp._deepest_layer_samples(res)
+    assert discussion._rank_examples(res) == "3 for 24→24, 10 for 96→96"
+    text = discussion._deepest_layer_samples(res)
     assert "4 output positions" in text and "864-long" in text and "4·461 = 1,844" in text
 
 
 def test_stage_gaps_and_rank2_text():
     res = _results()
-    gaps = rp._stage_gaps(res, 512)
+    gaps = discussion._stage_gaps(res, 512)
     assert gaps == "stage2 3.00e-02 vs 2.00e-02, stage3 6.00e-02 vs 4.00e-02"
     # r=2 top-1 equal for every method in _results -> a tie; fine-tune gsvd 0.983 vs channel missing
-    text = rp._rank2_and_finetune_text(res)
+    text = discussion._rank2_and_finetune_text(res)
     assert "a tie" in text and "After the short fine-tune" not in text
     res = _results(finetune={"gsvd_asym": 0.98, "channel": 0.97})
-    assert "gsvd still ahead" in rp._rank2_and_finetune_text(res)
+    assert "gsvd still ahead" in discussion._rank2_and_finetune_text(res)

@@ -44,15 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from reproduce import (
-    DATA_SEED,
-    EXCLUDE,
-    REGULAR,
-    TEST,
-    git_description,
-    machine_info,
-    markdown_table,
-)
+from provenance import git_description, machine_info
+from repro.config import DATA_SEED, EXCLUDE, REGULAR, TEST
+from repro.formatting import markdown_table
 
 from onnx_dwdecomp import decompose, pipeline, solve
 

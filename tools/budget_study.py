@@ -40,14 +40,11 @@ if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
 from evaluate import evaluate
+from repro.config import CALIB, EXCLUDE, REGULAR, TEST
 
 from onnx_dwdecomp import decompose, pipeline
 from onnx_dwdecomp.modelio import save_model_atomic
 
-MODEL = ROOT / "models/mnist/shufflenetv2_x0.5_regular.onnx"
-CALIB = ROOT / "models/mnist/calib.npz"
-TEST = ROOT / "models/mnist/test.npz"
-EXCLUDE = ("/conv1/*",)  # the 3-channel stem gains nothing from decomposition
 SKIP = "skip"  # a layer the budget kept regular (report.budget's spelling)
 
 
@@ -112,7 +109,7 @@ def format_options(options: Mapping) -> str:
 
 # ---------------------------------------------------------------------------- runs
 
-def run(label: str, out_dir: Path, calib, *, model: Path = MODEL, test: Path = TEST,
+def run(label: str, out_dir: Path, calib, *, model: Path = REGULAR, test: Path = TEST,
         exclude: tuple[str, ...] = EXCLUDE, threads: int | None = None, **options) -> dict:
     """One ``decompose`` (``select="all"``, verification on) of ``model``, saved and evaluated.
 

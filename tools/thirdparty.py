@@ -48,6 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # tools/ scripts import their neighbours by plain name
+    sys.path.insert(0, str(TOOLS))
+
+from repro.formatting import markdown_table
+
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnx_dwdecomp"
 
 # --------------------------------------------------------------------------------------------
@@ -476,23 +482,6 @@ def ctc_frames(output: np.ndarray, task_layout: str) -> np.ndarray:
     if task_layout == "TNC":
         return out[:, 0]
     raise ValueError(f"unknown layout {task_layout!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Report table
-# --------------------------------------------------------------------------------------------
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; ``|`` in cells is escaped."""
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    for r in rows:
-        if len(r) != len(headers):
-            raise ValueError(f"row has {len(r)} cells, header {len(headers)}")
-        lines.append("| " + " | ".join(cell(v) for v in r) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,15 +141,17 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * progress))
 
 
-def train_one(form: str, width: float, recipe: Recipe, seed: int,
-              x_train: torch.Tensor, y_train: torch.Tensor,
-              x_test: torch.Tensor, y_test: torch.Tensor) -> tuple[nn.Module, TrainResult]:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = shufflenet_v2(width=width, num_classes=10, form=form)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+def sgd_epochs(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.Tensor,
+               gen: torch.Generator) -> Iterator[tuple[float, float]]:
+    """Train ``model`` with ``recipe``; yield (mean loss, train accuracy) after each epoch.
+
+    SGD with Nesterov momentum, weight decay on weights only (not on biases or other 1-d
+    parameters), label smoothing, :func:`random_shift` augmentation and the :func:`lr_at`
+    schedule per step; batches drawn with ``gen``. The model is in train mode during each epoch,
+    so the caller may evaluate it between epochs.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
@@ -157,12 +160,7 @@ def train_one(form: str, width: float, recipe: Recipe, seed: int,
     total = recipe.epochs * steps_per_epoch
     warmup = recipe.warmup_epochs * steps_per_epoch
     step = 0
-    history = []
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    print(f"[{form}] {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{recipe.epochs} epochs x {steps_per_epoch} steps", flush=True)
-    for epoch in range(recipe.epochs):
-        t0 = time.perf_counter()
+    for _ in range(recipe.epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
         loss_sum, correct = 0.0, 0
@@ -180,14 +178,29 @@ def train_one(form: str, width: float, recipe: Recipe, seed: int,
             step += 1
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
+        yield loss_sum / len(x_train), correct / len(x_train)
+
+
+def train_one(form: str, width: float, recipe: Recipe, seed: int,
+              x_train: torch.Tensor, y_train: torch.Tensor,
+              x_test: torch.Tensor, y_test: torch.Tensor) -> tuple[nn.Module, TrainResult]:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = shufflenet_v2(width=width, num_classes=10, form=form)
+    history = []
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    print(f"[{form}] {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{recipe.epochs} epochs x {math.ceil(len(x_train) / recipe.batch_size)} steps", flush=True)
+    t0 = time.perf_counter()
+    for epoch, (loss, train_acc) in enumerate(sgd_epochs(model, recipe, x_train, y_train, gen)):
         test_acc = accuracy(model, x_test, y_test)
-        rec = {"epoch": epoch + 1, "loss": loss_sum / len(x_train),
-               "train_acc": correct / len(x_train), "test_acc": test_acc,
+        rec = {"epoch": epoch + 1, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
                "seconds": time.perf_counter() - t0}
         history.append(rec)
         print(f"[{form}] epoch {rec['epoch']:2d}/{recipe.epochs}  loss {rec['loss']:.4f}  "
               f"train {100 * rec['train_acc']:.2f} %  test {100 * test_acc:.2f} %  "
               f"{rec['seconds']:.1f} s", flush=True)
+        t0 = time.perf_counter()
     seconds = time.perf_counter() - t_start
     cpu_seconds = time.process_time() - cpu_start
     model.eval()
