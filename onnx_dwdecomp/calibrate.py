@@ -38,9 +38,11 @@ a :class:`~onnx_dwdecomp.errors.CalibrationError`.
 Statistics, not activations: at ``positions`` seeded output positions per sample we gather the
 patch vectors (length ``C_in·kh·kw``; statistics come out channel-major like the conv weight) and accumulate
 running sums (float64) — ``Σx``, ``Σx̂``, ``Σx̂x̂ᵀ``, ``Σ(Wx)x̂ᵀ``, ``ΣWx``, ``Σ‖Wx‖²`` — from
-which :class:`~onnx_dwdecomp.solve.LayerStats` follows. A seeded held-out share of the samples
-is left out of the sums; after the solve, each layer's response error is measured directly on
-the held-out patches (:func:`heldout_response_error`).
+which :class:`~onnx_dwdecomp.solve.LayerStats` follows (``Σx̂x̂ᵀ`` by a symmetric rank-m update;
+in the symmetric pass the response sums follow from ``Σxxᵀ``, see :class:`MomentSums`). A seeded
+held-out share of the samples is left out of the sums; after the solve, each layer's response
+error is measured directly on the held-out patches (:func:`heldout_response_error`; gathered
+once per layer, :class:`HeldoutPatches`, however many candidates are measured).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +67,7 @@ from .errors import CalibrationError, first_line
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from .runtime import make_session, run
 from .shapes import TensorInfo
-from .solve import ChannelFactors, LayerStats, SeparableFactors
+from .solve import ChannelFactors, LayerStats, SeparableFactors, one_blas_thread
 
 #: Cut tensors above this many bytes (both networks together) are spilled to disk.
 MEMORY_BUDGET = 1 << 30
@@ -136,16 +139,30 @@ class MomentSums:
     """Running float64 sums of patch pairs (x, x̂) for one conv with weight ``W`` (n, C, kh, kw).
 
     Rows are tap-major (see :func:`extract_patches`); :meth:`stats` reorders to channel-major.
+
+    Per batch of ``m`` rows the products are float32 and the running sums float64. ``Σx̂x̂ᵀ`` is
+    ``x̂ᵀx̂``, which numpy's matmul hands to BLAS ``syrk`` (a symmetric rank-m update: one
+    triangle, half the multiply-adds of a general product, mirrored into the other; about
+    0.55–0.6× the time of the general product measured here).
+
+    ``symmetric=True`` (the symmetric pass: every batch has ``x_hat is x``): the response
+    moments are not accumulated row by row — ``Σ(Wx)xᵀ = W·Σxxᵀ``, ``ΣWx = W·Σx`` and
+    ``Σ‖Wx‖² = ⟨W·Σxxᵀ, W⟩`` follow from the input moments once, in float64 (n·D² work per
+    layer instead of 2·n·D per row; equal up to float32 round-off). A batch with
+    ``x_hat is not x`` turns those into running sums and continues row by row. Without it
+    every batch is summed row by row (the asymmetric pass, whose results stay bit for bit as
+    they were: its L-BFGS solves amplify round-off differences, see tests/test_calibrate.py).
     """
 
-    def __init__(self, weight: np.ndarray):
+    def __init__(self, weight: np.ndarray, symmetric: bool = False):
         n, c = weight.shape[:2]
         k = int(np.prod(weight.shape[2:]))
+        self.shape = (n, c, k)
         self.w = tap_major(np.asarray(weight, dtype=np.float32))
-        #: channel-major position i·K + k → tap-major position k·C + i
-        self.order = (np.arange(k)[None, :] * c + np.arange(c)[:, None]).reshape(-1)
         d = c * k
         self.count = 0
+        #: the response sums are derived from ``Σxxᵀ`` in :meth:`stats` (every batch had ``x_hat is x``)
+        self.symmetric = symmetric
         self.sum_x = np.zeros(d)
         self.sum_xhat = np.zeros(d)
         self.sum_xhat_xhat = np.zeros((d, d))
@@ -157,27 +174,57 @@ class MomentSums:
         """Accumulate rows of ``x`` and ``x_hat`` (m, D), float32 products per batch."""
         if not len(x):
             return
-        y = x @ self.w.T
+        if x_hat is x and self.symmetric:
+            s = x.sum(axis=0, dtype=np.float64)
+            self.sum_x += s
+            self.sum_xhat += s
+        else:
+            if self.symmetric and self.count:
+                self._response_from_moments()
+            self.symmetric = False
+            y = x @ self.w.T
+            self.sum_x += x.sum(axis=0, dtype=np.float64)
+            self.sum_xhat += x_hat.sum(axis=0, dtype=np.float64)
+            self.sum_y_xhat += y.T @ x_hat
+            self.sum_y += y.sum(axis=0, dtype=np.float64)
+            self.sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
         self.count += len(x)
-        self.sum_x += x.sum(axis=0, dtype=np.float64)
-        self.sum_xhat += x_hat.sum(axis=0, dtype=np.float64)
-        self.sum_xhat_xhat += x_hat.T @ x_hat
-        self.sum_y_xhat += y.T @ x_hat
-        self.sum_y += y.sum(axis=0, dtype=np.float64)
-        self.sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+        self.sum_xhat_xhat += x_hat.T @ x_hat  # BLAS syrk (see the class docstring)
+
+    def _response(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(Σ(Wx)xᵀ, ΣWx, Σ‖Wx‖²)`` of the symmetric batches so far, from ``Σxxᵀ`` and ``Σx``."""
+        w = self.w.astype(np.float64)
+        wf = w @ self.sum_xhat_xhat
+        return wf, w @ self.sum_x, float(np.vdot(wf, w))
+
+    def _response_from_moments(self) -> None:
+        wf, sy, syy = self._response()
+        self.sum_y_xhat += wf
+        self.sum_y += sy
+        self.sum_y_sq += syy
 
     def stats(self) -> LayerStats:
         """Centred moments: ``Cov = Σ/m − μμᵀ``."""
+        _, c, k = self.shape
+        d = c * k
         m = max(self.count, 1)
-        o = self.order
-        mx, mxh, my = self.sum_x[o] / m, self.sum_xhat[o] / m, self.sum_y / m
-        # Σx̂x̂ᵀ comes from numpy's syrk (both triangles written alike) and μμᵀ is symmetric too,
-        # so the covariance is exactly symmetric without averaging it with its transpose.
-        cov = self.sum_xhat_xhat[np.ix_(o, o)]
+
+        def channel_major(v: np.ndarray) -> np.ndarray:  # (…, K·C) tap-major → (…, C·K)
+            return v.reshape(v.shape[:-1] + (k, c)).swapaxes(-1, -2).reshape(v.shape[:-1] + (d,))
+
+        if self.symmetric:
+            sum_y_xhat, sum_y, sum_y_sq = self._response()
+        else:
+            sum_y_xhat, sum_y, sum_y_sq = self.sum_y_xhat, self.sum_y, self.sum_y_sq
+        mx, mxh, my = channel_major(self.sum_x) / m, channel_major(self.sum_xhat) / m, sum_y / m
+        # Σx̂x̂ᵀ comes from syrk (both triangles written alike) and μμᵀ is symmetric too, so
+        # the covariance is exactly symmetric without averaging it with its transpose.
+        cov = np.ascontiguousarray(self.sum_xhat_xhat.reshape(k, c, k, c).transpose(1, 0, 3, 2)).reshape(d, d)
         cov /= m
         cov -= np.outer(mxh, mxh)
-        cross = self.sum_y_xhat[:, o] / m - np.outer(my, mxh)
-        var = max(self.sum_y_sq / m - float(my @ my), 0.0)
+        cross = channel_major(sum_y_xhat) / m
+        cross -= np.outer(my, mxh)
+        var = max(sum_y_sq / m - float(my @ my), 0.0)
         return LayerStats(self.count, mx, mxh, cov, cross, var)
 
 
@@ -510,6 +557,15 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     of every layer are in place in the decomposed copy before the next layer's statistics are
     gathered (asymmetric correction). With ``options.symmetric`` the solve sees (x, x) instead,
     the held-out errors are measured on x alone, and the decomposed network is never run.
+
+    Overlap: asymmetric, the original network's next segment runs on a worker thread while a
+    layer is solved. Symmetric, no layer's statistics depend on another's factors, so layer
+    ``k`` is solved on a worker thread while the main thread runs the forward pass and the
+    statistics of layer ``k + 1`` (one solve in flight). Both threads then compute with numpy
+    BLAS at the same time, so the whole symmetric pass keeps BLAS on one thread (the solves do
+    anyway): OpenBLAS results depend on its thread count, and a count that changed with the
+    threads' timing would make the results vary from run to run. ``timing_s`` counts the main
+    thread: ``solve`` is the time it waited for solves (the rest overlapped).
     """
     say = progress or (lambda _msg: None)
     layers = sorted(layers, key=lambda layer: layer.node_index)
@@ -537,10 +593,25 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
         segments = plan_segments(model, [layer.node_index for layer in layers])
         results: dict[str, CalibratedLayer] = {}
         previous: Replacement | None = None
-        # The original network's next segment does not depend on this layer's factors: it runs
-        # on a worker thread while this layer is solved (the solve keeps BLAS on one thread,
-        # onnxruntime releases the GIL), and is joined before any store is touched again.
-        with ThreadPoolExecutor(max_workers=1) as worker:
+        # Asymmetric: the original network's next segment does not depend on this layer's
+        # factors: it runs on a worker thread while this layer is solved (the solve keeps BLAS on
+        # one thread, onnxruntime releases the GIL), and is joined before any store is touched
+        # again. Symmetric: the solves run on the worker thread instead (see the docstring).
+        pending: tuple[ConvLayer, Future, Callable, int] | None = None
+
+        def finish_pending() -> None:
+            """Join the symmetric solve in flight and record its layer."""
+            nonlocal pending
+            if pending is not None:
+                done, future, measure, count = pending
+                t0 = time.perf_counter()
+                factors = future.result()
+                timing["solve"] += time.perf_counter() - t0
+                results[done.name] = CalibratedLayer(factors, measure(factors), count)
+                pending = None
+
+        with ThreadPoolExecutor(max_workers=1) as worker, \
+                (one_blas_thread() if options.symmetric else nullcontext()):
             ahead: Future | None = None
             for k, (layer, seg) in enumerate(zip(layers, segments)):
                 say(f"calibrate: layer {k + 1}/{len(layers)} {layer.name}")
@@ -565,14 +636,25 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                 fit, positions = _layer_sums(layer, x_in, xhat_in, heldout, batch, options, k)
                 timing["statistics"] += time.perf_counter() - t0
 
+                if options.symmetric:
+                    t0 = time.perf_counter()
+                    fit_stats = fit.stats()
+                    heldout_error = _heldout_measure(HeldoutPatches(layer, x_in, xhat_in, heldout, positions, batch))
+                    timing["statistics"] += time.perf_counter() - t0
+                    finish_pending()
+                    pending = (layer, worker.submit(contextvars.copy_context().run, solve, layer, fit_stats,
+                                                    heldout_error), heldout_error, fit.count)
+                    del x_in, xhat_in, fit_stats, heldout_error
+                    _free_cut_tensors(k, layers, segments, (orig, approx))
+                    continue
+
                 ahead = None
                 if k + 1 < len(segments):
                     ahead = worker.submit(contextvars.copy_context().run,  # the job's providers (runtime.py)
                                            _advance, model, segments[k + 1], infos, orig, None, batch, shared)
                 t0 = time.perf_counter()
                 fit_stats = fit.stats()
-                def heldout_error(f, layer=layer, x_in=x_in, xhat_in=xhat_in, positions=positions):
-                    return heldout_response_error(layer, f, x_in, xhat_in, heldout, positions, batch)
+                heldout_error = _heldout_measure(HeldoutPatches(layer, x_in, xhat_in, heldout, positions, batch))
 
                 factors = solve(layer, fit_stats, heldout_error)
                 timing["solve"] += time.perf_counter() - t0
@@ -583,18 +665,35 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
                     t0 = time.perf_counter()
                     ahead.result()
                     timing["forward"] += time.perf_counter() - t0
-                # Free cut tensors no later segment or layer reads (keeping what the worker just
-                # made). A later layer's input need not be read by any segment: the last layer's
-                # conv is in none, and its input may come from an earlier segment.
-                alive = {later.input for later in layers[k + 1:]}
-                if k + 1 < len(segments):
-                    alive |= _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
-                for store in (orig, approx):
-                    for name in [nm for nm in store.values if nm not in alive]:
-                        del store.values[name]
+                _free_cut_tensors(k, layers, segments, (orig, approx))
+            finish_pending()
         spilled = orig.spilled_bytes + approx.spilled_bytes
     return CalibrationOutcome(results, int((~heldout).sum()), int(heldout.sum()),
                               options.positions, spilled, timing)
+
+
+def _free_cut_tensors(k: int, layers: list[ConvLayer], segments: list[Segment], stores) -> None:
+    """After layer ``k``: drop the cut tensors no later segment or layer reads (keeping what the
+    worker just made). A later layer's input need not be read by any segment: the last layer's
+    conv is in none, and its input may come from an earlier segment."""
+    alive = {later.input for later in layers[k + 1:]}
+    if k + 1 < len(segments):
+        alive |= _passthrough(segments, k + 1) | set(segments[k + 1].outputs)
+    for store in stores:
+        for name in [nm for nm in store.values if nm not in alive]:
+            del store.values[name]
+
+
+def _heldout_measure(patches: HeldoutPatches) -> Callable[[SeparableFactors | ChannelFactors], float]:
+    """``heldout_error(factors)`` for one layer's held-out patches; the last factors' error is
+    remembered (the driver re-measures the factors a solve returns)."""
+    last: list = [None, 0.0]
+
+    def heldout_error(factors: SeparableFactors | ChannelFactors) -> float:
+        if last[0] is not factors:
+            last[:] = [factors, patches.error(factors)]
+        return last[1]
+    return heldout_error
 
 
 def _passthrough(segments: list[Segment], k: int) -> set[str]:
@@ -653,7 +752,7 @@ def _layer_sums(layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldo
         positions = np.broadcast_to(np.arange(total), (n, total))
     else:
         positions = np.argsort(rng.random((n, total)), axis=1)[:, :per_image]
-    fit = MomentSums(layer.weight)
+    fit = MomentSums(layer.weight, symmetric=options.symmetric)
     fit_index = np.flatnonzero(~heldout)
     for start in range(0, len(fit_index), batch):
         rows = fit_index[start:start + batch]
@@ -675,26 +774,42 @@ def heldout_response_error(layer: ConvLayer, factors: SeparableFactors | Channel
                            xhat_all: np.ndarray, heldout: np.ndarray, positions: np.ndarray, batch: int) -> float:
     """``E‖Wx + b − Ŵx̂ − b̂‖² / E‖Wx − E[Wx]‖²`` over the held-out samples' patches, computed
     directly (n·D work per patch) rather than from D×D moments."""
-    n = layer.weight.shape[0]
-    # float32 products like the moment sums; the sums below are float64
-    w = tap_major(layer.weight).astype(np.float32)
-    w_hat = tap_major(factors.dense_weight()).astype(np.float32)
-    b = np.zeros(n, np.float32) if layer.bias is None else layer.bias.astype(np.float32)
-    b_hat = factors.bias.astype(np.float32)
-    count, gap, sum_y, sum_y_sq = 0, 0.0, np.zeros(n), 0.0
-    index = np.flatnonzero(heldout)
-    for start in range(0, len(index), batch):
-        x, x_hat = _patch_pair(layer, x_all, xhat_all, index[start:start + batch], positions)
-        y = x @ w.T + b
-        diff = y - (x_hat @ w_hat.T + b_hat)
-        count += len(y)
-        gap += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
-        sum_y += y.sum(axis=0, dtype=np.float64)
-        sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
-    if count == 0:
-        return float("nan")
-    var = sum_y_sq / count - float(sum_y @ sum_y) / count ** 2
-    err = gap / count
-    if var <= 0:
-        return 0.0 if err <= 1e-30 else float("inf")
-    return err / var
+    return HeldoutPatches(layer, x_all, xhat_all, heldout, positions, batch).error(factors)
+
+
+class HeldoutPatches:
+    """One layer's held-out patches and original responses, gathered once for any number of
+    candidate factors (:func:`heldout_response_error`; the plan's curves measure every offered
+    multiplier of a layer). Same chunks, products and sums as measuring each candidate afresh."""
+
+    def __init__(self, layer: ConvLayer, x_all: np.ndarray, xhat_all: np.ndarray, heldout: np.ndarray,
+                 positions: np.ndarray, batch: int):
+        n = layer.weight.shape[0]
+        # float32 products like the moment sums; the sums below are float64
+        w = tap_major(layer.weight).astype(np.float32)
+        b = np.zeros(n, np.float32) if layer.bias is None else layer.bias.astype(np.float32)
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # (x̂ patches, Wx + b)
+        self.count, self.sum_y, self.sum_y_sq = 0, np.zeros(n), 0.0
+        index = np.flatnonzero(heldout)
+        for start in range(0, len(index), batch):
+            x, x_hat = _patch_pair(layer, x_all, xhat_all, index[start:start + batch], positions)
+            y = x @ w.T + b
+            self.chunks.append((x_hat, y))
+            self.count += len(y)
+            self.sum_y += y.sum(axis=0, dtype=np.float64)
+            self.sum_y_sq += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+
+    def error(self, factors: SeparableFactors | ChannelFactors) -> float:
+        if self.count == 0:
+            return float("nan")
+        w_hat = tap_major(factors.dense_weight()).astype(np.float32)
+        b_hat = factors.bias.astype(np.float32)
+        gap = 0.0
+        for x_hat, y in self.chunks:
+            diff = y - (x_hat @ w_hat.T + b_hat)
+            gap += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        var = self.sum_y_sq / self.count - float(self.sum_y @ self.sum_y) / self.count ** 2
+        err = gap / self.count
+        if var <= 0:
+            return 0.0 if err <= 1e-30 else float("inf")
+        return err / var

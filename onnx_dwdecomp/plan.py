@@ -55,7 +55,7 @@ from .latency import MIN_GAIN, LatencySelector
 from .report import Selection
 from .rewrite import Replacement
 from .shapes import node_macs
-from .solve import LayerStats, SeparableFactors, check_multiplier, gsvd_factors, svd_factors
+from .solve import GsvdProblem, LayerStats, SeparableFactors, check_multiplier, svd_factors
 
 #: Default accuracy bound with calibration data: held-out output error ≤ 2 %. Chosen on
 #: models/mnist (README "Accuracy-bounded default"): the error measured on held-out calibration
@@ -224,8 +224,9 @@ def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int
     multiplier (GSVD with CURVE_ITER rounds) and returns the factors of its first offered r."""
     def solve(layer: ConvLayer, stats: LayerStats, heldout_error: Callable) -> SeparableFactors:
         errors, first = {}, None
+        problem = GsvdProblem(layer.weight, layer.bias, stats)  # shared by every r (moments, SVD, whitening)
         for r in wanted[layer.name]:
-            f = gsvd_factors(layer.weight, layer.bias, stats, r, max_iter=CURVE_ITER)
+            f = problem.factors(r, max_iter=CURVE_ITER)
             errors[r] = heldout_error(f)
             if first is None:
                 first = f

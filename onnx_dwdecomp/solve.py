@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 import scipy.optimize
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 #: Ridge relative to a matrix's mean diagonal (see :func:`ridged_moments`). Chosen on validation
 #: data, not the test set (tools/accuracy_study.py, docs/ACCURACY.md): on the MNIST model (four
@@ -76,6 +76,19 @@ RIDGE = 1e-2
 TINY_RIDGE = 1e-10
 #: A channel whose input variance is below this fraction of the mean channel variance is dead.
 DEAD_CHANNEL = 1e-10
+
+
+_BLAS: ThreadpoolController | None = None
+
+
+def one_blas_thread():
+    """A context with BLAS on one thread, like ``threadpool_limits(1, "blas")`` but without
+    scanning the loaded libraries on every call (about 2 ms each, ~100 calls per job): the
+    controller is made once, on first use, after numpy's and scipy's BLAS are loaded."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -171,17 +184,28 @@ def check_multiplier(weight_shape: tuple[int, ...], multiplier: int) -> str | No
 
 def _fix_signs(u: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Make the largest-magnitude entry of each right singular vector positive (repeatable SVD)."""
+    if vt.ndim == 2:  # one matrix (the sweep, ~10⁴ calls per job): the same signs, less indexing overhead
+        signs = np.sign(vt[np.arange(len(vt)), np.argmax(np.abs(vt), axis=-1)])
+        signs[signs == 0] = 1.0
+        return u * signs, vt * signs[:, None]
     idx = np.argmax(np.abs(vt), axis=-1)
     signs = np.sign(np.take_along_axis(vt, idx[..., None], axis=-1))
     signs[signs == 0] = 1.0
     return u * np.swapaxes(signs, -1, -2), vt * signs
 
 
-def _svd_channel_factors(w3: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel truncated SVD. ``w3`` (n, c, K) → P (n, c, r), F (c, r, K)."""
+def _channel_svd(w3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sign-fixed thin SVD of every channel slice: ``w3`` (n, c, K) → U (c, n, q), s (c, q), Vᵀ (c, q, K)."""
     slices = np.transpose(w3, (1, 0, 2))  # (c, n, K)
     u, s, vt = np.linalg.svd(slices, full_matrices=False)
     u, vt = _fix_signs(u, vt)
+    return u, s, vt
+
+
+def _svd_channel_factors(w3: np.ndarray, r: int, svd: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel truncated SVD. ``w3`` (n, c, K) → P (n, c, r), F (c, r, K); ``svd``: the
+    :func:`_channel_svd` of ``w3`` if already known (any r truncates the same one)."""
+    u, s, vt = _channel_svd(w3) if svd is None else svd
     p = u[:, :, :r] * s[:, None, :r]  # (c, n, min(r, n, K))
     f = vt[:, :r, :]
     if p.shape[2] < r:  # more filters than the slice's rank (r > n): pad with zero filters
@@ -295,7 +319,7 @@ def _block_inverse_cholesky(b: np.ndarray, c: int, k: int) -> np.ndarray:
 
 
 def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, live: np.ndarray,
-                block: int = 32) -> None:
+                block: int = 32, inv_lower: np.ndarray | None = None) -> None:
     """One exact block-coordinate (Gauss–Seidel) pass over the channels, updating ``p``, ``f`` in place.
 
     ``Q = Ŵ B`` is needed column-block by column-block. Channels are visited in groups of
@@ -303,11 +327,13 @@ def _gsvd_sweep(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, live
     (n, K)·(K, block·K) updates; the full ``Q`` is refreshed once per group from the factors,
     ``ΔQ = P_g F_gᵀB_g − P_g⁰ F_g⁰ᵀB_g`` (n·block·r·D work instead of n·block·K·D), which keeps
     the pass BLAS-bound. The visiting order and the result equal a plain channel-by-channel sweep.
+    ``inv_lower``: :func:`_block_inverse_cholesky` of ``b`` if already known.
     """
     n, c, r = p.shape
     k = f.shape[2]
     b3 = b.reshape(c, k, -1)  # rows of B by channel
-    inv_lower = _block_inverse_cholesky(b, c, k)
+    if inv_lower is None:
+        inv_lower = _block_inverse_cholesky(b, c, k)
     q = p.reshape(n, c * r) @ _taps_times(f, b)
     for start in range(0, c, block):
         stop = min(start + block, c)
@@ -382,14 +408,14 @@ class _ProjectedObjective:
 
 
 def _refine(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, v: float, live: np.ndarray,
-            max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, int]:
+            max_iter: int, tol: float, inv_lower: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """One GSVD sweep from (P, F), then L-BFGS on the projected objective; the better iterate wins."""
     n, c, r = p.shape
     k = f.shape[2]
-    _gsvd_sweep(p, f, a, b, live)
+    _gsvd_sweep(p, f, a, b, live, inv_lower=inv_lower)
     iterations = 1
-    best = separable_objective(p, f, a, b, v)
     if max_iter > 0 and live.any():
+        best = separable_objective(p, f, a, b, v)
         objective = _ProjectedObjective(a, b, v, c, r, k)
         result = scipy.optimize.minimize(
             objective, f.ravel(), jac=True, method="L-BFGS-B",
@@ -419,30 +445,61 @@ def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
     0.106 / 0.103 / 0.155 / 0.180 after 0 / 5 / 10 / 20 / 40 / 80 rounds — per-layer errors keep
     falling, but past ~20 rounds the layers over-fit their calibration patches; averaged over
     holdout seeds 0–4, 10 rounds gave 0.118 and 20 rounds 0.126.
+
+    Several multipliers of one layer: :class:`GsvdProblem` prepares the shared work once.
     """
-    weight = np.asarray(weight)
-    n, c, kh, kw = weight.shape
-    reason = check_multiplier(weight.shape, multiplier)
+    reason = check_multiplier(np.shape(weight), multiplier)
     if reason:
         raise ValueError(reason)
-    k = kh * kw
-    r = multiplier
-    w3 = weight.astype(np.float64).reshape(n, c, k)
-    b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
-    cross, cov, var = ridged_moments(w3.reshape(n, c * k), stats)
+    return GsvdProblem(weight, bias, stats).factors(multiplier, max_iter=max_iter, tol=tol)
 
-    p_svd, f_svd = _svd_channel_factors(w3, r)
-    channel_var = np.diagonal(stats.cov_xhat).reshape(c, k).sum(axis=1)
-    live = channel_var > DEAD_CHANNEL * max(float(channel_var.mean()), 1e-300)
-    # The iterations are many small BLAS calls; threaded BLAS spends more time waking and
-    # spinning threads than computing (27× slower per L-BFGS evaluation on 2 busy cores).
-    with threadpool_limits(limits=1, user_api="blas"):
-        p, f, iterations = _refine(p_svd.copy(), f_svd.copy(), cross, cov, var, live, max_iter, tol)
-    dead = np.flatnonzero(~live)
-    p[:, dead], f[dead] = p_svd[:, dead], f_svd[dead]
-    w_hat = np.einsum("nis,isk->nik", p, f).reshape(n, c * k)
-    b_hat = b + w3.reshape(n, c * k) @ stats.mean_x - w_hat @ stats.mean_xhat
-    return _as_factors(p, f, b_hat, (kh, kw), iterations=iterations, fallback=tuple(dead), dtype=weight.dtype)
+
+class GsvdProblem:
+    """One layer's data-driven problem, prepared for :func:`gsvd_factors` at any multiplier.
+
+    What does not depend on r is computed once: the ridged moments (a D×D copy), the live
+    channels, each channel slice's SVD (the starting point, truncated per r) and the inverse
+    Cholesky factors of the diagonal blocks of ``B`` (the sweep's whitening). The plan's error
+    curves solve every offered r of a layer from one instance; the factors are the same as
+    separate :func:`gsvd_factors` calls.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats):
+        weight = np.asarray(weight)
+        n, c, kh, kw = weight.shape
+        k = kh * kw
+        self.weight, self.stats = weight, stats
+        self.w3 = weight.astype(np.float64).reshape(n, c, k)
+        self.b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
+        self.cross, self.cov, self.var = ridged_moments(self.w3.reshape(n, c * k), stats)
+        channel_var = np.diagonal(stats.cov_xhat).reshape(c, k).sum(axis=1)
+        self.live = channel_var > DEAD_CHANNEL * max(float(channel_var.mean()), 1e-300)
+        self._svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._inv_lower: np.ndarray | None = None
+
+    def factors(self, multiplier: int = 1, *, max_iter: int = 10, tol: float = 1e-6) -> SeparableFactors:
+        """:func:`gsvd_factors` of this layer at ``multiplier``."""
+        weight = self.weight
+        n, c, kh, kw = weight.shape
+        reason = check_multiplier(weight.shape, multiplier)
+        if reason:
+            raise ValueError(reason)
+        k = kh * kw
+        if self._svd is None:
+            self._svd = _channel_svd(self.w3)
+        p_svd, f_svd = _svd_channel_factors(self.w3, multiplier, self._svd)
+        # The iterations are many small BLAS calls; threaded BLAS spends more time waking and
+        # spinning threads than computing (27× slower per L-BFGS evaluation on 2 busy cores).
+        with one_blas_thread():
+            if self._inv_lower is None:
+                self._inv_lower = _block_inverse_cholesky(self.cov, c, k)
+            p, f, iterations = _refine(p_svd.copy(), f_svd.copy(), self.cross, self.cov, self.var, self.live,
+                                       max_iter, tol, self._inv_lower)
+        dead = np.flatnonzero(~self.live)
+        p[:, dead], f[dead] = p_svd[:, dead], f_svd[dead]
+        w_hat = np.einsum("nis,isk->nik", p, f).reshape(n, c * k)
+        b_hat = self.b + self.w3.reshape(n, c * k) @ self.stats.mean_x - w_hat @ self.stats.mean_xhat
+        return _as_factors(p, f, b_hat, (kh, kw), iterations=iterations, fallback=tuple(dead), dtype=weight.dtype)
 
 
 def channel_rank(weight_shape: tuple[int, ...], multiplier: int) -> int:

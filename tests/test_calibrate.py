@@ -291,3 +291,134 @@ def test_heldout_error_equals_the_moment_formula():
     # float64 algebra either way on float32 patches; the moment form subtracts large terms (1e-5)
     assert direct == pytest.approx(relative_response_error(weight, layer.bias, factors, sums.stats()), rel=1e-5)
     assert 0 < direct < 10
+
+
+# ------------------------------------------------------------------ symmetric moments (issue #14)
+
+def _tap_major_rows(a, c, k):
+    return np.ascontiguousarray(a.reshape(len(a), c, k).transpose(0, 2, 1)).reshape(len(a), c * k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetric_moments_equal_plain_products(dtype):
+    """The symmetric pass's moments (x̂x̂ᵀ by BLAS syrk per batch, Σ(Wx)xᵀ = W·Σxxᵀ derived once)
+    equal the plain float64 products XᵀX, Σ(Wx)xᵀ, Σ‖Wx‖² of the same rows, and the row-by-row
+    sums of the general path.
+
+    Tolerances: float64 rows give float64 products, so only the summation order differs
+    (≲ m·u₆₄ ≈ 1e-13 relative; 1e-10 is loose). float32 rows give float32 products per batch of
+    ≤ 70 rows, each entry a sum of 70 terms with relative error ≲ 70·u₃₂ ≈ 4e-6 of the raw second
+    moment; the rows have mean 2 and unit spread, so centring divides the raw moment (~5) into
+    a covariance of ~1 and the error grows about 5× — 1e-4 covers it with room. The derived
+    response moments differ from the row-by-row float32 ones by the same kind of round-off."""
+    rng = np.random.default_rng(4)
+    c, k, n, m = 3, 9, 5, 300
+    w = rng.standard_normal((n, c, 3, 3)).astype(np.float32)
+    x = (rng.standard_normal((m, c * k)) + 2.0).astype(dtype)
+    tm = _tap_major_rows(x, c, k)
+    sym, general = MomentSums(w, symmetric=True), MomentSums(w)
+    for lo in range(0, m, 70):
+        rows = tm[lo:lo + 70]
+        sym.add(rows, rows)
+        general.add(rows, rows.copy())
+    assert sym.symmetric and not general.symmetric
+    s, g = sym.stats(), general.stats()
+    x64 = x.astype(np.float64)
+    y = x64 @ w.reshape(n, -1).astype(np.float64).T
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_array_equal(s.cov_xhat, s.cov_xhat.T)  # exactly symmetric, never averaged
+    np.testing.assert_allclose(s.cov_xhat, np.cov(x64.T, bias=True), rtol=tol, atol=tol)
+    np.testing.assert_allclose(s.mean_x, x64.mean(0), rtol=1e-12)
+    np.testing.assert_array_equal(s.mean_x, s.mean_xhat)
+    full = np.cov(np.concatenate([y, x64], 1).T, bias=True)
+    np.testing.assert_allclose(s.cov_y_xhat, full[:n, n:], rtol=tol, atol=10 * tol)
+    assert s.response_var == pytest.approx(np.trace(np.cov(y.T, bias=True)), rel=tol)
+    # the derived response moments against the row-by-row ones: round-off apart
+    np.testing.assert_array_equal(s.cov_xhat, g.cov_xhat)  # the same syrk sums either way
+    np.testing.assert_allclose(s.cov_y_xhat, g.cov_y_xhat, rtol=tol, atol=10 * tol)
+    assert s.response_var == pytest.approx(g.response_var, rel=tol)
+
+
+def test_symmetric_moments_switch_to_rows_on_an_asymmetric_batch():
+    """A batch with x̂ ≠ x after symmetric ones turns the derived sums into running sums: the
+    result is the general path's (round-off apart)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    x = (rng.standard_normal((200, 18)) + 1.0).astype(np.float32)
+    xh = (x + 0.1 * rng.standard_normal((200, 18))).astype(np.float32)
+    mixed, general = MomentSums(w, symmetric=True), MomentSums(w)
+    mixed.add(x[:100], x[:100])
+    mixed.add(x[100:], xh[100:])
+    general.add(x[:100], x[:100].copy())
+    general.add(x[100:], xh[100:])
+    assert not mixed.symmetric
+    a, b = mixed.stats(), general.stats()
+    np.testing.assert_array_equal(a.cov_xhat, b.cov_xhat)
+    np.testing.assert_array_equal(a.mean_xhat, b.mean_xhat)
+    np.testing.assert_allclose(a.cov_y_xhat, b.cov_y_xhat, rtol=1e-5, atol=1e-5)
+    assert a.response_var == pytest.approx(b.response_var, rel=1e-5)
+
+
+def test_heldout_patches_measure_many_candidates_like_single_calls():
+    """HeldoutPatches gathers the held-out patches once; each candidate's error is bit for bit
+    heldout_response_error's, and the driver's measure remembers the last factors' error."""
+    from conftest import correlated_images
+    from onnx_dwdecomp.calibrate import HeldoutPatches, _heldout_measure, heldout_response_error
+    from onnx_dwdecomp.solve import svd_factors
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    layer = ConvLayer("L", 0, "x", "y", weight, rng.standard_normal(5).astype(np.float32), (1, 1), (1, 1, 1, 1),
+                      (1, 1), "NOTSET")
+    x_all = correlated_images(10, 4, 7, 7, seed=1)
+    xhat_all = x_all + 0.1 * correlated_images(10, 4, 7, 7, seed=2)
+    heldout = np.zeros(10, bool)
+    heldout[[0, 3, 4, 9]] = True
+    positions = np.stack([rng.permutation(49)[:15] for _ in range(10)])
+    patches = HeldoutPatches(layer, x_all, xhat_all, heldout, positions, batch=3)
+    measure = _heldout_measure(patches)
+    for r in (1, 2, 9):
+        f = svd_factors(weight, layer.bias, r)
+        direct = heldout_response_error(layer, f, x_all, xhat_all, heldout, positions, batch=3)
+        assert patches.error(f) == direct == measure(f) == measure(f)
+
+
+def test_symmetric_pass_solves_on_a_worker_thread_deterministically():
+    """Symmetric: layer k is solved on a worker thread while layer k+1's statistics are gathered.
+    The results equal solving in the calling thread after each layer (each solve sees the same
+    statistics), come back in graph order, and BLAS gets its thread count back afterwards."""
+    import threading
+
+    from conftest import correlated_images, three_layer_net
+    from threadpoolctl import threadpool_info
+
+    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.candidates import find_candidates
+    from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
+    from onnx_dwdecomp.solve import gsvd_factors
+
+    model = three_layer_net()
+    data = load_calibration(correlated_images(20, 6, 12, 12), graph_inputs(model))
+    infos = infer_tensor_info(model, {"x": (1, 6, 12, 12)})
+    layers = find_candidates(model, (), ()).layers
+    threads, seen = set(), {}
+
+    def solve(layer, stats, err):
+        threads.add(threading.current_thread().name)
+        seen[layer.name] = stats
+        return gsvd_factors(layer.weight, layer.bias, stats, 2)
+
+    before = [(i["internal_api"], i["num_threads"]) for i in threadpool_info()]
+    opts = CalibrationOptions(batch_size=4, symmetric=True)
+    runs = [calibrate_and_solve(model, layers, data, infos, solve, opts) for _ in range(2)]
+    assert [(i["internal_api"], i["num_threads"]) for i in threadpool_info()] == before
+    assert threading.current_thread().name not in threads
+    assert list(runs[0].layers) == [layer.name for layer in sorted(layers, key=lambda ly: ly.node_index)]
+    by_name = {layer.name: layer for layer in layers}
+    for name, result in runs[0].layers.items():
+        other = runs[1].layers[name]
+        np.testing.assert_array_equal(result.factors.depthwise, other.factors.depthwise)
+        np.testing.assert_array_equal(result.factors.pointwise, other.factors.pointwise)
+        assert result.heldout_error == other.heldout_error
+        again = gsvd_factors(by_name[name].weight, by_name[name].bias, seen[name], 2)  # in this thread
+        np.testing.assert_array_equal(result.factors.pointwise, again.pointwise)

@@ -243,3 +243,28 @@ def test_target_latency_least_error_within_the_timed_budget(fast_r1):
         decompose(net, calib=calib, target_latency=0.5, select="all")
     with pytest.raises(OptionError, match="not --target-latency and --max-error"):
         decompose(net, calib=calib, target_latency=0.5, max_error=0.1)
+
+
+def test_curve_solver_equals_separate_solves_per_multiplier():
+    """The curves solve every offered r of a layer from one prepared problem (solve.GsvdProblem):
+    each r's error is the one a separate gsvd_factors call (CURVE_ITER rounds) gets, and the
+    factors handed back are the first offered r's."""
+    from conftest import stats_from_samples
+
+    from onnx_dwdecomp.candidates import ConvLayer
+    from onnx_dwdecomp.plan import CURVE_ITER, curve_solver
+    from onnx_dwdecomp.solve import gsvd_factors, relative_weight_error
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    layer = ConvLayer("L", 0, "x", "y", w, b, (1, 1), (1, 1, 1, 1), (1, 1), "NOTSET")
+    x = rng.standard_normal((400, 36)) @ rng.standard_normal((36, 36)) + 1.0
+    stats = stats_from_samples(w, x)
+    curves: dict = {}
+    def measure(f):  # any deterministic measure
+        return relative_weight_error(w, f.dense_weight())
+    first = curve_solver(curves, {"L": [2, 1, 4]})(layer, stats, measure)
+    for r in (2, 1, 4):
+        assert curves["L"][r] == measure(gsvd_factors(w, b, stats, r, max_iter=CURVE_ITER))
+    np.testing.assert_array_equal(first.pointwise, gsvd_factors(w, b, stats, 2, max_iter=CURVE_ITER).pointwise)

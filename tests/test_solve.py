@@ -220,3 +220,21 @@ def test_structured_response_terms_equal_dense(r):
         wh = factors.dense_weight().reshape(7, -1)
         dense = (np.vdot(wh, stats.cov_y_xhat), np.vdot(wh @ stats.cov_xhat, wh))
         np.testing.assert_allclose(factors.response_terms(stats.cov_y_xhat, stats.cov_xhat), dense, rtol=1e-10)
+
+
+@pytest.mark.parametrize("max_iter", [0, 10])
+def test_prepared_problem_equals_separate_calls(max_iter):
+    """GsvdProblem shares the ridged moments, the slice SVDs and the whitening between
+    multipliers (the plan's curves): every r gives gsvd_factors' factors bit for bit, in any order."""
+    from onnx_dwdecomp.solve import GsvdProblem
+    w, b, x = _problem(seed=11, n=7, c=5, m=600)
+    stats = stats_from_samples(w, x)
+    problem = GsvdProblem(w, b, stats)
+    for r in (3, 1, 2, 9, 1):
+        shared = problem.factors(r, max_iter=max_iter)
+        alone = gsvd_factors(w, b, stats, r, max_iter=max_iter)
+        for field_ in ("depthwise", "pointwise", "bias"):
+            np.testing.assert_array_equal(getattr(shared, field_), getattr(alone, field_))
+        assert shared.iterations == alone.iterations
+    with pytest.raises(ValueError):
+        problem.factors(10)
