@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -54,11 +53,12 @@ import onnx
 
 from .errors import ModelError, OptionError, first_line
 from .modelio import iter_graph_tensors, load_model
+from .options import ShapesAction
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
-from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shape, resolve_input_shapes
+from .shapes import graph_inputs, infer_tensor_info, model_cost, resolve_input_shapes
 from .timing import default_threads, environment, interleaved_timings
 
-__all__ = ["ModelBench", "run_bench", "format_table", "bench_main"]
+__all__ = ["ModelBench", "run_bench", "format_table", "add_bench_arguments", "run_bench_command"]
 
 #: run_bench forwards progress messages at most this often (seconds); phase changes always pass.
 PROGRESS_INTERVAL_S = 0.25
@@ -359,19 +359,14 @@ def _fmt_bytes(n: int) -> str:
 
 def format_table(results: Sequence[ModelBench]) -> str:
     """Plain-text table with aligned columns, one row per model and batch size."""
+    from .report import text_table
+
     labels = dict(zip(dict.fromkeys(r.path for r in results), _labels(list(dict.fromkeys(r.path for r in results)))))
     header = ("model", "batch", "median ms", "p90 ms", "speed-up", "MMACs", "params", "size")
     rows = [(labels[r.path], str(r.batch_size), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}",
              f"{r.speedup:.2f}x", f"{r.macs / 1e6:.2f}", f"{r.params:,}", _fmt_bytes(r.file_size))
             for r in results]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        first = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-        return "  ".join([first, *rest]).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return "\n".join(text_table([header, *rows]))
 
 
 def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequence[int],
@@ -390,42 +385,9 @@ def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequen
     }
 
 
-class _StderrProgress:
-    """Progress on stderr: one rewritten line on a terminal, else a line at most every second."""
-
-    def __init__(self, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.last = -math.inf
-        self.width = 0
-
-    def __call__(self, msg: str) -> None:
-        if self.tty:
-            self.stream.write("\r" + msg.ljust(self.width))
-            self.width = len(msg)
-        else:
-            now = time.monotonic()
-            if now - self.last < 1.0:
-                return
-            self.last = now
-            self.stream.write(msg + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we raise, the CLI prints
-        raise OptionError(f"bench: {message} (see onnx-dwdecomp bench --help)")
-
 
 def _int_flag(text: str, flag: str, minimum: int) -> int:
     try:
@@ -450,20 +412,17 @@ def _parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnx-dwdecomp bench",
-                description="Side-by-side onnxruntime latency (ORT_ENABLE_ALL, interleaved "
-                            "runs A, B, A, B, ...; median and p90). The first model is the "
-                            "reference of the speed-up column.")
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare")
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's flags (cli.py builds the parser)."""
+    p.add_argument("models", nargs="*", metavar="MODEL.onnx", help="models to compare (at least one)")
     p.add_argument("--batch-sizes", default="1", metavar="B1,B2,...",
                    help="batch sizes to benchmark, e.g. 1,8 (default: 1)")
     p.add_argument("--threads", default=None, metavar="N",
                    help=f"onnxruntime intra-op threads (default: CPUs available, {default_threads()})")
     p.add_argument("--runs", default="50", metavar="N", help="timed rounds (default: 50)")
     p.add_argument("--warmup", default="5", metavar="N", help="warm-up calls per model (default: 5)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="fix the dims of an input (repeatable); dim 0 is replaced by the batch size")
+    p.add_argument("--input-shape", action=ShapesAction, default=[], metavar="NAME:D0,D1,...",
+                   help="fix the dims of inputs, several after one flag; dim 0 is replaced by the batch size")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the results and a header (versions, settings, date) as JSON")
     p.add_argument("--seed", default="0", metavar="N", help="seed of the random inputs (default: 0)")
@@ -473,31 +432,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), metavar="NAME[,NAME...]",
                    help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def bench_main(argv: Sequence[str]) -> int:
-    """``onnx-dwdecomp bench ...`` (``argv`` without the word ``bench``); returns the exit code.
+def run_bench_command(args: argparse.Namespace) -> int:
+    """``onnx-dwdecomp bench ...`` from parsed arguments; returns the exit code.
 
     Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
     """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    from .cli import Progress, write_text_atomic
+    from .shapes import parse_input_shapes
+
+    shapes = args.input_shape
+    models = getattr(args, "positionals", []) + args.models
+    if not models:
+        raise OptionError("bench needs at least one model file (see onnx-dwdecomp bench --help)")
     batch_sizes = _parse_batch_sizes(args.batch_sizes)
     threads = None if args.threads is None else _int_flag(args.threads, "--threads", 1)
     runs = _int_flag(args.runs, "--runs", 1)
     warmup = _int_flag(args.warmup, "--warmup", 0)
     seed = _int_flag(args.seed, "--seed", 0)
     providers = check_providers(args.providers)
-    overrides: dict[str, tuple[int, ...]] = {}
-    for text in args.input_shape:
-        name, shape = parse_input_shape(text)
-        if name in overrides:
-            raise OptionError(f"--input-shape given twice for {name!r}")
-        overrides[name] = shape
+    overrides = parse_input_shapes(shapes)
+    if "" in overrides:
+        raise OptionError("bench --input-shape needs NAME:D0,D1,... (the models may have different inputs)")
     json_path = Path(args.json) if args.json else None
     if json_path is not None:
         if json_path.is_dir():
@@ -505,9 +463,9 @@ def bench_main(argv: Sequence[str]) -> int:
         if not json_path.parent.exists():
             raise OptionError(f"--json: folder does not exist: {json_path.parent}")
 
-    reporter = None if args.quiet else _StderrProgress()
+    reporter = None if args.quiet else Progress(interval=1.0)
     try:
-        results = run_bench(args.models, batch_sizes=batch_sizes, threads=threads, runs=runs,
+        results = run_bench(models, batch_sizes=batch_sizes, threads=threads, runs=runs,
                             warmup=warmup, input_shapes=overrides, seed=seed, progress=reporter,
                             allow_spinning=args.allow_spinning, providers=providers)
     finally:
@@ -522,7 +480,5 @@ def bench_main(argv: Sequence[str]) -> int:
     print(format_table(results))
     if json_path is not None:
         payload = {"header": header, "results": [r.to_json() for r in results]}
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, json_path)
+        write_text_atomic(json_path, json.dumps(payload, indent=2) + "\n")
     return 0

@@ -18,9 +18,16 @@ reader object             ``get_next() -> {name: array} | None``; ``rewind()`` b
 
 All the checks run up front in :func:`load_calibration` (one validation pass, chunked for
 memory-mapped files), so a problem in the data is reported before any statistics are
-gathered. Problems raise :class:`~onnx_dwdecomp.errors.CalibrationError` (the data) or
-:class:`~onnx_dwdecomp.errors.OptionError` (an argument), with a one-line message saying
-what is wrong, where, and what was expected.
+gathered. Values must be finite and at most :data:`MAX_ABS` in magnitude (the statistics are
+float32 products of values). Memory: ``.npy`` files and stored ``.npz`` members are
+memory-mapped; a compressed ``.npz`` member is decompressed — only its first ``calib_size``
+rows — after its header's declared shape and dtype were checked against the model and the
+bytes against the available memory (:mod:`onnx_dwdecomp.resources`); a reader without
+``rewind()`` is cached under the same check. Problems raise
+:class:`~onnx_dwdecomp.errors.CalibrationError` (the data),
+:class:`~onnx_dwdecomp.errors.OptionError` (an argument) or
+:class:`~onnx_dwdecomp.errors.ResourceError` (not enough memory), with a one-line message
+saying what is wrong, where, and what was expected.
 
 This module is numeric only: numpy, plus Pillow imported lazily for image folders.
 """
@@ -36,13 +43,15 @@ import os
 import struct
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import CalibrationError, OptionError
+from . import resources
+from .errors import CalibrationError, OptionError, ResourceError
 
 __all__ = [
     "Batch",
@@ -56,6 +65,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 """File name endings (compared case-insensitively) picked up from an image folder."""
 
 _CHUNK_BYTES = 32 << 20  # validation pass over memory-mapped files reads this much at a time
+#: Largest magnitude accepted in calibration data: √(float32 max), above which the float32
+#: products of the statistics (x·xᵀ) overflow.
+MAX_ABS = float(np.sqrt(np.finfo(np.float32).max))
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _PILLOW_MISSING = "reading an image folder needs Pillow: pip install 'onnx-dwdecomp[images]'"
@@ -423,7 +435,7 @@ def _checked_arrays(values: Any, specs: Sequence[InputSpec], where: str
     for spec in specs:
         value = values[spec.name]
         try:
-            a = value if isinstance(value, np.ndarray) else np.asarray(value)
+            a = value if isinstance(value, (np.ndarray, _CompressedMember)) else np.asarray(value)
         except Exception as e:
             raise CalibrationError(
                 f"calibration input {spec.name!r}: cannot convert {type(value).__name__} to an array{where}"
@@ -480,8 +492,17 @@ def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _check_finite(name: str, arr: np.ndarray, offset: int, where: str, raw: np.ndarray | None = None) -> None:
-    """Raise on the first sample of ``arr`` (global index ``offset + i``) holding NaN or Inf."""
-    if arr.dtype.kind != "f" or arr.size == 0 or np.isfinite(arr).all():
+    """Raise on the first sample of ``arr`` (global index ``offset + i``) holding NaN or Inf, or
+    a value beyond :data:`MAX_ABS`."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return
+    if np.isfinite(arr).all():
+        big = float(np.abs(arr).max())
+        if big > MAX_ABS:
+            i = int(np.argmax((np.abs(arr.reshape(len(arr), -1)) > MAX_ABS).any(axis=1)))
+            raise CalibrationError(f"calibration input {name!r}: sample {offset + i} holds values up to {big:.3g}, "
+                                   f"above {MAX_ABS:.3g} where the float32 products of the statistics overflow; "
+                                   f"rescale the data{where}")
         return
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     i = int(np.argmax(bad))
@@ -530,6 +551,13 @@ def _validated_array_source(
         n = min(n, calib_size)
     if n == 0:
         raise CalibrationError(f"calibration data has no samples (expected at least 1){where}")
+    lazy = {k: a for k, (a, _) in arrays.items() if isinstance(a, _CompressedMember)}
+    if lazy:
+        need = sum(a.bytes_for(n) for a in lazy.values())
+        resources.require(need, f"decompressing {n} sample(s) of " + ", ".join(
+            f"{k!r} {resources.fmt_shape(a.shape)} {a.dtype}" for k, a in lazy.items()) + where,
+            "--calib-size N reads fewer samples (or store the .npz uncompressed, np.savez, to memory-map it)")
+        arrays = {k: ((a.read(n), dt) if k in lazy else (a, dt)) for k, (a, dt) in arrays.items()}
     for name, (a, dt) in arrays.items():
         if dt.kind != "f":
             continue
@@ -644,6 +672,53 @@ def _npz_member_memmap(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
         return None
 
 
+def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream ``member`` (left after the header)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    return np.lib.format._read_array_header(member, version)  # 3.0: utf-8 header, no public reader
+
+
+class _CompressedMember:
+    """A ``.npz`` member that cannot be memory-mapped (compressed): its header's shape and dtype
+    now, its data — the first ``n`` rows only — when :meth:`read` is called (after the checks)."""
+
+    def __init__(self, path: Path, info: zipfile.ZipInfo):
+        self.path, self.info = path, info
+        with zipfile.ZipFile(path) as zf, zf.open(info) as member:
+            shape, fortran, dtype = _npy_header(member)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects (pickled); expected a numeric array")
+        self.shape, self.fortran, self.dtype = tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def bytes_for(self, n: int) -> int:
+        """Bytes :meth:`read` allocates for ``n`` rows (all of them for a Fortran-order array)."""
+        rows = self.shape[0] if self.fortran or not self.shape else min(n, self.shape[0])
+        return rows * math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def read(self, n: int) -> np.ndarray:
+        """The first ``n`` rows (read whole and cut when stored in Fortran order)."""
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as member:
+                if self.fortran or not self.shape:
+                    arr = np.lib.format.read_array(member, allow_pickle=False)
+                    return arr[:n] if self.shape else arr
+                _npy_header(member)
+                rows = min(n, self.shape[0])
+                count = rows * math.prod(self.shape[1:])
+                data = member.read(count * self.dtype.itemsize)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise CalibrationError(f"cannot read .npz file {self.path}: {_exc_text(e)}") from e
+        if len(data) != count * self.dtype.itemsize:
+            raise CalibrationError(f"cannot read .npz file {self.path}: member {self.info.filename!r} is truncated "
+                                   f"({len(data)} of {count * self.dtype.itemsize} bytes)")
+        return np.frombuffer(data, dtype=self.dtype, count=count).reshape((rows,) + self.shape[1:]).copy()
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     try:
@@ -656,10 +731,9 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 key = info.filename[: -len(".npy")]
                 arr = _npz_member_memmap(path, info)
                 if arr is None:
-                    with zf.open(info) as member:
-                        arr = np.lib.format.read_array(member, allow_pickle=False)
+                    arr = _CompressedMember(path, info)
                 out[key] = arr
-    except CalibrationError:
+    except (CalibrationError, ResourceError):
         raise
     except Exception as e:
         raise CalibrationError(f"cannot read .npz file {path}: {_exc_text(e)}") from e
@@ -753,6 +827,21 @@ class _ImageSource(_Source):
             yield {self._spec.name: np.stack([self.load(p) for p in chunk])}
 
 
+def _file_kind(p: Path) -> str:
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return _exc_text(e)
+    target = f"a link to {os.path.realpath(p)}, " if p.is_symlink() else ""
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return target + name
+    return target + "a special file"
+
+
 def _image_source(
     folder: Path, specs: list[InputSpec], calib_size: int | None, mean: Sequence[float], std: Sequence[float]
 ) -> _ImageSource:
@@ -761,7 +850,12 @@ def _image_source(
             (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
             key=lambda p: p.name,
         )
-        files = [p for p in files if p.is_file()]
+        files = [p for p in files if not p.is_dir()]  # subfolders are not searched
+        for p in files:  # a link to /dev/zero would be read for ever, a dangling one not at all
+            if not p.is_file():
+                what = ("a link to nothing (dangling)" if p.is_symlink() and not p.exists()
+                        else f"not a regular file ({_file_kind(p)})")
+                raise CalibrationError(f"image folder {folder}: {p.name} is {what}; remove it or point it at an image")
     except OSError as e:
         raise CalibrationError(f"cannot list image folder {folder}: {_exc_text(e)}") from e
     if not files:
@@ -935,10 +1029,15 @@ def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None) 
     has_rewind = callable(getattr(reader, "rewind", None))
     cached: list[dict[str, np.ndarray]] = []
     n = 0
+    held = 0
     for feed, count in _reader_feeds(reader, specs, calib_size, sample_shapes, description):
         n += count
         if not has_rewind:
             cached.append(feed)
+            held += sum(a.nbytes for a in feed.values())
+            # the cache, and the one copy concatenating it makes
+            resources.require(2 * held, f"caching {n} sample(s) of {description} (it has no rewind())",
+                              "--calib-size N caches fewer samples (or give the reader a rewind() method)")
     if n == 0:
         raise CalibrationError(f"calibration data has no samples (expected at least 1) in {description}")
     if has_rewind:

@@ -6,7 +6,8 @@ A ``Conv`` of the main graph is a *candidate* when
 - ``group == 1`` (depthwise and grouped convs are skipped),
 - its weight (and bias) are constants: an initializer, a ``Constant`` node, or either of those
   behind ``Identity``/``Cast`` nodes, as some exporters write them,
-- its weight is floating point, and
+- its weight is floating point, and its weight and bias are finite (a NaN/Inf weight would
+  break the solvers; such a conv is left as it is, with the reason), and
 - it matches ``--include`` (if given) and no ``--exclude`` glob (matched against node names).
 
 Every other ``Conv`` — including those inside ``If``/``Loop``/``Scan`` subgraphs — is reported
@@ -92,18 +93,23 @@ def conv_kinds(model: onnx.ModelProto) -> Counter:
     return kinds
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def constant_values(graph: onnx.GraphProto, ir_version: int | None = None) -> dict[str, np.ndarray]:
     """Values of every tensor of ``graph`` that is known before run time.
 
     Initializers, ``Constant`` nodes (``value`` and the ``value_float(s)``/``value_int(s)``
     forms), and ``Identity``/``Cast`` of those. Tensors still marked external are stubs
     (see :func:`~onnx_dwdecomp.modelio.without_large_data`; loaded models hold their data).
+
+    From IR version 4 on, an initializer that is also a graph input is a default the caller
+    may override at run time, so it is not a constant. Before IR 4 every initializer had to be
+    listed among the graph inputs — that was how weights were stored — so with ``ir_version``
+    below 4 they count as constants.
     """
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
               if t.data_location != onnx.TensorProto.EXTERNAL}  # external here = a data-less stub
-    # Graph inputs that share an initializer's name may be overridden at run time (IR < 4 style).
-    for vi in graph.input:
-        values.pop(vi.name, None)
+    if ir_version is None or ir_version >= 4:
+        for vi in graph.input:
+            values.pop(vi.name, None)
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
             value = _constant_node_value(node)
@@ -182,7 +188,7 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
         A Conv's weight shape contradicts its attributes (kernel_shape, group).
     """
     graph = model.graph
-    constants = constant_values(graph)
+    constants = constant_values(graph, model.ir_version)
     channels = _static_channels(model)
     layers: list[ConvLayer] = []
     skipped: list[Skipped] = []
@@ -272,6 +278,10 @@ def _classify(node: onnx.NodeProto, index: int, name: str, constants: dict[str, 
         if bias.shape != (weight.shape[0],):
             raise ModelError(f"Conv {name!r}: bias shape {bias.shape} does not match {weight.shape[0]} "
                              f"output channels")
+    for what, value in (("weight", weight), ("bias", bias)):
+        if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            return f"{what} holds {bad} NaN/Inf value(s); left as it is", None
     pads = tuple(_attr(node, "pads", (0, 0, 0, 0), "ints"))
     if len(pads) != 4 or min(pads) < 0:
         raise ModelError(f"Conv {name!r}: pads {pads} should be 4 non-negative values for a 2-D kernel")

@@ -1,9 +1,14 @@
-"""Command line: ``python -m onnx_dwdecomp MODEL.onnx [-o OUT.onnx] [options]`` and ``... bench``.
+"""Command line: ``onnx-dwdecomp [decompose] MODEL [OUTPUT] [options]`` and ``onnx-dwdecomp bench``.
 
-A thin layer over :func:`onnx_dwdecomp.decompose`: parse flags, print progress to stderr and the
-report to stdout, write the model (atomically) and the JSON report. User errors print one line
-``error: …`` and exit 2 (traceback only with ``--debug``); a failed ``--max-rel-error`` gate
-exits 1 and writes nothing.
+A thin layer over :func:`onnx_dwdecomp.decompose`: parse flags (built from the fields of
+:class:`~onnx_dwdecomp.options.DecomposeOptions`, so flags and API cannot drift), print progress
+to stderr and the report to stdout, write the model (atomically) and the JSON report. The
+subcommand word is optional for decompose; a model file named like a subcommand is given as
+``decompose bench`` or ``./bench``. User errors print one line ``error: …`` and exit 2
+(traceback only with ``--debug``); a failed ``--max-rel-error`` gate, or NaN/Inf in the rewritten
+model's outputs, exits 1 and writes nothing; a bug prints one ``internal error: …`` line and
+exits 3 (the codes: errors.py). Both destinations are tried before any work, and the model and
+the report are written together or not at all.
 """
 
 from __future__ import annotations
@@ -11,238 +16,305 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
+import time
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
-from .errors import DwDecompError, OptionError, UserError, VerificationFailed
-from .modelio import default_output_path, load_model, save_model_atomic
+from .errors import (EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, DwDecompError, OptionError, UserError,
+                     VerificationFailed, one_line)
+from .modelio import check_writable, commit_together, default_output_path, load_model, stage_model, stage_text
+from .options import INPUT, RUNTIME, VERIFICATION, DecomposeOptions
+
+COMMANDS = ("decompose", "bench")
 
 EPILOG = """\
 examples:
   onnx-dwdecomp model.onnx                          data-free SVD, writes model.dw.onnx
-  onnx-dwdecomp model.onnx --calib calib.npz        data-driven GSVD, fastest plan within 2 % output error
+  onnx-dwdecomp model.onnx out.onnx --calib calib.npz   data-driven GSVD, fastest plan within 2 % output error
   onnx-dwdecomp model.onnx --calib calib.npz --multiplier 1 --select all   the paper's uniform setting
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
   onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
+  onnx-dwdecomp model.onnx --input-shape 1,3,224,224   fix a dynamic input (several: a:1,3,H,W b:1,4)
   onnx-dwdecomp bench model.onnx model.dw.onnx      side-by-side onnxruntime latency
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="onnx-dwdecomp",
-        description="Rewrite the regular k×k convolutions of an ONNX CNN into depthwise + pointwise "
-                    "convolutions (depth-wise decomposition), verify and report.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="input .onnx model (never modified)")
-    p.add_argument("-o", "--output", help="output path (default: <stem>.dw.onnx beside the input)")
-    p.add_argument("--method", choices=["svd", "gsvd", "channel"],
-                   help="svd: data-free per-channel SVD; gsvd: data-driven generalized SVD with "
-                        "inter-channel compensation and multi-layer correction; channel: Zhang et al. "
-                        "channel decomposition at matched MACs (default: gsvd with --calib, else svd)")
-    p.add_argument("--multiplier", type=int, metavar="R",
-                   help="depthwise filters per input channel, 1..kh·kw, the same for every rewritten conv "
-                        "(default: with --calib and gsvd each conv gets its own, the fastest plan "
-                        "within the default error bound; otherwise 1)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--target-macs", type=float, metavar="F",
-                        help="choose each conv's multiplier (or keep it regular) for the least predicted "
-                             "error with output MACs ≤ F × the input model's (needs --calib)")
-    budget.add_argument("--target-latency", type=float, metavar="F",
-                        help="choose each conv's multiplier (or keep it regular) for the least predicted "
-                             "error with the candidate convs' onnxruntime latency ≤ F × their regular "
-                             "latency, timed on this machine (needs --calib)")
-    budget.add_argument("--max-error", type=float, metavar="E",
-                        help="choose each conv's multiplier (or keep it regular) for the fastest plan "
-                             "(fewest MACs with --select all) with the output error (per-feature relative "
-                             "L2 against the calibration outputs' scale) on held-out calibration samples ≤ E "
-                             "(needs --calib; the default with --calib and gsvd: 0.02)")
-    p.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
-                   help="only rewrite Conv nodes whose name matches one of these globs")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
-                   help="never rewrite Conv nodes whose name matches one of these globs")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="fix the dims of a graph input (repeatable); a dynamic batch dim defaults to 1")
-    p.add_argument("--calib", metavar="PATH",
-                   help="calibration data: .npy, .npz (keyed by input name) or a folder of jpg/png images")
-    p.add_argument("--calib-reader", metavar="MODULE:CALLABLE",
-                   help="calibration from a CalibrationDataReader returned by CALLABLE() "
-                        "(module name or path/to/file.py)")
-    p.add_argument("--calib-size", type=int, metavar="N", help="use at most N calibration samples")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="onnxruntime batch during calibration")
-    p.add_argument("--positions", default="64", metavar="P",
-                   help="output positions sampled per image for the statistics, or 'all' (default 64)")
-    p.add_argument("--symmetric", action="store_true",
-                   help="fit each layer on original-network inputs only (no multi-layer correction)")
-    p.add_argument("--mean", default="0.485,0.456,0.406", help="image-folder normalisation mean (per channel)")
-    p.add_argument("--std", default="0.229,0.224,0.225", help="image-folder normalisation std (per channel)")
-    p.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--max-rel-error", type=float, metavar="E",
-                   help="fail (exit 1, write nothing) if any output's relative L2 error exceeds E")
-    p.add_argument("--select", choices=["latency", "all"], default="latency",
-                   help="latency: a conv's separable form is used only where onnxruntime runs it at "
-                        "least 5 %% faster than the regular conv, timed on this machine (default); all: "
-                        "time nothing - a uniform --multiplier rewrites every candidate, a plan prices "
-                        "its options by MACs")
-    cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--timing-cache", metavar="PATH",
-                       help="persistent onnxruntime timing cache (default: onnx_dwdecomp/timing_cache.json in "
-                            "$XDG_CACHE_HOME or ~/.cache); a file to commit next to a model or share")
-    cache.add_argument("--no-timing-cache", action="store_true",
-                       help="measure every timing afresh and store nothing")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="onnxruntime threads for the latency timing (default: all CPUs)")
-    p.add_argument("--providers", default="CPUExecutionProvider", metavar="NAME[,NAME...]",
-                   help="onnxruntime execution providers in priority order, for calibration, latency "
-                        "timing, verification (default: CPUExecutionProvider; e.g. "
-                        "CUDAExecutionProvider,CPUExecutionProvider with onnxruntime-gpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and random inputs (default 0)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises :class:`OptionError` (one line, exit 2) instead of printing usage."""
 
     def error(self, message: str):
-        raise OptionError(f"{message} (see --help)")
+        raise OptionError(f"{message} (see {self.prog} --help)")
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise OptionError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+def version_line() -> str:
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+
+    return f"onnx-dwdecomp {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
 
 
-def _options_from_args(args: argparse.Namespace) -> dict:
-    from .calibdata import load_reader
-    from .shapes import parse_input_shape
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``--version`` and the subcommands ``decompose`` and ``bench``."""
+    from .bench import add_bench_arguments
 
-    if args.calib and args.calib_reader:
-        raise OptionError("give either --calib or --calib-reader, not both")
-    calib = args.calib
-    if args.calib_reader:
-        calib = load_reader(args.calib_reader)
-    positions = None if args.positions == "all" else _int(args.positions, "--positions")
-    shapes = dict(parse_input_shape(s) for s in args.input_shape)
-    std = _floats(args.std, "--std")
-    if any(s <= 0 for s in std):
-        raise OptionError(f"--std {args.std!r}: values must be positive")
+    top = Parser(prog="onnx-dwdecomp", description="Depth-wise decomposition of the regular convs of an ONNX "
+                                                   "CNN, and side-by-side onnxruntime benchmarks.")
+    top.add_argument("--version", action="version", version=version_line())
+    commands = top.add_subparsers(dest="command", parser_class=Parser)
+    add_decompose_arguments(commands.add_parser(
+        "decompose", help="rewrite a model (the default command)", epilog=EPILOG,
+        description="Rewrite the regular k×k convolutions of an ONNX CNN into depthwise + pointwise "
+                    "convolutions (depth-wise decomposition), verify and report. The word 'decompose' "
+                    "may be left out: onnx-dwdecomp MODEL [OUTPUT] [options].",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_bench_arguments(commands.add_parser(
+        "bench", help="side-by-side onnxruntime latency of several models",
+        description="Side-by-side onnxruntime latency (ORT_ENABLE_ALL, interleaved runs A, B, A, B, ...; "
+                    "median and p90). The first model is the reference of the speed-up column."))
+    return top
+
+
+def add_decompose_arguments(p: argparse.ArgumentParser) -> None:
+    """The decompose flags: the CLI-only ones here, the job's options from their declaration."""
+    groups = {}
+
+    def group(title: str):
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        return groups[title]
+
+    io = group(INPUT)
+    io.add_argument("model", nargs="?", metavar="MODEL", help="input .onnx model (never modified)")
+    io.add_argument("output", nargs="?", metavar="OUTPUT",
+                    help="output path (default: <stem>.dw.onnx beside the input); or -o")
+    io.add_argument("-o", "--output", dest="output_flag", metavar="OUTPUT", help="output path, as the positional")
+    io.add_argument("--save-as-external-data", action="store_true",
+                    help="store the output's weights in OUTPUT.data beside it (default: only when the input "
+                         "did or the model passes protobuf's 2 GiB)")
+    io.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(DecomposeOptions):
+        for spec in f.metadata["cli"]:
+            spec = dict(spec)
+            flags, title, key = spec.pop("flags"), spec.pop("group"), spec.pop("exclusive", None)
+            target = group(title)
+            if key is not None:
+                if key not in exclusive:
+                    exclusive[key] = target.add_mutually_exclusive_group()
+                target = exclusive[key]
+            if f.default not in (None, (), False, True) and "default" not in spec["help"]:
+                shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+                spec["help"] += f" (default: {shown})"
+            target.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **spec)
+    group(VERIFICATION).add_argument(
+        "--max-rel-error", type=float, metavar="E",
+        help="fail (exit 1, write nothing) if any output's relative L2 error exceeds E")
+    run = group(RUNTIME)
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _with_command(argv: list[str]) -> list[str]:
+    """``argv`` with the subcommand word; decompose when none is given."""
+    if argv and (argv[0] in COMMANDS or argv[0] == "--version"):
+        return argv
+    return ["decompose", *argv]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(_with_command(argv))
+    if args.command == "decompose":
+        _reclaim_positionals(args)
+    return args
+
+
+def _reclaim_positionals(args: argparse.Namespace) -> None:
+    """MODEL and OUTPUT: the positionals, after those a multi-value flag passed on
+    (options.ShapesAction); ``-o`` is the other way to give OUTPUT."""
+    positionals = getattr(args, "positionals", []) + [v for v in (args.model, args.output) if v is not None]
+    if len(positionals) > 2:
+        raise OptionError(f"unrecognized arguments: {' '.join(positionals[2:])} "
+                          f"(expected MODEL [OUTPUT]; see onnx-dwdecomp --help)")
+    if not positionals:
+        raise OptionError("the following arguments are required: MODEL (see onnx-dwdecomp --help)")
+    args.model, args.output = (positionals + [None])[:2]
+    if args.output is not None and args.output_flag is not None:
+        raise OptionError(f"give the output once: positional {args.output} or -o {args.output_flag}")
+    if args.output is None:
+        args.output = args.output_flag
+
+
+def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
+    """The job's options: every flag the user gave, by field name (the rest keep their defaults)."""
+    from .shapes import parse_input_shapes
+
+    given = {f.name: getattr(args, f.name) for f in fields(DecomposeOptions) if hasattr(args, f.name)}
+    if "input_shapes" in given:
+        given["input_shapes"] = parse_input_shapes(given["input_shapes"])
     if args.max_rel_error is not None and not args.max_rel_error >= 0:
         raise OptionError(f"--max-rel-error {args.max_rel_error}: must be ≥ 0")
-    if args.max_rel_error is not None and args.no_verify:
+    if args.max_rel_error is not None and not given.get("verify", True):
         raise OptionError("--max-rel-error needs verification; drop --no-verify")
-    return dict(method=args.method, multiplier=args.multiplier, include=tuple(args.include),
-                exclude=tuple(args.exclude), input_shapes=shapes, calib=calib, calib_size=args.calib_size,
-                batch_size=args.batch_size, positions=positions, symmetric=args.symmetric,
-                mean=_floats(args.mean, "--mean"), std=std, verify=not args.no_verify, seed=args.seed,
-                select=args.select, threads=args.threads, target_macs=args.target_macs,
-                target_latency=args.target_latency,
-                timing_cache=False if args.no_timing_cache else args.timing_cache,
-                max_error=args.max_error, providers=args.providers)
+    return DecomposeOptions.of(given)
 
 
-def _int(text: str, flag: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise OptionError(f"{flag} {text!r}: expected an integer") from None
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode from the umask (modelio.stage_text)."""
+    commit_together([stage_text(path, text)])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    if not path.parent.exists():
-        raise OptionError(f"report folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class Progress:
+    """Status lines on stderr: one line rewritten in place on a terminal; elsewhere one line per
+    message, at most one per ``interval`` seconds (0: every message)."""
 
+    def __init__(self, stream=None, interval: float = 0.0):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self.last = -float("inf")
 
-def _progress(quiet: bool):
-    if quiet:
-        return None
-    tty = sys.stderr.isatty()
-
-    def say(msg: str) -> None:
-        if tty:
-            sys.stderr.write("\r\033[K" + msg)
+    def __call__(self, msg: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + msg)
         else:
-            sys.stderr.write(msg + "\n")
-        sys.stderr.flush()
-    return say
+            now = time.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last = now
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Clear the terminal line (progress is transient)."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 def _check_destinations(input_path: Path, out_path: Path, report_path: Path | None) -> None:
-    """Fail before any work if the model or the report could not be written at the end."""
+    """Fail before any work if the model or the report could not be written at the end: each
+    folder must exist and take a new file (one is created and removed, modelio.check_writable)."""
     if out_path.resolve() == input_path.resolve():
-        raise OptionError(f"output path {out_path} is the input file; choose another with -o")
-    for flag, path in (("-o", out_path), ("--report", report_path)):
-        if path is None:
-            continue
-        if not path.parent.is_dir():
-            raise OptionError(f"{flag} {path}: folder {path.parent} does not exist")
-        if path.is_dir():
-            raise OptionError(f"{flag} {path}: is a directory, expected a file path")
+        raise OptionError(f"output path {out_path} is the input file; choose another OUTPUT")
+    for flag, path in (("OUTPUT", out_path), ("--report", report_path)):
+        if path is not None:
+            check_writable(path, flag)
     if report_path is not None and report_path.resolve() in (input_path.resolve(), out_path.resolve()):
         which = "input" if report_path.resolve() == input_path.resolve() else "output"
         raise OptionError(f"--report {report_path}: would overwrite the {which} model")
 
 
-def run_decompose(argv: list[str]) -> int:
-    from .pipeline import DecomposeOptions, decompose_loaded
-
-    debug = "--debug" in argv
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: from /proc, so interpreter start-up and
+    imports count; elsewhere: since this module was imported)."""
     try:
-        args = build_parser().parse_args(argv)
-        input_path = Path(args.model)
-        out_path = Path(args.output) if args.output else default_output_path(input_path)
-        _check_destinations(input_path, out_path, Path(args.report) if args.report else None)
-        say = _progress(args.quiet)
-        options = _options_from_args(args)
-        loaded = load_model(input_path)
-        model, report = decompose_loaded(loaded, DecomposeOptions.of(options), say)
-        if say and sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")
-        if args.max_rel_error is not None and report.verification is not None:
-            worst = report.verification.worst_rel_l2()
-            if worst > args.max_rel_error:
-                raise VerificationFailed(f"verification failed: relative L2 error {worst:.3e} exceeds "
-                                         f"--max-rel-error {args.max_rel_error:g}; nothing written")
-        written = save_model_atomic(model, out_path, external_data=loaded.used_external_data,
-                                    input_path=input_path)
-        if args.report:
-            _write_text_atomic(Path(args.report), report.to_json())
-        if not args.quiet:
-            print(report.render())
-            print(f"wrote {written}" + (f" and {args.report}" if args.report else ""))
-        return 0
-    except DwDecompError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def run_decompose(args: argparse.Namespace) -> int:
+    from .pipeline import decompose_loaded
+
+    input_path = Path(args.model)
+    out_path = Path(args.output) if args.output else default_output_path(input_path)
+    report_path = Path(args.report) if args.report else None
+    _check_destinations(input_path, out_path, report_path)
+    options = options_from_args(args)
+    say = None if args.quiet else Progress()
+    loaded = load_model(input_path)
+    model, report = decompose_loaded(loaded, options, say)
+    if say is not None:
+        say.close()
+    if args.max_rel_error is not None and report.verification is not None:
+        worst = report.verification.worst_rel_l2()
+        if worst > args.max_rel_error:
+            raise VerificationFailed(f"verification failed: relative L2 error {worst:.3e} exceeds "
+                                     f"--max-rel-error {args.max_rel_error:g}; nothing written")
+    # model and report: both staged beside their destinations, then moved into place together or not
+    # at all; the report text is rendered first, so nothing is written when that fails
+    staged = [stage_model(model, out_path, external_data=args.save_as_external_data or loaded.used_external_data,
+                          input_path=input_path, flag="OUTPUT")]
+    written = staged[0].destination
+    report.timing_s["wall"] = process_seconds()  # process start to the written model
+    try:
+        if report_path is not None:
+            staged.append(stage_text(report_path, report.to_json()))
+        text = None if args.quiet else report.render()
+    except BaseException:
+        for st in staged:
+            st.discard()
+        raise
+    commit_together(staged)
+    if text is not None:
+        print(text)
+        print(f"wrote {written}" + (f" and {report_path}" if report_path else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (errors.py: 0 written, 1 verification
+    failed, 2 unusable input, 3 internal error, 130 interrupted). Every failure prints one
+    line to stderr; ``--debug`` shows the traceback (and numpy's warnings) instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        from .bench import bench_main
-        debug = "--debug" in argv
-        try:
-            return bench_main([a for a in argv[1:] if a != "--debug"])
-        except UserError as exc:
-            if debug:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-    return run_decompose(argv)
+    debug = "--debug" in argv
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # non-finite values are checked where they matter; numpy's own notes are noise
+                warnings.simplefilter("ignore", RuntimeWarning)
+            args = parse_args(argv)
+            if args.command == "bench":
+                from .bench import run_bench_command
+                return run_bench_command(args)
+            return run_decompose(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError as exc:
+        if debug:
+            raise
+        print(f"error: out of memory ({one_line(str(exc)) or 'MemoryError'}), an allocation the memory estimate "
+              f"(onnx_dwdecomp/resources.py) did not foresee; smaller inputs or batches need less (--input-shape, "
+              f"--batch-size, --calib-size, --positions; bench: --batch-sizes)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except DwDecompError as exc:
+        if debug:
+            raise
+        if isinstance(exc, (UserError, VerificationFailed)):
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        else:
+            _internal_error(exc)
+        return exc.exit_code
+    except Exception as exc:  # a bug: one line, never a raw traceback
+        if debug:
+            raise
+        _internal_error(exc)
+        return EXIT_INTERNAL_ERROR
+
+
+def _internal_error(exc: BaseException) -> None:
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+    print(f"internal error: {type(exc).__name__}: {one_line(str(exc), 240) or '(no message)'}{where} "
+          f"(rerun with --debug and report it)", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

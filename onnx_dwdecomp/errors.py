@@ -1,28 +1,89 @@
-"""One exception hierarchy for the whole package.
+"""One exception hierarchy for the whole package, and the exit codes of the command line.
 
-Every error the user can cause (a bad file, a bad flag, bad calibration data, an impossible
-budget) is a :class:`UserError`: the CLI prints its message as one line and exits with code 2.
-Anything else that escapes is a bug and is shown with its traceback.
+==========  =================================================================================
+exit code   meaning
+==========  =================================================================================
+0           the model (and ``--report``) were written
+1           :class:`VerificationFailed`: the rewritten model failed verification — the
+            ``--max-rel-error`` gate, or NaN/Inf in its outputs where the input model's are
+            finite; nothing written
+2           :class:`UserError`: the input (model, data, flags, destination, available memory)
+            cannot be used; one ``error: …`` line, nothing written
+3           internal error: a bug of this tool (an :class:`InternalError`, or any other
+            exception); one ``internal error: … (rerun with --debug and report it)`` line,
+            nothing written
+130         interrupted (Ctrl-C); nothing written
+==========  =================================================================================
+
+``--debug`` shows the traceback instead of the one line.
 """
 
 from __future__ import annotations
 
+import re
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+#: Longest message line the CLI prints; longer ones are cut with "…".
+MAX_LINE = 400
+
+# "[ONNXRuntimeError] : 1 : FAIL : " and "/onnxruntime_src/core/x.h:46 void ns::f(const T&, ...) "
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|hh|c|cc|cpp|cxx)[:(]\d+\)?\s*")
+
+
+def _drop_cpp_signature(text: str) -> str:
+    """Remove a ``file.h:46 <C++ signature>`` stretch (onnxruntime's, onnx's) from ``text``."""
+    while True:
+        m = _SOURCE_LOCATION.search(text)
+        if not m:
+            return text
+        rest = text[m.end():]
+        # a signature is "ret ns::name(args) [const] "; find its balanced argument list
+        head = re.match(r"[\w:<>,*&~\s\[\]]*?\w+(?:::\w+|<[^()]*>)*\s*\(", rest)
+        end = 0
+        if head and "::" in rest[:head.end()]:
+            depth = 0
+            for i in range(head.end() - 1, len(rest)):
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                if depth == 0:
+                    end = i + 1
+                    break
+            tail = re.match(r"\s*(?:const\s*)?", rest[end:])
+            end += tail.end() if tail else 0
+        text = text[:m.start()] + rest[end:]
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` as one readable line: onnxruntime's status prefix and C++ source locations and
+    signatures dropped, whitespace collapsed, cut at ``limit`` characters."""
+    text = _drop_cpp_signature(_ORT_PREFIX.sub("", str(text)))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (onnxruntime's run on for pages), or its type."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The first line of an exception's message (onnxruntime's run on for pages), or its type;
+    made readable by :func:`one_line`."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return one_line(text) or type(exc).__name__
 
 
 class DwDecompError(Exception):
-    """Base class of every error raised on purpose by onnx_dwdecomp."""
+    """Base class of every error raised on purpose by onnx_dwdecomp. One that is not a
+    :class:`UserError` or :class:`VerificationFailed` is a bug (exit code 3)."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL_ERROR
 
 
 class UserError(DwDecompError):
     """The input (model, data, options) is not usable; the message says what, where and why."""
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
 
 
 class ModelError(UserError):
@@ -33,6 +94,11 @@ class OptionError(UserError):
     """A flag or API argument has an invalid value."""
 
 
+class OutputError(UserError):
+    """The output model or the report cannot be written where asked (folder missing, not
+    writable, disk full)."""
+
+
 class CalibrationError(UserError):
     """Calibration data cannot be used with this model."""
 
@@ -41,7 +107,24 @@ class BudgetError(UserError):
     """A cost or error budget cannot be met by any choice of layers and multipliers."""
 
 
-class VerificationFailed(DwDecompError):
-    """The rewritten model's outputs differ from the original's by more than allowed."""
+class ResourceError(UserError):
+    """The job would need more memory than is available (resources.py); the message names
+    the flag that makes it smaller."""
 
-    exit_code = 1
+
+class NumericalError(UserError):
+    """Values out of the range the computation can hold: non-finite weights or statistics, or
+    data so large that float32 products overflow; the message says where."""
+
+
+class VerificationFailed(DwDecompError):
+    """The rewritten model's outputs differ from the original's by more than allowed, or are
+    NaN/Inf where the original's are finite."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
+
+
+class InternalError(DwDecompError):
+    """A bug of this tool (e.g. a rewritten model that fails the ONNX checker)."""
+
+    exit_code = EXIT_INTERNAL_ERROR

@@ -40,13 +40,19 @@ output tensor. This is what turns a decomposed *depthwise-only* regular counterp
 (``3×3 → BN → 1×1`` with the 3×3 regular) back into ``depthwise 3×3 → 1×1``.
 
 Every check that can refuse a fold returns the reason as text instead of raising
-(:func:`affine_after`, :func:`check_pointwise`); refusals are listed in the result.
+(:func:`affine_after`, :func:`check_pointwise`); refusals are listed in the result. A fold is
+refused when a weight, a parameter or the folded result would hold NaN/Inf (a
+BatchNormalization with ``var + ε ≤ 0`` divides by zero; float64 products can overflow the
+weight's dtype): the nodes then stay as they are.
+
+For models of IR version < 4, whose graph inputs must list every initializer, the folded and
+rewritten models list their new initializers too (:func:`modelio.sync_initializer_inputs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -54,6 +60,7 @@ import onnx_graphsurgeon as gs
 
 from . import modelio
 from .candidates import constant_values
+from .errors import NumericalError
 from .rewrite import NameAllocator, Replacement, apply_replacements, drop_orphan_producers, export_like
 
 __all__ = ["Affine", "Fold", "Merge", "Refusal", "FoldResult", "affine_after", "check_pointwise",
@@ -178,8 +185,18 @@ def affine_after(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int,
             return f"parameter dtype differs from the conv weight's {dtype}"
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         eps = float(_attr(node, "epsilon", 1e-5))
-        scale = gamma / np.sqrt(var + eps)
-        return Affine(scale, beta - mean * scale)
+        if not all(np.isfinite(p).all() for p in (gamma, beta, mean, var)) or not np.isfinite(eps):
+            return "its scale/bias/mean/var hold NaN/Inf"
+        if (var + eps <= 0).any():
+            k = int(np.argmax(var + eps <= 0))
+            return (f"var + epsilon = {var[k] + eps:g} ≤ 0 for channel {k} (it divides by zero; "
+                    f"the node computes NaN/Inf)")
+        with np.errstate(all="ignore"):
+            scale = gamma / np.sqrt(var + eps)
+            shift = beta - mean * scale
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+            return "its scale γ/√(var + ε) overflows"
+        return Affine(scale, shift)
     if len(node.inputs) != 2:
         return f"{node.op} with {len(node.inputs)} inputs"
     others = [t for t in node.inputs if t is not tensor]
@@ -193,6 +210,8 @@ def affine_after(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int,
     vec = _per_channel(value, channels, rank)
     if isinstance(vec, str):
         return vec
+    if not np.isfinite(vec).all():
+        return f"{node.op} operand {others[0].name!r} holds NaN/Inf"
     if node.op == "Mul":
         return Affine(vec, np.zeros(channels))
     return Affine(np.ones(channels), vec)
@@ -214,6 +233,9 @@ def _conv_params(conv: gs.Node, values: dict[str, np.ndarray]) -> tuple[np.ndarr
         bias = values.get(conv.inputs[2].name)
         if bias is None:
             return "conv bias is computed at run time"
+    for what, value in (("weight", weight), ("bias", bias)):
+        if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return f"conv {what} holds NaN/Inf"
     return weight, bias
 
 
@@ -253,7 +275,7 @@ class _Surgery:
         model, self.stash = modelio.without_large_data(model)  # > 1 GiB tensors travel as stubs
         self.model = model
         self.graph = gs.import_onnx(model)
-        self.values = constant_values(model.graph)
+        self.values = constant_values(model.graph, model.ir_version)
         self.names = NameAllocator.for_model(model)
         self.graph_outputs = {o.name for o in model.graph.output}
         self.replaced: set[str] = set()  # initializer names whose values were replaced in place
@@ -295,15 +317,22 @@ class _Surgery:
 
     def export(self) -> onnx.ModelProto:
         """The graph as a model with the input's metadata and initializer order (see rewrite.py)."""
-        return modelio.restore_large_data(export_like(self.graph, self.model, self.replaced), self.stash)
+        exported = modelio.restore_large_data(export_like(self.graph, self.model, self.replaced), self.stash)
+        return modelio.sync_initializer_inputs(exported, self.model)
 
 
 def _scaled(weight: np.ndarray, bias: np.ndarray | None, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
-    """``(s · W, s · b + t)`` in float64, cast back to the weight's dtype."""
+    """``(s · W, s · b + t)`` in float64, cast back to the weight's dtype (NaN/Inf where that
+    overflows: the caller refuses the fold)."""
     shape = (-1,) + (1,) * (weight.ndim - 1)
     b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-    w = weight.astype(np.float64) * affine.scale.reshape(shape)
-    return w.astype(weight.dtype), (affine.scale * b + affine.shift).astype(weight.dtype)
+    with np.errstate(all="ignore"):
+        w = weight.astype(np.float64) * affine.scale.reshape(shape)
+        return w.astype(weight.dtype), (affine.scale * b + affine.shift).astype(weight.dtype)
+
+
+def _finite(*arrays: np.ndarray) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
@@ -345,6 +374,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
                 break
             nxt = consumer
             new_w, new_b = _scaled(weight, bias, affine)
+            if not _finite(new_w, new_b):
+                refused += [Refusal(_name(n), f"the folded weights would overflow {weight.dtype} (NaN/Inf)")
+                            for n in following if n.op == "BatchNormalization"]
+                break
             result = nxt.outputs[0]
             surgery.set_param(conv, 1, new_w, "weight")
             surgery.set_param(conv, 2, new_b, "bias")
@@ -430,10 +463,13 @@ def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
     a2 = w2.reshape(w2.shape[0], m).astype(np.float64)             # (n, m)
     bias1 = np.zeros(m) if b1 is None else b1.astype(np.float64)
     bias2 = np.zeros(w2.shape[0]) if b2 is None else b2.astype(np.float64)
-    weight = (a2 * scale) @ a1
-    bias = a2 @ (scale * bias1 + shift) + bias2
-    surgery.set_param(second, 1, weight.reshape(w2.shape[0], *w1.shape[1:]).astype(w2.dtype), "weight")
-    surgery.set_param(second, 2, bias.astype(w2.dtype), "bias")
+    with np.errstate(all="ignore"):
+        weight = ((a2 * scale) @ a1).astype(w2.dtype)
+        bias = (a2 @ (scale * bias1 + shift) + bias2).astype(w2.dtype)
+    if not _finite(weight, bias):
+        return f"the merged weights would overflow {w2.dtype} (NaN/Inf)"
+    surgery.set_param(second, 1, weight.reshape(w2.shape[0], *w1.shape[1:]), "weight")
+    surgery.set_param(second, 2, bias, "bias")
     second.inputs[0] = first.inputs[0]  # rewire before removing, so x keeps a consumer
     for node in [first, *path]:
         surgery.remove(node)
@@ -447,7 +483,14 @@ def rewrite_and_merge(model: onnx.ModelProto, replacements: list[Replacement]) -
     Returns the fold result (its ``model`` is the rewritten model) and pointwise node name →
     name of the conv it replaced.
     """
+    for r in replacements:
+        arrays = [v for v in vars(r.factors).values() if isinstance(v, np.ndarray)]
+        if not _finite(*arrays):
+            raise NumericalError(f"conv {r.layer.name!r}: the solver gave NaN/Inf weights (the calibration data "
+                                 f"or the weights are too large for float32 statistics; rescale the data or "
+                                 f"--exclude {r.layer.name!r}); nothing written")
     rewritten = apply_replacements(model, replacements)
     producer = {out: node.name for node in rewritten.graph.node for out in node.output}
     pointwise = {producer[r.layer.output]: r.layer.name for r in replacements}
-    return fold_pointwise(rewritten, list(pointwise)), pointwise
+    merged = fold_pointwise(rewritten, list(pointwise))
+    return replace(merged, model=modelio.sync_initializer_inputs(merged.model, model)), pointwise

@@ -84,6 +84,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import resources
 from .candidates import ConvLayer
 from .errors import DwDecompError, first_line
 from .runtime import DEFAULT_PROVIDERS, session_options
@@ -355,6 +356,26 @@ def _session(model: onnx.ModelProto, threads: int, providers: Sequence[str]):
     return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=list(providers))
 
 
+def probe_bytes(config: ConvConfig) -> int:
+    """Memory the probes of ``config`` need at least (resources.py): the random input (drawn in
+    float64), and per probe session its output and the depthwise part's output, ``threads``
+    thread allowances each."""
+    itemsize = np.dtype(config.dtype).itemsize
+    n, c, *hw = config.input_shape
+    begin, end = config.pads[:len(hw)], config.pads[len(hw):]
+    positions = 1
+    for k, h in enumerate(hw):
+        if config.auto_pad == "NOTSET" and len(config.pads) == 2 * len(hw):
+            positions *= max((h + begin[k] + end[k] - config.dilations[k] * (config.kernel[k] - 1) - 1)
+                             // config.strides[k] + 1, 1)
+        else:
+            positions *= -(-h // config.strides[k])
+    x = n * c * math.prod(hw)
+    y = n * (config.merged_channels or config.out_channels) * positions
+    mid = n * config.mid_channels * positions
+    return x * (8 + itemsize) + 2 * (y + mid) * itemsize + 2 * config.threads * resources.THREAD_BYTES
+
+
 def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min_runs: int = 7,
               max_runs: int = 100, warmup: int = 2, seed: int = 0) -> Timing:
     """Per-round onnxruntime latencies of the regular conv and its replacement, interleaved,
@@ -370,6 +391,8 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
     TimingError
         onnxruntime cannot build or run the probe models, or lacks one of the providers.
     """
+    resources.require(probe_bytes(config), f"timing {config.describe()} in onnxruntime",
+                      "--select all times nothing")
     regular, separable = conv_pair_models(config, seed)
     x = np.random.default_rng(seed).standard_normal(config.input_shape).astype(config.dtype)
     try:

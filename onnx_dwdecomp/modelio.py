@@ -1,8 +1,11 @@
 """Reading models safely and writing them atomically.
 
-The input file is never modified. The output is written into a temporary folder beside the
-destination and moved into place only when complete, so an interrupted or failed run leaves no
-half-written model behind.
+The input file is never modified. Outputs are *staged*: written completely into a private
+temporary folder inside each destination folder (:func:`stage_model`, :func:`stage_text`), then
+moved into place together (:func:`commit_together`) — if one cannot be moved, those already
+moved are put back as they were — so a failed run leaves neither a half-written file nor a model
+without its report. :func:`check_writable` tries each destination before any work. Written
+files get the permissions the umask gives any new file.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import onnx
 import onnx.numpy_helper
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import ModelError, OptionError
+from .errors import ModelError, OptionError, OutputError, first_line
 
 #: Protobuf cannot serialise a message above 2 GiB; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -189,17 +192,52 @@ def _check_is_model(model: onnx.ModelProto, where: str) -> None:
         raise ModelError(f"{where} holds names that are not valid UTF-8 text; the file is corrupt") from None
 
 
+def _check_opsets(model: onnx.ModelProto, where: str) -> None:
+    """The default-domain opset must be one this onnx knows (onnxruntime's own limit shows
+    when a session is made)."""
+    known = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not 1 <= imp.version <= known:
+            raise ModelError(f"{where} imports opset {imp.version} of the default ONNX domain; this onnx "
+                             f"{onnx.__version__} knows opsets 1 to {known} (convert the model, e.g. "
+                             f"onnx.version_converter, or upgrade onnx and onnxruntime)")
+
+
 def _check_valid(model: onnx.ModelProto, where: str) -> None:
     # The rewritten model must pass the full checker; an input that does not is reported here,
     # as the input's problem, rather than as a failure of the rewrite later on.
+    _check_opsets(model, where)
     try:
         if model_byte_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:  # the checker cannot take it; strict shape inference on a copy without weights
             onnx.shape_inference.infer_shapes(metadata_copy(model), strict_mode=True)
     except Exception as exc:  # ValidationError, InferenceError and others on corrupt input
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{where} fails the ONNX checker: {first}") from exc
+        raise ModelError(f"{where} fails the ONNX checker: {first_line(exc)}") from exc
+
+
+def sync_initializer_inputs(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
+    """Before IR version 4 every initializer must also be a graph input. For such a model (in
+    place, returned): add a graph input for each initializer that lacks one and drop the graph
+    inputs that stood for initializers no longer there; the real inputs of ``reference`` (the
+    model before the rewrite) keep their place. A no-op from IR 4 on."""
+    if model.ir_version >= 4:
+        return model
+    inits = {t.name: t for t in model.graph.initializer}
+    ref_inits = {t.name for t in reference.graph.initializer}
+    real = {vi.name for vi in reference.graph.input if vi.name not in ref_inits}
+    keep = [vi for vi in model.graph.input if vi.name in real or vi.name in inits]
+    listed = {vi.name for vi in keep}
+    for name, t in inits.items():
+        if name not in listed:
+            keep.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    if [vi.name for vi in keep] != [vi.name for vi in model.graph.input]:
+        copies = [onnx.ValueInfoProto() for _ in keep]
+        for c, vi in zip(copies, keep, strict=True):
+            c.CopyFrom(vi)
+        del model.graph.input[:]
+        model.graph.input.extend(copies)
+    return model
 
 
 def _text(*values) -> None:
@@ -267,41 +305,159 @@ def default_output_path(input_path: Path) -> Path:
     return input_path.with_name(input_path.stem + ".dw.onnx")
 
 
-def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike, *,
-                      external_data: bool, input_path: Path | None = None) -> Path:
-    """Write ``model`` to ``out_path`` atomically; return the path written.
+def check_writable(path: Path, flag: str) -> None:
+    """:class:`OutputError` unless a file can be created at ``path``: its folder exists and
+    takes a new file (one is created and removed), and ``path`` is not a folder."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory, expected a file path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot create files in {folder}: {exc.strerror or exc}") from None
 
-    With ``external_data`` (or when the model would exceed the 2 GiB protobuf limit) the
-    weights go to ``<out name>.data`` beside the model. Both files are first written into a
-    temporary folder inside the destination folder and renamed into place at the end.
-    """
+
+class Staged:
+    """Files written completely into a private temporary folder inside their destination
+    folder; :meth:`commit` moves them into place, :meth:`rollback` undoes a commit (puts back
+    what it replaced), :meth:`discard` removes what is left of the temporary folder."""
+
+    def __init__(self, tmp_dir: Path, files: list[tuple[Path, Path]]):
+        self.tmp_dir = tmp_dir
+        self.files = files  # (staged, destination)
+        self._done: list[tuple[Path, Path | None]] = []  # (destination, backup of what it replaced)
+
+    @property
+    def destination(self) -> Path:
+        return self.files[0][1]
+
+    def commit(self) -> None:
+        for k, (staged, dest) in enumerate(self.files):
+            backup = None
+            if dest.exists() and not dest.is_dir():
+                backup = self.tmp_dir / f".backup{k}"
+                try:
+                    os.link(dest, backup)
+                except OSError:
+                    backup = None
+            os.replace(staged, dest)
+            self._done.append((dest, backup))
+
+    def rollback(self) -> None:
+        for dest, backup in reversed(self._done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink()
+            except OSError:
+                pass
+        self._done = []
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _staging_folder(dest: Path, flag: str) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise OutputError(f"{flag} {dest}: cannot create files in {dest.parent}: {exc.strerror or exc}") from None
+
+
+def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external_data: bool,
+                input_path: Path | None = None, flag: str = "output") -> Staged:
+    """Write ``model`` (and ``<out name>.data`` with ``external_data``, or when the model would
+    exceed the 2 GiB protobuf limit) into a temporary folder beside ``out_path``."""
     out = Path(out_path)
     if input_path is not None and out.resolve() == input_path.resolve():
-        raise OptionError(f"output path {out} is the input file; choose another with -o")
-    if not out.parent.exists():
-        raise OptionError(f"output folder does not exist: {out.parent}")
-    if out.is_dir():
-        raise OptionError(f"output path is a directory: {out}")
+        raise OptionError(f"output path {out} is the input file; choose another output path")
+    check_writable(out, flag)
     if not external_data and model_byte_size(model) > PROTOBUF_LIMIT:
         external_data = True
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp_dir = _staging_folder(out, flag)
     try:
         tmp_model = tmp_dir / out.name
         data_name = out.name + ".data"
+        files = []
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             _move_to_external_data(copy, tmp_dir / data_name, data_name)
             onnx.save_model(copy, str(tmp_model))
-            os.replace(tmp_dir / data_name, out.parent / data_name)
+            files.append((tmp_dir / data_name, out.parent / data_name))
         else:
             onnx.save_model(model, str(tmp_model))
-        mode = 0o666 & ~_umask()
-        os.chmod(tmp_model, mode)
-        if external_data and (out.parent / data_name).exists():
-            os.chmod(out.parent / data_name, mode)
-        os.replace(tmp_model, out)
-    finally:
+        files.insert(0, (tmp_model, out))
+        _follow_umask([f for f, _ in files])
+    except OSError as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return Staged(tmp_dir, files)
+
+
+def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report") -> Staged:
+    """Write ``text`` into a temporary folder beside ``path`` (see :class:`Staged`)."""
+    path = Path(path)
+    check_writable(path, flag)
+    tmp_dir = _staging_folder(path, flag)
+    try:
+        tmp = tmp_dir / path.name
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        _follow_umask([tmp])
+    except OSError as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return Staged(tmp_dir, [(tmp, path)])
+
+
+def _follow_umask(paths: list[Path]) -> None:
+    mode = 0o666 & ~_umask()
+    for p in paths:
+        os.chmod(p, mode)
+
+
+def commit_together(staged: list[Staged]) -> None:
+    """Move every staged file into place, or none: when one cannot be moved, the ones already
+    moved are put back (what they replaced restored) and an :class:`OutputError` is raised.
+    The temporary folders are removed either way."""
+    done: list[Staged] = []
+    try:
+        for s in staged:
+            done.append(s)
+            s.commit()
+    except OSError as exc:
+        for s in reversed(done):
+            s.rollback()
+        raise OutputError(f"cannot write {done[-1].destination}: {exc.strerror or exc}; nothing written") from None
+    except BaseException:
+        for s in reversed(done):
+            s.rollback()
+        raise
+    finally:
+        for s in staged:
+            s.discard()
+
+
+def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike, *,
+                      external_data: bool, input_path: Path | None = None) -> Path:
+    """Write ``model`` to ``out_path`` atomically (:func:`stage_model` + :func:`commit_together`);
+    return the path written.
+
+    With ``external_data`` (or when the model would exceed the 2 GiB protobuf limit) the
+    weights go to ``<out name>.data`` beside the model.
+    """
+    staged = stage_model(model, out_path, external_data=external_data, input_path=input_path)
+    commit_together([staged])
+    return staged.destination

@@ -8,6 +8,7 @@ the two. ``to_dict`` gives the options as resolved for the report (defaults fill
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -44,8 +45,8 @@ def parse_floats(text: str) -> tuple[float, ...]:
     """``"0.5,0.5,0.5"`` → ``(0.5, 0.5, 0.5)``."""
     try:
         return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise OptionError(f"{text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+    except ValueError:  # argparse names the flag
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5") from None
 
 
 def parse_positions(text: str) -> int | None:
@@ -54,8 +55,25 @@ def parse_positions(text: str) -> int | None:
         return None
     try:
         return int(text)
-    except ValueError:
-        raise OptionError(f"--positions {text!r}: expected an integer or 'all'") from None
+    except ValueError:  # argparse names the flag
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer or 'all'") from None
+
+
+class ShapesAction(argparse.Action):
+    """``--input-shape A [B ...]``: several shapes after one flag, repeatable. The first value
+    is always a shape; a later value that does not look like one (shapes.split_shapes) ends the
+    list, and it and what follows go to ``namespace.positionals`` (MODEL, OUTPUT) — argparse
+    would otherwise hand them to the flag."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .shapes import split_shapes
+
+        shapes, rest = split_shapes(values[1:])
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + [values[0], *shapes])
+        namespace.positionals = list(getattr(namespace, "positionals", [])) + rest
 
 
 def _calib_reader(spec: str) -> Any:
@@ -85,7 +103,7 @@ class DecomposeOptions:
         "--exclude", group=SELECTION, action="append", metavar="PATTERN",
         help="never rewrite Conv nodes whose name matches this glob (repeat the flag for several)"))
     input_shapes: Mapping[str, tuple[int, ...]] = _option(None, _flag(
-        "--input-shape", group=INPUT, nargs="+", metavar="NAME:D0,D1,...",
+        "--input-shape", group=INPUT, action=ShapesAction, metavar="NAME:D0,D1,...",
         help="fix the dims of graph inputs, several after one flag (NAME:1,3,224,224 ...; bare dims "
              "1,3,224,224 for a single-input model); a dynamic batch dim defaults to 1"), factory=dict)
     calib: Any = _option(None, _flag(

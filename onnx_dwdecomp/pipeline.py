@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 
-from . import calibdata
+from . import calibdata, resources
 from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, Skipped, find_candidates
-from .errors import CalibrationError, first_line
+from .errors import CalibrationError, OptionError, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .modelio import LoadedModel, load_model, model_byte_size
@@ -40,7 +40,8 @@ from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factor
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
-from .verify import PaddedFeeds, Verification, as_features, check_model, compare_models, random_batches
+from .verify import (PaddedFeeds, Verification, as_features, check_finite_weights, check_model, compare_models,
+                     finite_stats_solver, random_batches)
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto
@@ -170,6 +171,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
             selection.append(Selection(layer.name, False, reason))
         else:
             layers.append(layer)
+    resources.check_decompose_job(job, layers)  # memory estimate and --threads bound, before any big allocation
 
     # choose plan → solve → rewrite → verify → revise plan
     t0 = time.perf_counter()
@@ -201,6 +203,8 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
         skipped += [Skipped(layer.name, "kept regular by the plan (error bound or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
+    if chosen.verification is not None:
+        chosen.verification.require_pass(job.source)  # NaN/Inf where the input model is finite: a failure
     report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start)
     return DecomposeResult(chosen.model, report)
 
@@ -228,12 +232,23 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, An
         data = calibdata.load_calibration(opts.calib, specs, calib_size=opts.calib_size,
                                           mean=opts.mean, std=opts.std)
         timing["calibration"] = time.perf_counter() - t0
-    shapes, notes = resolve_input_shapes(specs, dict(opts.input_shapes),
+    shapes, notes = resolve_input_shapes(specs, _named_shapes(opts.input_shapes, specs),
                                          data.sample_shapes if data is not None else None)
     infos = infer_tensor_info(bn_fold.model, shapes)
     job = _Job(opts, opts.resolved_method(), source, bn_fold.model, specs, data, shapes, infos,
                _fixed_batch(specs), say, timing)
     return job, bn_fold, notes
+
+
+def _named_shapes(given: Mapping[str, tuple[int, ...]], specs) -> dict[str, tuple[int, ...]]:
+    """``--input-shape`` values by input name; bare dims (name ``""``) name the only input."""
+    shapes = dict(given)
+    if "" in shapes:
+        if len(specs) != 1:
+            raise OptionError(f"--input-shape {','.join(map(str, shapes['']))}: bare dims need a single-input "
+                              f"model; this one has inputs {', '.join(s.name for s in specs)}: give NAME:D0,D1,...")
+        shapes[specs[0].name] = shapes.pop("")
+    return shapes
 
 
 def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selection],
@@ -257,7 +272,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     if layers:
         job.say("plan: error curves (symmetric pass)")
         wanted = {name: sorted(r for r in c if r != SKIP) for name, c in priced.macs.items()}
-        outcome = calibrate_and_solve(job.work, layers, job.data, job.infos, curve_solver(errors, wanted),
+        outcome = calibrate_and_solve(job.work, layers, job.data, job.infos,
+                                      finite_stats_solver(curve_solver(errors, wanted)),
                                       _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
                                       progress=job.say, heldout=job.heldout_mask())
         # κ probe: every curve layer at its first offered option (the curve pass's factors), on
@@ -302,6 +318,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
 
     t0 = time.perf_counter()
     check_model(new_model)
+    check_finite_weights(job.source, new_model)
     verification = None
     if job.opts.verify:
         job.say("verify")
@@ -534,7 +551,8 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
         return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
     outcome = calibrate_and_solve(
         job.work, layers, job.data, job.infos,
-        lambda layer, stats, _heldout_error: _solve_layer(layer, method, multipliers[layer.name], stats),
+        finite_stats_solver(lambda layer, stats, _heldout_error: _solve_layer(layer, method, multipliers[layer.name],
+                                                                              stats)),
         _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch, progress=say,
         heldout=job.heldout_mask())
     factors = {name: result.factors for name, result in outcome.layers.items()}

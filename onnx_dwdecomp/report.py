@@ -24,6 +24,7 @@ error, patches and whole curve (multiplier → MACs, latency, predicted error).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -119,7 +120,9 @@ class Report:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        """Strict JSON: a non-finite number (an infinite error) is written as the string
+        ``"inf"``, ``"-inf"`` or ``"nan"`` — JSON has no such numbers."""
+        return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     def render(self) -> str:
         """A plain-text table for the terminal."""
@@ -132,7 +135,7 @@ class Report:
                 f"{layer.macs_before / 1e6:.2f} → {layer.macs_after / 1e6:.2f}",
                 f"{layer.rel_error:.2e}" + ("" if layer.error_kind == "response" else " (w)"),
             ))
-        lines += _table(rows)
+        lines += text_table(rows)
         if self.skipped:
             lines.append("")
             lines.append(f"skipped {len(self.skipped)} conv(s):")
@@ -154,7 +157,7 @@ class Report:
                          + _first(f"{m.first} + {m.into}" for m in self.merged))
         m = self.model
         lines.append("")
-        lines += _table([
+        lines += text_table([
             ("model", "before", "after", "change"),
             ("MACs", f"{m.macs_before / 1e6:.2f} M", f"{m.macs_after / 1e6:.2f} M", _ratio(m.macs_after, m.macs_before)),
             ("params", f"{m.params_before / 1e6:.3f} M", f"{m.params_after / 1e6:.3f} M",
@@ -170,7 +173,7 @@ class Report:
             for name, o in v.outputs.items():
                 rows.append((name, f"{o.rel_l2:.3e}", f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
                              f"{o.cosine:.6f}", "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
-            lines += _table(rows)
+            lines += text_table(rows)
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -206,7 +209,7 @@ class Report:
             rows.append((layer["name"], str(layer["multiplier"]), f"{layer['macs'] / 1e6:.3f}", ms,
                          f"{layer['predicted_error']:.2e}", "-" if m is None else f"{m:.2e}",
                          "-" if layer["patches"] is None else str(layer["patches"])))
-        return lines + _table(rows)
+        return lines + text_table(rows)
 
     def _render_selection(self) -> list[str]:
         timed = [s for s in self.selection if s.regular_ms is not None]
@@ -222,7 +225,7 @@ class Report:
                          f"{s.separable_ms:.3f}" if timed_row else "-",
                          f"×{s.regular_ms / s.separable_ms:.2f}" if timed_row and s.separable_ms > 0 else "-",
                          ("offered" if self.budget is not None else "rewrite") if s.rewritten else "keep"))
-        return lines + _table(rows)
+        return lines + text_table(rows)
 
 
 def _first(items, shown: int = 3) -> str:
@@ -234,7 +237,20 @@ def _ratio(after: int, before: int) -> str:
     return f"×{after / before:.3f}" if before else "-"
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _finite(value):
+    """``value`` with every non-finite float replaced by its string (see :meth:`Report.to_json`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned plain-text lines: ``rows[0]`` is the header, underlined; the first column is
+    left-aligned, the others right-aligned (numbers)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for k, row in enumerate(rows):

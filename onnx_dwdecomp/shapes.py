@@ -15,22 +15,51 @@ import onnx
 from onnx import helper
 
 from .calibdata import InputSpec
-from .errors import ModelError, OptionError
+from .errors import ModelError, OptionError, first_line
 from .modelio import metadata_copy
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """Parse ``NAME:D0,D1,...`` (the value of one ``--input-shape``)."""
+    """Parse ``NAME:D0,D1,...`` (one value of ``--input-shape``); bare ``D0,D1,...`` gives the
+    name ``""`` (the model's only input)."""
     name, sep, dims = text.rpartition(":")
-    if not sep or not name:
+    if sep and not name:
         raise OptionError(f"--input-shape {text!r}: expected NAME:D0,D1,... e.g. input:1,3,224,224")
     try:
         shape = tuple(int(d) for d in dims.split(","))
     except ValueError:
-        raise OptionError(f"--input-shape {text!r}: dims must be integers, e.g. input:1,3,224,224") from None
+        raise OptionError(f"--input-shape {text!r}: expected NAME:D0,D1,... (or bare D0,D1,... for a single-input "
+                          f"model) with the dims as integers, e.g. input:1,3,224,224") from None
     if any(d < 1 for d in shape):
         raise OptionError(f"--input-shape {text!r}: dims must be positive")
+    if any(d >= 2**63 for d in shape):
+        raise OptionError(f"--input-shape {text!r}: dims must be below 2^63 (ONNX dims are int64)")
     return name, shape
+
+
+def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
+    """The values of ``--input-shape`` as ``{name: dims}`` (each name once; bare dims alone)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in values:
+        name, shape = parse_input_shape(text)
+        if name in shapes:
+            raise OptionError(f"--input-shape gives {name or 'bare dims'!r} twice")
+        shapes[name] = shape
+    if "" in shapes and len(shapes) > 1:
+        raise OptionError("--input-shape: bare dims are for a single-input model; name every input "
+                          "(NAME:D0,D1,...) when giving several")
+    return shapes
+
+
+def split_shapes(values: list[str]) -> tuple[list[str], list[str]]:
+    """Split values given after ``--input-shape`` into the shapes and the positionals that
+    followed them (``--input-shape x:1,3,8,8 m.onnx``): the first value that does not look like
+    a shape (``NAME:...`` or digits and commas; never a ``.onnx`` file) ends the shapes."""
+    def shape_like(v: str) -> bool:
+        return not v.lower().endswith(".onnx") and (":" in v or all(ch.isdigit() or ch == "," for ch in v))
+
+    k = next((i for i, v in enumerate(values) if not shape_like(v)), len(values))
+    return values[:k], values[k:]
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -152,12 +181,19 @@ def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[
     for name in names:
         if name not in known:
             probe.graph.output.add().name = name
-    feeds = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in graph_inputs(model)}
+    specs = graph_inputs(model)
+    from . import resources
+
+    resources.require(2 * sum(resources.array_bytes(input_shapes[s.name], s.dtype) for s in specs),
+                      "one onnxruntime run to observe tensor shapes at input shapes "
+                      + ", ".join(f"{s.name!r} {resources.fmt_shape(input_shapes[s.name])}" for s in specs),
+                      "--input-shape NAME:D0,D1,... with smaller dims")
+    feeds = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
     try:
         values = make_session(probe, optimize=False).run(names, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"cannot determine tensor shapes: onnxruntime failed on the model at input shapes "
-                         f"{input_shapes}: {str(exc).splitlines()[0]}") from exc
+                         f"{input_shapes}: {first_line(exc)}") from exc
     # Sequence- or optional-valued outputs come back as lists / None: they have no tensor info.
     return {n: TensorInfo(tuple(v.shape), v.dtype) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
 

@@ -31,14 +31,14 @@ float round-off into a relative error of 0.9.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from . import modelio, resources
 from .calibdata import InputSpec
-from .errors import DwDecompError, ModelError, first_line
-from . import modelio
+from .errors import InternalError, ModelError, NumericalError, OptionError, VerificationFailed, first_line
 from .runtime import make_session, run
 
 #: Random verification samples when no held-out calibration data is given.
@@ -57,10 +57,31 @@ class OutputAgreement:
 
 
 @dataclass(frozen=True)
+class NonFinite:
+    """NaN/Inf values of one output: ``candidate`` where the rewritten model's is NaN/Inf and the
+    input model's finite (any makes the errors infinite and verification fail), ``reference``
+    where the input model's own is NaN/Inf (it gives no number to compare with: left out of the
+    errors), ``values`` in all."""
+
+    candidate: int
+    reference: int
+    values: int
+
+    @classmethod
+    def of(cls, reference: np.ndarray, candidate: np.ndarray) -> NonFinite:
+        if not (np.issubdtype(reference.dtype, np.floating) and np.issubdtype(candidate.dtype, np.floating)):
+            return cls(0, 0, int(reference.size))
+        valid = np.isfinite(reference)
+        bad = int(np.count_nonzero(valid & ~np.isfinite(candidate))) if reference.shape == candidate.shape else 0
+        return cls(bad, int(reference.size - np.count_nonzero(valid)), int(reference.size))
+
+
+@dataclass(frozen=True)
 class Verification:
     samples: int
     inputs: str  # "random (seed N)" or "held-out calibration samples"
     outputs: dict[str, OutputAgreement]
+    nonfinite: dict[str, NonFinite] = field(default_factory=dict)  # outputs with any NaN/Inf
 
     def worst_rel_l2(self) -> float:
         """The largest ``rel_l2`` over the outputs (NaN counts as infinite)."""
@@ -70,6 +91,35 @@ class Verification:
         """The output error plans bound: the largest ``feature_rel_l2`` over the outputs (NaN
         counts as infinite)."""
         return _worst(o.feature_rel_l2 for o in self.outputs.values())
+
+    def require_pass(self, original: onnx.ModelProto | None = None) -> None:
+        """Raise when this verification fails whatever the error bound.
+
+        - The input model (``original``) computes NaN/Inf itself — its constants hold some, or
+          its outputs do on these inputs — and either every value of an output is NaN/Inf or the
+          rewritten model gives NaN/Inf where the input's output is finite: the rewrite cannot
+          be verified on such a model, :class:`NumericalError` (exit 2) naming the constants.
+        - Otherwise the rewritten model giving NaN/Inf where the input model's output is finite
+          is a :class:`VerificationFailed` (exit 1).
+        """
+        bad = nonfinite_tensors(original) if original is not None else {}
+        cause = (f" (NaN/Inf constants in the input: {', '.join(repr(k) for k in list(bad)[:3])}"
+                 f"{', …' if len(bad) > 3 else ''})" if bad else "")
+        for name, o in self.nonfinite.items():
+            where = f"on {self.samples} {self.inputs}"
+            if o.values and o.reference == o.values:
+                raise NumericalError(f"output {name!r} of the input model is NaN/Inf in all {o.values} value(s) "
+                                     f"{where}, so the rewrite cannot be verified{cause}; --no-verify skips the "
+                                     f"comparison")
+            if o.candidate and (bad or o.reference):
+                raise NumericalError(f"output {name!r} of the input model is NaN/Inf in {o.reference} of {o.values} "
+                                     f"value(s) {where} and the rewritten model's in {o.candidate} more, so the "
+                                     f"rewrite cannot be verified where the input computes NaN/Inf{cause}; "
+                                     f"--no-verify skips the comparison")
+            if o.candidate:
+                raise VerificationFailed(f"verification failed: output {name!r} of the rewritten model is NaN/Inf "
+                                         f"in {o.candidate} of {o.values} value(s) where the input model's is "
+                                         f"finite, {where}; nothing written")
 
 
 def _worst(errors: Iterable[float]) -> float:
@@ -85,28 +135,116 @@ class PaddedFeeds(dict):
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker.check_model(full_check=True)``; a failure here is a bug of this tool."""
+    """``onnx.checker.check_model(full_check=True)``; a failure here is a bug of this tool
+    (:class:`InternalError`)."""
     try:
         if modelio.model_byte_size(model) < modelio.PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise DwDecompError(f"the rewritten model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise InternalError(f"the rewritten model fails the ONNX checker: {first_line(exc)}") from exc
+
+
+def nonfinite_tensors(model: onnx.ModelProto) -> dict[str, int]:
+    """Name → count of NaN/Inf values of every floating-point constant of the main graph
+    (initializers, ``Constant`` outputs) that has any. Data-less stubs are skipped."""
+    out: dict[str, int] = {}
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            tensors += [(node.output[0], a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for name, tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        value = onnx.numpy_helper.to_array(tensor)
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            out[name] = bad
+    return out
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+
+
+def check_finite_weights(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """:class:`NumericalError` when ``rewritten`` holds a NaN/Inf constant that ``original``
+    does not hold under the same name: a model with non-finite weights is never written unless
+    the input already had them."""
+    before = nonfinite_tensors(original)
+    new = {k: v for k, v in nonfinite_tensors(rewritten).items() if k not in before}
+    if new:
+        name, count = next(iter(new.items()))
+        more = f" and {len(new) - 1} more tensor(s)" if len(new) > 1 else ""
+        raise NumericalError(f"the rewritten model would hold NaN/Inf weights ({count} value(s) in {name!r}{more}) "
+                             f"that the input model does not have: its values overflow float32 (calibration "
+                             f"data or weights too large?); nothing written")
+
+
+def finite_stats_solver(solve):
+    """A ``solve(layer, stats, heldout_error)`` callback (calibrate.calibrate_and_solve) that
+    first checks the layer's statistics: NaN/Inf moments (an earlier node overflows float32,
+    or the model holds NaN/Inf constants upstream) are a :class:`NumericalError` naming the
+    conv, not a solver crash."""
+    def checked(layer, stats, *rest):
+        check_finite_stats(layer.name, stats)
+        return solve(layer, stats, *rest)
+    return checked
+
+
+def check_finite_stats(name: str, stats) -> None:
+    """:class:`NumericalError` when any moment of ``stats`` (solve.LayerStats) is NaN/Inf."""
+    if stats is None:
+        return
+    for moment in ("mean_x", "mean_xhat", "cov_xhat", "cov_y_xhat", "response_var"):
+        value = getattr(stats, moment, None)
+        if value is not None and not np.isfinite(value).all():
+            raise NumericalError(
+                f"conv {name!r}: its input statistics on the calibration data are NaN/Inf ({moment}): values "
+                f"before this conv overflow float32 or the model holds NaN/Inf constants upstream; rescale the "
+                f"data or leave the conv regular with --exclude {name!r}")
 
 
 def random_batches(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], seed: int,
                    samples: int = RANDOM_SAMPLES) -> list[dict[str, np.ndarray]]:
-    """Seeded standard-normal float inputs (zeros for integer inputs), ``samples`` rows in total.
+    """Seeded standard-normal float inputs (zeros for integer and bool inputs), ``samples`` rows
+    in total.
 
-    A dynamic batch dim takes all samples at once; a fixed one is fed in several batches.
+    Every input gets its own resolved shape and dtype. Inputs whose axis 0 is dynamic in the
+    model (the batch axis) take the batch: all samples at once, or the first input's fixed
+    batch in several batches; an input whose axis 0 is fixed (a weight fed as a graph input)
+    keeps its shape. The bytes are checked against the available memory first (resources.py).
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise OptionError(f"--seed {seed!r}: must be an integer ≥ 0")
+    for spec in specs:
+        if spec.dtype.kind not in "fiub":
+            raise OptionError(f"input {spec.name!r} has dtype {spec.dtype}: random verification inputs are made for "
+                              f"numeric inputs only; pass --calib with real inputs, or --no-verify")
+    first = specs[0] if specs else None
+    fixed = first is not None and first.shape and first.shape[0] is not None
+    batch = shapes[first.name][0] if fixed else samples
+    rounds = max(1, -(-samples // batch))
+
+    def shape_of(spec: InputSpec) -> tuple[int, ...]:
+        shape = tuple(shapes[spec.name])
+        if spec.shape and spec.shape[0] is None:
+            shape = (batch,) + shape[1:]
+        return shape
+
+    draw = sum(resources.array_bytes(shape_of(s), s.dtype) + (8 * resources.array_bytes(shape_of(s), np.uint8)
+                                                              if s.dtype.kind == "f" else 0) for s in specs)
+    resources.require(rounds * draw, f"{samples} random verification sample(s) of inputs "
+                      + ", ".join(f"{s.name!r} {resources.fmt_shape(shape_of(s))}" for s in specs),
+                      "--input-shape NAME:D0,D1,... with smaller dims, or --no-verify")
     rng = np.random.default_rng(seed)
-    batch = shapes[specs[0].name][0] if specs and specs[0].shape and specs[0].shape[0] is not None else samples
     batches = []
-    for _ in range(max(1, -(-samples // batch))):
+    for _ in range(rounds):
         feeds = {}
         for spec in specs:
-            shape = (batch,) + tuple(shapes[spec.name][1:])
-            if np.issubdtype(spec.dtype, np.floating):
+            shape = shape_of(spec)
+            if spec.dtype.kind == "f":
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             else:
                 feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
@@ -133,17 +271,28 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndar
     the scale the relative errors are taken against, else the reference's own norm.
 
     Non-float outputs (class indices) are compared for equality: both errors are the share of
-    entries that differ. Entries where the reference is not finite are left out; a non-finite
-    candidate where the reference is finite makes both errors infinite.
+    entries that differ. Entries where the reference is NaN/Inf are left out (the input model
+    gives no number there); a candidate that is NaN/Inf where the reference is finite makes
+    every error infinite — never NaN: a NaN is a failure, not a pass (:class:`NonFinite`,
+    :meth:`Verification.require_pass`).
     """
     if not (np.issubdtype(reference.dtype, np.floating) and np.issubdtype(candidate.dtype, np.floating)):
         mismatch = float(np.mean(reference != candidate)) if reference.size else 0.0
         return OutputAgreement(mismatch, float(mismatch > 0), 1.0 - mismatch, None, mismatch)
+    if reference.shape != candidate.shape:
+        inf = float("inf")
+        return OutputAgreement(inf, inf, 0.0, None, inf)
+    with np.errstate(all="ignore"):
+        return _float_agreement(reference, candidate, mean_square)
+
+
+def _float_agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndarray | None
+                     ) -> OutputAgreement:
     ref, cand = as_features(reference), as_features(candidate)
     valid = np.isfinite(ref)
     if not np.isfinite(cand[valid]).all():
         inf = float("inf")
-        return OutputAgreement(inf, inf, float("nan"), None, inf)
+        return OutputAgreement(inf, inf, 0.0, None, inf)
     ref, cand = np.where(valid, ref, 0.0), np.where(valid, cand, 0.0)
     diff = cand - ref
     rows = len(ref)
@@ -155,13 +304,17 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndar
     cos = float(np.sum(ref * cand) / (norm_y * norm_hat)) if norm_y > 0 and norm_hat > 0 else float(norm_y == norm_hat)
     top1 = None
     if reference.ndim == 2 and reference.shape[1] > 1:
-        top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+        rows_ok = np.isfinite(reference).all(axis=1)
+        if rows_ok.any():
+            top1 = float(np.mean(reference[rows_ok].argmax(axis=1) == candidate[rows_ok].argmax(axis=1)))
     feature = rel
     if ref.shape[1] > 1 and scale_all > 0:
         floored = np.maximum(scale, FEATURE_FLOOR * scale_all / np.sqrt(len(scale)))
         errors = np.linalg.norm(diff, axis=0)[scale > 0] / floored[scale > 0]
         feature = float(np.sqrt(np.mean(errors ** 2)))
-    return OutputAgreement(rel, float(np.abs(diff).max()) if diff.size else 0.0, cos, top1, feature)
+    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    rel, feature, max_abs = (v if v == v else float("inf") for v in (rel, feature, max_abs))
+    return OutputAgreement(rel, max_abs, cos if cos == cos else 0.0, top1, feature)
 
 
 def _real_rows(value, fed: int, real: int):
@@ -212,11 +365,15 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
             ref_out[name].append(_real_rows(value, fed, real))
         for name, value in run(new_session, dict(feeds), names).items():
             new_out[name].append(_real_rows(value, fed, real))
-    outputs = {}
+    outputs, nonfinite = {}, {}
     for n in names:
         if not all(isinstance(v, np.ndarray) for v in ref_out[n] + new_out[n]):
             continue
-        outputs[n] = agreement(_join(ref_out[n]), _join(new_out[n]), (scales or {}).get(n))
-    return Verification(samples, inputs, outputs)
+        ref, new = _join(ref_out[n]), _join(new_out[n])
+        outputs[n] = agreement(ref, new, (scales or {}).get(n))
+        counts = NonFinite.of(ref, new)
+        if counts.candidate or counts.reference:
+            nonfinite[n] = counts
+    return Verification(samples, inputs, outputs, nonfinite)
 
 

@@ -9,10 +9,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp.bench import ModelBench, _make_inputs, bench_main, format_table, run_bench
+from onnx_dwdecomp.bench import ModelBench, _make_inputs, format_table, run_bench, run_bench_command
+from onnx_dwdecomp.cli import parse_args
 from onnx_dwdecomp.errors import ModelError, OptionError, UserError
 
 FAST = dict(runs=3, warmup=1, threads=1)
+
+
+def bench_main(argv: list[str]) -> int:
+    """``onnx-dwdecomp bench ARGV`` with its errors raised (cli.main would print them)."""
+    return run_bench_command(parse_args(["bench", *argv]))
 
 
 def _conv_net(separable: bool = False, batch="N", spatial=(8, 8), seed: int = 0) -> onnx.ModelProto:

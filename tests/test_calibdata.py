@@ -662,3 +662,58 @@ def test_fuzz_only_user_errors_or_success(
                 assert np.isfinite(feed).all()
             rows += b.count
         assert rows == cd.num_samples >= 1
+
+
+# ---- issue 15: declared sizes checked before allocating, values within float32 statistics, odd folder entries
+
+
+def test_compressed_npz_reads_only_the_rows_it_needs(tmp_path, monkeypatch):
+    x = _data(4000)  # 3 MiB once decompressed
+    np.savez_compressed(tmp_path / "c.npz", input=x)
+    monkeypatch.setenv("ONNX_DWDECOMP_MEMORY", "1M")
+    from onnx_dwdecomp.errors import ResourceError
+    with pytest.raises(ResourceError, match=r"decompressing 4000 sample\(s\) of 'input' \(4000, 3, 8, 8\)"
+                                            r".*--calib-size"):
+        load_calibration(tmp_path / "c.npz", SPEC)
+    data = load_calibration(tmp_path / "c.npz", SPEC, calib_size=10)  # 7.5 KiB
+    assert data.num_samples == 10
+    np.testing.assert_array_equal(next(data.iter_batches(10)).feeds["input"], x[:10])
+
+
+def test_compressed_npz_layout_is_checked_before_its_size(tmp_path, monkeypatch):
+    np.savez_compressed(tmp_path / "c.npz", input=np.zeros((4000, 5, 8, 8), np.float32))
+    monkeypatch.setenv("ONNX_DWDECOMP_MEMORY", "1M")
+    with pytest.raises(CalibrationError, match="expected shape"):
+        load_calibration(tmp_path / "c.npz", SPEC)
+
+
+def test_values_beyond_float32_statistics_are_refused():
+    x = _data(6)
+    x[4, 0, 0, 0] = 1e20
+    with pytest.raises(CalibrationError, match="sample 4 holds values up to 1e\\+20.*rescale"):
+        load_calibration(x, SPEC)
+    x[4, 0, 0, 0] = 1e18  # squares still fit float32
+    assert load_calibration(x, SPEC).num_samples == 6
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero and symlinks")
+@pytest.mark.parametrize("target, needle", [("/dev/zero", "character device"), ("missing.png", "dangling")])
+def test_image_folder_entry_that_is_not_an_image_file_is_an_error(tmp_path, target, needle):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "a.png")
+    (d / "sub.png").mkdir()  # a folder is not searched, as before
+    (d / "b.png").symlink_to(target if target.startswith("/") else d / target)
+    with pytest.raises(CalibrationError, match=f"b.png is .*{needle}"):
+        load_calibration(d, SPEC)
+    (d / "b.png").unlink()
+    assert load_calibration(d, SPEC).num_samples == 1
+
+
+def test_reader_without_rewind_is_cached_within_the_memory(monkeypatch):
+    from onnx_dwdecomp.errors import ResourceError
+    monkeypatch.setenv("ONNX_DWDECOMP_MEMORY", "64K")
+    feeds = [{"input": _data(8, seed=k)} for k in range(8)]  # 6 KiB each
+    with pytest.raises(ResourceError, match="--calib-size"):
+        load_calibration(ListReader(feeds), SPEC)
+    assert load_calibration(ListReader(feeds), SPEC, calib_size=16).num_samples == 16

@@ -125,3 +125,31 @@ def test_find_candidates_does_not_mutate():
     before = m.SerializeToString()
     find_candidates(m, include=("stem.*",))
     assert m.SerializeToString() == before
+
+
+# ---- issue 15: non-finite weights never reach the solvers; IR < 4 weights are constants
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_nonfinite_weight_or_bias_is_skipped_with_the_reason(value, where):
+    w = np.ones((8, 4, 3, 3), np.float32)
+    b = np.zeros(8, np.float32)
+    (w if where == "weight" else b).flat[5] = value
+    node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="c")
+    cands = find_candidates(_graph_model([node], [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]))
+    assert not cands.layers
+    assert cands.skipped[0].reason == f"{where} holds 1 NaN/Inf value(s); left as it is"
+
+
+def test_ir3_initializers_listed_as_inputs_are_constants():
+    """Before IR 4 every initializer had to be a graph input too: that is how weights were
+    stored, so such a conv is a candidate (from IR 4 on the initializer is an overridable default)."""
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="c")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+              helper.make_tensor_value_info("W", TensorProto.FLOAT, [8, 4, 3, 3])]
+    model = _graph_model([node], [_w(8, 4, 3, 3)], inputs=inputs)
+    model.ir_version = 3
+    assert [layer.name for layer in find_candidates(model).layers] == ["c"]
+    model.ir_version = 4
+    assert not find_candidates(model).layers

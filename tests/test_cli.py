@@ -132,3 +132,116 @@ def test_module_help_subprocess():
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout and "--multiplier" in r.stdout and "--calib" in r.stdout
+
+
+# ---- conventions of onnxsim / onnxslim / onnxruntime.quantization (issue 16) -----------------
+
+def _ok(argv, capsys) -> str:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    return cap.out
+
+
+def test_output_as_second_positional(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    _ok([str(model_path), str(out), "--quiet", "--select", "all"], capsys)
+    assert out.exists() and not (tmp_path / "net.dw.onnx").exists()
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_output_given_twice_is_an_error(model_path, tmp_path, capsys):
+    msg = _expect_user_error([str(model_path), str(tmp_path / "a.onnx"), "-o", str(tmp_path / "b.onnx"), "--quiet"],
+                             tmp_path, capsys, protected=model_path)
+    assert "give the output once" in msg
+
+
+def test_list_options_do_not_swallow_the_model(model_path, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    _ok(["--exclude", "conv0", "--exclude", "conv2", str(model_path), "--select", "all", "--quiet",
+         "--report", str(report)], capsys)
+    assert [layer["name"] for layer in json.loads(report.read_text())["layers"]] == ["conv1"]
+
+
+@pytest.mark.parametrize("shapes", [["x:2,6,12,12"], ["2,6,12,12"]], ids=["named", "bare-dims"])
+def test_input_shape_then_positionals(model_path, tmp_path, capsys, shapes):
+    """Several values after one --input-shape, and the positionals that follow it."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    _ok(["--input-shape", *shapes, str(model_path), str(out), "--select", "all", "--quiet", "--report", str(report)],
+        capsys)
+    assert json.loads(report.read_text())["options"]["input_shapes"] == {"x": [2, 6, 12, 12]}
+    assert out.exists()
+
+
+def test_several_shapes_after_one_flag(tmp_path, capsys):
+    two = tmp_path / "two.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["a", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Add", ["c", "b"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["N", 4, "H", "W"]),
+         onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        [onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "w")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(two))
+    report = tmp_path / "r.json"
+    _ok([str(two), "--input-shape", "a:1,4,10,10", "b:1,8,10,10", "--select", "all", "--quiet",
+         "--report", str(report)], capsys)
+    assert json.loads(report.read_text())["options"]["input_shapes"] == {"a": [1, 4, 10, 10], "b": [1, 8, 10, 10]}
+    msg = _expect_user_error([str(two), "--input-shape", "1,4,10,10", "--quiet"], tmp_path, capsys)
+    assert "bare dims need a single-input model" in msg and "a, b" in msg
+
+
+def test_version(capsys):
+    import onnxruntime
+
+    from onnx_dwdecomp import __version__
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"onnx-dwdecomp {__version__}") and onnxruntime.__version__ in out
+
+
+def test_save_as_external_data(tmp_path, capsys):
+    model_path, out = tmp_path / "wide.onnx", tmp_path / "ext.onnx"
+    onnx.save(three_layer_net(c=16, width=64), str(model_path))  # tensors above the 1 KiB external threshold
+    _ok([str(model_path), str(out), "--save-as-external-data", "--select", "all", "--quiet"], capsys)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
+    loaded = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in loaded.graph.initializer)
+
+
+def test_a_model_named_like_a_subcommand(tmp_path, capsys, monkeypatch):
+    """``bench`` used to be recognised by argv[0]; the decompose word makes any path work."""
+    monkeypatch.chdir(tmp_path)
+    onnx.save(three_layer_net(), "bench")
+    _ok(["decompose", "bench", "out1.onnx", "--select", "all", "--quiet"], capsys)
+    _ok(["./bench", "out2.onnx", "--select", "all", "--quiet"], capsys)
+    assert (tmp_path / "out1.onnx").exists() and (tmp_path / "out2.onnx").exists()
+
+
+def test_help_is_grouped(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    headings = ["input and output:", "method:", "calibration:", "selection and budget:", "verification:", "runtime:"]
+    positions = [out.index(h) for h in headings]
+    assert out.index("\n  --calib-size") > positions[2] and out.index("\n  --max-rel-error") > positions[4]
+    assert "(default: 32)" in out  # defaults come from DecomposeOptions
+
+
+def test_every_option_has_exactly_one_flag_mapped_to_it():
+    """Options are declared once (options.py): each field is reachable from the command line."""
+    from dataclasses import fields
+
+    from onnx_dwdecomp.cli import build_parser
+    from onnx_dwdecomp.options import DecomposeOptions
+
+    decompose = build_parser()._subparsers._group_actions[0].choices["decompose"]
+    dests = {a.dest for a in decompose._actions}
+    assert {f.name for f in fields(DecomposeOptions)} <= dests
+
+
+def test_report_records_wall_time_and_environment(model_path, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    _ok([str(model_path), "--select", "all", "--quiet", "--report", str(report)], capsys)
+    d = json.loads(report.read_text())
+    assert d["timing_s"]["wall"] >= d["timing_s"]["total"] > 0
+    assert d["environment"]["onnxruntime"] and d["environment"]["providers"] == ["CPUExecutionProvider"]

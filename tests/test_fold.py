@@ -325,3 +325,63 @@ def test_decomposed_counterpart_has_no_weight_overhead(decomposed, tmp_path):
     native_graph_bytes = native.ByteSize() - _weight_bytes(native)
     # names like "<conv>/depthwise.weight" are a little longer than the native ones: ≤ 10 %
     assert 0 < graph_bytes <= 1.10 * native_graph_bytes, (graph_bytes, native_graph_bytes)
+
+
+# ---- issue 15: no fold produces NaN/Inf; IR < 4 models stay valid
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("zero_variance", "var + epsilon = 0 ≤ 0"),
+    ("nan_mean", "NaN/Inf"),
+    ("nan_weight", "conv weight holds NaN/Inf"),
+    ("overflow", "would overflow float32"),
+])
+def test_fold_that_would_give_nonfinite_weights_is_refused(case, reason):
+    rng = np.random.default_rng(4)
+    w = _f(rng, N, C, 3, 3)
+    params = {p: a.astype(np.float32) for p, a in (("scale", rng.uniform(0.5, 2.0, N)), ("bias", rng.normal(0, 1, N)),
+                                                     ("mean", rng.normal(0, 1, N)), ("var", rng.uniform(0.1, 2, N)))}
+    eps = 1e-5
+    if case == "zero_variance":
+        params["var"][:] = 0
+        eps = 0.0
+    elif case == "nan_mean":
+        params["mean"][2] = np.nan
+    elif case == "nan_weight":
+        w[0, 0, 0, 0] = np.nan
+    else:
+        w[:] = 1e30
+        params["scale"][:] = 1e30
+    inits = [numpy_helper.from_array(w, "W")] + [numpy_helper.from_array(a, f"bn.{p}") for p, a in params.items()]
+    model = _model([helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+                    helper.make_node("BatchNormalization", _BN, ["y"], name="bn", epsilon=eps)], inits)
+    with np.errstate(all="raise"):  # no numpy warning either
+        result = fold_batchnorm(model)
+    assert not result.modified and result.model is model
+    assert len(result.refused) == 1 and reason in result.refused[0].reason, result.refused
+
+
+def test_pointwise_merge_that_would_overflow_is_refused():
+    model = _pointwise_pair("none")
+    for t in model.graph.initializer:
+        if t.name in ("P1.w", "P2.w"):
+            t.CopyFrom(numpy_helper.from_array(np.full(tuple(t.dims), 1e30, np.float32), t.name))
+    result = fold_pointwise(model, ["p1"])
+    assert not result.modified and "overflow" in result.refused[0].reason
+
+
+def test_folding_an_ir3_model_lists_the_new_initializers_as_inputs():
+    """IR version 3: every initializer must be a graph input; the folded BN's parameters leave
+    the inputs and the conv's new bias joins them."""
+    model = _conv_then(helper.make_node("BatchNormalization", _BN, ["y"], name="bn"))
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(model, full_check=True)
+    result = fold_batchnorm(model)
+    assert result.modified
+    onnx.checker.check_model(result.model, full_check=True)
+    inputs = {vi.name for vi in result.model.graph.input}
+    assert {t.name for t in result.model.graph.initializer} | {"x"} == inputs
+    _same_outputs(model, result.model, _x())

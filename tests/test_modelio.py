@@ -69,3 +69,72 @@ def test_large_data_stash_round_trip(monkeypatch):
     assert restored.SerializeToString() == before
     small_only = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[small]))
     assert modelio.without_large_data(small_only) == (small_only, {})  # nothing to stash: no copy
+
+
+# ---- issue 15: destinations tried up front, model and report together or not at all, umask modes
+
+
+def _small():
+    return shufflenet_v2(0.5, "merged", num_classes=10, image_size=32)
+
+
+def test_destination_that_takes_no_file_is_refused_up_front(tmp_path):
+    from onnx_dwdecomp.errors import OutputError
+    from onnx_dwdecomp.modelio import check_writable
+
+    check_writable(tmp_path / "out.onnx", "OUTPUT")
+    assert os.listdir(tmp_path) == []  # the probe file is gone
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(OutputError, match="cannot create files in /proc"):
+            check_writable(__import__("pathlib").Path("/proc/out.onnx"), "OUTPUT")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(OutputError, match="Permission denied"):
+                check_writable(ro / "out.onnx", "--report")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_commit_together_puts_everything_back_when_one_move_fails(tmp_path, monkeypatch):
+    from onnx_dwdecomp import modelio
+    from onnx_dwdecomp.errors import OutputError
+
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    out.write_bytes(b"previous model")
+    staged = [modelio.stage_model(_small(), out, external_data=False), modelio.stage_text(report, "{}")]
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst) == str(report):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(modelio.os, "replace", failing)
+    with pytest.raises(OutputError, match="No space left on device; nothing written"):
+        modelio.commit_together(staged)
+    assert out.read_bytes() == b"previous model" and not report.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]  # no staging folder left
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from onnx_dwdecomp import modelio
+
+    old = os.umask(0o027)
+    try:
+        modelio.commit_together([modelio.stage_model(_small(), tmp_path / "m.onnx", external_data=True),
+                                 modelio.stage_text(tmp_path / "r.json", "{}")])
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"m.onnx": 0o640, "m.onnx.data": 0o640, "r.json": 0o640}
+
+
+def test_unknown_opset_is_one_readable_line(tmp_path):
+    model = _small()
+    model.opset_import[0].version = 99
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelError, match="imports opset 99") as e:
+        load_model(tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300

@@ -138,3 +138,143 @@ def test_padding_rows_of_a_fixed_batch_are_not_scored():
     model.ir_version = 8
     _, rep = decompose(model, calib=correlated_images(12, 4, 6, 6), multiplier=1, select="all")
     assert rep.calibration["heldout_samples"] == 3 and rep.verification.samples == 3
+
+
+# ---- issue 15: non-finite values are a failure, never a pass; every input its own shape
+
+
+def _one_conv(w_shape=(4, 4, 3, 3), extra_input=None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal(w_shape).astype(np.float32), "w")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w_shape[1], 6, 6])]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)], "g",
+                              inputs + (extra_input or []),
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w_shape[0], 6, 6])],
+                              initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_nan_in_the_candidate_is_infinite_error_never_nan():
+    y = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+    bad = y.copy()
+    bad[1, 3] = np.nan
+    a = agreement(y, bad)
+    assert a.rel_l2 == a.feature_rel_l2 == a.max_abs == float("inf")
+    assert not any(np.isnan(v) for v in (a.rel_l2, a.feature_rel_l2, a.max_abs, a.cosine))
+    # where the input model itself gives NaN there is no number to compare with: left out
+    ref = y.copy()
+    ref[0, 0] = np.nan
+    ok = agreement(ref, y)
+    assert ok.rel_l2 == 0.0 and ok.max_abs == 0.0 and ok.top1_agreement == 1.0
+
+
+def test_require_pass_fails_on_nan_where_the_input_is_finite():
+    from onnx_dwdecomp.errors import NumericalError, VerificationFailed
+    from onnx_dwdecomp.verify import NonFinite, OutputAgreement
+
+    inf = float("inf")
+    v = Verification(8, "random inputs", {"y": OutputAgreement(inf, inf, 0.0, None, inf)},
+                     {"y": NonFinite(candidate=3, reference=0, values=100)})
+    with pytest.raises(VerificationFailed, match="NaN/Inf in 3 of 100") as e:
+        v.require_pass()
+    assert e.value.exit_code == 1
+    all_bad = Verification(8, "random inputs", {"y": OutputAgreement(0.0, 0.0, 1.0, None, 0.0)},
+                           {"y": NonFinite(candidate=0, reference=100, values=100)})
+    with pytest.raises(NumericalError, match="NaN/Inf in all 100") as e:
+        all_bad.require_pass()
+    assert e.value.exit_code == 2
+    Verification(8, "random inputs", {"y": OutputAgreement(0.1, 0.1, 1.0, None, 0.1)},
+                 {"y": NonFinite(0, 5, 100)}).require_pass()  # some NaN of the input's own: a pass
+
+
+def test_compare_models_counts_nonfinite_outputs():
+    from onnx import numpy_helper
+
+    from onnx_dwdecomp.errors import VerificationFailed
+    from onnx_dwdecomp.verify import compare_models, random_batches
+    from onnx_dwdecomp.calibdata import InputSpec
+
+    model = _one_conv()
+    broken = _one_conv()
+    w = numpy_helper.to_array(broken.graph.initializer[0]).copy()
+    w[0, 0, 1, 1] = np.nan
+    broken.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    spec = [InputSpec("x", np.float32, (None, 4, 6, 6))]
+    v = compare_models(model, broken, random_batches(spec, {"x": (1, 4, 6, 6)}, 0), "random inputs")
+    assert v.nonfinite["y"].candidate == 8 * 36 and v.worst_error() == float("inf")
+    with pytest.raises(VerificationFailed):
+        v.require_pass(model)
+
+
+def test_random_inputs_keep_each_inputs_own_shape_and_dtype():
+    """A weight fed as a graph input (axis 0 fixed to 16) keeps its shape; x takes the batch."""
+    from onnx_dwdecomp.calibdata import InputSpec
+    from onnx_dwdecomp.errors import OptionError
+    from onnx_dwdecomp.verify import random_batches
+
+    specs = [InputSpec("x", np.float32, (None, 4, 6, 6)), InputSpec("W", np.float32, (16, 4, 3, 3)),
+             InputSpec("k", np.int64, (None,))]
+    batches = random_batches(specs, {"x": (1, 4, 6, 6), "W": (16, 4, 3, 3), "k": (1,)}, seed=3)
+    assert [(b["x"].shape, b["W"].shape, b["k"].shape) for b in batches] == [((8, 4, 6, 6), (16, 4, 3, 3), (8,))]
+    assert batches[0]["k"].dtype == np.int64
+    with pytest.raises(OptionError, match="--seed"):
+        random_batches(specs[:1], {"x": (1, 4, 6, 6)}, seed=-1)
+    with pytest.raises(OptionError, match="--no-verify"):
+        random_batches([InputSpec("s", np.dtype(object), (None,))], {"s": (1,)}, seed=0)
+
+
+def test_random_inputs_beyond_memory_are_refused(monkeypatch):
+    from onnx_dwdecomp.calibdata import InputSpec
+    from onnx_dwdecomp.errors import ResourceError
+    from onnx_dwdecomp.verify import random_batches
+
+    monkeypatch.setenv("ONNX_DWDECOMP_MEMORY", "1M")
+    with pytest.raises(ResourceError, match="--input-shape"):
+        random_batches([InputSpec("x", np.float32, (None, 3, None, None))], {"x": (1, 3, 512, 512)}, seed=0)
+
+
+def test_new_nonfinite_weights_are_refused_old_ones_kept():
+    from onnx import numpy_helper
+
+    from onnx_dwdecomp.errors import NumericalError
+    from onnx_dwdecomp.verify import check_finite_weights, nonfinite_tensors
+
+    model = _one_conv()
+    assert nonfinite_tensors(model) == {}
+    check_finite_weights(model, model)
+    bad = _one_conv()
+    w = numpy_helper.to_array(bad.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = np.inf
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    with pytest.raises(NumericalError, match="'w'"):
+        check_finite_weights(model, bad)
+    check_finite_weights(bad, bad)  # the input had it already
+
+
+def test_checker_failure_of_the_rewrite_is_an_internal_error():
+    from onnx_dwdecomp.errors import EXIT_INTERNAL_ERROR, InternalError
+    from onnx_dwdecomp.verify import check_model
+
+    model = _one_conv()
+    model.graph.node[0].input[1] = "missing"
+    with pytest.raises(InternalError) as e:
+        check_model(model)
+    assert e.value.exit_code == EXIT_INTERNAL_ERROR == 3
+
+
+def test_nonfinite_statistics_name_the_conv():
+    from types import SimpleNamespace
+
+    from onnx_dwdecomp.errors import NumericalError
+    from onnx_dwdecomp.verify import finite_stats_solver
+
+    stats = SimpleNamespace(mean_x=np.zeros(3), mean_xhat=np.zeros(3), cov_xhat=np.full((3, 3), np.nan),
+                            cov_y_xhat=np.zeros((2, 3)), response_var=1.0)
+    solve = finite_stats_solver(lambda layer, s, h: "solved")
+    with pytest.raises(NumericalError, match="conv 'c1'.*cov_xhat"):
+        solve(SimpleNamespace(name="c1"), stats, None)
+    stats.cov_xhat = np.eye(3)
+    assert solve(SimpleNamespace(name="c1"), stats, None) == "solved"

@@ -1,0 +1,399 @@
+"""Memory and threads: what a job needs, checked against what the machine has before anything
+large is allocated.
+
+Available memory (:func:`available_memory`) is the least of
+
+- ``MemAvailable`` of ``/proc/meminfo`` (elsewhere ``os.sysconf`` available physical pages),
+- the cgroup's limit minus its usage (v2 ``memory.max − memory.current``, v1
+  ``memory.limit_in_bytes − memory.usage_in_bytes``),
+- the address-space limit (``ulimit -v``) minus this process's current size,
+- ``$ONNX_DWDECOMP_MEMORY`` (bytes, or with a K/M/G/T suffix): a cap of the user's own on what
+  the job may still allocate (like the others, compared with each estimate as it is made: it
+  does not shrink by what the process already holds, e.g. decompressed calibration data),
+
+or None when none can be read (then nothing is checked). Each is read afresh at every check.
+
+The job estimate (:func:`check_job`, after shape inference at the resolved input shapes and
+before calibration, latency timing or verification allocates anything), in bytes::
+
+    s(t)         bytes per sample of activation tensor t (shape inference; constants excluded)
+    forward(b)   = b · max over nodes of Σ s(t) over the node's inputs and outputs
+                   (the widest node's operands coexist in any runtime; onnxruntime reuses the
+                   rest of its arena, so this is a floor, not a sum over the graph)
+    weights      = 3 · W           W: the model's serialised size (working copy, rewritten copy,
+                                   onnxruntime's copy)
+    verify       = 2 · forward(b_v) + S·(I + 8·I_e) + S·(4·O + 24·O_e)
+                   two sessions (input and rewritten model) at batch b_v; S verification samples
+                   (held-out calibration samples, else RANDOM_SAMPLES random ones drawn in
+                   float64); I, I_e: input bytes, elements per sample; O, O_e: output bytes,
+                   elements per sample (both models' outputs kept, joined, compared in float64)
+    calibrate    = 2 · forward(B) + min(2·N·X, 1 GiB)
+                   + max over layers of [2·B·P_l·D_l·4 + N·T_l·16 + 8·(D_l² + n_l·D_l)]
+                   B: --batch-size (or the model's fixed batch), N: samples (--calib-size),
+                   X: largest conv input per sample (the cut tensors of both networks, spilled to
+                   disk past 1 GiB), P_l: output positions sampled per image (--positions,
+                   raised to 4·D_l / fit samples as calibrate.py does, at most T_l; T_l for
+                   'all'), T_l: the layer's output positions, D_l = C·kh·kw, n_l output
+                   channels (float32 patch pairs, seeded position draws, float64 moments)
+    latency      = max over candidates of [x·(1 + 8/itemsize) + 2·(y + m)]
+                   + 2 · threads · THREAD_BYTES
+                   x, y, m: the conv's input, output and depthwise output at the resolved shapes
+                   (random input drawn in float64; two probe sessions)
+    peak         = weights + max(verify, calibrate, latency)
+
+The estimate is a floor, not a bound: it counts the arrays the job must hold at once, not the
+interpreter, onnxruntime's arena slack or numpy temporaries. A job whose ``peak`` exceeds the
+available memory stops with a :class:`ResourceError` naming the phase, its largest part and the
+flag that makes it smaller (and the flags of every other phase that does not fit). Calibration
+files are checked on their own before they are read (calibdata.py), and :func:`require` guards
+each large allocation where it happens (random timing and verification inputs, shape probing).
+
+Threads: ``--threads`` above :func:`max_threads` (4 × the CPUs this process may use) is refused:
+timings with that many more threads than cores measure contention, and each onnxruntime
+thread costs memory of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import OptionError, ResourceError
+
+#: Allowance per onnxruntime thread per session (stack in use, per-thread scratch).
+THREAD_BYTES = 4 << 20
+#: --threads may be at most this many times the CPUs this process may use.
+THREADS_PER_CPU = 4
+#: Calibration cut tensors spill to disk past this many bytes (calibrate.MEMORY_BUDGET).
+CUT_BUDGET = 1 << 30
+ENV_VAR = "ONNX_DWDECOMP_MEMORY"
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536`` → ``"1.5 KiB"``."""
+    n = float(n)
+    if abs(n) >= 1 << 60:
+        return f"{n:.2g} bytes"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+# --------------------------------------------------------------------------- what is available
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise OptionError(f"${ENV_VAR} {text!r}: expected a size in bytes, e.g. 8G or 512M")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(limit_file)
+        if limit is not None and limit < 1 << 60:  # v1 writes a huge number for "no limit"
+            usage = _read_int(usage_file) or 0
+            return max(limit - usage, 0)
+    return None
+
+
+def _address_space() -> int | None:
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    size = 0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    size = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(soft - size, 0)
+
+
+def available_memory() -> tuple[int | None, str]:
+    """``(bytes, where from)``: the least of the bounds in the module docstring, or
+    ``(None, "")`` when none can be read."""
+    bounds: list[tuple[int, str]] = []
+    for value, what in ((_meminfo(), "available"), (_cgroup(), "left under the cgroup's memory limit"),
+                        (_address_space(), "left under the address-space limit (ulimit -v)")):
+        if value is not None:
+            bounds.append((value, what))
+    env = os.environ.get(ENV_VAR)
+    if env:
+        bounds.append((parse_size(env), f"allowed by ${ENV_VAR}"))
+    if not bounds:
+        return None, ""
+    return min(bounds)
+
+
+def require(nbytes: float, what: str, hint: str) -> None:
+    """Raise :class:`ResourceError` when ``nbytes`` (for ``what``) exceed the available memory."""
+    available, source = available_memory()
+    if available is not None and nbytes > available:
+        raise ResourceError(f"not enough memory: {what} needs about {fmt_bytes(nbytes)}, "
+                            f"{fmt_bytes(available)} {source}; {hint}")
+
+
+def array_bytes(shape: Iterable[int], dtype) -> int:
+    """Bytes of an array of ``shape`` and ``dtype`` (exact Python integers: no overflow)."""
+    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def max_threads() -> int:
+    from .timing import default_threads
+
+    return THREADS_PER_CPU * default_threads()
+
+
+def check_threads(threads: int | None) -> None:
+    """:class:`OptionError` for ``--threads`` above :func:`max_threads`."""
+    if threads is None:
+        return
+    limit = max_threads()
+    if threads > limit:
+        raise OptionError(f"--threads {threads}: at most {limit} ({THREADS_PER_CPU} × the {limit // THREADS_PER_CPU} "
+                          f"CPU(s) this process may use); more threads than cores time contention, not the conv")
+
+
+# --------------------------------------------------------------------------- the job estimate
+
+
+@dataclass(frozen=True)
+class Part:
+    """One phase of the estimate: ``nbytes`` in total, ``detail`` its largest part, ``hint``
+    the flag(s) that make it smaller."""
+
+    phase: str
+    nbytes: int
+    detail: str
+    hint: str
+
+
+def _tensor_bytes(info) -> int | None:
+    if info is None or info.shape is None or info.dtype is None:
+        return None
+    return array_bytes(info.shape, info.dtype)
+
+
+def _constants(model) -> set[str]:
+    names = {t.name for t in model.graph.initializer}
+    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def widest_node(model, infos) -> tuple[int, str]:
+    """``(bytes, description)`` of the node whose activation inputs and outputs take the most
+    memory at the shapes of ``infos``."""
+    constants = _constants(model)
+    best, where = 0, ""
+    for index, node in enumerate(model.graph.node):
+        names = {t for t in list(node.input) + list(node.output) if t and t not in constants}
+        total = 0
+        biggest = (0, "")
+        for name in names:
+            b = _tensor_bytes(infos.get(name))
+            if b:
+                total += b
+                if b > biggest[0]:
+                    biggest = (b, f"{name!r} {fmt_shape(infos[name].shape)} {infos[name].dtype}")
+        if total > best:
+            best = total
+            label = node.name or f"{node.op_type}#{index}"
+            where = f"node {label!r} ({node.op_type}, largest tensor {biggest[1]})"
+    return best, where
+
+
+def heldout_count(n: int) -> int:
+    """The held-out sample count of calibrate.split_holdout at its default fraction 0.1."""
+    return max(1, min(max(1, int(round(0.1 * n)), min(4, n // 4)), n - 1))
+
+
+def job_parts(*, model, infos, specs, shapes, fixed_batch, samples: int | None, batch_size: int,
+              positions: int | None, verify: bool, random_samples: int, layers, latency: bool,
+              threads: int | None, multiplier: int | None, model_bytes: int) -> list[Part]:
+    """The phases of the estimate in the module docstring (no checks)."""
+    from .timing import default_threads
+
+    first = specs[0] if specs else None
+    b0 = shapes[first.name][0] if first is not None and shapes.get(first.name) else 1
+    dynamic = first is not None and bool(first.shape) and first.shape[0] is None
+    node_bytes, node_where = widest_node(model, infos)
+
+    def forward(b: int) -> int:  # the widest node at batch b
+        return node_bytes * b // max(b0, 1) if dynamic else node_bytes
+
+    def per_sample(names) -> tuple[int, int]:
+        total, elems = 0, 0
+        for name in names:
+            info = infos.get(name)
+            b = _tensor_bytes(info)
+            if b:
+                rows = max(info.shape[0], 1) if info.shape else 1
+                total += b // rows
+                elems += math.prod(info.shape) // rows
+        return total, elems
+
+    in_b, in_e = per_sample([s.name for s in specs])
+    out_b, out_e = per_sample([o.name for o in model.graph.output])
+    parts = [Part("the model's copies", 3 * model_bytes, f"{fmt_bytes(model_bytes)} serialised",
+                  "no flag makes the model smaller")]
+    if verify:
+        if samples:
+            s = heldout_count(samples)
+            bv = fixed_batch or min(batch_size, s)
+            draw = 0
+            hint = "--batch-size B (or --no-verify)"
+        else:
+            s = random_samples
+            bv = fixed_batch or s
+            draw = 8 * in_e
+            hint = ("--input-shape NAME:D0,D1,... with smaller dims, or --no-verify" if _resizable(specs)
+                    else "--no-verify skips the onnxruntime comparison")
+        kept = s * (4 * out_b + 24 * out_e)
+        total = 2 * forward(bv) + s * (in_b + draw) + kept
+        detail = f"{node_where} at batch {bv}, two sessions"
+        if kept > 2 * forward(bv):
+            detail = f"the outputs of {s} sample(s) of both models, {fmt_bytes(out_b)} per sample, compared in float64"
+            if samples:
+                hint = "--calib-size N (fewer held-out samples), or --no-verify"
+        parts.append(Part("verification", total, detail, hint))
+    if samples:
+        n = samples
+        b = fixed_batch or min(batch_size, n)
+        x_max, layer_max, layer_terms = 0, 0, []
+        fit = max(n - heldout_count(n), 1)
+        for layer in layers:
+            xi, yi = infos.get(layer.input), infos.get(layer.output)
+            xb = _tensor_bytes(xi)
+            if xb and xi.shape:
+                x_max = max(x_max, xb // max(xi.shape[0], 1))
+            if yi is None or not yi.shape or len(yi.shape) < 3:
+                continue
+            t = math.prod(yi.shape[2:])
+            nout = int(layer.weight.shape[0])
+            d = int(layer.weight.size) // max(nout, 1)
+            p = t if positions is None else min(t, max(positions, -(-4 * d // fit)))
+            terms = [(2 * b * p * d * 4, f"conv {layer.name!r}: patches of {p} positions × {d} values per image at "
+                                         f"batch {b}", "--positions P (fewer sampled positions) or --batch-size B"),
+                     (n * t * 16, f"conv {layer.name!r}: position draws for {n} samples × {t} positions",
+                      "--calib-size N (fewer samples)"),
+                     (8 * (d * d + nout * d), f"conv {layer.name!r}: moments of {d} patch values",
+                      "--exclude the conv")]
+            if sum(v for v, _, _ in terms) > layer_max:
+                layer_max, layer_terms = sum(v for v, _, _ in terms), terms
+        cuts = min(2 * n * x_max, CUT_BUDGET)
+        terms = [(2 * forward(b), f"{node_where} at batch {b}", "--batch-size B"),
+                 (cuts, f"tensors between segments for {n} samples", "--calib-size N (fewer samples)"), *layer_terms]
+        _, detail, hint = max(terms, key=lambda term: term[0])
+        parts.append(Part("calibration", sum(v for v, _, _ in terms), detail, hint))
+    if latency and layers:
+        worst, where = 0, ""
+        for layer in layers:
+            xi, yi = infos.get(layer.input), infos.get(layer.output)
+            xb, yb = _tensor_bytes(xi), _tensor_bytes(yi)
+            if not xb or not yb:
+                continue
+            itemsize = np.dtype(xi.dtype).itemsize
+            c, n_out = int(layer.weight.shape[1]), int(layer.weight.shape[0])
+            mid = yb // max(n_out, 1) * c * (multiplier or 1)
+            size = xb * (1 + 8 // itemsize) + 2 * (yb + mid)
+            if size > worst:
+                worst, where = size, f"conv {layer.name!r} input {fmt_shape(xi.shape)}"
+        t = threads or default_threads()
+        parts.append(Part("latency timing", worst + 2 * t * THREAD_BYTES, f"{where}, {t} thread(s)",
+                          "--select all (times nothing)"))
+    return parts
+
+
+def _resizable(specs) -> bool:
+    """Whether --input-shape can make the random verification inputs smaller (a dynamic dim
+    other than the batch, which verification sets itself)."""
+    return any(d is None for s in specs for d in s.shape[1:])
+
+
+def check_job(**kwargs) -> None:
+    """Estimate the job (:func:`job_parts`, same arguments) and raise :class:`ResourceError`
+    when ``weights + max(phases)`` exceeds the available memory; checks ``threads`` first."""
+    check_threads(kwargs.get("threads"))
+    parts = job_parts(**kwargs)
+    available, source = available_memory()
+    if available is None:
+        return
+    weights, phases = parts[0], parts[1:]
+    worst = max(phases, key=lambda p: p.nbytes, default=None)
+    total = weights.nbytes + (worst.nbytes if worst else 0)
+    if total <= available:
+        return
+    if worst is None or weights.nbytes >= worst.nbytes:
+        worst = weights
+    # every phase that does not fit on its own: its flag too, so one run names them all
+    hints = [worst.hint] + [p.hint for p in phases if p is not worst and weights.nbytes + p.nbytes > available
+                            and p.hint != worst.hint]
+    raise ResourceError(f"not enough memory: {worst.phase} needs about {fmt_bytes(total)} "
+                        f"({worst.detail}), {fmt_bytes(available)} {source}; {'; '.join(hints)}")
+
+
+def check_decompose_job(job, layers) -> None:
+    """:func:`check_job` for a pipeline job (pipeline._Job) and its candidate convs."""
+    from .modelio import model_byte_size
+    from .verify import RANDOM_SAMPLES
+
+    opts = job.opts
+    check_job(model=job.work, infos=job.infos, specs=job.specs, shapes=job.shapes, fixed_batch=job.fixed_batch,
+              samples=job.data.num_samples if job.data is not None else None, batch_size=opts.batch_size,
+              positions=opts.positions, verify=opts.verify, random_samples=RANDOM_SAMPLES, layers=layers,
+              latency=opts.select == "latency", threads=opts.threads, multiplier=opts.multiplier,
+              model_bytes=model_byte_size(job.source))
