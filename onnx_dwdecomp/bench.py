@@ -52,7 +52,8 @@ import numpy as np
 import onnx
 
 from .errors import ModelError, OptionError, first_line
-from .modelio import iter_graph_tensors, load_model
+from .graph import constant_tensors
+from .modelio import load_model
 from .options import ShapesAction
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, resolve_input_shapes
@@ -133,7 +134,7 @@ def _file_size_on_disk(path: Path, used_external_data: bool, main_size: int) -> 
         return main_size
     stub = onnx.load(str(path), load_external_data=False)  # weights not read: cheap
     files = set()
-    for t in iter_graph_tensors(stub.graph):
+    for t in constant_tensors(stub.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for entry in t.external_data:
                 if entry.key == "location":

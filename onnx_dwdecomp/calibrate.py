@@ -64,6 +64,7 @@ from onnx import helper
 from .calibdata import CalibrationData
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
+from .graph import node_reads, subgraph_reads
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from .runtime import make_session, run
 from .shapes import TensorInfo
@@ -230,23 +231,6 @@ class MomentSums:
 
 # ------------------------------------------------------------------------------- segments
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-            produced = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
-            produced |= {t.name for t in sub.initializer}
-            for n in sub.node:
-                names |= {i for i in n.input if i and i not in produced}
-                names |= _subgraph_reads(n) - produced
-            names |= {o.name for o in sub.output} - produced
-    return names
-
-
-def _node_reads(node: onnx.NodeProto) -> set[str]:
-    return {i for i in node.input if i} | _subgraph_reads(node)
-
-
 @dataclass(frozen=True)
 class Segment:
     """Nodes ``[start, stop)`` of the graph, with the cut tensors they read and write.
@@ -274,7 +258,7 @@ def static_producers(graph: onnx.GraphProto) -> dict[str, int]:
     known = {t.name for t in graph.initializer}
     producers: dict[str, int] = {}
     for index, node in enumerate(graph.node):
-        if node.op_type not in _RANDOM_OPS and _node_reads(node) <= known:
+        if node.op_type not in _RANDOM_OPS and node_reads(node) <= known:
             for out in node.output:
                 if out:
                     known.add(out)
@@ -302,7 +286,7 @@ def shape_derived(graph: onnx.GraphProto) -> set[str]:
             continue
         metadata = _METADATA_INPUTS.get(node.op_type, ())
         values = {name for pos, name in enumerate(node.input) if name and pos not in metadata}
-        if node.op_type in _RANDOM_OPS or (values | _subgraph_reads(node)) & data:
+        if node.op_type in _RANDOM_OPS or (values | subgraph_reads(node)) & data:
             data |= outputs
         else:
             derived |= outputs
@@ -317,7 +301,7 @@ def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str
         index = todo.pop()
         if index not in needed:
             needed.add(index)
-            todo.extend(producers[r] for r in _node_reads(graph.node[index]) if r in producers)
+            todo.extend(producers[r] for r in node_reads(graph.node[index]) if r in producers)
     return needed
 
 
@@ -332,7 +316,7 @@ def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
     constants = {t.name for t in graph.initializer} | set(producers)
     last_use: dict[str, int] = {}
     for index, node in enumerate(graph.node):
-        for name in _node_reads(node):
+        for name in node_reads(node):
             last_use[name] = index
     for out in graph.output:
         last_use[out.name] = len(graph.node)
@@ -341,7 +325,7 @@ def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
     for stop in cuts:
         nodes = graph.node[start:stop]
         produced = {o for n in nodes for o in n.output if o}
-        reads = set().union(*(_node_reads(n) for n in nodes)) if nodes else set()
+        reads = set().union(*(node_reads(n) for n in nodes)) if nodes else set()
         inputs = sorted(r for r in reads if r not in produced and r not in constants)
         outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop and p not in producers)
         static = _static_closure({r for r in reads if r not in produced}, graph, producers)
@@ -360,7 +344,7 @@ def segment_model(model: onnx.ModelProto, seg: Segment, infos: dict[str, TensorI
         new_nodes, extra_inits = replace
         nodes = new_nodes + nodes[1:]
     nodes = [model.graph.node[i] for i in seg.static_nodes] + nodes
-    reads = set().union(*(_node_reads(n) for n in nodes))
+    reads = set().union(*(node_reads(n) for n in nodes))
     inits = [t for t in model.graph.initializer if t.name in reads] + extra_inits
 
     def value_info(name: str) -> onnx.ValueInfoProto:

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError, OptionError
+from .graph import label, subgraphs
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,6 @@ class Skipped:
 class Candidates:
     layers: tuple[ConvLayer, ...]
     skipped: tuple[Skipped, ...]
-
-
-def node_display_name(node: onnx.NodeProto, index: int) -> str:
-    """The node's name, or ``Conv@<output tensor>`` for unnamed nodes."""
-    return node.name or f"{node.op_type}@{node.output[0] if node.output else index}"
 
 
 def conv_kinds(model: onnx.ModelProto) -> Counter:
@@ -164,16 +160,15 @@ def _attr(node: onnx.NodeProto, name: str, default, kind: str | None = None):
     return default
 
 
-def _subgraph_convs(graph: onnx.GraphProto, owner: str):
+def _subgraph_convs(graph: onnx.GraphProto):
+    """``(conv, where)`` for every Conv inside a subgraph of ``graph``, at any depth (``where``
+    names the node that holds it)."""
     for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                where = f"{owner}/{node.name or node.op_type}"
-                for inner in sub.node:
-                    if inner.op_type == "Conv":
-                        yield inner, f"inside the {node.op_type} subgraph of {node.name or node.op_type!r}"
-                yield from _subgraph_convs(sub, where)
+        for sub in subgraphs(node):
+            for inner in sub.node:
+                if inner.op_type == "Conv":
+                    yield inner, f"inside the {node.op_type} subgraph of {label(node)!r}"
+            yield from _subgraph_convs(sub)
 
 
 def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
@@ -196,7 +191,7 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
     for index, node in enumerate(graph.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
-        name = node_display_name(node, index)
+        name = label(node)
         conv_names.append(name)
         reason, layer = _classify(node, index, name, constants, channels)
         if layer is not None:
@@ -208,8 +203,8 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
             layers.append(layer)
         else:
             skipped.append(Skipped(name, reason))
-    for node, where in _subgraph_convs(graph, ""):
-        skipped.append(Skipped(node.name or "Conv", f"{where}; subgraphs are not rewritten"))
+    for node, where in _subgraph_convs(graph):
+        skipped.append(Skipped(label(node), f"{where}; subgraphs are not rewritten"))
     for pattern in include:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in conv_names):
             raise OptionError(f"--include {pattern!r} matches no Conv node; Conv nodes are named like "

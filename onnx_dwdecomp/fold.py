@@ -61,6 +61,7 @@ import onnx_graphsurgeon as gs
 from . import modelio
 from .candidates import constant_values
 from .errors import NumericalError
+from .graph import node_label
 from .rewrite import NameAllocator, Replacement, apply_replacements, drop_orphan_producers, export_like
 
 __all__ = ["Affine", "Fold", "Merge", "Refusal", "FoldResult", "affine_after", "check_pointwise",
@@ -128,7 +129,7 @@ class Affine:
 
 
 def _name(node: gs.Node) -> str:
-    return node.name or f"{node.op}@{node.outputs[0].name if node.outputs else '?'}"
+    return node_label(node.op, node.name, node.outputs[0].name if node.outputs else None)
 
 
 def _attr(node: gs.Node, key: str, default):

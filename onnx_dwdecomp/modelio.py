@@ -22,6 +22,7 @@ import onnx.numpy_helper
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, OptionError, OutputError, first_line
+from .graph import constant_tensors, nested_graphs
 
 #: Protobuf cannot serialise a message above 2 GiB; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -38,22 +39,8 @@ class LoadedModel:
     seconds: float = 0.0  # time taken to read and check it
 
 
-def iter_graph_tensors(graph: onnx.GraphProto):
-    """Yield every constant tensor of ``graph`` and its subgraphs (initializers, Constant values)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graph_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graph_tensors(sub)
-
-
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_graph_tensors(model.graph))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in constant_tensors(model.graph))
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
@@ -109,7 +96,7 @@ def model_byte_size(model: onnx.ModelProto) -> int:
 
 
 def _byte_size_by_parts(model: onnx.ModelProto) -> int:
-    tensors = sum(_tensor_byte_size(t) for t in iter_graph_tensors(model.graph))
+    tensors = sum(_tensor_byte_size(t) for t in constant_tensors(model.graph))
     skeleton = metadata_copy(model, min_bytes=0, force=True)
     return tensors + skeleton.ByteSize()
 
@@ -134,7 +121,7 @@ def metadata_copy(model: onnx.ModelProto, min_bytes: int = 1024, *, force: bool 
     copy.CopyFrom(model)
     if not force and model_byte_size(model) < PROTOBUF_LIMIT:
         return copy
-    for tensor in iter_graph_tensors(copy.graph):
+    for tensor in constant_tensors(copy.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL and _tensor_byte_size(tensor) >= min_bytes:
             dims, dtype, name = list(tensor.dims), tensor.data_type, tensor.name
             tensor.Clear()
@@ -247,26 +234,23 @@ def _text(*values) -> None:
 
 
 def _touch_strings(graph: onnx.GraphProto) -> None:
-    """Read every name of ``graph`` (protobuf decodes text lazily; corrupt bytes fail here)."""
-    _text(graph.name, graph.doc_string)
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        _text(vi.name, vi.doc_string)
-    for t in graph.initializer:
-        _text(t.name)
-    for node in graph.node:
-        _text(node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output)
-        for attr in node.attribute:
-            _text(attr.name)
-            if attr.type == onnx.AttributeProto.STRING:
-                attr.s.decode()
-            elif attr.type == onnx.AttributeProto.STRINGS:
-                for v in attr.strings:
-                    v.decode()
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                _touch_strings(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _touch_strings(sub)
+    """Read every name of ``graph`` and its subgraphs (protobuf decodes text lazily; corrupt
+    bytes fail here)."""
+    for g in nested_graphs(graph):
+        _text(g.name, g.doc_string)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            _text(vi.name, vi.doc_string)
+        for t in g.initializer:
+            _text(t.name)
+        for node in g.node:
+            _text(node.name, node.op_type, node.domain, node.doc_string, *node.input, *node.output)
+            for attr in node.attribute:
+                _text(attr.name)
+                if attr.type == onnx.AttributeProto.STRING:
+                    attr.s.decode()
+                elif attr.type == onnx.AttributeProto.STRINGS:
+                    for v in attr.strings:
+                        v.decode()
 
 
 def _umask() -> int:
@@ -282,7 +266,7 @@ def _move_to_external_data(model: onnx.ModelProto, data_path: Path, location: st
     from onnx.external_data_helper import set_external_data
 
     with open(data_path, "wb") as fh:
-        for tensor in iter_graph_tensors(model.graph):
+        for tensor in constant_tensors(model.graph):
             if not tensor.HasField("raw_data"):
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
                     raise ModelError(f"tensor {tensor.name!r} still refers to external data")

@@ -51,6 +51,7 @@ from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocat
 from .candidates import ConvLayer, Skipped
 from .errors import BudgetError
 from .fold import rewrite_and_merge
+from .graph import label
 from .latency import MIN_GAIN, LatencySelector
 from .report import Selection
 from .rewrite import Replacement
@@ -105,7 +106,7 @@ def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, o
         return {}
     merged, by_pointwise = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
                                                     for layer in layers])
-    by_name = {node.name or f"{node.op_type}@{node.output[0]}": node for node in work.graph.node}
+    by_name = {label(node): node for node in work.graph.node}
     return {by_pointwise[m.first]: by_name[m.into] for m in merged.folds}
 
 

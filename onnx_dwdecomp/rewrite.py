@@ -43,6 +43,7 @@ from onnx import helper, numpy_helper
 
 from . import modelio
 from .candidates import ConvLayer
+from .graph import graph_reads
 from .solve import ChannelFactors, SeparableFactors
 
 
@@ -248,7 +249,7 @@ def export_like(graph: gs.Graph, model: onnx.ModelProto, replaced: set[str] = fr
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     exported = {t.name: t for t in out.graph.initializer}
-    used_before, used_after = referenced_names(model.graph), referenced_names(out.graph)
+    used_before, used_after = graph_reads(model.graph), graph_reads(out.graph)
     original = {t.name for t in model.graph.initializer}
     kept = []
     for t in model.graph.initializer:
@@ -261,14 +262,3 @@ def export_like(graph: gs.Graph, model: onnx.ModelProto, replaced: set[str] = fr
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept + added)
     return out
-
-
-def referenced_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of ``graph`` or of its subgraphs reads, plus the graph outputs."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= referenced_names(sub)
-    return names
