@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, OptionError
+from .errors import ModelError, OptionError, Refused, refuse
 from .graph import label, subgraphs
 
 
@@ -53,15 +53,9 @@ class ConvLayer:
 
 
 @dataclass(frozen=True)
-class Skipped:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class Candidates:
     layers: tuple[ConvLayer, ...]
-    skipped: tuple[Skipped, ...]
+    skipped: tuple[Refused, ...]
 
 
 def conv_kinds(model: onnx.ModelProto) -> Counter:
@@ -186,25 +180,25 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
     constants = constant_values(graph, model.ir_version)
     channels = _static_channels(model)
     layers: list[ConvLayer] = []
-    skipped: list[Skipped] = []
+    skipped: list[Refused] = []
     conv_names: list[str] = []
     for index, node in enumerate(graph.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
         name = label(node)
         conv_names.append(name)
-        reason, layer = _classify(node, index, name, constants, channels)
-        if layer is not None:
+        layer = _classify(node, index, name, constants, channels)
+        if isinstance(layer, ConvLayer):
             if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-                reason, layer = "not matched by --include", None
+                layer = refuse("not matched by --include")
             elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
-                reason, layer = "excluded by --exclude", None
-        if layer is not None:
+                layer = refuse("excluded by --exclude")
+        if isinstance(layer, ConvLayer):
             layers.append(layer)
         else:
-            skipped.append(Skipped(name, reason))
+            skipped.append(layer.named(name))
     for node, where in _subgraph_convs(graph):
-        skipped.append(Skipped(label(node), f"{where}; subgraphs are not rewritten"))
+        skipped.append(Refused(label(node), f"{where}; subgraphs are not rewritten"))
     for pattern in include:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in conv_names):
             raise OptionError(f"--include {pattern!r} matches no Conv node; Conv nodes are named like "
@@ -233,13 +227,14 @@ def _static_channels(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _classify(node: onnx.NodeProto, index: int, name: str, constants: dict[str, np.ndarray],
-              channels: dict[str, int] | None = None) -> tuple[str, ConvLayer | None]:
+              channels: dict[str, int] | None = None) -> ConvLayer | Refused:
+    """The conv as a candidate, or why it is not one; a Conv that contradicts itself is a ModelError."""
     if len(node.input) < 2 or len(node.output) < 1 or not node.output[0]:
         raise ModelError(f"Conv {name!r} has {len(node.input)} input(s) and {len(node.output)} output(s), "
                          f"expected at least 2 and 1")
     weight = constants.get(node.input[1])
     if weight is None:
-        return f"weight {node.input[1]!r} is computed at run time, not a constant", None
+        return refuse(f"weight {node.input[1]!r} is computed at run time, not a constant")
     if weight.ndim < 3:
         raise ModelError(f"Conv {name!r}: weight {node.input[1]!r} has shape {weight.shape}, "
                          f"expected (out, in/group, k...)")
@@ -256,27 +251,27 @@ def _classify(node: onnx.NodeProto, index: int, name: str, constants: dict[str, 
         raise ModelError(f"Conv {name!r}: weight shape {weight.shape} with group {group} expects "
                          f"{weight.shape[1] * group} input channels, but input {node.input[0]!r} has {c_in}")
     if len(kernel) != 2:
-        return f"{len(kernel)}-D kernel {kernel}; only 2-D convs are decomposed", None
+        return refuse(f"{len(kernel)}-D kernel {kernel}; only 2-D convs are decomposed")
     if kernel[0] * kernel[1] == 1:
-        return "pointwise (1×1): already the cheap form", None
+        return refuse("pointwise (1×1): already the cheap form")
     if group != 1:
         if weight.shape[1] == 1:
-            return f"depthwise (group={group}): already separable", None
-        return f"grouped conv (group={group}); only group=1 is decomposed", None
+            return refuse(f"depthwise (group={group}): already separable")
+        return refuse(f"grouped conv (group={group}); only group=1 is decomposed")
     if not np.issubdtype(weight.dtype, np.floating):
-        return f"weight dtype {weight.dtype} is not floating point (quantized?)", None
+        return refuse(f"weight dtype {weight.dtype} is not floating point (quantized?)")
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = constants.get(node.input[2])
         if bias is None:
-            return f"bias {node.input[2]!r} is computed at run time, not a constant", None
+            return refuse(f"bias {node.input[2]!r} is computed at run time, not a constant")
         if bias.shape != (weight.shape[0],):
             raise ModelError(f"Conv {name!r}: bias shape {bias.shape} does not match {weight.shape[0]} "
                              f"output channels")
     for what, value in (("weight", weight), ("bias", bias)):
         if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-            return f"{what} holds {bad} NaN/Inf value(s); left as it is", None
+            return refuse(f"{what} holds {bad} NaN/Inf value(s); left as it is")
     pads = tuple(_attr(node, "pads", (0, 0, 0, 0), "ints"))
     if len(pads) != 4 or min(pads) < 0:
         raise ModelError(f"Conv {name!r}: pads {pads} should be 4 non-negative values for a 2-D kernel")
@@ -300,4 +295,4 @@ def _classify(node: onnx.NodeProto, index: int, name: str, constants: dict[str, 
         dilations=dilations,
         auto_pad=auto_pad,
     )
-    return "", layer
+    return layer

@@ -21,6 +21,7 @@ exit code   meaning
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -128,3 +129,23 @@ class InternalError(DwDecompError):
     """A bug of this tool (e.g. a rewritten model that fails the ONNX checker)."""
 
     exit_code = EXIT_INTERNAL_ERROR
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Not an exception: something a stage declined to do, and why — a conv kept regular, a
+    BatchNormalization not folded, a pair not merged. Every stage uses this one record:
+    a function that may decline returns its result or a ``Refused``, a check returns ``None``
+    or a ``Refused``. Helpers that do not know the node leave ``name`` empty; the caller names
+    it with :meth:`named`."""
+
+    name: str
+    reason: str
+
+    def named(self, name: str) -> Refused:
+        return Refused(name, self.reason)
+
+
+def refuse(reason: str) -> Refused:
+    """A :class:`Refused` whose caller will name the node."""
+    return Refused("", reason)

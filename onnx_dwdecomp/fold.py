@@ -60,11 +60,11 @@ import onnx_graphsurgeon as gs
 
 from . import modelio
 from .candidates import constant_values
-from .errors import NumericalError
+from .errors import NumericalError, Refused, refuse
 from .graph import node_label
 from .rewrite import NameAllocator, Replacement, apply_replacements, drop_orphan_producers, export_like
 
-__all__ = ["Affine", "Fold", "Merge", "Refusal", "FoldResult", "affine_after", "check_pointwise",
+__all__ = ["Affine", "Fold", "Merge", "FoldResult", "affine_after", "check_pointwise",
            "fold_batchnorm", "fold_pointwise"]
 
 _AFFINE_OPS = ("BatchNormalization", "Mul", "Add")
@@ -89,14 +89,6 @@ class Merge:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """``node`` was not folded, and why."""
-
-    node: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class FoldResult:
     """The output of a folding pass.
 
@@ -106,14 +98,14 @@ class FoldResult:
         The new model (the input model itself when nothing changed).
     folds : tuple of Fold or Merge
         What was folded, in graph order.
-    refused : tuple of Refusal
+    refused : tuple of Refused
         Nodes that looked foldable but were not (BatchNormalization after a conv, or a given
         pointwise conv), with the reason.
     """
 
     model: onnx.ModelProto
     folds: tuple[Fold | Merge, ...]
-    refused: tuple[Refusal, ...] = ()
+    refused: tuple[Refused, ...] = ()
 
     @property
     def modified(self) -> bool:
@@ -137,21 +129,21 @@ def _attr(node: gs.Node, key: str, default):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | str:
+def _per_channel(value: np.ndarray, channels: int, rank: int) -> np.ndarray | Refused:
     """``value`` as a ``(channels,)`` vector if it broadcasts along axis 1 of a rank-``rank``
     tensor only; otherwise the reason it does not."""
     if value.ndim > rank:
-        return f"constant of shape {value.shape} has more dims than the conv output (rank {rank})"
+        return refuse(f"constant of shape {value.shape} has more dims than the conv output (rank {rank})")
     shape = (1,) * (rank - value.ndim) + tuple(value.shape)
     for axis, d in enumerate(shape):
         if d != 1 and not (axis == 1 and d == channels):
-            return (f"constant of shape {tuple(value.shape)} is not per-channel for {channels} channels "
+            return refuse(f"constant of shape {tuple(value.shape)} is not per-channel for {channels} channels "
                     f"(expected a scalar, (C,1,1) or (1,C,1,1))")
     return np.broadcast_to(value.reshape(shape[1]).astype(np.float64), (channels,)).copy()
 
 
 def affine_after(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int,
-                 values: dict[str, np.ndarray], dtype: np.dtype) -> Affine | str:
+                 values: dict[str, np.ndarray], dtype: np.dtype) -> Affine | Refused:
     """The per-channel affine map ``node`` applies to ``tensor``, or why it is not one.
 
     Parameters
@@ -166,105 +158,105 @@ def affine_after(node: gs.Node, tensor: gs.Tensor, channels: int, rank: int,
         The conv weight's dtype; parameters of another dtype are refused.
     """
     if node.op not in _AFFINE_OPS or node.domain not in (None, "", "ai.onnx"):
-        return f"{node.op} is not a per-channel affine map"
+        return refuse(f"{node.op} is not a per-channel affine map")
     outputs = [o for o in node.outputs if o.name]
     if len(outputs) != 1:
-        return f"{node.op} has {len(outputs)} outputs (training-mode statistics?)"
+        return refuse(f"{node.op} has {len(outputs)} outputs (training-mode statistics?)")
     if node.op == "BatchNormalization":
         if node.inputs[0] is not tensor:
-            return "the conv output is not the normalised input"
+            return refuse("the conv output is not the normalised input")
         if _attr(node, "training_mode", 0):
-            return "training_mode=1"
+            return refuse("training_mode=1")
         if len(node.inputs) != 5:
-            return f"BatchNormalization with {len(node.inputs)} inputs, expected 5"
+            return refuse(f"BatchNormalization with {len(node.inputs)} inputs, expected 5")
         params = [values.get(t.name) for t in node.inputs[1:]]
         if any(p is None for p in params):
-            return "its scale/bias/mean/var are not all constants"
+            return refuse("its scale/bias/mean/var are not all constants")
         if any(p.shape != (channels,) for p in params):
-            return (f"parameter shapes {[p.shape for p in params]} do not match {channels} channels")
+            return refuse(f"parameter shapes {[p.shape for p in params]} do not match {channels} channels")
         if any(p.dtype != dtype for p in params):
-            return f"parameter dtype differs from the conv weight's {dtype}"
+            return refuse(f"parameter dtype differs from the conv weight's {dtype}")
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         eps = float(_attr(node, "epsilon", 1e-5))
         if not all(np.isfinite(p).all() for p in (gamma, beta, mean, var)) or not np.isfinite(eps):
-            return "its scale/bias/mean/var hold NaN/Inf"
+            return refuse("its scale/bias/mean/var hold NaN/Inf")
         if (var + eps <= 0).any():
             k = int(np.argmax(var + eps <= 0))
-            return (f"var + epsilon = {var[k] + eps:g} ≤ 0 for channel {k} (it divides by zero; "
+            return refuse(f"var + epsilon = {var[k] + eps:g} ≤ 0 for channel {k} (it divides by zero; "
                     f"the node computes NaN/Inf)")
         with np.errstate(all="ignore"):
             scale = gamma / np.sqrt(var + eps)
             shift = beta - mean * scale
         if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
-            return "its scale γ/√(var + ε) overflows"
+            return refuse("its scale γ/√(var + ε) overflows")
         return Affine(scale, shift)
     if len(node.inputs) != 2:
-        return f"{node.op} with {len(node.inputs)} inputs"
+        return refuse(f"{node.op} with {len(node.inputs)} inputs")
     others = [t for t in node.inputs if t is not tensor]
     if len(others) != 1:
-        return f"{node.op} uses the conv output twice"
+        return refuse(f"{node.op} uses the conv output twice")
     value = values.get(others[0].name)
     if value is None:
-        return f"{node.op} operand {others[0].name!r} is computed at run time"
+        return refuse(f"{node.op} operand {others[0].name!r} is computed at run time")
     if value.dtype != dtype:
-        return f"{node.op} operand dtype {value.dtype} differs from the conv weight's {dtype}"
+        return refuse(f"{node.op} operand dtype {value.dtype} differs from the conv weight's {dtype}")
     vec = _per_channel(value, channels, rank)
-    if isinstance(vec, str):
+    if isinstance(vec, Refused):
         return vec
     if not np.isfinite(vec).all():
-        return f"{node.op} operand {others[0].name!r} holds NaN/Inf"
+        return refuse(f"{node.op} operand {others[0].name!r} holds NaN/Inf")
     if node.op == "Mul":
         return Affine(vec, np.zeros(channels))
     return Affine(np.ones(channels), vec)
 
 
-def _conv_params(conv: gs.Node, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None] | str:
+def _conv_params(conv: gs.Node, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None] | Refused:
     """Constant weight and bias of a Conv, or why they are not usable."""
     if conv.op != "Conv" or conv.domain not in (None, "", "ai.onnx"):
-        return f"{conv.op} is not a Conv"
+        return refuse(f"{conv.op} is not a Conv")
     if len(conv.inputs) < 2:
-        return "Conv without weight"
+        return refuse("Conv without weight")
     weight = values.get(conv.inputs[1].name)
     if weight is None:
-        return "conv weight is computed at run time"
+        return refuse("conv weight is computed at run time")
     if not np.issubdtype(weight.dtype, np.floating):
-        return f"conv weight dtype {weight.dtype} is not floating point"
+        return refuse(f"conv weight dtype {weight.dtype} is not floating point")
     bias = None
     if len(conv.inputs) > 2 and conv.inputs[2].name:
         bias = values.get(conv.inputs[2].name)
         if bias is None:
-            return "conv bias is computed at run time"
+            return refuse("conv bias is computed at run time")
     for what, value in (("weight", weight), ("bias", bias)):
         if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            return f"conv {what} holds NaN/Inf"
+            return refuse(f"conv {what} holds NaN/Inf")
     return weight, bias
 
 
-def _sole_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | str:
+def _sole_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | Refused:
     if tensor.name in graph_outputs:
-        return f"{tensor.name!r} is a graph output"
+        return refuse(f"{tensor.name!r} is a graph output")
     if len(tensor.outputs) != 1:
-        return f"{tensor.name!r} has {len(tensor.outputs)} consumers"
+        return refuse(f"{tensor.name!r} has {len(tensor.outputs)} consumers")
     return tensor.outputs[0]
 
 
-def check_pointwise(conv: gs.Node, values: dict[str, np.ndarray]) -> str | None:
+def check_pointwise(conv: gs.Node, values: dict[str, np.ndarray]) -> Refused | None:
     """Why ``conv`` is not a plain 1×1 conv (group 1, stride 1, no pads, dilation 1), or None."""
     params = _conv_params(conv, values)
-    if isinstance(params, str):
+    if isinstance(params, Refused):
         return params
     weight = params[0]
     if weight.ndim < 3 or any(k != 1 for k in weight.shape[2:]):
-        return f"kernel {tuple(weight.shape[2:])} is not 1×1"
+        return refuse(f"kernel {tuple(weight.shape[2:])} is not 1×1")
     if _attr(conv, "group", 1) != 1:
-        return f"group={_attr(conv, 'group', 1)}"
+        return refuse(f"group={_attr(conv, 'group', 1)}")
     spatial = weight.ndim - 2
     if any(s != 1 for s in _attr(conv, "strides", [1] * spatial)):
-        return f"strides {list(_attr(conv, 'strides', []))}"
+        return refuse(f"strides {list(_attr(conv, 'strides', []))}")
     if any(d != 1 for d in _attr(conv, "dilations", [1] * spatial)):
-        return f"dilations {list(_attr(conv, 'dilations', []))}"
+        return refuse(f"dilations {list(_attr(conv, 'dilations', []))}")
     if any(p != 0 for p in _attr(conv, "pads", [0] * 2 * spatial)):
-        return f"pads {list(_attr(conv, 'pads', []))}"
+        return refuse(f"pads {list(_attr(conv, 'pads', []))}")
     # auto_pad SAME_* / VALID pad nothing for a 1×1 kernel at stride 1.
     return None
 
@@ -349,7 +341,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
         return FoldResult(model, ())  # nothing to look at: skip the graph import (large models)
     surgery = _Surgery(model)
     folds: list[Fold] = []
-    refused: list[Refusal] = []
+    refused: list[Refused] = []
     for conv in list(surgery.graph.nodes):
         if conv.op != "Conv":
             continue
@@ -359,24 +351,24 @@ def fold_batchnorm(model: onnx.ModelProto) -> FoldResult:
             if not following:
                 break
             params = _conv_params(conv, surgery.values)
-            reason = params if isinstance(params, str) else None
+            reason = params if isinstance(params, Refused) else None
             consumer = _sole_consumer(out, surgery.graph_outputs)
-            if reason is None and isinstance(consumer, str):
-                reason = f"the conv output {consumer}"
+            if reason is None and isinstance(consumer, Refused):
+                reason = refuse(f"the conv output {consumer.reason}")
             affine = None
             if reason is None:
                 weight, bias = params
                 affine = affine_after(consumer, out, weight.shape[0], weight.ndim, surgery.values,
                                       weight.dtype)
-                if isinstance(affine, str):
+                if isinstance(affine, Refused):
                     reason = affine
             if reason is not None:
-                refused += [Refusal(_name(n), reason) for n in following if n.op == "BatchNormalization"]
+                refused += [reason.named(_name(n)) for n in following if n.op == "BatchNormalization"]
                 break
             nxt = consumer
             new_w, new_b = _scaled(weight, bias, affine)
             if not _finite(new_w, new_b):
-                refused += [Refusal(_name(n), f"the folded weights would overflow {weight.dtype} (NaN/Inf)")
+                refused += [Refused(_name(n), f"the folded weights would overflow {weight.dtype} (NaN/Inf)")
                             for n in following if n.op == "BatchNormalization"]
                 break
             result = nxt.outputs[0]
@@ -411,15 +403,15 @@ def fold_pointwise(model: onnx.ModelProto, first_convs: Iterable[str]) -> FoldRe
     surgery = _Surgery(model)
     by_name = {n.name: n for n in surgery.graph.nodes if n.name}
     merges: list[Merge] = []
-    refused: list[Refusal] = []
+    refused: list[Refused] = []
     for name in first_convs:
         first = by_name.get(name)
         if first is None or id(first) in surgery.removed:
-            refused.append(Refusal(name, "no such node (already merged?)"))
+            refused.append(Refused(name, "no such node (already merged?)"))
             continue
         outcome = _merge_pair(surgery, first)
-        if isinstance(outcome, str):
-            refused.append(Refusal(name, outcome))
+        if isinstance(outcome, Refused):
+            refused.append(outcome.named(name))
         else:
             merges.append(outcome)
     if not merges:
@@ -427,12 +419,12 @@ def fold_pointwise(model: onnx.ModelProto, first_convs: Iterable[str]) -> FoldRe
     return FoldResult(surgery.export(), tuple(merges), tuple(refused))
 
 
-def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
+def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | Refused:
     """Merge ``first`` into the 1×1 conv it feeds, or return why not (the graph is unchanged)."""
     values = surgery.values
     reason = check_pointwise(first, values)
     if reason:
-        return f"not a plain 1×1 conv: {reason}"
+        return refuse(f"not a plain 1×1 conv: {reason.reason}")
     w1, b1 = _conv_params(first, values)
     m = w1.shape[0]
     scale, shift = np.ones(m), np.zeros(m)
@@ -440,26 +432,26 @@ def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
     tensor = first.outputs[0]
     while True:
         nxt = _sole_consumer(tensor, surgery.graph_outputs)
-        if isinstance(nxt, str):
+        if isinstance(nxt, Refused):
             return nxt
         if nxt.op in _AFFINE_OPS:
             affine = affine_after(nxt, tensor, m, w1.ndim, values, w1.dtype)
-            if isinstance(affine, str):
-                return f"{_name(nxt)}: {affine}"
+            if isinstance(affine, Refused):
+                return refuse(f"{_name(nxt)}: {affine.reason}")
             scale, shift = affine.scale * scale, affine.scale * shift + affine.shift
             path.append(nxt)
             tensor = nxt.outputs[0]
             continue
         if nxt.op != "Conv" or not nxt.inputs or nxt.inputs[0] is not tensor:
-            return f"feeds {nxt.op} {_name(nxt)!r}, not a 1×1 conv"
+            return refuse(f"feeds {nxt.op} {_name(nxt)!r}, not a 1×1 conv")
         reason = check_pointwise(nxt, values)
         if reason:
-            return f"feeds conv {_name(nxt)!r} that is not a plain 1×1 conv: {reason}"
+            return refuse(f"feeds conv {_name(nxt)!r} that is not a plain 1×1 conv: {reason.reason}")
         second = nxt
         break
     w2, b2 = _conv_params(second, values)
     if w2.dtype != w1.dtype or w2.shape[1] != m:
-        return f"conv {_name(second)!r} has weight {w2.shape} {w2.dtype}, expected (n, {m}) {w1.dtype}"
+        return refuse(f"conv {_name(second)!r} has weight {w2.shape} {w2.dtype}, expected (n, {m}) {w1.dtype}")
     a1 = w1.reshape(m, -1).astype(np.float64)                      # (m, c)
     a2 = w2.reshape(w2.shape[0], m).astype(np.float64)             # (n, m)
     bias1 = np.zeros(m) if b1 is None else b1.astype(np.float64)
@@ -468,7 +460,7 @@ def _merge_pair(surgery: _Surgery, first: gs.Node) -> Merge | str:
         weight = ((a2 * scale) @ a1).astype(w2.dtype)
         bias = (a2 @ (scale * bias1 + shift) + bias2).astype(w2.dtype)
     if not _finite(weight, bias):
-        return f"the merged weights would overflow {w2.dtype} (NaN/Inf)"
+        return refuse(f"the merged weights would overflow {w2.dtype} (NaN/Inf)")
     surgery.set_param(second, 1, weight.reshape(w2.shape[0], *w1.shape[1:]), "weight")
     surgery.set_param(second, 2, bias, "bias")
     second.inputs[0] = first.inputs[0]  # rewire before removing, so x keeps a consumer

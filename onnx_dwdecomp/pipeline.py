@@ -22,8 +22,8 @@ import onnx
 from . import calibdata, resources
 from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
-from .candidates import ConvLayer, Skipped, find_candidates
-from .errors import CalibrationError, OptionError, first_line
+from .candidates import ConvLayer, find_candidates
+from .errors import CalibrationError, OptionError, Refused, first_line, refuse
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .modelio import LoadedModel, load_model, model_byte_size
@@ -167,8 +167,8 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
         reason = (_unprofitable(layer, job.method, uniform_r) if opts.plan_mode() == "uniform"
                   else check_multiplier(layer.weight_shape, 1))
         if reason:
-            skipped.append(Skipped(layer.name, reason))
-            selection.append(Selection(layer.name, False, reason))
+            skipped.append(reason.named(layer.name))
+            selection.append(Selection(layer.name, False, reason.reason))
         else:
             layers.append(layer)
     resources.check_decompose_job(job, layers)  # memory estimate and --threads bound, before any big allocation
@@ -200,7 +200,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
                          f"(best measured {min(_worst(r.verification) for r in rounds):.3g}); every conv kept regular")
         else:
             chosen = rounds[index]
-        skipped += [Skipped(layer.name, "kept regular by the plan (error bound or budget)")
+        skipped += [Refused(layer.name, "kept regular by the plan (error bound or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
     if chosen.verification is not None:
@@ -252,7 +252,7 @@ def _named_shapes(given: Mapping[str, tuple[int, ...]], specs) -> dict[str, tupl
 
 
 def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selection],
-                    skipped: list[Skipped]) -> tuple[BudgetPlanner, list[ConvLayer]]:
+                    skipped: list[Refused]) -> tuple[BudgetPlanner, list[ConvLayer]]:
     """Price the options, trace the error curves on held-out patches, measure κ, allocate (plan.py)."""
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
@@ -334,7 +334,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
                   new_model, pw_fold, verification)
 
 
-def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, skipped: list[Skipped],
+def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, skipped: list[Refused],
             selection: list[Selection], notes: list[str], start: float) -> Report:
     opts, work, infos = job.opts, job.work, job.infos
     new_model = chosen.model
@@ -369,7 +369,7 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
     if not chosen.layers:
         notes.append("no conv was rewritten; " + ("only BatchNormalization/Mul/Add were folded into convs"
                                                     if bn_fold.modified else "the output equals the input"))
-    notes += [f"{r.node} not folded into its conv: {r.reason}" for r in bn_fold.refused]
+    notes += [f"{r.name} not folded into its conv: {r.reason}" for r in bn_fold.refused]
     if planner is not None:
         notes += planner.notes(after.macs)
         if not chosen.layers and planner.mode == "max_error":
@@ -403,7 +403,7 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
                   environment=environment(opts.providers, opts.threads or default_threads()))
 
 
-def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> str | None:
+def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> Refused | None:
     """Why decomposing ``layer`` at ``multiplier`` is impossible or saves no MACs (or None)."""
     reason = check_multiplier(layer.weight_shape, multiplier)
     if reason:
@@ -417,12 +417,12 @@ def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> str | None:
     else:
         cost = c * multiplier * k + n * c * multiplier
     if cost >= regular:
-        return (f"no MAC saving at multiplier {multiplier}: {cost} vs {regular} MACs per output position")
+        return refuse(f"no MAC saving at multiplier {multiplier}: {cost} vs {regular} MACs per output position")
     return None
 
 
 def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selection],
-                       skipped: list[Skipped]) -> list[ConvLayer]:
+                       skipped: list[Refused]) -> list[ConvLayer]:
     """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
     (merged into a following 1×1 conv where it will be); appends the decision for every layer
     to ``selection`` and the rejected ones to ``skipped``."""
@@ -449,7 +449,7 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selec
         if decision.rewrite:
             chosen.append(layer)
         else:
-            skipped.append(Skipped(layer.name, "kept regular: latency not measured" if t is None else
+            skipped.append(Refused(layer.name, "kept regular: latency not measured" if t is None else
                                    f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
     return chosen
 

@@ -48,8 +48,8 @@ import numpy as np
 import onnx
 
 from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs, uniform
-from .candidates import ConvLayer, Skipped
-from .errors import BudgetError
+from .candidates import ConvLayer
+from .errors import BudgetError, Refused
 from .fold import rewrite_and_merge
 from .graph import label
 from .latency import MIN_GAIN, LatencySelector
@@ -197,13 +197,13 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
 
 
 def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
-                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection], list[Skipped]]:
+                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection], list[Refused]]:
     """The options offered per layer (layers with none left out), the selection records and
     the layers kept regular for want of an option, with the reason."""
     second = merge_targets(work, layers)
     macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
-    skipped = [Skipped(layer.name, "kept regular: no multiplier saves MACs (merged pointwise included)")
+    skipped = [Refused(layer.name, "kept regular: no multiplier saves MACs (merged pointwise included)")
                for layer in layers if layer.name not in macs]
     if price == "macs":
         return Priced(macs, None), [], skipped
@@ -211,7 +211,7 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
     latencies, selection = option_latencies([layer for layer in layers if layer.name in macs], infos, macs,
                                             selector, say, merged_channels(second, infos))
     unknown = {s.name for s in selection if s.regular_ms is None}  # input shape unknown or not timed
-    skipped += [Skipped(name, "kept regular: latency not measured" if name in unknown else
+    skipped += [Refused(name, "kept regular: latency not measured" if name in unknown else
                         f"kept regular: no multiplier runs ≥ {100 * MIN_GAIN:g} % faster in onnxruntime")
                 for name in macs if name not in latencies]
     macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}

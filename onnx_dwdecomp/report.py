@@ -28,7 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from .candidates import Skipped
+from .errors import Refused
 from .latency import MIN_GAIN
 from .verify import Verification
 
@@ -77,7 +77,7 @@ class ModelTotals:
 class Report:
     method: str
     layers: tuple[LayerResult, ...]
-    skipped: tuple[Skipped, ...]
+    skipped: tuple[Refused, ...]
     model: ModelTotals
     verification: Verification | None
     timing_s: dict[str, float]

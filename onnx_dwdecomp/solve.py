@@ -66,6 +66,8 @@ import scipy.linalg
 import scipy.optimize
 from threadpoolctl import ThreadpoolController
 
+from .errors import Refused, refuse
+
 #: Ridge relative to a matrix's mean diagonal (see :func:`ridged_moments`). Chosen on validation
 #: data, not the test set (tools/accuracy_study.py, docs/ACCURACY.md): on the MNIST model (four
 #: disjoint sets of 256 calibration images, every conv but the stem) the validation logit rel. L2
@@ -174,11 +176,11 @@ class ChannelFactors:
         return float(np.vdot(second, a @ first.T)), float(np.vdot(second @ (first @ b @ first.T), second))
 
 
-def check_multiplier(weight_shape: tuple[int, ...], multiplier: int) -> str | None:
+def check_multiplier(weight_shape: tuple[int, ...], multiplier: int) -> Refused | None:
     """Why ``multiplier`` cannot be used for this weight, or ``None`` if it can."""
     k = int(np.prod(weight_shape[2:]))
     if not 1 <= multiplier <= k:
-        return f"multiplier {multiplier} outside 1..{k} (kh·kw) for weight {tuple(weight_shape)}"
+        return refuse(f"multiplier {multiplier} outside 1..{k} (kh·kw) for weight {tuple(weight_shape)}")
     return None
 
 
@@ -240,7 +242,7 @@ def svd_factors(weight: np.ndarray, bias: np.ndarray | None, multiplier: int = 1
     n, c, kh, kw = weight.shape
     reason = check_multiplier(weight.shape, multiplier)
     if reason:
-        raise ValueError(reason)
+        raise ValueError(reason.reason)
     w3 = weight.astype(np.float64).reshape(n, c, kh * kw)
     p, f = _svd_channel_factors(w3, multiplier)
     b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
@@ -450,7 +452,7 @@ def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
     """
     reason = check_multiplier(np.shape(weight), multiplier)
     if reason:
-        raise ValueError(reason)
+        raise ValueError(reason.reason)
     return GsvdProblem(weight, bias, stats).factors(multiplier, max_iter=max_iter, tol=tol)
 
 
@@ -483,7 +485,7 @@ class GsvdProblem:
         n, c, kh, kw = weight.shape
         reason = check_multiplier(weight.shape, multiplier)
         if reason:
-            raise ValueError(reason)
+            raise ValueError(reason.reason)
         k = kh * kw
         if self._svd is None:
             self._svd = _channel_svd(self.w3)

@@ -143,7 +143,7 @@ def test_refusals_leave_the_graph_alone(case, reason):
     result = fold_batchnorm(model)
     assert not result.modified and result.model is model
     if "bn" in {n.name for n in model.graph.node}:
-        assert len(result.refused) == 1 and result.refused[0].node == "bn"
+        assert len(result.refused) == 1 and result.refused[0].name == "bn"
         assert reason in result.refused[0].reason, result.refused[0].reason
     else:  # Mul/Add that are not foldable are simply left alone, not reported
         assert result.refused == ()
@@ -260,7 +260,7 @@ def test_pointwise_refusals(between, attrs, extra, reason):
     model = _pointwise_pair(between, second_attrs=attrs, extra_consumer=extra)
     result = fold_pointwise(model, ["p1", "nonexistent"])
     assert not result.modified and result.model is model
-    assert [r.node for r in result.refused] == ["p1", "nonexistent"]
+    assert [r.name for r in result.refused] == ["p1", "nonexistent"]
     assert reason in result.refused[0].reason, result.refused[0].reason
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from onnx_dwdecomp.candidates import Skipped
+from onnx_dwdecomp.errors import Refused
 from onnx_dwdecomp.fold import Fold, Merge
 from onnx_dwdecomp.latency import MIN_GAIN
 from onnx_dwdecomp.report import LayerResult, ModelTotals, Report, Selection, _first, _ratio, text_table
@@ -28,12 +28,12 @@ LAYERS = (
                 rel_error=5.0e-2, error_kind="weight", rank=24),
 )
 SKIPPED = (
-    Skipped("g1", "grouped conv (group 2)"),
-    Skipped("p1", "1×1 kernel"),
-    Skipped("g2", "grouped conv (group 2)"),
-    Skipped("g3", "grouped conv (group 2)"),
-    Skipped("g4", "grouped conv (group 2)"),
-    Skipped("g5", "grouped conv (group 2)"),
+    Refused("g1", "grouped conv (group 2)"),
+    Refused("p1", "1×1 kernel"),
+    Refused("g2", "grouped conv (group 2)"),
+    Refused("g3", "grouped conv (group 2)"),
+    Refused("g4", "grouped conv (group 2)"),
+    Refused("g5", "grouped conv (group 2)"),
 )
 TOTALS = ModelTotals(macs_before=10_000_000, macs_after=2_500_000, params_before=1_000_000, params_after=300_000,
                      size_before=4 * MiB, size_after=3 * MiB)
@@ -140,7 +140,7 @@ def test_to_json_round_trip():
                                   "fallback_channels": tuple(layer["fallback_channels"])}) for layer in back["layers"])
     assert layers == rep.layers
     assert tuple(Selection(**s) for s in back["selection"]) == rep.selection
-    assert tuple(Skipped(**s) for s in back["skipped"]) == rep.skipped
+    assert tuple(Refused(**s) for s in back["skipped"]) == rep.skipped
     assert ModelTotals(**back["model"]) == rep.model
     outputs = {k: OutputAgreement(**o) for k, o in back["verification"]["outputs"].items()}
     assert outputs == rep.verification.outputs
