@@ -441,7 +441,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
     """
-    from .cli import Progress, write_text_atomic
+    from .cli import Progress
+    from .modelio import write_text_atomic
     from .shapes import parse_input_shapes
 
     shapes = args.input_shape
@@ -481,5 +482,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
     print(format_table(results))
     if json_path is not None:
         payload = {"header": header, "results": [r.to_json() for r in results]}
-        write_text_atomic(json_path, json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(payload, indent=2) + "\n", flag="--json")
     return 0

@@ -161,11 +161,6 @@ def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
     return DecomposeOptions.of(given)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode from the umask (modelio.stage_text)."""
-    commit_together([stage_text(path, text)])
-
-
 class Progress:
     """Status lines on stderr: one line rewritten in place on a terminal; elsewhere one line per
     message, at most one per ``interval`` seconds (0: every message)."""

@@ -260,9 +260,10 @@ def _umask() -> int:
 
 
 def _move_to_external_data(model: onnx.ModelProto, data_path: Path, location: str,
-                           threshold: int = 1024) -> None:
+                           threshold: int = 1024) -> bool:
     """Write every tensor of at least ``threshold`` bytes to ``data_path`` (64-byte aligned) and
-    point the model at ``location`` (relative to the model file)."""
+    point the model at ``location`` (relative to the model file). False (and no file) when no
+    tensor is that large."""
     from onnx.external_data_helper import set_external_data
 
     with open(data_path, "wb") as fh:
@@ -282,6 +283,10 @@ def _move_to_external_data(model: onnx.ModelProto, data_path: Path, location: st
             set_external_data(tensor, location, offset, len(tensor.raw_data))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
+    if data_path.stat().st_size == 0:
+        data_path.unlink()
+        return False
+    return True
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -371,9 +376,9 @@ def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            _move_to_external_data(copy, tmp_dir / data_name, data_name)
+            if _move_to_external_data(copy, tmp_dir / data_name, data_name):
+                files.append((tmp_dir / data_name, out.parent / data_name))
             onnx.save_model(copy, str(tmp_model))
-            files.append((tmp_dir / data_name, out.parent / data_name))
         else:
             onnx.save_model(model, str(tmp_model))
         files.insert(0, (tmp_model, out))
@@ -387,16 +392,17 @@ def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external
     return Staged(tmp_dir, files)
 
 
-def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report") -> Staged:
-    """Write ``text`` into a temporary folder beside ``path`` (see :class:`Staged`)."""
+def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report", mode: int | None = None) -> Staged:
+    """Write ``text`` into a temporary folder beside ``path`` (see :class:`Staged`), with file
+    mode ``mode`` (default: 0666 less the umask)."""
     path = Path(path)
     check_writable(path, flag)
     tmp_dir = _staging_folder(path, flag)
     try:
         tmp = tmp_dir / path.name
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-        _follow_umask([tmp])
+        _follow_umask([tmp], mode)
     except OSError as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -406,8 +412,8 @@ def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report") ->
     return Staged(tmp_dir, [(tmp, path)])
 
 
-def _follow_umask(paths: list[Path]) -> None:
-    mode = 0o666 & ~_umask()
+def _follow_umask(paths: list[Path], mode: int | None = None) -> None:
+    mode = 0o666 & ~_umask() if mode is None else mode
     for p in paths:
         os.chmod(p, mode)
 
@@ -432,6 +438,13 @@ def commit_together(staged: list[Staged]) -> None:
     finally:
         for s in staged:
             s.discard()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, flag: str = "--report",
+                      mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`stage_text` + :func:`commit_together`);
+    the one way this package writes a text file (JSON reports, bench results, the timing cache)."""
+    commit_together([stage_text(path, text, flag=flag, mode=mode)])
 
 
 def save_model_atomic(model: onnx.ModelProto, out_path: str | os.PathLike, *,

@@ -43,7 +43,6 @@ import errno
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -53,8 +52,9 @@ try:
 except ImportError:  # not POSIX: atomic replace without the lock
     fcntl = None
 
-from .errors import first_line
+from .errors import OutputError, first_line
 from .latency import ConvConfig, Timing
+from .modelio import write_text_atomic
 from .timing import cpu_model
 
 __all__ = ["FORMAT", "VERSION", "TimingCache", "default_cache_path"]
@@ -141,7 +141,7 @@ class TimingCache:
                 entries, _ = _read_entries(self.path)  # damage was noted on construction
                 entries.update(self._pending)
                 self._write(entries)
-        except OSError as exc:
+        except (OSError, OutputError) as exc:
             self._writable = False
             self.notes.append(f"timing cache {self.path} is not writable ({first_line(exc)}); "
                               f"timings of this run are not saved")
@@ -163,17 +163,9 @@ class TimingCache:
             os.close(fd)  # releases the lock
 
     def _write(self, entries: dict[str, dict]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, _file_mode(self.path))  # mkstemp's 0600 would lock a shared cache away
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}, f,
-                          indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        text = json.dumps({"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}, indent=1)
+        # the existing file's mode: a shared cache stays shared
+        write_text_atomic(self.path, text, flag="--timing-cache", mode=_file_mode(self.path))
 
 
 def _file_mode(path: Path) -> int:

@@ -138,3 +138,22 @@ def test_unknown_opset_is_one_readable_line(tmp_path):
     with pytest.raises(ModelError, match="imports opset 99") as e:
         load_model(tmp_path / "m.onnx")
     assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_external_data_only_when_a_tensor_reaches_the_threshold(tmp_path):
+    """No empty OUTPUT.data beside a model whose tensors are all small (inline is enough)."""
+    from conftest import conv_model
+
+    out = tmp_path / "small.onnx"
+    save_model_atomic(conv_model(np.ones((4, 2, 3, 3), np.float32)), out, external_data=True)  # 288 bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
+    assert onnx.load(str(out)).graph.initializer  # weights inline
+
+
+def test_write_text_atomic_keeps_a_given_mode(tmp_path):
+    from onnx_dwdecomp.modelio import write_text_atomic
+
+    path = tmp_path / "t.json"
+    write_text_atomic(path, "{}", mode=0o640)
+    assert path.read_text() == "{}" and path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no staging leftovers
