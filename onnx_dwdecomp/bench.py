@@ -51,6 +51,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from . import resources
 from .errors import ModelError, OptionError, first_line
 from .graph import constant_tensors
 from .modelio import load_model
@@ -192,6 +193,10 @@ def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], 
     """Seeded inputs; identical (the same arrays) for every model with the same dtypes and shapes."""
     key = (tuple(str(d) for d in dtypes), tuple(shapes))
     if key not in cache:
+        resources.require(2 * sum(resources.array_bytes(shape, np.float32) for shape in shapes),
+                          f"bench inputs of shapes {', '.join(map(str, shapes))}",
+                          "--batch-sizes or --input-shape with smaller dims")
+    if key not in cache:
         rng = np.random.default_rng(seed)
         arrays = []
         for dtype, shape in zip(dtypes, shapes):
@@ -295,6 +300,7 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
     if len(set(batch_sizes)) != len(batch_sizes):
         raise OptionError(f"--batch-sizes lists a batch size twice: {batch_sizes}")
     threads = default_threads() if threads is None else _check_int(threads, "--threads", 1)
+    resources.check_threads(threads)
     runs = _check_int(runs, "--runs", 1)
     warmup = _check_int(warmup, "--warmup", 0)
     seed = _check_int(seed, "--seed", 0)

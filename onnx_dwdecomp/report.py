@@ -117,6 +117,8 @@ class Report:
                 "inputs": v.inputs,
                 "outputs": {name: asdict(o) for name, o in v.outputs.items()},
             }
+            if v.nonfinite:
+                out["verification"]["nonfinite"] = {name: asdict(o) for name, o in v.nonfinite.items()}
         return out
 
     def to_json(self) -> str:
@@ -174,6 +176,10 @@ class Report:
                 rows.append((name, f"{o.rel_l2:.3e}", f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
                              f"{o.cosine:.6f}", "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
             lines += text_table(rows)
+            for name, o in v.nonfinite.items():
+                if o.reference:
+                    lines.append(f"  {name}: {o.reference} of {o.values} value(s) are NaN/Inf in the input model's own "
+                                 f"output; left out of the errors")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)

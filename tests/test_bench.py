@@ -207,3 +207,14 @@ def test_format_table_aligned(tmp_path):
     ends = {len(line) for line in lines}
     assert len(ends) == 1  # right-aligned last column: equal line lengths
     assert "2.00x" in lines[3] and "2,278,604" in lines[2] and "MiB" in lines[2]
+
+
+def test_resource_bounds(models, monkeypatch):
+    """--threads far above the CPUs, and inputs larger than the memory, stop before timing."""
+    from onnx_dwdecomp.errors import ResourceError
+
+    with pytest.raises(OptionError, match="--threads 100000: at most"):
+        run_bench([models[0]], threads=100000, runs=1, warmup=0)
+    monkeypatch.setenv("ONNX_DWDECOMP_MEMORY", "1M")
+    with pytest.raises(ResourceError, match="bench inputs"):
+        run_bench([models[0]], batch_sizes=[20000], runs=1, warmup=0)  # 20000×3×8×8 floats: 15 MiB

@@ -382,3 +382,17 @@ def test_text_table_alignment():
         "a       100      x",
         "longer    2",  # first column left-aligned, the others right-aligned, trailing blanks stripped
     ]
+
+
+def test_nonfinite_reference_values_are_shown_and_recorded():
+    """Values where the input model's own output is NaN/Inf are left out of the errors: the
+    report says how many, so an error of 0 on such an output is not taken at face value."""
+    from onnx_dwdecomp.verify import NonFinite
+
+    v = full_report().verification
+    rep = full_report(verification=replace(v, nonfinite={"boxes": NonFinite(0, 3, 40)}))
+    assert "  boxes: 3 of 40 value(s) are NaN/Inf in the input model's own output; left out of the errors" in \
+        rep.render().splitlines()
+    assert json.loads(rep.to_json())["verification"]["nonfinite"] == {"boxes": {"candidate": 0, "reference": 3,
+                                                                                "values": 40}}
+    assert "nonfinite" not in json.loads(full_report().to_json())["verification"]
