@@ -55,7 +55,6 @@ from . import resources
 from .errors import ModelError, OptionError, first_line
 from .graph import constant_tensors
 from .modelio import load_model
-from .options import ShapesAction
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, resolve_input_shapes
 from .timing import default_threads, environment, interleaved_timings
@@ -428,7 +427,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"onnxruntime intra-op threads (default: CPUs available, {default_threads()})")
     p.add_argument("--runs", default="50", metavar="N", help="timed rounds (default: 50)")
     p.add_argument("--warmup", default="5", metavar="N", help="warm-up calls per model (default: 5)")
-    p.add_argument("--input-shape", action=ShapesAction, default=[], metavar="NAME:D0,D1,...",
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="fix the dims of inputs, several after one flag; dim 0 is replaced by the batch size")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the results and a header (versions, settings, date) as JSON")
@@ -440,6 +439,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .cli import version_line
+    p.add_argument("--version", action="version", version=version_line())
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -448,11 +449,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
     """
     from .cli import Progress
-    from .modelio import write_text_atomic
+    from .modelio import check_writable, write_text_atomic
     from .shapes import parse_input_shapes
 
     shapes = args.input_shape
-    models = getattr(args, "positionals", []) + args.models
+    models = args.models
     if not models:
         raise OptionError("bench needs at least one model file (see onnx-dwdecomp bench --help)")
     batch_sizes = _parse_batch_sizes(args.batch_sizes)
@@ -465,11 +466,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if "" in overrides:
         raise OptionError("bench --input-shape needs NAME:D0,D1,... (the models may have different inputs)")
     json_path = Path(args.json) if args.json else None
-    if json_path is not None:
-        if json_path.is_dir():
-            raise OptionError(f"--json expects a file path, got a directory: {json_path}")
-        if not json_path.parent.exists():
-            raise OptionError(f"--json: folder does not exist: {json_path.parent}")
+    if json_path is not None:  # before the (long) benchmark
+        if any(json_path.resolve() == Path(m).resolve() for m in models):
+            raise OptionError(f"--json {json_path}: would overwrite a model being benchmarked; choose another path")
+        check_writable(json_path, "--json")
 
     reporter = None if args.quiet else Progress(interval=1.0)
     try:

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -115,6 +116,7 @@ def add_decompose_arguments(p: argparse.ArgumentParser) -> None:
     run = group(RUNTIME)
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.add_argument("--version", action="version", version=version_line())
 
 
 def _with_command(argv: list[str]) -> list[str]:
@@ -124,23 +126,50 @@ def _with_command(argv: list[str]) -> list[str]:
     return ["decompose", *argv]
 
 
+#: Flags that take several values after one flag (``--input-shape a:1,3 b:1,4``).
+MULTI_VALUE_FLAGS = ("--input-shape",)
+
+
+def split_multi_values(argv: list[str]) -> list[str]:
+    """``--input-shape A B`` → ``--input-shape=A --input-shape=B``, so argparse never hands the
+    flag a positional: after the first value, only values that look like shapes
+    (shapes.split_shapes) belong to it; the next one is a positional, left in place."""
+    from .shapes import split_shapes
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            return out + argv[i:]
+        if token in MULTI_VALUE_FLAGS and i + 1 < len(argv):
+            values, _ = split_shapes(argv[i + 2:])
+            out += [f"{token}={v}" for v in [argv[i + 1], *values]]
+            i += 2 + len(values)
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    args = build_parser().parse_args(_with_command(argv))
+    """The parsed command line; positionals may come anywhere between the flags."""
+    argv = _with_command(argv)
+    top = build_parser()
+    if argv[0] not in COMMANDS:  # --version
+        return top.parse_args(argv)
+    command = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    args = command.parse_intermixed_args(split_multi_values(argv[1:]))
+    args.command = argv[0]
     if args.command == "decompose":
-        _reclaim_positionals(args)
+        _output_once(args)
     return args
 
 
-def _reclaim_positionals(args: argparse.Namespace) -> None:
-    """MODEL and OUTPUT: the positionals, after those a multi-value flag passed on
-    (options.ShapesAction); ``-o`` is the other way to give OUTPUT."""
-    positionals = getattr(args, "positionals", []) + [v for v in (args.model, args.output) if v is not None]
-    if len(positionals) > 2:
-        raise OptionError(f"unrecognized arguments: {' '.join(positionals[2:])} "
-                          f"(expected MODEL [OUTPUT]; see onnx-dwdecomp --help)")
-    if not positionals:
+def _output_once(args: argparse.Namespace) -> None:
+    """OUTPUT is the second positional or ``-o``, not both; MODEL is required."""
+    if args.model is None:
         raise OptionError("the following arguments are required: MODEL (see onnx-dwdecomp --help)")
-    args.model, args.output = (positionals + [None])[:2]
     if args.output is not None and args.output_flag is not None:
         raise OptionError(f"give the output once: positional {args.output} or -o {args.output_flag}")
     if args.output is None:
@@ -189,17 +218,34 @@ class Progress:
             self.stream.flush()
 
 
-def _check_destinations(input_path: Path, out_path: Path, report_path: Path | None) -> None:
-    """Fail before any work if the model or the report could not be written at the end: each
-    folder must exist and take a new file (one is created and removed, modelio.check_writable)."""
-    if out_path.resolve() == input_path.resolve():
-        raise OptionError(f"output path {out_path} is the input file; choose another OUTPUT")
+def _check_destinations(args: argparse.Namespace, input_path: Path, out_path: Path, report_path: Path | None,
+                        input_files: tuple[Path, ...] = ()) -> None:
+    """Fail before any work if a result would land on a file the job reads, on another result,
+    or in a folder that takes no new file (one is created and removed, modelio.check_writable).
+
+    Read: the model, its external data files (``input_files``, known once it is loaded), the
+    calibration file. Written: OUTPUT, ``OUTPUT.data``, the report, the timing cache."""
+    from .timing_cache import default_cache_path
+
+    reads = {input_path.resolve(): "the input model", **{f: "the input model's external data" for f in input_files}}
+    if isinstance(getattr(args, "calib", None), str):
+        reads[Path(args.calib).resolve()] = "the calibration data"
+    writes = [("OUTPUT", out_path), ("OUTPUT's external data", out_path.with_name(out_path.name + ".data"))]
+    if report_path is not None:
+        writes.append(("--report", report_path))
+    cache = getattr(args, "timing_cache", None)
+    if cache is not False:
+        writes.append(("--timing-cache", Path(cache) if cache else default_cache_path()))
+    seen: dict[Path, str] = {}
+    for flag, path in writes:
+        where = path.resolve()
+        clash = reads.get(where) or seen.get(where)
+        if clash:
+            raise OptionError(f"{flag} {path}: would overwrite {clash}; choose another path")
+        seen[where] = f"{flag} {path}"
     for flag, path in (("OUTPUT", out_path), ("--report", report_path)):
-        if path is not None:
+        if path is not None:  # the timing cache notes its own trouble and the job goes on
             check_writable(path, flag)
-    if report_path is not None and report_path.resolve() in (input_path.resolve(), out_path.resolve()):
-        which = "input" if report_path.resolve() == input_path.resolve() else "output"
-        raise OptionError(f"--report {report_path}: would overwrite the {which} model")
 
 
 def process_seconds() -> float:
@@ -224,13 +270,16 @@ def run_decompose(args: argparse.Namespace) -> int:
     input_path = Path(args.model)
     out_path = Path(args.output) if args.output else default_output_path(input_path)
     report_path = Path(args.report) if args.report else None
-    _check_destinations(input_path, out_path, report_path)
+    _check_destinations(args, input_path, out_path, report_path)
     options = options_from_args(args)
     say = None if args.quiet else Progress()
-    loaded = load_model(input_path)
-    model, report = decompose_loaded(loaded, options, say)
-    if say is not None:
-        say.close()
+    try:
+        loaded = load_model(input_path)
+        _check_destinations(args, input_path, out_path, report_path, loaded.external_files)
+        model, report = decompose_loaded(loaded, options, say)
+    finally:
+        if say is not None:
+            say.close()  # an error line must not be glued to a progress line
     if args.max_rel_error is not None and report.verification is not None:
         worst = report.verification.worst_rel_l2()
         if worst > args.max_rel_error:
@@ -274,31 +323,37 @@ def main(argv: list[str] | None = None) -> int:
             return run_decompose(args)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+    except BrokenPipeError:  # stdout closed early (`| head`): the files are written, the rest is unread
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        if debug:
-            raise
+        _traceback(debug)
         print("error: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"error: out of memory ({one_line(str(exc)) or 'MemoryError'}), an allocation the memory estimate "
               f"(onnx_dwdecomp/resources.py) did not foresee; smaller inputs or batches need less (--input-shape, "
               f"--batch-size, --calib-size, --positions; bench: --batch-sizes)", file=sys.stderr)
         return EXIT_USER_ERROR
     except DwDecompError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         if isinstance(exc, (UserError, VerificationFailed)):
             print(f"error: {one_line(str(exc))}", file=sys.stderr)
         else:
             _internal_error(exc)
         return exc.exit_code
     except Exception as exc:  # a bug: one line, never a raw traceback
-        if debug:
-            raise
+        _traceback(debug)
         _internal_error(exc)
         return EXIT_INTERNAL_ERROR
+
+
+def _traceback(debug: bool) -> None:
+    """With ``--debug``, the traceback of the exception being handled (the exit code stays the
+    one without ``--debug``)."""
+    if debug:
+        traceback.print_exc()
 
 
 def _internal_error(exc: BaseException) -> None:

@@ -37,6 +37,7 @@ class LoadedModel:
     used_external_data: bool
     file_size: int | None
     seconds: float = 0.0  # time taken to read and check it
+    external_files: tuple[Path, ...] = ()  # the files its external data was read from
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -75,13 +76,16 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         raise ModelError(f"cannot parse {path} as an ONNX model (truncated or not ONNX): {exc}") from exc
     _check_is_model(model, str(path))
     external = _uses_external_data(model)
+    files = tuple(sorted({(path.parent / entry.value).resolve() for t in constant_tensors(model.graph)
+                          if t.data_location == onnx.TensorProto.EXTERNAL
+                          for entry in t.external_data if entry.key == "location"}))
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelError(f"cannot read the external data of {path}: {str(exc).splitlines()[0]}") from exc
     _check_valid(model, str(path))
-    return LoadedModel(model, path, external, size, time.perf_counter() - start)
+    return LoadedModel(model, path, external, size, time.perf_counter() - start, files)
 
 
 def model_byte_size(model: onnx.ModelProto) -> int:

@@ -59,23 +59,6 @@ def parse_positions(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer or 'all'") from None
 
 
-class ShapesAction(argparse.Action):
-    """``--input-shape A [B ...]``: several shapes after one flag, repeatable. The first value
-    is always a shape; a later value that does not look like one (shapes.split_shapes) ends the
-    list, and it and what follows go to ``namespace.positionals`` (MODEL, OUTPUT) — argparse
-    would otherwise hand them to the flag."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs="+", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from .shapes import split_shapes
-
-        shapes, rest = split_shapes(values[1:])
-        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + [values[0], *shapes])
-        namespace.positionals = list(getattr(namespace, "positionals", [])) + rest
-
-
 def _calib_reader(spec: str) -> Any:
     from .calibdata import load_reader  # imports the user's module: only when the flag is given
 
@@ -103,7 +86,7 @@ class DecomposeOptions:
         "--exclude", group=SELECTION, action="append", metavar="PATTERN",
         help="never rewrite Conv nodes whose name matches this glob (repeat the flag for several)"))
     input_shapes: Mapping[str, tuple[int, ...]] = _option(None, _flag(
-        "--input-shape", group=INPUT, action=ShapesAction, metavar="NAME:D0,D1,...",
+        "--input-shape", group=INPUT, action="append", metavar="NAME:D0,D1,...",
         help="fix the dims of graph inputs, several after one flag (NAME:1,3,224,224 ...; bare dims "
              "1,3,224,224 for a single-input model); a dynamic batch dim defaults to 1"), factory=dict)
     calib: Any = _option(None, _flag(

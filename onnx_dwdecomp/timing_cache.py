@@ -29,9 +29,10 @@ cache. Concurrent runs therefore neither corrupt the file nor lose each other's 
 ``fcntl`` (not POSIX) the replace stays atomic but concurrent entries can be lost. There is no
 fsync: a crash can at worst leave a damaged file, which the next run ignores.
 
-A file that cannot be read, is empty, truncated or not JSON, or is JSON of another shape or
-format version is ignored with one note in :attr:`TimingCache.notes` and rewritten on the next
-save; malformed entries of a valid file are dropped with one note. A location that cannot be
+A file that is empty, or a damaged or older cache (its format marker near the start), is
+ignored with one note in :attr:`TimingCache.notes` and rewritten on the next save; any other
+file (``--timing-cache`` pointed at a model, say) is noted and never overwritten. Malformed
+entries of a valid file are dropped with one note. A location that cannot be
 written (read-only file or folder, a path through a regular file) gives one note and the run
 continues without saving. Nothing here raises for a bad cache.
 """
@@ -104,6 +105,9 @@ class TimingCache:
         self._writable = True
         self._pending: dict[str, dict] = {}  # this run's entries not yet in the file
         self._entries, problem = _read_entries(self.path)
+        if problem and not _ours(self.path):  # e.g. --timing-cache pointed at a model: never overwrite it
+            self._writable = False
+            problem = "is not an onnx_dwdecomp timing cache; left alone, the timings of this run are not saved"
         if problem:
             self.notes.append(f"timing cache {self.path} {problem}")
 
@@ -176,6 +180,19 @@ def _file_mode(path: Path) -> int:
         mask = os.umask(0)
         os.umask(mask)
         return 0o666 & ~mask
+
+
+def _ours(path: Path) -> bool:
+    """May the file at ``path`` be (re)written as the cache: missing, empty, or carrying the
+    cache's format marker near its start (a damaged or older cache)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return not head.strip() or FORMAT.encode() in head
 
 
 def _read_entries(path: Path) -> tuple[dict[str, dict], str | None]:

@@ -194,9 +194,16 @@ def test_bench_main_table_and_json(models, tmp_path, capsys):
     assert payload["results"][3]["macs"] == 2 * SEPARABLE_MACS
 
 
-def test_json_folder_must_exist(models, tmp_path):
-    with pytest.raises(OptionError, match="--json"):
+def test_json_destination_is_checked_before_the_benchmark(models, tmp_path, monkeypatch):
+    """--json used to be checked after the timing loop (and could name a model: it overwrote it)."""
+    timed = []
+    monkeypatch.setattr("onnx_dwdecomp.bench.run_bench", lambda *a, **k: timed.append(1) or [])
+    with pytest.raises(UserError, match="--json .*does not exist"):
         bench_main([str(models[0]), "--json", str(tmp_path / "no" / "out.json"), "--quiet"])
+    before = models[0].read_bytes()
+    with pytest.raises(OptionError, match="would overwrite a model"):
+        bench_main([str(models[0]), "--json", str(models[0]), "--quiet"])
+    assert models[0].read_bytes() == before and not timed
 
 
 def test_format_table_aligned(tmp_path):

@@ -103,10 +103,12 @@ def test_max_rel_error_gate(model_path, tmp_path, capsys):
     assert "max-rel-error" in msg
 
 
-def test_debug_shows_traceback(model_path):
-    from onnx_dwdecomp.errors import OptionError
-    with pytest.raises(OptionError):
-        main([str(model_path), "--multiplier", "0", "--debug"])
+def test_debug_shows_traceback_and_keeps_the_exit_code(model_path, tmp_path, capsys):
+    """--debug used to re-raise, so every failure exited 1 (the code of a failed verification)."""
+    assert main([str(model_path), "--multiplier", "0", "--debug"]) == 2
+    assert main([str(tmp_path / "nope.onnx"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("Traceback (most recent call last)") == 2 and "OptionError" in err and "ModelError" in err
 
 
 def test_bench_two_models(model_path, tmp_path, capsys):
@@ -245,3 +247,76 @@ def test_report_records_wall_time_and_environment(model_path, tmp_path, capsys):
     d = json.loads(report.read_text())
     assert d["timing_s"]["wall"] >= d["timing_s"]["total"] > 0
     assert d["environment"]["onnxruntime"] and d["environment"]["providers"] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("argv, model, output", [
+    (["in.onnx", "--input-shape", "1,3,8,8", "out.onnx"], "in.onnx", "out.onnx"),  # OUTPUT after the shapes
+    (["--input-shape", "a:1,3", "b:2,3", "in.onnx", "out.onnx"], "in.onnx", "out.onnx"),
+    (["in.onnx", "--seed", "1", "out.onnx"], "in.onnx", "out.onnx"),  # a flag between MODEL and OUTPUT
+    (["--exclude", "c*", "in.onnx", "--include", "d*", "out.onnx"], "in.onnx", "out.onnx"),
+    (["in.onnx", "--input-shape=1,3,8,8", "-o", "out.onnx"], "in.onnx", "out.onnx"),
+])
+def test_positionals_keep_their_order_between_flags(argv, model, output):
+    """MODEL and OUTPUT swapped when OUTPUT followed --input-shape: the rewrite of OUTPUT's old
+    content was written over the input model."""
+    from onnx_dwdecomp.cli import parse_args
+
+    args = parse_args(argv)
+    assert (args.model, args.output) == (model, output)
+
+
+def test_bench_keeps_the_first_model_as_reference():
+    from onnx_dwdecomp.cli import parse_args
+
+    args = parse_args(["bench", "a.onnx", "--input-shape", "x:1,3,8,8", "b.onnx"])
+    assert args.models == ["a.onnx", "b.onnx"] and args.input_shape == ["x:1,3,8,8"]
+
+
+def test_version_after_other_arguments(capsys):
+    assert main(["m.onnx", "--version"]) == 0 and main(["bench", "--version"]) == 0
+    assert capsys.readouterr().out.startswith("onnx-dwdecomp ")
+
+
+def _ext_model(path: Path, data_name: str) -> None:
+    onnx.save(three_layer_net(c=16, width=64), str(path), save_as_external_data=True, location=data_name,
+              size_threshold=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t, m: [str(m), "--calib", str(t / "c.npy"), "--multiplier", "1", "--select", "all",
+                  "--report", str(t / "c.npy")],                                     # report over the data
+    lambda t, m: [str(m), str(t / "o.onnx"), "--multiplier", "1", "--timing-cache", str(m)],  # cache over the model
+    lambda t, m: [str(m), str(t / "o.onnx"), "--select", "all", "--report", str(t / "o.onnx.data")],
+    lambda t, m: [str(t / "ext.onnx"), str(t / "shared.onnx"), "--select", "all"],   # OUTPUT.data = input's data
+], ids=["report-is-calib", "cache-is-model", "report-is-output-data", "output-data-is-input-data"])
+def test_no_result_lands_on_a_file_the_job_reads(model_path, tmp_path, capsys, make):
+    """Each of these used to exit 0 having overwritten the calibration data, the model, or the
+    external weights of the input or the output."""
+    np.save(tmp_path / "c.npy", correlated_images(12, 6, 12, 12))
+    _ext_model(tmp_path / "ext.onnx", "shared.onnx.data")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    msg = _expect_user_error(make(tmp_path, model_path) + ["--quiet"], tmp_path, capsys)
+    assert "would overwrite" in msg
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_closed_stdout_is_not_an_internal_error(model_path, tmp_path):
+    r = subprocess.run(f"{sys.executable} -m onnx_dwdecomp {model_path} {tmp_path / 'o.onnx'} --select all | true",
+                       shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "internal error" not in r.stderr and (tmp_path / "o.onnx").exists()
+
+
+def test_error_line_starts_on_a_clean_terminal_line(model_path, tmp_path, monkeypatch):
+    """On a terminal the progress line is cleared before the error is printed."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    (tmp_path / "bad.npy").write_text("not an array")
+    assert main([str(model_path), "--calib", str(tmp_path / "bad.npy")]) == 2
+    assert "\r\033[Kerror: " in err.getvalue()

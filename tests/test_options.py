@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onnx_dwdecomp.errors import BudgetError, OptionError
-from onnx_dwdecomp.options import DecomposeOptions, ShapesAction, parse_floats, parse_positions
+from onnx_dwdecomp.options import DecomposeOptions, parse_floats, parse_positions
 from onnx_dwdecomp.plan import DEFAULT_MAX_ERROR
 
 DATA = np.zeros((4, 3, 8, 8), np.float32)
@@ -83,11 +83,3 @@ def test_flag_parsers():
     for parse, text in ((parse_floats, "red"), (parse_positions, "many")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
-
-
-def test_shapes_action_hands_trailing_positionals_back():
-    p = argparse.ArgumentParser()
-    p.add_argument("--input-shape", dest="shapes", action=ShapesAction)
-    ns = p.parse_args(["--input-shape", "a:1,3", "2,4", "m.onnx", "out.onnx", "--input-shape", "zz"])
-    assert ns.shapes == ["a:1,3", "2,4", "zz"]  # the first value after a flag is always a shape
-    assert ns.positionals == ["m.onnx", "out.onnx"]

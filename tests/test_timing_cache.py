@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnx_dwdecomp.latency import ConvConfig, LatencySelector, Timing, TimingError
@@ -155,11 +156,8 @@ _VALID = json.dumps({"format": FORMAT, "version": VERSION, "entries": {}})
 
 
 @pytest.mark.parametrize("content, note", [
-    (np.random.default_rng(0).bytes(256), "not JSON"),
     (b"", "empty"),
     (b'{"format": "onnx_dwdecomp.timing_cache", "version": 1, "entries": {"k": {"regular_ms"', "truncated"),
-    (b"[1, 2, 3]", "not an onnx_dwdecomp timing cache"),
-    (b'{"entries": {}}', "not an onnx_dwdecomp timing cache"),
     (b'{"format": "onnx_dwdecomp.timing_cache", "version": 1, "entries": []}', "not an onnx_dwdecomp"),
     (json.dumps({"format": FORMAT, "version": 99, "entries": {}}).encode(), "format version 99"),
 ])
@@ -175,6 +173,18 @@ def test_unusable_file_is_noted_once_and_rewritten(tmp_path, content, note):
     assert len(cache.notes) == 1 and len(timer.calls) == 1
     assert len(_file(path)) == 2
     assert _cache(path).get(_config()) == T and not _cache(path).notes
+
+
+@pytest.mark.parametrize("content", [np.random.default_rng(0).bytes(256), b"[1, 2, 3]", b'{"entries": {}}',
+                                     onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])).SerializeToString()])
+def test_a_file_that_is_not_a_cache_is_never_overwritten(tmp_path, content):
+    """--timing-cache pointed at a model (or any other file): noted, read as empty, left as it is."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    cache = _cache(path)
+    assert len(cache.notes) == 1 and "left alone" in cache.notes[0]
+    cache.put(_config(), T)
+    assert path.read_bytes() == content and len(cache.notes) == 1
 
 
 def test_malformed_entries_are_dropped_with_one_note(tmp_path):
