@@ -195,7 +195,6 @@ def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], 
         resources.require(2 * sum(resources.array_bytes(shape, np.float32) for shape in shapes),
                           f"bench inputs of shapes {', '.join(map(str, shapes))}",
                           "--batch-sizes or --input-shape with smaller dims")
-    if key not in cache:
         rng = np.random.default_rng(seed)
         arrays = []
         for dtype, shape in zip(dtypes, shapes):
@@ -448,7 +447,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
     """
-    from .cli import Progress
+    from .cli import Progress, print_to_stdout
     from .modelio import check_writable, write_text_atomic
     from .shapes import parse_input_shapes
 
@@ -481,12 +480,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
             reporter.close()
     threads_used = default_threads() if threads is None else threads
     header = _header(threads_used, runs, warmup, seed, batch_sizes, args.allow_spinning, providers)
-    print(f"onnxruntime {header['onnxruntime']} {','.join(providers)}, {threads_used} intra-op thread"
-          f"{'s' if threads_used != 1 else ''}, ORT_ENABLE_ALL, spinning "
-          f"{'on' if args.allow_spinning else 'off'}; {runs} interleaved rounds after {warmup} "
-          f"warm-up; speed-up = first model's median / median")
-    print(format_table(results))
-    if json_path is not None:
+    if json_path is not None:  # before printing: a reader that stops early must not cost the file
         payload = {"header": header, "results": [r.to_json() for r in results]}
         write_text_atomic(json_path, json.dumps(payload, indent=2) + "\n", flag="--json")
+    print_to_stdout(f"onnxruntime {header['onnxruntime']} {','.join(providers)}, {threads_used} intra-op thread"
+                    f"{'s' if threads_used != 1 else ''}, ORT_ENABLE_ALL, spinning "
+                    f"{'on' if args.allow_spinning else 'off'}; {runs} interleaved rounds after {warmup} "
+                    f"warm-up; speed-up = first model's median / median\n{format_table(results)}")
     return 0

@@ -42,7 +42,12 @@ examples:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`OptionError` (one line, exit 2) instead of printing usage."""
+    """argparse that raises :class:`OptionError` (one line, exit 2) instead of printing usage,
+    and takes flags only as written in full (an abbreviation would slip past
+    :func:`split_multi_values`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         raise OptionError(f"{message} (see {self.prog} --help)")
@@ -142,10 +147,12 @@ def split_multi_values(argv: list[str]) -> list[str]:
         token = argv[i]
         if token == "--":
             return out + argv[i:]
-        if token in MULTI_VALUE_FLAGS and i + 1 < len(argv):
-            values, _ = split_shapes(argv[i + 2:])
-            out += [f"{token}={v}" for v in [argv[i + 1], *values]]
-            i += 2 + len(values)
+        flag, eq, first = token.partition("=")
+        if flag in MULTI_VALUE_FLAGS and (eq or i + 1 < len(argv)):
+            first, i = (first, i + 1) if eq else (argv[i + 1], i + 2)
+            values, _ = split_shapes(argv[i:])
+            out += [f"{flag}={v}" for v in [first, *values]]
+            i += len(values)
             continue
         out.append(token)
         i += 1
@@ -159,8 +166,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if argv[0] not in COMMANDS:  # --version
         return top.parse_args(argv)
     command = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
-    args = command.parse_intermixed_args(split_multi_values(argv[1:]))
+    rest = argv[1:]
+    after: list[str] = []  # after "--": positionals only (a model named "-m.onnx")
+    if "--" in rest:
+        k = rest.index("--")
+        rest, after = rest[:k], rest[k + 1:]
+    args = command.parse_intermixed_args(split_multi_values(rest))
     args.command = argv[0]
+    if after and args.command == "bench":
+        args.models += after
+    elif after:
+        given = [v for v in (args.model, args.output) if v is not None] + after
+        if len(given) > 2:
+            raise OptionError(f"unrecognized arguments: {' '.join(given[2:])} (expected MODEL [OUTPUT])")
+        args.model, args.output = (given + [None])[:2]
     if args.command == "decompose":
         _output_once(args)
     return args
@@ -201,15 +220,16 @@ class Progress:
         self.last = -float("inf")
 
     def __call__(self, msg: str) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K" + msg)
-        else:
+        if not self.tty:
             now = time.monotonic()
             if now - self.last < self.interval:
                 return
             self.last = now
-            self.stream.write(msg + "\n")
-        self.stream.flush()
+        try:  # progress is best-effort: a closed stderr must not stop the job
+            self.stream.write("\r\033[K" + msg if self.tty else msg + "\n")
+            self.stream.flush()
+        except OSError:
+            self.tty, self.interval = False, float("inf")
 
     def close(self) -> None:
         """Clear the terminal line (progress is transient)."""
@@ -301,9 +321,18 @@ def run_decompose(args: argparse.Namespace) -> int:
         raise
     commit_together(staged)
     if text is not None:
-        print(text)
-        print(f"wrote {written}" + (f" and {report_path}" if report_path else ""))
+        print_to_stdout(f"{text}\nwrote {written}" + (f" and {report_path}" if report_path else ""))
     return 0
+
+
+def print_to_stdout(text: str) -> None:
+    """Print the final text; a reader that stopped early (``| head``) is not an error — the
+    files are written by then — and the rest goes nowhere."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,9 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             return run_decompose(args)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
-    except BrokenPipeError:  # stdout closed early (`| head`): the files are written, the rest is unread
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         _traceback(debug)
         print("error: interrupted; nothing written", file=sys.stderr)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import correlated_images, three_layer_net
 from onnx_dwdecomp.cli import main
+from onnx_dwdecomp.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,3 +321,33 @@ def test_error_line_starts_on_a_clean_terminal_line(model_path, tmp_path, monkey
     (tmp_path / "bad.npy").write_text("not an array")
     assert main([str(model_path), "--calib", str(tmp_path / "bad.npy")]) == 2
     assert "\r\033[Kerror: " in err.getvalue()
+
+
+def test_double_dash_protects_a_model_name_starting_with_a_dash(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    onnx.save(three_layer_net(), "-m.onnx")
+    _ok(["--quiet", "--select", "all", "--", "-m.onnx", "-out.onnx"], capsys)
+    assert (tmp_path / "-out.onnx").exists()
+
+
+def test_multi_value_flag_in_equals_form_and_no_abbreviations():
+    """`--input-shape=A B` takes B as a shape too; an abbreviated flag is refused instead of
+    letting its values become OUTPUT (a file named 'y:1,2' was written)."""
+    from onnx_dwdecomp.cli import parse_args
+
+    args = parse_args(["m.onnx", "--input-shape=x:1,6,16,16", "y:1,2", "o.onnx"])
+    assert args.input_shapes == ["x:1,6,16,16", "y:1,2"] and (args.model, args.output) == ("m.onnx", "o.onnx")
+    with pytest.raises(OptionError, match="unrecognized arguments: --input-shap"):
+        parse_args(["m.onnx", "--input-shap", "x:1,6,16,16", "y:1,2"])
+
+
+def test_closed_pipes_never_lose_the_files(model_path, tmp_path):
+    """A closed stderr (progress) must not stop the job; a closed stdout must not lose bench's JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    py = f"{sys.executable} -m onnx_dwdecomp"
+    subprocess.run(f"{py} {model_path} {tmp_path / 'o.onnx'} --select all --no-timing-cache 2>&1 | head -c 5 >/dev/null",
+                   shell=True, cwd=tmp_path, timeout=120, env=env)
+    assert (tmp_path / "o.onnx").exists()
+    r = subprocess.run(f"{py} bench {model_path} --runs 2 --warmup 0 --json {tmp_path / 'b.json'} --quiet | true",
+                       shell=True, cwd=tmp_path, timeout=120, env=env, capture_output=True, text=True)
+    assert (tmp_path / "b.json").exists() and "internal error" not in r.stderr
