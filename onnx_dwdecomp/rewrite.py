@@ -194,7 +194,13 @@ def drop_orphan_producers(tensor: gs.Tensor, graph: gs.Graph, graph_outputs: set
 
 
 def apply_replacements(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.ModelProto:
-    """A new model in which every replacement's conv is replaced by its two-conv form (module doc)."""
+    """A new model in which every replacement's conv is replaced by its two-conv form (module doc);
+    with no replacements, a plain copy (a graph round trip would rename nothing but still
+    change bytes, e.g. name the tensors of Constant nodes)."""
+    if not replacements:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
     model, stash = modelio.without_large_data(model)
     graph = gs.import_onnx(model)
     names = NameAllocator.for_model(model)
