@@ -234,8 +234,11 @@ class Progress:
     def close(self) -> None:
         """Clear the terminal line (progress is transient)."""
         if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            try:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            except OSError:
+                pass
 
 
 def _check_destinations(args: argparse.Namespace, input_path: Path, out_path: Path, report_path: Path | None,
