@@ -10,10 +10,12 @@ files get the permissions the umask gives any new file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,11 +357,22 @@ class Staged:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
-def _staging_folder(dest: Path, flag: str) -> Path:
+@contextlib.contextmanager
+def _staging(dest: Path, flag: str) -> Iterator[Path]:
+    """A private temporary folder beside ``dest`` to write into; removed when the writing fails
+    (an OSError becomes an :class:`OutputError` naming ``dest``)."""
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as exc:
         raise OutputError(f"{flag} {dest}: cannot create files in {dest.parent}: {exc.strerror or exc}") from None
+    try:
+        yield tmp_dir
+    except OSError as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
 
 
 def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external_data: bool,
@@ -372,8 +385,7 @@ def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external
     check_writable(out, flag)
     if not external_data and model_byte_size(model) > PROTOBUF_LIMIT:
         external_data = True
-    tmp_dir = _staging_folder(out, flag)
-    try:
+    with _staging(out, flag) as tmp_dir:
         tmp_model = tmp_dir / out.name
         data_name = out.name + ".data"
         files = []
@@ -387,12 +399,6 @@ def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external
             onnx.save_model(model, str(tmp_model))
         files.insert(0, (tmp_model, out))
         _follow_umask([f for f, _ in files])
-    except OSError as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return Staged(tmp_dir, files)
 
 
@@ -401,18 +407,11 @@ def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report", mo
     mode ``mode`` (default: 0666 less the umask)."""
     path = Path(path)
     check_writable(path, flag)
-    tmp_dir = _staging_folder(path, flag)
-    try:
+    with _staging(path, flag) as tmp_dir:
         tmp = tmp_dir / path.name
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         _follow_umask([tmp], mode)
-    except OSError as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return Staged(tmp_dir, [(tmp, path)])
 
 
