@@ -318,12 +318,14 @@ def check_writable(path: Path, flag: str) -> None:
 
 class Staged:
     """Files written completely into a private temporary folder inside their destination
-    folder; :meth:`commit` moves them into place, :meth:`rollback` undoes a commit (puts back
-    what it replaced), :meth:`discard` removes what is left of the temporary folder."""
+    folder; :meth:`commit` moves them into place (and moves ``obsolete`` files out of the way),
+    :meth:`rollback` undoes a commit (puts back what it replaced or removed), :meth:`discard`
+    removes what is left of the temporary folder."""
 
-    def __init__(self, tmp_dir: Path, files: list[tuple[Path, Path]]):
+    def __init__(self, tmp_dir: Path, files: list[tuple[Path, Path]], obsolete: tuple[Path, ...] = ()):
         self.tmp_dir = tmp_dir
         self.files = files  # (staged, destination)
+        self.obsolete = obsolete  # e.g. an old OUTPUT.data the new OUTPUT no longer reads
         self._done: list[tuple[Path, Path | None]] = []  # (destination, backup of what it replaced)
 
     @property
@@ -337,10 +339,15 @@ class Staged:
                 backup = self.tmp_dir / f".backup{k}"
                 try:
                     os.link(dest, backup)
-                except OSError:
-                    backup = None
+                except OSError:  # no hard links here: a copy keeps the rollback able to restore it
+                    shutil.copy2(dest, backup)
             os.replace(staged, dest)
             self._done.append((dest, backup))
+        for k, path in enumerate(self.obsolete):
+            if path.is_file():
+                backup = self.tmp_dir / f".obsolete{k}"
+                os.replace(path, backup)
+                self._done.append((path, backup))
 
     def rollback(self) -> None:
         for dest, backup in reversed(self._done):
@@ -399,7 +406,20 @@ def stage_model(model: onnx.ModelProto, out_path: str | os.PathLike, *, external
             onnx.save_model(model, str(tmp_model))
         files.insert(0, (tmp_model, out))
         _follow_umask([f for f, _ in files])
-    return Staged(tmp_dir, files)
+    stale = out.parent / data_name
+    obsolete = (stale,) if len(files) == 1 and stale.is_file() and _reads_external(out, data_name) else ()
+    return Staged(tmp_dir, files, obsolete)
+
+
+def _reads_external(model_path: Path, location: str) -> bool:
+    """Does the model file at ``model_path`` (if any) keep tensors in ``location``."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # missing, not a model: it reads nothing we would remove
+        return False
+    return any(entry.key == "location" and entry.value == location
+               for t in constant_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+               for entry in t.external_data)
 
 
 def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report", mode: int | None = None) -> Staged:

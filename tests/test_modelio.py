@@ -157,3 +157,18 @@ def test_write_text_atomic_keeps_a_given_mode(tmp_path):
     write_text_atomic(path, "{}", mode=0o640)
     assert path.read_text() == "{}" and path.stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no staging leftovers
+
+
+def test_an_old_data_file_the_new_output_no_longer_reads_is_removed(tmp_path):
+    """Rewriting OUTPUT without external data used to leave the previous run's OUTPUT.data
+    beside it (stale weights for anyone shipping both); a .data file another model reads stays."""
+    from conftest import conv_model
+
+    out, data = tmp_path / "o.onnx", tmp_path / "o.onnx.data"
+    save_model_atomic(_small(), out, external_data=True)
+    assert data.stat().st_size > 0
+    save_model_atomic(conv_model(np.ones((4, 2, 3, 3), np.float32)), out, external_data=True)
+    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
+    data.write_bytes(b"someone else's")  # not read by the current o.onnx: left alone
+    save_model_atomic(conv_model(np.ones((4, 2, 3, 3), np.float32)), out, external_data=False)
+    assert data.read_bytes() == b"someone else's"
