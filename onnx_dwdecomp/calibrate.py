@@ -65,13 +65,11 @@ from .calibdata import CalibrationData
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
 from .graph import node_reads, subgraph_reads
+from .resources import CUT_BUDGET
 from .rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from .runtime import make_session, run
 from .shapes import TensorInfo
 from .solve import ChannelFactors, LayerStats, SeparableFactors, one_blas_thread
-
-#: Cut tensors above this many bytes (both networks together) are spilled to disk.
-MEMORY_BUDGET = 1 << 30
 
 
 # --------------------------------------------------------------------------- patch geometry
@@ -479,7 +477,7 @@ class CalibrationOptions:
     holdout: float = 0.1
     symmetric: bool = False
     seed: int = 0
-    memory_budget: int = MEMORY_BUDGET
+    memory_budget: int = CUT_BUDGET  # cut tensors (both networks) past this spill to disk
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ from .errors import OptionError, ResourceError
 THREAD_BYTES = 4 << 20
 #: --threads may be at most this many times the CPUs this process may use.
 THREADS_PER_CPU = 4
-#: Calibration cut tensors spill to disk past this many bytes (calibrate.MEMORY_BUDGET).
+#: Calibration cut tensors (both networks together) spill to disk past this many bytes.
 CUT_BUDGET = 1 << 30
 ENV_VAR = "ONNX_DWDECOMP_MEMORY"
 
