@@ -138,15 +138,14 @@ MULTI_VALUE_FLAGS = ("--input-shape",)
 def split_multi_values(argv: list[str]) -> list[str]:
     """``--input-shape A B`` → ``--input-shape=A --input-shape=B``, so argparse never hands the
     flag a positional: after the first value, only values that look like shapes
-    (shapes.split_shapes) belong to it; the next one is a positional, left in place."""
+    (shapes.split_shapes) belong to it; the next one is a positional, left in place. ``argv``
+    ends before any ``--`` (parse_args splits there)."""
     from .shapes import split_shapes
 
     out: list[str] = []
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token == "--":
-            return out + argv[i:]
         flag, eq, first = token.partition("=")
         if flag in MULTI_VALUE_FLAGS and (eq or i + 1 < len(argv)):
             first, i = (first, i + 1) if eq else (argv[i + 1], i + 2)
@@ -298,7 +297,8 @@ def run_decompose(args: argparse.Namespace) -> int:
     say = None if args.quiet else Progress()
     try:
         loaded = load_model(input_path)
-        _check_destinations(args, input_path, out_path, report_path, loaded.external_files)
+        if loaded.external_files:  # now known: the input's weights must not be overwritten either
+            _check_destinations(args, input_path, out_path, report_path, loaded.external_files)
         model, report = decompose_loaded(loaded, options, say)
     finally:
         if say is not None:
