@@ -86,6 +86,241 @@ def test_model_specs_are_consistent():
     assert not set(tp.PHOTOS_CALIB) & set(tp.PHOTOS_HELDOUT)
 
 
+# ----------------------------------------------------------------- splits
+
+def test_photo_splits_pairwise_disjoint():
+    assert set(tp.PHOTOS) == set(tp.SPLITS) == set(tp.TEXT_COLUMNS) == set(tp.SPLITS_SEED)
+    names = [n for split in tp.SPLITS for n in tp.PHOTOS[split]]
+    assert len(names) == len(set(names))
+    assert not {"cat", "chelsea"} <= set(names)  # the same photo under two names
+    assert not set(names) & set(tp.TEXT_IMAGES)
+    assert len(set(tp.SPLITS_SEED.values())) == len(tp.SPLITS)
+
+
+@pytest.mark.parametrize("width", [7, 8, 191, 384, 448])
+def test_text_image_splits_disjoint_and_cover(width):
+    img = np.arange(5 * width).reshape(5, width)  # every pixel a distinct value
+    parts = tp.split_text_image(img)
+    assert set(parts) == set(tp.SPLITS)
+    seen = [set(part.ravel().tolist()) for part in parts.values()]
+    for i in range(len(seen)):
+        for j in range(i + 1, len(seen)):
+            assert not seen[i] & seen[j]
+    assert set().union(*seen) == set(img.ravel().tolist())
+    assert all(part.shape[0] == 5 and part.shape[1] >= 1 for part in parts.values())
+
+
+def test_text_image_splits_keep_calibration_left_half():
+    img = np.arange(3 * 384).reshape(3, 384)
+    parts = tp.split_text_image(img)
+    np.testing.assert_array_equal(parts["calib"], tp.split_halves(img)[0])  # as before the validation split
+    np.testing.assert_array_equal(np.concatenate([parts["validation"], parts["heldout"]], 1),
+                                  tp.split_halves(img)[1])
+    assert tp.column_ranges(384) == {"calib": (0, 192), "validation": (192, 288), "heldout": (288, 384)}
+
+
+def test_column_ranges_refuse_overlap_and_bad_fractions():
+    with pytest.raises(ValueError, match="overlapping"):
+        tp.column_ranges(100, {"a": (0.0, 0.6), "b": (0.5, 1.0)})
+    with pytest.raises(ValueError):
+        tp.column_ranges(100, {"a": (0.5, 0.5)})
+
+
+def _fake_sources():
+    """Sources like load_sources() (text images split by columns) without scikit-image."""
+    rng = np.random.default_rng(1)
+    page = np.repeat(_fake_page(h=120, w=480)[:, :, None], 3, axis=2)
+    scene = rng.integers(0, 255, size=(150, 200, 3), dtype=np.uint8)
+    out = {split: {"text": [], "photo": [(f"photo-{split}", scene)]} for split in tp.SPLITS}
+    for split, part in tp.split_text_image(page).items():
+        out[split]["text"].append((f"page[{split}]", part))
+    return out
+
+
+@pytest.mark.parametrize("key", list(tp.MODELS))
+def test_build_inputs_every_split(key):
+    spec = tp.MODELS[key]
+    sources = _fake_sources()
+    got = {split: tp.build_inputs(spec, sources, split, 3, seed=0) for split in tp.SPLITS}
+    for split, (x, names) in got.items():
+        assert x.shape[0] == 3 and x.shape[-2:] == spec.input_hw and x.dtype == np.float32
+        assert all(n.split("@")[0] in (f"page[{split}]", f"photo-{split}") for n in names)
+    again, _ = tp.build_inputs(spec, sources, "validation", 3, seed=0)
+    np.testing.assert_array_equal(again, got["validation"][0])
+    with pytest.raises(ValueError, match="unknown split"):
+        tp.build_inputs(spec, sources, "test", 3, seed=0)
+
+
+# ----------------------------------------------------------------- task-aware evaluate
+
+class FakeRunner:
+    """runner(model_path, inputs): outputs looked up by path; counts calls per path."""
+
+    def __init__(self, outputs: dict[str, list[np.ndarray]]):
+        self.outputs = outputs
+        self.calls: list[str] = []
+
+    def __call__(self, model_path, inputs):
+        self.calls.append(model_path)
+        return [o.copy() for o in self.outputs[model_path]]
+
+
+def _textmaps(rng, n=4):
+    return [rng.uniform(0, 0.6, size=(1, 1, 32, 32)).astype(np.float32) for _ in range(n)]
+
+
+def _ctc_outputs(layout, rng, n=4, t=12, k=6):
+    outs = []
+    for _ in range(n):
+        ids = rng.integers(0, k, size=t)
+        one_hot = np.eye(k)[ids] + 0.01 * rng.standard_normal((t, k))
+        outs.append(one_hot[None] if layout == "NTC" else one_hot[:, None])
+    return outs
+
+
+def _yolox_outputs(hw=(64, 64), n=3):
+    """One confident box per image at distinct anchors (see test_yolox_boxes_decodes_one_anchor)."""
+    outs = []
+    for i in range(n):
+        out = np.full((1, 84, 6), -10.0)
+        out[..., 4] = 0.0
+        out[0, 64 + i] = [0.5, 0.5, np.log(2.0), np.log(1.0), 0.9, 0.8]
+        outs.append(out)
+    return outs
+
+
+def _perturb(key, outs):
+    bad = [o.copy() for o in outs]
+    if key == "ppocr-det":
+        bad[0][0, 0, :16] = 0.0  # half of one text map goes below the 0.3 threshold
+        bad[1][0, 0, :16] = 0.9  # ... and half of another above it
+    elif key == "ddddocr-det":
+        bad[0][0, 64, 4] = 0.0  # one box's objectness gone
+    else:
+        frames = tp.ctc_frames(bad[0], "NTC" if key == "ppocr-rec" else "TNC")
+        frames[:] = 0.0
+        frames[:, 1] = 1.0  # every frame now says class 1: a different string
+    return bad
+
+
+@pytest.mark.parametrize("key", list(tp.MODELS))
+def test_task_evaluator_scores_original_one_and_perturbed_lower(key):
+    spec = tp.MODELS[key]
+    rng = np.random.default_rng(0)
+    if spec.task == "textmap":
+        ref = _textmaps(rng)
+    elif spec.task == "ctc":
+        ref = _ctc_outputs("NTC" if key == "ppocr-rec" else "TNC", rng)
+    else:
+        ref = _yolox_outputs()
+        spec = tp.dataclasses.replace(spec, input_hw=(64, 64))
+    runner = FakeRunner({"orig.onnx": ref, "same.onnx": [r.copy() for r in ref],
+                         "bad.onnx": _perturb(key, ref)})
+    inputs = np.zeros((len(ref), 1, 2, 2), np.float32)
+    fn = tp.make_evaluate(spec, "orig.onnx", inputs, runner=runner)
+    assert runner.calls == ["orig.onnx"]  # the original's outputs: computed once, at build time
+    assert fn("orig.onnx") == 1.0
+    assert fn("same.onnx") == 1.0
+    bad = fn("bad.onnx")
+    assert 0.0 <= bad < 1.0
+    assert isinstance(bad, float)
+    assert runner.calls.count("orig.onnx") == 2  # once cached + once scored as a candidate
+    assert [c.model for c in fn.calls] == ["orig.onnx", "same.onnx", "bad.onnx"]
+    assert [c.score for c in fn.calls] == [1.0, 1.0, bad]
+    assert all(c.seconds >= 0 for c in fn.calls)
+
+
+def test_task_evaluator_accepts_path_objects_and_checks_counts(tmp_path):
+    spec = tp.MODELS["ppocr-det"]
+    ref = _textmaps(np.random.default_rng(2), n=2)
+    runner = FakeRunner({str(tmp_path / "m.onnx"): ref, "short.onnx": ref[:1]})
+    fn = tp.make_evaluate(spec, tmp_path / "m.onnx", np.zeros((2, 3, 4, 4), np.float32), runner=runner)
+    assert fn(tmp_path / "m.onnx") == 1.0
+    with pytest.raises(ValueError, match="validation inputs"):
+        fn("short.onnx")
+    with pytest.raises(ValueError, match="outputs for"):
+        tp.make_evaluate(spec, "short.onnx", np.zeros((2, 3, 4, 4), np.float32), runner=runner)
+
+
+@pytest.mark.parametrize("text, value", [("3%", "3%"), ("0.5%", "0.5%"), ("0.02", 0.02), (" 1 ", 1.0),
+                                         ("0", 0.0), ("2.50%", "2.5%")])
+def test_parse_max_drop(text, value):
+    assert tp.parse_max_drop(text) == value
+    assert type(tp.parse_max_drop(text)) is type(value)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", "-2%", "nan", "inf", "100%", "3%%"])
+def test_parse_max_drop_refuses(text):
+    with pytest.raises(ValueError, match="max-drop"):
+        tp.parse_max_drop(text)
+
+
+def test_max_drop_flag_and_task_aware_default():
+    args = tp.build_parser().parse_args(["--max-drop", "3%"])
+    assert args.max_drop == "3%"
+    assert tp.build_parser().parse_args(["--max-drop", "0.01"]).max_drop == 0.01
+    args = tp.build_parser().parse_args(["--task-aware"])
+    assert args.task_aware and args.max_drop is None and args.validation_size is None
+    assert tp.validation_size(tp.MODELS["ppocr-rec"]) == 64 and tp.validation_size(tp.MODELS["ppocr-det"]) == 32
+    assert tp.validation_size(tp.MODELS["ppocr-det"], 8) == 8
+    # one changed string out of the default validation set is a drop below 3 %
+    assert all(1 / tp.validation_size(s) < 0.03 for s in tp.MODELS.values() if s.task == "ctc")
+    specs = [tp.MODELS["ppocr-det"], tp.MODELS["ppocr-rec"]]
+    assert tp.validation_text(specs, None) == "(ppocr-det 32, ppocr-rec 64)"
+    assert tp.validation_text(specs, 10) == "10"
+    with pytest.raises(SystemExit):
+        tp.build_parser().parse_args(["--max-drop", "x"])
+
+
+def test_score_floor():
+    assert tp.score_floor("3%") == pytest.approx(0.97)
+    assert tp.score_floor("3%", base=0.5) == pytest.approx(0.485)
+    assert tp.score_floor(0.02) == pytest.approx(0.98)
+
+
+def test_package_evaluations_reads_whichever_key():
+    assert tp.package_evaluations({}) == []
+    assert tp.package_evaluations({"budget": None}) == []
+    assert tp.package_evaluations({"budget": {"mode": "max_error"}}) == []
+    ev = [{"score": 1.0}, {"score": 0.97}]
+    assert tp.package_evaluations({"budget": {"evaluations": ev}}) == ev
+    assert tp.package_evaluations({"budget": {"evaluate": {"trials": ev}}}) == ev
+    assert tp.package_evaluations({"evaluations": ev}) == ev
+    assert [tp._score_of(e) for e in ev + [0.5, {"x": 1}, "s"]] == [1.0, 0.97, 0.5, None, None]
+
+
+def test_describe_evaluation():
+    item = {"model": "candidate 3/7", "round": 1, "convs_rewritten": 2, "score": 0.98125,
+            "within": True, "measured_output_rel_l2": 0.0412}
+    assert tp._describe_evaluation(item) == "candidate 3/7 (2 convs, output error 0.0412): 0.981 within"
+    assert tp._describe_evaluation({"model": "input", "score": 1.0}) == "input: 1.000"
+    assert tp._describe_evaluation({}) == "?: -"
+    assert tp._describe_evaluation(0.5) == "0.5"
+
+
+def test_format_evaluations():
+    assert tp.format_evaluations([1.0, 0.9812, 0.96], 0.9812) == "3: 1.000, 0.981, 0.960 → 0.981"
+    assert tp.format_evaluations([], None) == "0: none"
+    assert tp.format_evaluations([1.0], 1.0, package_count=2).endswith("(package counted 2)")
+
+
+def test_render_task_rows_show_evaluations():
+    args = tp.build_parser().parse_args(["--max-drop", "3%"])
+    common = dict(model="ppocr-det", method="gsvd", convs_rewritten=2, convs_regular=6, macs_before=100,
+                  macs_after=80, latency_before_ms=10.0, latency_after_ms=8.0, metric_name="text-map IoU",
+                  metric=0.96, extra="", out_rel_l2=0.1, seconds=1.0, heldout=16)
+    rows = [tp.Row(multiplier="plan", **common),
+            tp.Row(multiplier="task", max_drop="3%", eval_scores=[1.0, 0.975], package_evals=2,
+                   validation_score=0.975, within=False, **common)]
+    text = tp.render(rows, [tp.MODELS["ppocr-det"]], args)
+    lines = [line for line in text.splitlines() if line.startswith("| ppocr-det | gsvd")]
+    assert len(lines) == 2
+    assert "evaluations: validation scores" in text
+    assert "| plan |" in lines[0] and "| - |" in lines[0]
+    assert "task, drop ≤ 3%" in lines[1] and "2: 1.000, 0.975 → 0.975" in lines[1]
+    assert "0.960 (OUTSIDE)" in lines[1]
+
+
 # ----------------------------------------------------------------- images
 
 def test_to_rgb_uint8_all_kinds():
@@ -331,3 +566,82 @@ def test_tool_does_not_import_torch_or_skimage_at_module_level():
     assert "import torch" not in source
     top = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not any("skimage" in line or "onnx_dwdecomp" in line for line in top)
+
+
+def test_task_row_wires_evaluate_and_max_drop_into_decompose(tmp_path, monkeypatch):
+    """The task-aware row hands the evaluate function and max_drop to decompose, records every
+    call, reads the package's evaluations with .get and scores the held-out inputs (fake package)."""
+    import dataclasses
+    import types
+
+    import onnx
+    import onnx_dwdecomp
+
+    from conftest import conv_model
+
+    rng = np.random.default_rng(0)
+    model = conv_model(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), hw=(8, 8), pads=[1, 1, 1, 1])
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    spec = tp.ModelSpec("tiny", "pkg", "1", "m.onnx", "textmap", "x", (8, 8), "none")
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    seen = {}
+
+    @dataclasses.dataclass
+    class FakeOptions:
+        method: str = "gsvd"
+        evaluate: object = None
+        max_drop: object = None
+        select: str = "latency"
+
+    def fake_decompose(source, progress=None, **opts):
+        seen.update(opts)
+        fn = opts["evaluate"]
+        scores = [fn(str(src))]
+        worse = onnx.ModelProto()
+        worse.CopyFrom(source)
+        w = onnx.numpy_helper.to_array(worse.graph.initializer[0]) * -1.0
+        worse.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+        onnx.save(worse, str(tmp_path / "cand.onnx"))
+        scores.append(fn(str(tmp_path / "cand.onnx")))
+        macs = types.SimpleNamespace(macs_before=100, macs_after=100)
+        report = types.SimpleNamespace(
+            layers=(), skipped=(), model=macs, verification=None, notes=("task-aware: kept the input",),
+            to_dict=lambda: {"budget": {"evaluations": [{"score": s} for s in scores]}})
+        return source, report
+
+    monkeypatch.setattr(onnx_dwdecomp, "DecomposeOptions", FakeOptions)
+    monkeypatch.setattr(onnx_dwdecomp, "decompose", fake_decompose)
+    fn = tp.make_evaluate(spec, src, x, threads=1)
+    row = tp.evaluate(spec, src, x, x, method="gsvd", multiplier="task", out_dir=tmp_path / "out", threads=1,
+                      runs=2, seed=0, exclude=(), log=lambda m: None, task_eval=fn, max_drop="3%")
+    assert seen["evaluate"] is fn and seen["max_drop"] == "3%" and seen["multiplier"] is None
+    assert "max_error" not in seen
+    assert row.eval_scores[0] == 1.0 and row.eval_scores[1] < 1.0 and len(row.eval_scores) == 2
+    assert row.package_evals == 2 and row.validation_score == 1.0
+    assert row.metric == 1.0 and row.within is True and row.max_drop == "3%"
+    assert (tmp_path / "out" / "tiny.gsvd.rtask.onnx").is_file()
+
+    @dataclasses.dataclass
+    class OldOptions:
+        method: str = "gsvd"
+
+    monkeypatch.setattr(onnx_dwdecomp, "DecomposeOptions", OldOptions)
+    with pytest.raises(RuntimeError, match="no evaluate, max_drop option"):
+        tp.evaluate(spec, src, x, x, method="gsvd", multiplier="task", out_dir=tmp_path / "out", threads=1,
+                    runs=2, seed=0, exclude=(), log=lambda m: None, task_eval=fn, max_drop="3%")
+
+
+def test_letterboxed_scene_crops_keep_the_whole_image_scale():
+    """Free-aspect (letterboxed) crops of a narrow split take their size from the whole text
+    image, clipped to the split's columns; square crops stay inside the split's short side."""
+    part = np.zeros((200, 50, 3), np.uint8)  # a 50-column quarter of a 200-row text image
+    photo = np.zeros((40, 40, 3), np.uint8)
+    sources = {"text": [("page[validation]", part)], "photo": [("p", photo)],
+               "side": {"page[validation]": 200}}
+    free = tp._scene_crops(sources, 20, np.random.default_rng(0), square=False)
+    texts = [c for name, c in free if name.startswith("page")]
+    assert all(c.shape[0] >= 100 and c.shape[1] <= 50 for c in texts)
+    assert all(max(c.shape[:2]) <= 40 for name, c in free if name.startswith("p@"))
+    square = tp._scene_crops(sources, 20, np.random.default_rng(0), square=True)
+    assert all(c.shape[0] == c.shape[1] <= 50 for name, c in square if name.startswith("page"))

