@@ -932,9 +932,9 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     if planned:
         chosen = ", ".join(f"{layer.name}: r={layer.multiplier}" for layer in report.layers) or "none"
         held = report.verification.worst_rel_l2() if report.verification is not None else float("nan")
-        notes.append(f"plan: {chosen}; held-out calibration rel L2 {held:.3g}; "
-                     + "; ".join(n for n in report.notes if "plan" in n or "bound" in n
-                                 or (task and ("eval" in n or "drop" in n or "toleran" in n))))
+        said = [n for n in report.notes if "plan" in n or "bound" in n
+                or (task and ("eval" in n or "drop" in n or "toleran" in n))]
+        notes.append("; ".join([f"plan: {chosen}", f"held-out calibration rel L2 {held:.3g}"] + said))
     if task:
         recorded = package_evaluations(report.to_dict())
         pkg = [_score_of(e) for e in recorded]
