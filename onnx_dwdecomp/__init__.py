@@ -6,13 +6,14 @@
 """
 
 from .errors import (BudgetError, CalibrationError, DwDecompError, InternalError, ModelError, NumericalError,
-                     OptionError, OutputError, Refused, ResourceError, UserError, VerificationFailed)
+                     EvaluationError, OptionError, OutputError, Refused, ResourceError, UserError,
+                     VerificationFailed)
 from .pipeline import DecomposeOptions, DecomposeResult, decompose
 from .report import Report
 
 __all__ = [
     "decompose", "DecomposeOptions", "DecomposeResult", "Report",
     "DwDecompError", "UserError", "ModelError", "OptionError", "OutputError", "CalibrationError", "BudgetError",
-    "ResourceError", "NumericalError", "VerificationFailed", "InternalError", "Refused",
+    "ResourceError", "EvaluationError", "NumericalError", "VerificationFailed", "InternalError", "Refused",
 ]
 __version__ = "0.1.0"

@@ -108,6 +108,11 @@ class BudgetError(UserError):
     """A cost or error budget cannot be met by any choice of layers and multipliers."""
 
 
+class EvaluationError(UserError):
+    """The user's evaluation function (``--eval``) raised or returned something that is not a
+    finite number."""
+
+
 class ResourceError(UserError):
     """The job would need more memory than is available (resources.py); the message names
     the flag that makes it smaller."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import BudgetError, OptionError
+from .errors import BudgetError, EvaluationError, OptionError
 from .plan import DEFAULT_MAX_ERROR
 from .runtime import DEFAULT_PROVIDERS, check_providers
 from .timing import default_threads
+from .tuning import DEFAULT_MAX_DROP, parse_max_drop
+from .usercode import display_name, load_callable
 
 METHODS = ("svd", "gsvd", "channel")
 SELECT = ("latency", "all")
@@ -63,6 +66,10 @@ def _calib_reader(spec: str) -> Any:
     from .calibdata import load_reader  # imports the user's module: only when the flag is given
 
     return load_reader(spec)
+
+
+def _evaluate_fn(spec: str) -> Any:
+    return load_callable(spec, "evaluate function", EvaluationError)
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,20 @@ class DecomposeOptions:
              "outputs' scale) on held-out calibration samples ≤ E (needs --calib; the default with "
              f"--calib and gsvd: {DEFAULT_MAX_ERROR:g})"))
 
+    evaluate: Any = _option(None, _flag(
+        "--eval", group=SELECTION, metavar="MODULE:FUNCTION", type=_evaluate_fn,
+        help="task-aware plan: FUNCTION(model_path) -> float, higher is better (module name or "
+             "path/to/file.py), scores the input model and candidate plans; the fastest plan whose "
+             "score drops at most --max-drop is chosen (needs --calib)"))
+    max_drop: str | float | None = _option(None, _flag(
+        "--max-drop", group=SELECTION, metavar="DROP",
+        help=f"with --eval: tolerated score drop, absolute (0.5) or relative to the input model's score "
+             f"(3%%; default {DEFAULT_MAX_DROP.replace('%', '%%')})"))
+    plot: str | os.PathLike | None = _option(None, _flag(
+        "--plot", group=INPUT, metavar="FILE.png|svg",
+        help="draw the plan's trade-off (predicted output error against latency and MACs for other "
+             "bounds, the chosen plan marked) with matplotlib"))
+
     def __post_init__(self):
         if isinstance(self.providers, str):  # "A,B" as on the command line
             object.__setattr__(self, "providers", tuple(p.strip() for p in self.providers.split(",")))
@@ -181,8 +202,10 @@ class DecomposeOptions:
 
     def plan_mode(self) -> str:
         """``"uniform"`` (every selected conv at one multiplier), ``"target_macs"``,
-        ``"target_latency"`` or ``"max_error"``. With calibration data, method gsvd and no
+        ``"target_latency"``, ``"max_error"`` or ``"task"`` (``evaluate`` given). With calibration data, method gsvd and no
         ``multiplier``, the default is ``"max_error"`` at :data:`DEFAULT_MAX_ERROR`."""
+        if self.evaluate is not None:
+            return "task"
         if self.target_macs is not None:
             return "target_macs"
         if self.target_latency is not None:
@@ -226,6 +249,10 @@ class DecomposeOptions:
             raise OptionError(f"--threads {self.threads!r}: must be an integer ≥ 1")
         if self.target_macs is not None or self.max_error is not None or self.target_latency is not None:
             _validate_budget(self, method)
+        if self.evaluate is not None or self.max_drop is not None:
+            _validate_task(self, method)
+        if self.plot is not None:
+            _validate_plot(self)
         check_providers(self.providers)
         if self.default_plan and not self.verify:
             raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
@@ -248,8 +275,39 @@ class DecomposeOptions:
             positions="all" if self.positions is None else self.positions, mean=list(self.mean),
             std=list(self.std), threads=self.threads or default_threads(), providers=list(self.providers),
             timing_cache=None if self.timing_cache is None else str(self.timing_cache), plan=self.plan_mode(),
-            max_error=DEFAULT_MAX_ERROR if self.default_plan else self.max_error)
+            max_error=DEFAULT_MAX_ERROR if self.default_plan else self.max_error,
+            evaluate=None if self.evaluate is None else display_name(self.evaluate),
+            max_drop=(DEFAULT_MAX_DROP if self.max_drop is None else str(self.max_drop)) if self.evaluate else None,
+            plot=None if self.plot is None else os.fspath(self.plot))
         return out
+
+
+def _validate_task(opts: DecomposeOptions, method: str) -> None:
+    if opts.evaluate is None:
+        raise OptionError("--max-drop needs --eval (the score whose drop it bounds)")
+    if not callable(opts.evaluate):
+        raise OptionError(f"evaluate {opts.evaluate!r}: expected a callable, evaluate(model_path) -> float")
+    others = [flag for flag, value in (("--target-macs", opts.target_macs), ("--target-latency", opts.target_latency),
+                                       ("--max-error", opts.max_error), ("--multiplier", opts.multiplier))
+              if value is not None]
+    if others:
+        raise OptionError(f"--eval chooses the plan by its score: drop {' and '.join(others)}")
+    if opts.calib is None or method != "gsvd":
+        raise OptionError("--eval needs calibration data (--calib) and --method gsvd: the candidate plans come "
+                          "from the data-driven error curves")
+    if not opts.verify:
+        raise OptionError("--eval verifies every candidate on held-out calibration samples; drop --no-verify")
+    parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
+
+
+def _validate_plot(opts: DecomposeOptions) -> None:
+    suffix = os.path.splitext(os.fspath(opts.plot))[1].lower()
+    if suffix not in (".png", ".svg"):
+        raise OptionError(f"--plot {os.fspath(opts.plot)}: expected a .png or .svg file name")
+    if opts.plan_mode() in ("uniform",):
+        raise OptionError("--plot draws a plan's trade-off: it needs a planned job (--calib with gsvd, no --multiplier)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise OptionError("--plot needs matplotlib: pip install 'onnx-dwdecomp[plot]'")
 
 
 _INTS = ("multiplier", "calib_size", "batch_size", "positions", "seed", "threads")

@@ -11,6 +11,7 @@ gsvd the default is the fastest plan whose held-out output error stays within
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,22 +27,30 @@ from .candidates import ConvLayer, find_candidates
 from .errors import CalibrationError, OptionError, Refused, first_line, refuse
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
-from .modelio import LoadedModel, load_model, model_byte_size
+from .modelio import LoadedModel, load_model, model_byte_size, save_model_atomic
+from .model_latency import MODEL_MIN_GAIN, check_faster
 from .options import DecomposeOptions
-from .plan import (DEFAULT_MAX_ERROR, KAPPA0, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
+from .plan import (DEFAULT_MAX_ERROR, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
                    curve_error, curve_solver,
                    layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement, apply_replacements
 from .runtime import make_session, using_providers
+from .sensitivity import Sensitivities, measure_sensitivities
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
 from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
+from .tuning import DEFAULT_MAX_DROP, MAX_EVALUATIONS, Bisection, call_evaluate, candidate_allocations, parse_max_drop
+from .usercode import display_name
 from .verify import (PaddedFeeds, Verification, as_features, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, random_batches)
+
+#: Rounds that met the bound timed as whole models at most before falling back to all-regular.
+MODEL_CHECKS = 2
+
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto
@@ -91,13 +100,10 @@ class _Job:
         """The held-out calibration samples as feeds (read once per job; calibrate_and_solve is
         given the same mask and leaves them out)."""
         if self._heldout_batches is None:
-            mask, batch = self.heldout_mask(), self.opts.batch_size
-            arrays: dict[str, list[np.ndarray]] = {}
-            for b in self.data.iter_batches(batch):
-                for name, value in b.feeds.items():
-                    arrays.setdefault(name, []).append(value[mask[b.start:b.start + b.count]])
-            self._heldout_batches = _batches({k: np.concatenate(v) for k, v in arrays.items()},
-                                             self.fixed_batch or batch, self.fixed_batch)
+            fixed = self.fixed_batch
+            self._heldout_batches = [PaddedFeeds(b.feeds, b.count) if fixed else b.feeds for b in
+                                     self.data.subset_batches(self.heldout_mask(), fixed or self.opts.batch_size,
+                                                              pad_to=fixed)]
         return self._heldout_batches
 
     def latency_selector(self) -> LatencySelector:
@@ -176,6 +182,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
     # choose plan → solve → rewrite → verify → revise plan
     t0 = time.perf_counter()
     planner: BudgetPlanner | None = None
+    sensitivities: Sensitivities | None = None
     if opts.plan_mode() == "uniform":
         if opts.select == "latency":
             layers = _select_by_latency(job, layers, selection, skipped)
@@ -183,30 +190,121 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
             selection += [Selection(layer.name, True, "--select all") for layer in layers]
         plan: Plan | None = Plan({layer.name: uniform_r for layer in layers})
     else:
-        planner, layers = _budget_planner(job, layers, selection, skipped)
+        planner, sensitivities, layers = _budget_planner(job, layers, selection, skipped)
         plan = planner.plan()
     job.add_time("plan", time.perf_counter() - t0)
     rounds: list[_Round] = []
-    while plan is not None:
-        rounds.append(_solve_rewrite_verify(job, layers, plan))
-        plan = None if planner is None else planner.revise(_worst(rounds[-1].verification), job.say)
-    chosen = rounds[-1]
-    if planner is not None:
+    evaluations: list[dict] | None = None
+    if planner is not None and planner.mode == "task":
+        rounds, evaluations = _task_search(job, layers, planner)
         index = planner.final()
-        if index is None:  # no round met the bound: the all-regular plan (output = input)
-            chosen = _solve_rewrite_verify(job, layers, Plan({layer.name: SKIP for layer in layers}))
-            planner.fall_back(_worst(chosen.verification))
-            notes.append(f"no plan tried met the output error bound {planner.target:g} "
-                         f"(best measured {min(_worst(r.verification) for r in rounds):.3g}); every conv kept regular")
-        else:
-            chosen = rounds[index]
-        skipped += [Refused(layer.name, "kept regular by the plan (error bound or budget)")
+    else:
+        while plan is not None:
+            rounds.append(_solve_rewrite_verify(job, layers, plan))
+            plan = None if planner is None else planner.revise(_worst(rounds[-1].verification), job.say)
+        index = planner.final() if planner is not None else len(rounds) - 1
+    model_check = None
+    if planner is not None:
+        chosen, model_check = _checked_choice(job, layers, planner, rounds, index, notes)
+        skipped += [Refused(layer.name, "kept regular by the plan (error bound, score or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
+    else:
+        chosen = rounds[-1]
 
     if chosen.verification is not None:
         chosen.verification.require_pass(job.source)  # NaN/Inf where the input model is finite: a failure
-    report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start)
+    report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start,
+                     PlanEvidence(sensitivities, model_check, evaluations))
     return DecomposeResult(chosen.model, report)
+
+
+class PlanEvidence(NamedTuple):
+    """What the planner measured besides the rounds: the per-layer probes, the whole-model
+    timing of the chosen plan, the user's scores (task-aware mode)."""
+
+    sensitivities: Sensitivities | None
+    model_check: Decision | None
+    evaluations: list[dict] | None
+
+
+def _checked_choice(job: _Job, layers: list[ConvLayer], planner: BudgetPlanner, rounds: list[_Round],
+                    index: int | None, notes: list[str]) -> tuple[_Round, Decision | None]:
+    """The chosen round, checked as a whole (model_latency.py) when options were priced by
+    latency: a plan whose model is not faster than the all-regular one is not handed back —
+    the next cheapest round that met the bound is tried, then the all-regular plan."""
+    def fall_back(reason: str) -> _Round:
+        regular = _solve_rewrite_verify(job, layers, Plan({layer.name: SKIP for layer in layers}))
+        planner.fall_back(_worst(regular.verification), reason)
+        notes.append(reason + "; every conv kept regular")
+        return regular
+
+    if index is None:  # no round met the bound / the tolerance: the all-regular plan (output = input)
+        if planner.mode == "task":
+            return fall_back("no candidate plan kept the score within the tolerance"), None
+        best = min((_worst(r.verification) for r in rounds), default=float("nan"))
+        return fall_back(f"no plan tried met the output error bound {planner.target:g} (best measured {best:.3g})"), None
+    chosen = rounds[index]
+    if planner.price != "latency" or not chosen.layers or planner.mode not in ("max_error", "task"):
+        return chosen, None
+    order = [index] + [k for k in planner.hits() if k != index]
+    decision = None
+    for k in order[:MODEL_CHECKS]:
+        job.say(f"plan: timing the plan of round {k + 1} against the all-regular model")
+        decision = check_faster(job.work, rounds[k].model, random_batches(job.specs, job.shapes, job.opts.seed)[0],
+                                threads=job.opts.threads or default_threads(), providers=job.opts.providers,
+                                cache=job.latency_selector().cache)
+        if decision.rewrite:
+            if k != index:
+                notes.append(f"the cheapest plan (round {index + 1}) was not faster as a whole model; "
+                             f"round {k + 1}'s plan is")
+            planner.choose(k)
+            return rounds[k], decision
+    t = decision.timing if decision is not None else None
+    ratio = f" (×{t.ratio:.3f} of the all-regular model's latency)" if t is not None else ""
+    return fall_back(f"no plan that met the bound ran ≥ {100 * MODEL_MIN_GAIN:g} % faster than the all-regular "
+                     f"model as a whole{ratio}"), decision
+
+
+def _task_search(job: _Job, layers: list[ConvLayer], planner: BudgetPlanner) -> tuple[list[_Round], list[dict]]:
+    """Candidate plans from the frontier, solved and scored by the user's function (tuning.py)."""
+    opts = job.opts
+    name = display_name(opts.evaluate)
+    tolerance = parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
+    evaluations: list[dict] = []
+    rounds: list[_Round] = []
+    with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_eval_") as tmp:
+        def score(model: onnx.ModelProto, what: str) -> float:
+            path = save_model_atomic(model, os.path.join(tmp, f"candidate{len(evaluations)}.onnx"),
+                                     external_data=False)
+            job.say(f"plan: scoring {what} with {name}")
+            t0 = time.perf_counter()
+            value = call_evaluate(opts.evaluate, str(path), name, what)
+            job.add_time("evaluate", time.perf_counter() - t0)
+            for leftover in os.listdir(tmp):
+                os.remove(os.path.join(tmp, leftover))
+            return value
+
+        baseline = score(job.source, "the input model")
+        allowed = tolerance.allowed(baseline)
+        planner.set_tolerance(baseline, allowed, tolerance.describe())
+        evaluations.append({"model": "input", "score": baseline})
+        candidates = candidate_allocations(planner.curves, planner.price)
+        search = Bisection(len(candidates), MAX_EVALUATIONS - 1)
+        while (k := search.next()) is not None:
+            bound, alloc = candidates[k]
+            planner.allocation = alloc
+            rnd = _solve_rewrite_verify(job, layers, planner.plan())
+            value = score(rnd.model, f"candidate plan {k + 1} of {len(candidates)}")
+            within = value >= baseline - allowed
+            search.record(k, within)
+            planner.record_scored(alloc, _worst(rnd.verification), value, within)
+            evaluations.append({"model": f"candidate {k + 1}/{len(candidates)}", "round": len(rounds),
+                                "convs_rewritten": len(rnd.layers), "score": value, "within": within,
+                                "measured_output_rel_l2": _worst(rnd.verification)})
+            rounds.append(rnd)
+    planner.stop_reason = (f"binary search over {len(candidates)} candidate plans: "
+                           + ("every candidate evaluated" if search.hi - search.lo <= 1 else "evaluation budget spent"))
+    return rounds, evaluations
 
 
 def _worst(verification: Verification | None) -> float | None:
@@ -219,6 +317,10 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, An
     ``work`` (the folded model) is what every later stage reads; verification compares the final
     model with the untouched ``source``.
     """
+    import dataclasses
+
+    from .candidates import candidate_notes
+
     timing: dict[str, float] = {"load": loaded.seconds}
     source = loaded.model
     specs = graph_inputs(source)
@@ -226,17 +328,32 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, An
     bn_fold = fold_batchnorm(source)
     timing["fold"] = time.perf_counter() - t0
     data = None
+    named = _named_shapes(opts.input_shapes, specs)
+    fixed = calibdata.fixed_batch(specs)
+    notes = [candidate_notes(source)]
     if opts.calib is not None:
         t0 = time.perf_counter()
         say("calibrate: reading data")
-        data = calibdata.load_calibration(opts.calib, specs, calib_size=opts.calib_size,
+        # --input-shape sets the dims the model leaves dynamic before the data is read (an image
+        # folder is cropped to them)
+        data = calibdata.load_calibration(opts.calib, calibdata.fix_dims(specs, named), calib_size=opts.calib_size,
                                           mean=opts.mean, std=opts.std)
         timing["calibration"] = time.perf_counter() - t0
-    shapes, notes = resolve_input_shapes(specs, _named_shapes(opts.input_shapes, specs),
-                                         data.sample_shapes if data is not None else None)
+        notes += data.notes
+        if data.max_batch is not None and opts.batch_size > data.max_batch:  # one value per run (calibdata)
+            if fixed is not None and fixed > data.max_batch:
+                raise CalibrationError(f"calibration input(s) {', '.join(sorted(repr(n) for n in data.unbatched))} "
+                                       f"have no sample axis and values that differ between samples, but the "
+                                       f"model's batch is fixed at {fixed}: give one value for all samples")
+            notes.append(f"calibration runs one sample at a time (batch size 1): input(s) "
+                         f"{', '.join(sorted(repr(n) for n in data.unbatched))} have no sample axis and their "
+                         f"values differ between samples")
+            opts = dataclasses.replace(opts, batch_size=data.max_batch)
+    shapes, shape_notes = resolve_input_shapes(specs, named, data.sample_shapes if data is not None else None)
+    notes = [n for n in notes if n] + shape_notes
     infos = infer_tensor_info(bn_fold.model, shapes)
     job = _Job(opts, opts.resolved_method(), source, bn_fold.model, specs, data, shapes, infos,
-               _fixed_batch(specs), say, timing)
+               fixed, say, timing)
     return job, bn_fold, notes
 
 
@@ -251,9 +368,10 @@ def _named_shapes(given: Mapping[str, tuple[int, ...]], specs) -> dict[str, tupl
     return shapes
 
 
-def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selection],
-                    skipped: list[Refused]) -> tuple[BudgetPlanner, list[ConvLayer]]:
-    """Price the options, trace the error curves on held-out patches, measure κ, allocate (plan.py)."""
+def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selection], skipped: list[Refused]
+                    ) -> tuple[BudgetPlanner, Sensitivities | None, list[ConvLayer]]:
+    """Price the options, trace the error curves on held-out patches, probe each layer's
+    sensitivity, allocate (plan.py)."""
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
@@ -268,7 +386,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     if opts.target_latency is not None:
         check_latency_reachable(opts.target_latency, priced.latency_ms or {})
     errors: dict[str, dict[int, float]] = {}
-    kappa = KAPPA0
+    sensitivities = None
     if layers:
         job.say("plan: error curves (symmetric pass)")
         wanted = {name: sorted(r for r in c if r != SKIP) for name, c in priced.macs.items()}
@@ -276,24 +394,22 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
                                       finite_stats_solver(curve_solver(errors, wanted)),
                                       _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
                                       progress=job.say, heldout=job.heldout_mask())
-        # κ probe: every curve layer at its first offered option (the curve pass's factors), on
-        # the held-out samples. Cruder factors than the final ones (symmetric, sweep only), so
-        # the κ it gives tends to over-predict the final output error (conservative).
-        job.say("plan: measuring κ")
-        probe = apply_replacements(job.work, [Replacement(layer, outcome.layers[layer.name].factors)
-                                              for layer in layers])
-        measured = compare_models(job.work, probe, job.heldout_batches(), "held-out calibration samples",
-                                  job.output_scales()).worst_error()
-        total = sum(curve_error(errors[layer.name][wanted[layer.name][0]]) for layer in layers)
-        if total > 0 and measured > 0 and np.isfinite(measured):  # else κ cannot be measured
-            kappa = measured ** 2 / total
-    curves = layer_curves(layers, priced, errors)
+        # one probe per layer: that layer alone at its first offered option (the curve pass's
+        # factors), on the held-out samples (sensitivity.py)
+        first = {layer.name: wanted[layer.name][0] for layer in layers}
+        sensitivities = measure_sensitivities(
+            job.work, layers, {name: result.factors for name, result in outcome.layers.items()},
+            {name: curve_error(errors[name][r]) for name, r in first.items()}, first,
+            job.heldout_batches(), job.output_scales(), job.say)
+        job.add_time("sensitivity_probes", sensitivities.seconds)
+    curves = layer_curves(layers, priced, errors, sensitivities.weights() if sensitivities else {})
     fixed = before - sum(c.option(SKIP).macs for c in curves)
     mode = opts.plan_mode()
     target = {"target_macs": opts.target_macs, "target_latency": opts.target_latency}.get(
         mode, opts.max_error or DEFAULT_MAX_ERROR)
-    return BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
-                         before_macs=before, kappa=kappa, default=opts.default_plan), layers
+    planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
+                            before_macs=before, default=opts.default_plan)
+    return planner, sensitivities, layers
 
 
 def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> CalibrationOptions:
@@ -335,7 +451,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
 
 
 def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, skipped: list[Refused],
-            selection: list[Selection], notes: list[str], start: float) -> Report:
+            selection: list[Selection], notes: list[str], start: float, evidence: PlanEvidence) -> Report:
     opts, work, infos = job.opts, job.work, job.infos
     new_model = chosen.model
     new_infos = infer_tensor_info(new_model, job.shapes)
@@ -394,13 +510,38 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
                          f"machine and its load, decisions near the threshold may differ between runs")
     budget = None
     if planner is not None:
-        budget = planner.to_dict(after.macs, chosen.heldout_errors, chosen.patches)
+        budget = _plan_record(planner, evidence, after.macs, chosen)
     return Report(method=job.method, layers=tuple(results), skipped=tuple(skipped), model=totals,
                   verification=chosen.verification, timing_s=timing, notes=tuple(notes),
                   calibration=chosen.calib_report, options=opts.to_dict(job.shapes),
                   select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
                   merged=chosen.merged.folds, budget=budget,
                   environment=environment(opts.providers, opts.threads or default_threads()))
+
+
+def _plan_record(planner: BudgetPlanner, evidence: PlanEvidence, macs: int, chosen: _Round) -> dict:
+    """The plan's part of the report: planner.to_dict plus the probes, the whole-model timing,
+    the frontier and the user's scores."""
+    budget = planner.to_dict(macs, chosen.heldout_errors, chosen.patches)
+    probes = evidence.sensitivities
+    if probes is not None:
+        budget["probes"] = {"count": len(probes.probes), "samples": probes.samples}  # time: timing_s
+        for layer in budget["layers"]:
+            p = probes.probes.get(layer["name"])
+            if p is not None:
+                layer["probe"] = {"multiplier": p.multiplier, "layer_error": p.layer_error,
+                                  "output_error": p.output_error, "gain": p.gain}
+    check = evidence.model_check
+    model_ms = None
+    if check is not None and check.timing is not None:
+        t = check.timing
+        model_ms = t.regular_ms
+        budget["model_latency"] = {"regular_ms": t.regular_ms, "plan_ms": t.separable_ms, "ratio": t.ratio,
+                                   "ratio_halfwidth": t.ratio_halfwidth, "runs": t.runs, "retimes": t.retimes,
+                                   "cached": t.cached, "faster": check.rewrite, "reason": check.reason}
+    budget["frontier"] = planner.frontier(model_ms=model_ms)
+    budget["evaluations"] = evidence.evaluations
+    return budget
 
 
 def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> Refused | None:

@@ -12,31 +12,41 @@ choose plan → solve → rewrite → verify → revise plan. Two planners:
 The budgeted planner
 --------------------
 1. **Prices.** Every option's exact MACs (a new pointwise conv merged into a following 1×1
-   conv included, :func:`option_macs`). With ``price="latency"`` (``--select latency``, the
-   default) every option is also timed in onnxruntime at its real shape (latency.py): r = 1, 2,
-   … while the separable form runs at least ``MIN_GAIN`` faster than the regular conv (latency
-   grows with r: a larger r is not tried once one is not faster). Only such options are offered,
-   priced at ``ratio_r × t_regular`` (each ratio from its own interleaved timing, one regular
-   reference per conv); a conv no multiplier makes faster stays regular, with that reason.
-   ``price="macs"`` (``--select all``) offers every r that saves MACs and times nothing.
+   conv included, :func:`option_macs`). Offered are the r whose MACs are at most
+   ``MAX_OPTION_MACS`` (½) of the regular conv's: a larger r saves little (timing noise decides
+   it) and each offered r costs a GSVD solve per layer in the curve pass — on a ResNet-18-shaped
+   model r = 6–7 options timed "faster" under load measured ×1.03 on a quiet machine, while
+   their solves made the default job 8× the uniform one. With ``price="latency"``
+   (``--select latency``, the default) every option is also timed in onnxruntime at its real
+   shape (latency.py): r = 1, 2, … while the separable form runs at least ``MIN_GAIN`` faster
+   than the regular conv (latency grows with r: a larger r is not tried once one is not
+   faster), priced at ``ratio_r × t_regular`` (each ratio from its own interleaved timing, one
+   regular reference per conv); a conv no multiplier makes faster stays regular, with that
+   reason. ``price="macs"`` (``--select all``) offers every such r and times nothing.
 2. **Error curves.** One calibration pass over the *original* network (symmetric statistics);
-   for each offered r, the GSVD solution (sweep only, ``CURVE_ITER``) and its relative response
-   error measured on the **held-out** samples' patches — not on the fit samples, which a
-   rank-deficient fit (few images, large ``C·k²``) reproduces perfectly.
-3. **κ.** ``rel_L2(output)² ≈ κ·Σ e_l`` (budget.py). A probe network with every curve layer at
-   its first offered option runs on the held-out calibration samples and gives κ.
-4. **Allocation**: ``--max-error``: least price with ``κ·Σ e ≤ E²``; ``--target-macs``: least
-   predicted error with MACs ≤ F × the input's; ``--target-latency``: least predicted error
-   with the candidate convs' summed latency ≤ F × their regular latency.
+   for each offered r, the GSVD solution (``CURVE_ITER`` L-BFGS rounds, as the final solve) and
+   its relative response error ``e_l(r)`` measured on the **held-out** samples' patches — not
+   on the fit samples, which a rank-deficient fit (few images, large ``C·k²``) reproduces
+   perfectly.
+3. **Sensitivities** (sensitivity.py). Each layer rewritten alone at its first offered option
+   (the curve pass's factors), on the held-out calibration samples: ``s_l = ε_l² / e_l``. A
+   plan's output error is predicted as ``ε² ≈ α·Σ s_l e_l(r_l)``, the interaction scale ``α``
+   starting at 1.
+4. **Allocation** (budget.py, each layer's error weighted by ``s_l``): ``--max-error E``: least
+   price with ``α·Σ s e ≤ (AIM·E)²``; ``--target-macs``: least predicted error with MACs ≤ F ×
+   the input's; ``--target-latency``: least predicted error with the candidate convs' summed
+   latency ≤ F × their regular latency.
 5. **Rounds** (``--max-error``): the chosen plan is solved the normal way (asymmetric, in graph
-   order), rewritten and verified on the held-out samples; κ is re-measured from the round,
-   ``κ = measured² / Σ e``; a miss re-allocates for ``MARGIN × E`` (strictly below the missed
-   error sum), a hit with room to spare re-allocates looser when that is cheaper than the best
-   hit so far. When the first plan rewrites nothing (the all-layer probe over-predicts sparse
-   plans), the option with the least predicted error is tried to measure κ where it matters.
-   At most ``MAX_ERROR_ROUNDS`` rounds; a plan is never solved twice. The result is
-   the cheapest round that met the bound, else the all-regular plan (the output then equals the
-   input: the tool never hands back a plan it measured outside the bound).
+   order), rewritten and verified on the held-out samples; ``α`` is re-measured from the round,
+   ``α = measured² / Σ s e`` (the sensitivities stay: the rounds correct the interaction, never
+   reset to a model-wide guess); a miss re-allocates strictly below the missed error sum, a hit
+   more than ``NEAR`` below the bound re-allocates looser when that is cheaper than the best
+   hit so far. The rounds stop at a hit within ``[NEAR, 1] × E``, at a plan already measured,
+   when nothing cheaper is predicted, or after ``MAX_ERROR_ROUNDS`` solved rounds. The result
+   is the cheapest round that met the bound, else the all-regular plan (the output then equals
+   the input: the tool never hands back a plan it measured outside the bound).
+6. **Frontier.** From the same curves, sensitivities, ``α`` and prices, what the bounds of
+   ``FRONTIER_BOUNDS`` would give (:meth:`BudgetPlanner.frontier`), for the report and ``--plot``.
 """
 
 from __future__ import annotations
@@ -67,16 +77,21 @@ from .solve import GsvdProblem, LayerStats, SeparableFactors, check_multiplier, 
 #: PyPI-wheel models kept their task metrics at 1.000 up to 0.05 (docs/THIRDPARTY.md). Intel
 #: Neural Compressor's default tolerance is 1 % relative accuracy loss.
 DEFAULT_MAX_ERROR = 0.02
-#: L-BFGS rounds per multiplier when tracing an error curve (0 = the GSVD sweep only). Measured
-#: on the MNIST model (tools/budget_study.py, --target-macs at uniform r = 2's MACs): the
-#: allocation needs the order of the options, and the sweep alone gave the better network.
-CURVE_ITER = 0
-#: κ when it cannot be measured (no layer, zero errors).
-KAPPA0 = 1.0
+#: L-BFGS rounds per multiplier when tracing an error curve: the final solve's
+#: (solve.gsvd_factors), so the curve errors — and the probes that turn them into output errors
+#: — are those of the factors the rounds will solve. With the sweep alone (0) the curves
+#: over-predicted the final layer errors 3–10× on models/mnist.
+CURVE_ITER = 10
 #: --max-error: solve + verify rounds at most (not counting a round that rewrites nothing).
-MAX_ERROR_ROUNDS = 3
-#: After a miss, the next round aims at MARGIN × the bound.
-MARGIN = 0.9
+MAX_ERROR_ROUNDS = 4
+#: Each allocation aims at AIM × the bound (room for a prediction that is a little low).
+AIM = 0.9
+#: A round that meets the bound with a measured error ≥ NEAR × the bound ends the search.
+NEAR = 0.7
+#: Offered options: MACs at most this share of the regular conv's (module docstring, step 1).
+MAX_OPTION_MACS = 0.5
+#: Output error bounds the report's trade-off table (and --plot) shows.
+FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,8 @@ def merged_channels(targets: dict[str, onnx.NodeProto], infos) -> dict[str, int]
 
 def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
                 second: dict[str, onnx.NodeProto]) -> dict[str, dict[int, int]]:
-    """MACs of each layer per option (``SKIP`` and every r that saves MACs), exact for the rewritten model.
+    """MACs of each layer per option (``SKIP`` and every r whose MACs are at most
+    ``MAX_OPTION_MACS`` of the regular conv's), exact for the rewritten model.
 
     A layer's cost includes the 1×1 conv ``second[name]`` its new pointwise conv will be merged
     into (if any, :func:`merge_targets`): kept regular, both convs run (``P·n·c·K + P·m·n``);
@@ -139,7 +155,7 @@ def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
         for r in range(1, k + 1):
             pointwise = merged // n * c * r if layer.name in second else positions * n * c * r
             macs = positions * c * r * k + pointwise
-            if check_multiplier(layer.weight_shape, r) is None and macs < options[SKIP]:
+            if check_multiplier(layer.weight_shape, r) is None and macs <= MAX_OPTION_MACS * options[SKIP]:
                 options[r] = macs
         costs[layer.name] = options
     return costs
@@ -203,7 +219,8 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
     second = merge_targets(work, layers)
     macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
-    skipped = [Refused(layer.name, "kept regular: no multiplier saves MACs (merged pointwise included)")
+    skipped = [Refused(layer.name, f"kept regular: no multiplier saves ≥ {100 * (1 - MAX_OPTION_MACS):g} % of its MACs "
+                                   f"(merged pointwise included)")
                for layer in layers if layer.name not in macs]
     if price == "macs":
         return Priced(macs, None), [], skipped
@@ -236,14 +253,21 @@ def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int
     return solve
 
 
-def layer_curves(layers: list[ConvLayer], priced: Priced, errors: dict[str, dict[int, float]]) -> list[LayerCurve]:
+def layer_curves(layers: list[ConvLayer], priced: Priced, errors: dict[str, dict[int, float]],
+                 weights: dict[str, float]) -> list[LayerCurve]:
+    """Each layer's options with their curve errors, weighted by the layer's sensitivity."""
     out = []
     for layer in layers:
         lat = priced.latency_ms[layer.name] if priced.latency_ms is not None else {}
         out.append(LayerCurve(layer.name, tuple(
             Option(r, m, 0.0 if r == SKIP else curve_error(errors[layer.name][r]), lat.get(r))
-            for r, m in sorted(priced.macs[layer.name].items()))))
+            for r, m in sorted(priced.macs[layer.name].items())), curve_weight(weights.get(layer.name, 0.0))))
     return out
+
+
+def curve_weight(sensitivity: float) -> float:
+    """A sensitivity for the allocation: inf/NaN (a probe that broke the output) counts as very large."""
+    return float(sensitivity) if np.isfinite(sensitivity) else 1e6
 
 
 def curve_error(error: float) -> float:
@@ -254,19 +278,25 @@ def curve_error(error: float) -> float:
 # ---------------------------------------------------------------------------------- planner
 
 class BudgetPlanner:
-    """Curves, allocation and the --max-error rounds of one decompose call (module docstring)."""
+    """Curves, allocation and the --max-error rounds of one decompose call (module docstring).
+
+    ``curves[l].weight`` is layer ``l``'s sensitivity ``s_l`` (sensitivity.py); a plan's output
+    error is predicted as ``√(scale · Σ s_l e_l)``, ``scale`` (the interaction scale α) starting
+    at 1 and re-measured by every verified round.
+    """
 
     def __init__(self, *, mode: str, target: float, price: str, curves: list[LayerCurve], fixed_macs: int,
-                 before_macs: int, kappa: float, default: bool = False):
+                 before_macs: int, default: bool = False, scale: float = 1.0):
         self.mode, self.target, self.price, self.default = mode, target, price, default
         self.curves = curves
         self.fixed = fixed_macs
         self.before = before_macs
-        self.kappa = self.probe_kappa = kappa
+        self.scale = scale
         self.rounds: list[dict] = []
         self._allocations: list[Allocation] = []
         self._best: int | None = None  # index of the cheapest round that met --max-error
         self.chosen_round = 0
+        self.stop_reason = ""
         if mode == "target_macs":
             self.limit = int(np.floor(target * before_macs))
             self.allocation = allocate_cost(curves, self.limit - fixed_macs)
@@ -275,52 +305,60 @@ class BudgetPlanner:
             self.limit = int(np.floor(target * sum(c.option(SKIP).cost("latency") for c in curves)))
             self.allocation = allocate_cost(curves, self.limit, price="latency")
             self.bound = None
+        elif mode == "task":  # tuning.py drives the candidates; nothing allocated yet
+            self.limit = self.bound = None
+            self.allocation = uniform(curves, SKIP)
         else:
             self.limit = None
-            self.bound = target ** 2 / self.kappa if self.kappa > 0 else float("inf")
+            self.bound = (AIM * target) ** 2 / self.scale
             self.allocation = allocate_error(curves, self.bound, price=price)
+        self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
 
     def plan(self) -> Plan:
         return Plan(dict(self.allocation.multipliers))
 
+    def predicted(self, alloc: Allocation | None = None) -> float:
+        """Predicted output error of an allocation (default: the current one)."""
+        return float(np.sqrt(max(self.scale * (alloc or self.allocation).error, 0.0)))
+
     def _cost(self, alloc: Allocation) -> float:
         return alloc.macs if self.price == "macs" else alloc.latency_ms
 
-    def revise(self, measured: float | None, say) -> Plan | None:
-        """Record the round just verified (worst output error ``measured``; NaN counts as a miss
-        that says nothing about κ); the next plan, or None."""
-        alloc = self.allocation
+    def record(self, alloc: Allocation, measured: float | None, **extra) -> None:
         self.rounds.append({"multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
                             "predicted_macs": self.fixed + alloc.macs, "predicted_latency_ms": alloc.latency_ms,
-                            "predicted_error_sum": alloc.error, "kappa": self.kappa,
-                            "error_sum_bound": self.bound, "measured_output_rel_l2": measured})
+                            "predicted_error_sum": alloc.error, "interaction_scale": self.scale,
+                            "predicted_output_rel_l2": self.predicted(alloc),
+                            "measured_output_rel_l2": measured, **extra})
         self._allocations.append(alloc)
+
+    def revise(self, measured: float | None, say) -> Plan | None:
+        """Record the round just verified (worst output error ``measured``; NaN counts as a miss
+        that says nothing about the scale); the next plan, or None (``stop_reason`` says why)."""
+        alloc = self.allocation
+        self.record(alloc, measured)
         if self.mode != "max_error" or measured is None:
             return None
         finite = bool(np.isfinite(measured))
         hit = finite and measured <= self.target
         if hit and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
             self._best = len(self._allocations) - 1
-        solved = sum(1 for a in self._allocations if a.error > 0)  # rounds that rewrote something
-        if alloc.error <= 0 and not self._allocations[:-1]:
-            # The probe's κ (every layer rewritten) left no room for any rewrite; it over-predicts
-            # sparse plans (measured ~10× on models/mnist). Measure the single least-error option.
-            least = min((o.error for c in self.curves for o in c.options if o.multiplier != SKIP), default=0.0)
-            if least <= 0:
-                return None
-            self.allocation = allocate_error(self.curves, least, price=self.price)
-            say(f"plan: no rewrite predicted within {self.target:g}; measuring the least-error one")
-            return self.plan()
-        if solved >= MAX_ERROR_ROUNDS or alloc.error <= 0 or (finite and measured <= 0):
+        if alloc.error <= 0:
+            # every single rewrite was measured (its probe) above the bound: nothing can fit
+            self.stop_reason = "no rewrite fits the bound (each layer's probe alone exceeds it)"
+            return None
+        self._rescale(alloc, measured)
+        if hit and measured >= NEAR * self.target:
+            self.stop_reason = f"measured {measured:.3g} is within [{NEAR:g}, 1] × the bound"
+            return None
+        solved = sum(1 for a in self._allocations if a.error > 0)
+        if solved >= MAX_ERROR_ROUNDS:
+            self.stop_reason = f"round cap ({MAX_ERROR_ROUNDS} solved rounds)"
             return None
         missed_bound = 0.999 * alloc.error  # strictly below the missed round's error sum
-        if finite:
-            self.kappa = measured ** 2 / alloc.error
-            self.bound = (MARGIN * self.target) ** 2 / self.kappa
-            if not hit:
-                self.bound = min(self.bound, missed_bound)
-        else:
-            self.bound = missed_bound
+        self.bound = (AIM * self.target) ** 2 / self.scale if finite else missed_bound
+        if not hit:
+            self.bound = min(self.bound, missed_bound)
         nxt = allocate_error(self.curves, self.bound, price=self.price)
         if not hit and nxt.error <= 0 < allocate_error(self.curves, missed_bound, price=self.price).error:
             # the margin left nothing: try the largest plan below the missed one instead
@@ -328,34 +366,62 @@ class BudgetPlanner:
             nxt = allocate_error(self.curves, self.bound, price=self.price)
         tried = {tuple(sorted(a.multipliers.items())) for a in self._allocations}
         if tuple(sorted(nxt.multipliers.items())) in tried:
+            self.stop_reason = "the re-scaled allocation is a plan already measured"
             return None
         if self._best is not None and self._cost(nxt) >= self._cost(self._allocations[self._best]):
+            self.stop_reason = "no cheaper plan is predicted within the bound"
             return None
         self.allocation = nxt
-        say(f"plan: output error {measured:.3g} {'≤' if hit else '>'} {self.target:g}; κ = {self.kappa:.3g}, "
-            f"re-allocating (round {len(self.rounds) + 1})")
+        say(f"plan: output error {measured:.3g} {'≤' if hit else '>'} {self.target:g}; interaction scale "
+            f"{self.scale:.3g}, re-allocating (round {len(self.rounds) + 1})")
         return self.plan()
+
+    def _rescale(self, alloc: Allocation, measured: float | None) -> None:
+        """``α = measured² / Σ s e`` from a verified round (kept when it says nothing)."""
+        if measured is not None and np.isfinite(measured) and measured > 0 and alloc.error > 0:
+            self.scale = measured ** 2 / alloc.error
+
+    def set_tolerance(self, baseline: float, allowed: float, text: str) -> None:
+        self.tolerance = {"input_score": baseline, "allowed_drop": allowed, "max_drop": text}
+
+    def record_scored(self, alloc: Allocation, measured: float | None, score: float, within: bool) -> None:
+        """Task mode: record a scored candidate (``within`` the tolerance or not) and re-measure α."""
+        self.record(alloc, measured, score=score, within=within)
+        self._rescale(alloc, measured)
+        if within and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
+            self._best = len(self._allocations) - 1
 
     def final(self) -> int | None:
         """Index of the chosen round: the cheapest that met --max-error, else the last one (target
         MACs); None when no round met --max-error (the caller falls back to the all-regular plan)."""
+        if self.mode == "task" and self._best is None:
+            return None
         if self.mode == "max_error" and self._best is None and any(
                 r["measured_output_rel_l2"] is not None for r in self.rounds):
             return None
         index = len(self._allocations) - 1 if self._best is None else self._best
-        self.chosen_round = index
-        self.allocation = self._allocations[index]
+        self.choose(index)
         return index
 
-    def fall_back(self, measured: float | None) -> Plan:
-        """Make the all-regular plan the chosen round (no round met --max-error); ``measured`` is
-        its verified output error (round-off)."""
+    def choose(self, index: int) -> None:
+        self.chosen_round = index
+        self.allocation = self._allocations[index]
+
+    def hits(self) -> list[int]:
+        """Rounds that met the bound, cheapest first."""
+        if self.mode == "task":
+            met = [k for k, r in enumerate(self.rounds) if r.get("within")]
+        else:
+            met = [k for k, r in enumerate(self.rounds) if r["measured_output_rel_l2"] is not None
+                   and np.isfinite(r["measured_output_rel_l2"]) and r["measured_output_rel_l2"] <= self.target
+                   and not r.get("fallback") and self._allocations[k].error > 0]
+        return sorted(met, key=lambda k: self._cost(self._allocations[k]))
+
+    def fall_back(self, measured: float | None, reason: str = "") -> Plan:
+        """Make the all-regular plan the chosen round (no round met --max-error, or the chosen
+        plan was not faster); ``measured`` is its verified output error (round-off)."""
         self.allocation = uniform(self.curves, SKIP)
-        self._allocations.append(self.allocation)
-        self.rounds.append({"multipliers": {c.name: "skip" for c in self.curves}, "predicted_macs": self.fixed
-                            + self.allocation.macs, "predicted_latency_ms": self.allocation.latency_ms,
-                            "predicted_error_sum": 0.0, "kappa": self.kappa, "error_sum_bound": self.bound,
-                            "measured_output_rel_l2": measured, "fallback": True})
+        self.record(self.allocation, measured, fallback=True, reason=reason)
         self.chosen_round = len(self.rounds) - 1
         return self.plan()
 
@@ -367,6 +433,9 @@ class BudgetPlanner:
             return macs <= self.limit
         if self.mode == "target_latency":
             return sum(c.option(self.allocation.multipliers[c.name]).cost("latency") for c in self.curves) <= self.limit
+        if self.mode == "task":
+            chosen = self.rounds[self.chosen_round] if self.rounds else {}
+            return bool(chosen.get("within") or chosen.get("fallback"))
         measured = self.measured()
         return None if measured is None else measured <= self.target
 
@@ -377,6 +446,8 @@ class BudgetPlanner:
             return [f"budget NOT met: {macs} MACs > {self.limit} (--target-macs {self.target:g})"]
         if self.mode == "target_latency":
             return [f"budget NOT met: convs' latency above --target-latency {self.target:g} of the regular convs'"]
+        if self.mode == "task":
+            return []
         return [f"budget NOT met after {len(self.rounds)} round(s): output rel. L2 "
                 f"{self.measured():.3g} > --max-error {self.target:g}"]
 
@@ -384,16 +455,36 @@ class BudgetPlanner:
         """Why a plan that rewrites nothing was chosen (for the report)."""
         if not self.curves:
             return "no candidate conv has an option that is cheaper than the regular conv"
-        name, error = min(((c.name, min(o.error for o in c.options if o.multiplier != SKIP)) for c in self.curves),
-                          key=lambda item: item[1])
-        kappa = self.rounds[self.chosen_round]["kappa"] if self.rounds else self.kappa
+        name, error = min(((c.name, min(c.weight * o.error for o in c.options if o.multiplier != SKIP))
+                           for c in self.curves), key=lambda item: item[1])
         return (f"no conv can be rewritten within the output error bound {self.target:g}: the smallest "
-                f"predicted output rel. L2 of a single rewrite is {np.sqrt(kappa * error):.3g} ({name}); "
+                f"predicted output rel. L2 of a single rewrite is {np.sqrt(self.scale * error):.3g} ({name}); "
                 f"the output is not slower than the input")
+
+    def frontier(self, bounds: tuple[float, ...] = FRONTIER_BOUNDS, model_ms: float | None = None) -> list[dict]:
+        """What other output error bounds would give with the current sensitivities and scale:
+        per bound the allocation's predicted output error, MACs, convs' latency and (with
+        ``model_ms``, the input model's measured latency) the predicted model latency ratio."""
+        regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self.price == "latency" else None
+        chosen = self.allocation.multipliers
+        points = []
+        for bound in sorted(set(bounds) | ({self.target} if self.mode == "max_error" else set())):
+            alloc = allocate_error(self.curves, bound ** 2 / self.scale, price=self.price) if self.curves else \
+                uniform(self.curves, SKIP)
+            point = {"bound": bound, "predicted_output_rel_l2": self.predicted(alloc),
+                     "macs": self.fixed + alloc.macs, "macs_ratio": (self.fixed + alloc.macs) / max(self.before, 1),
+                     "convs_rewritten": sum(1 for r in alloc.multipliers.values() if r != SKIP),
+                     "latency_ms": alloc.latency_ms, "model_latency_ratio": None,
+                     "multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
+                     "chosen": alloc.multipliers == chosen}
+            if model_ms and regular_ms is not None and alloc.latency_ms is not None:
+                point["model_latency_ratio"] = max(model_ms - regular_ms + alloc.latency_ms, 0.0) / model_ms
+            points.append(point)
+        return points
 
     def to_dict(self, macs: int, measured_errors: dict[str, float], patches: dict[str, int]) -> dict:
         chosen = self.allocation.multipliers
-        kappa = self.rounds[self.chosen_round]["kappa"] if self.rounds else self.kappa
+        scale = self.rounds[self.chosen_round]["interaction_scale"] if self.rounds else self.scale
         lo, hi = reachable_macs(self.curves)
         regular_ms = [c.option(SKIP).latency_ms for c in self.curves]
         return {
@@ -410,12 +501,13 @@ class BudgetPlanner:
             "latency_ms_before": None if self.price == "macs" else float(sum(regular_ms)),
             "latency_ms_after": self.allocation.latency_ms,
             "predicted_error_sum": self.allocation.error,
-            "kappa": kappa,  # the κ the chosen round was allocated with
-            "probe_kappa": self.probe_kappa,
-            "predicted_output_rel_l2": float(np.sqrt(kappa * self.allocation.error)),
+            "interaction_scale": scale,  # the α the chosen round was allocated with
+            "predicted_output_rel_l2": float(np.sqrt(scale * self.allocation.error)),
             "measured_output_rel_l2": self.measured(),
             "met": self.met(macs),
             "exact": self.allocation.exact,
+            "stop_reason": self.stop_reason,
+            "tolerance": self.tolerance,
             "curve": f"symmetric statistics of the original network, GSVD with max_iter={CURVE_ITER}, "
                      f"relative response error on the held-out samples",
             "rounds": self.rounds,
@@ -423,8 +515,10 @@ class BudgetPlanner:
             "layers": [{
                 "name": c.name,
                 "multiplier": _r(chosen[c.name]),
+                "sensitivity": c.weight,
                 "predicted_error": c.option(chosen[c.name]).error,
                 "measured_error": measured_errors.get(c.name, 0.0 if chosen[c.name] == SKIP else None),
+                "predicted_output_share": float(np.sqrt(scale * c.weight * c.option(chosen[c.name]).error)),
                 "macs": c.option(chosen[c.name]).macs,
                 "latency_ms": c.option(chosen[c.name]).latency_ms,
                 "regular_ms": c.option(SKIP).latency_ms,

@@ -135,9 +135,15 @@ class Report:
                 layer.name, "×".join(map(str, layer.weight_shape)),
                 layer.method + (f" d'={layer.rank}" if layer.rank else ""), str(layer.multiplier),
                 f"{layer.macs_before / 1e6:.2f} → {layer.macs_after / 1e6:.2f}",
-                f"{layer.rel_error:.2e}" + ("" if layer.error_kind == "response" else " (w)"),
+                _rms(layer.rel_error) + ("" if layer.error_kind == "response" else " (w)"),
             ))
         lines += text_table(rows)
+        if self.layers:
+            kinds = {layer.error_kind for layer in self.layers}
+            lines.append("rel. error: relative RMS error of " + " / ".join(
+                what for kind, what in (("response", "the layer's response on held-out samples"),
+                                        ("weight", "its weights, (w): no data")) if kind in kinds)
+                + " (the output's rel. error is in the same unit)")
         if self.skipped:
             lines.append("")
             lines.append(f"skipped {len(self.skipped)} conv(s):")
@@ -171,11 +177,15 @@ class Report:
             v = self.verification
             lines.append("")
             lines.append(f"verification on {v.samples} {v.inputs}:")
-            rows = [("output", "rel L2", "per-feature", "max abs", "cosine", "top-1 agree")]
+            rows = [("output", "rel. error", "max abs", "cosine", "top-1 agree")]
             for name, o in v.outputs.items():
-                rows.append((name, f"{o.rel_l2:.3e}", f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
+                rows.append((name, f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
                              f"{o.cosine:.6f}", "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
             lines += text_table(rows)
+            lines.append("rel. error: per-feature relative L2 against the calibration outputs' scale "
+                         if self.calibration is not None or "calibration" in v.inputs else
+                         "rel. error: per-feature relative L2 ")
+            lines[-1] += "(the output error --max-error and --max-rel-error bound; verify.py)"
             for name, o in v.nonfinite.items():
                 if o.reference:
                     lines.append(f"  {name}: {o.reference} of {o.values} value(s) are NaN/Inf in the input model's own "
@@ -195,6 +205,11 @@ class Report:
         elif b["mode"] == "target_latency":
             head = (f"plan --target-latency {b['target']:g}: convs' latency at most {b['latency_limit_ms']:.3f} ms; "
                     f"{b['latency_ms_after']:.3f} ms planned")
+        elif b["mode"] == "task":
+            t = b["tolerance"] or {}
+            head = (f"plan (--eval): fastest plan whose score drops at most {t.get('max_drop', '-')} "
+                    f"(input model {t.get('input_score', float('nan')):.4g}, allowed drop "
+                    f"{t.get('allowed_drop', float('nan')):.4g}); {b['macs'] / 1e6:.3f} M MACs")
         else:
             flag = "default bound" if b["default"] else "--max-error"
             head = (f"plan ({flag}): held-out output error ≤ {b['target']:g}, "
@@ -202,20 +217,77 @@ class Report:
         measured = b["measured_output_rel_l2"]
         met = {True: "met", False: "NOT met", None: "not verified"}[b["met"]]
         lines = ["", f"{head} — {met}",
-                 f"  output error (per-feature rel. L2): predicted {b['predicted_output_rel_l2']:.3g} (κ = {b['kappa']:.3g} × "
-                 f"Σ layer errors {b['predicted_error_sum']:.3g}), measured on held-out samples "
-                 + ("-" if measured is None else f"{measured:.3g}") + f", {len(b['rounds'])} round(s)"]
+                 f"  output error (per-feature rel. L2 on held-out samples): predicted "
+                 f"{b['predicted_output_rel_l2']:.3g}, measured " + ("-" if measured is None else f"{measured:.3g}")
+                 + f"; {len(b['rounds'])} round(s)" + (f", stopped: {b['stop_reason']}" if b.get("stop_reason") else "")]
+        probes = b.get("probes")
+        if probes:
+            seconds = self.timing_s.get("sensitivity_probes")
+            took = "" if seconds is None else f", {seconds:.2f} s"
+            lines.append(f"  predicted = √(α·Σ gain²·layer error²): gains from {probes['count']} single-layer probes on "
+                         f"{probes['samples']} held-out samples{took}; interaction scale "
+                         f"α = {b['interaction_scale']:.3g} (1 before the first verified round)")
         if b["latency_ms_before"] and b["latency_ms_after"] is not None:  # timed, and some conv was
             lines.append(f"  convs' latency (selection timings): {b['latency_ms_before']:.3f} ms → "
                          f"{b['latency_ms_after']:.3f} ms (×{b['latency_ms_after'] / max(b['latency_ms_before'], 1e-12):.2f})")
-        rows = [("layer", "r", "MMACs", "ms (regular)", "predicted error", "held-out error", "patches")]
+        m = b.get("model_latency")
+        if m:
+            lines.append(f"  whole model (interleaved, {m['runs']} rounds{', cached' if m['cached'] else ''}): "
+                         f"all-regular {m['regular_ms']:.3f} ms → plan {m['plan_ms']:.3f} ms "
+                         f"(×{m['ratio']:.3f} ± {m['ratio_halfwidth']:.3f}) — "
+                         f"{'faster' if m['faster'] else 'not faster, not used'}")
+        lines += self._render_rounds(b)
+        rows = [("layer", "r", "MMACs", "ms (regular)", "gain", "layer error", "held-out", "output share",
+                 "patches")]
         for layer in b["layers"]:
             m = layer["measured_error"]
             ms = "-" if layer["latency_ms"] is None else f"{layer['latency_ms']:.3f} ({layer['regular_ms']:.3f})"
+            probe = layer.get("probe")
             rows.append((layer["name"], str(layer["multiplier"]), f"{layer['macs'] / 1e6:.3f}", ms,
-                         f"{layer['predicted_error']:.2e}", "-" if m is None else f"{m:.2e}",
+                         "-" if probe is None else f"{probe['gain']:.3g}", _rms(layer["predicted_error"]),
+                         "-" if m is None else _rms(m), f"{layer['predicted_output_share']:.2e}",
                          "-" if layer["patches"] is None else str(layer["patches"])))
-        return lines + text_table(rows)
+        lines.append("  per layer: layer error = relative RMS response error (predicted by the curve; held-out = "
+                     "measured in the chosen round); gain = output error per unit of layer error (probe); "
+                     "output share = √α·gain·layer error")
+        return lines + text_table(rows) + self._render_frontier(b)
+
+    @staticmethod
+    def _render_rounds(b: dict) -> list[str]:
+        if len(b["rounds"]) < 2 and not b.get("evaluations"):
+            return []
+        scores = b["mode"] == "task"
+        rows = [("round", "convs", "predicted", "measured", "α", "convs' ms") + (("score", "within") if scores else ())]
+        for k, r in enumerate(b["rounds"]):
+            convs = sum(1 for v in r["multipliers"].values() if v != "skip")
+            got = r["measured_output_rel_l2"]
+            row = (f"{k + 1}{' *' if k == b['chosen_round'] else ''}{' (fallback)' if r.get('fallback') else ''}",
+                   str(convs), f"{r['predicted_output_rel_l2']:.3g}", "-" if got is None else f"{got:.3g}",
+                   f"{r['interaction_scale']:.3g}",
+                   "-" if r["predicted_latency_ms"] is None else f"{r['predicted_latency_ms']:.3f}")
+            if scores:
+                row += ("-" if r.get("score") is None else f"{r['score']:.4g}",
+                        {True: "yes", False: "no", None: "-"}[r.get("within")])
+            rows.append(row)
+        return ["  rounds (* = chosen; predicted before the round, α the scale it was allocated with):"] + \
+            ["  " + line for line in text_table(rows)]
+
+    @staticmethod
+    def _render_frontier(b: dict) -> list[str]:
+        points = b.get("frontier") or []
+        if not points:
+            return []
+        latency = any(p["model_latency_ratio"] is not None for p in points)
+        rows = [("bound", "predicted error", "convs", "MACs", "model latency" if latency else "convs' latency", "")]
+        before = b["latency_ms_before"]
+        for p in points:
+            if latency:
+                lat = "-" if p["model_latency_ratio"] is None else f"×{p['model_latency_ratio']:.3f}"
+            else:
+                lat = "-" if p["latency_ms"] is None or not before else f"×{p['latency_ms'] / before:.3f}"
+            rows.append((f"{p['bound']:g}", f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
+                         f"×{p['macs_ratio']:.3f}", lat, "◀ chosen" if p["chosen"] else ""))
+        return ["", "trade-off (predicted from the curves, gains and α; other bounds: --max-error E):"] + text_table(rows)
 
     def _render_selection(self) -> list[str]:
         timed = [s for s in self.selection if s.regular_ms is not None]
@@ -232,6 +304,11 @@ class Report:
                          f"×{s.regular_ms / s.separable_ms:.2f}" if timed_row and s.separable_ms > 0 else "-",
                          ("offered" if self.budget is not None else "rewrite") if s.rewritten else "keep"))
         return lines + text_table(rows)
+
+
+def _rms(error: float) -> str:
+    """A squared error ratio shown as relative RMS (the unit of the output error)."""
+    return f"{math.sqrt(error):.2e}" if error >= 0 and math.isfinite(error) else str(error)
 
 
 def _first(items, shown: int = 3) -> str:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_dwdecomp import latency, model_latency
 from onnx_dwdecomp.calibrate import MomentSums
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -117,6 +118,15 @@ def stats_from_samples(weight: np.ndarray, x: np.ndarray, x_hat: np.ndarray | No
 @pytest.fixture
 def tiny_net():
     return three_layer_net()
+
+
+@pytest.fixture(autouse=True)
+def _fast_model_check(monkeypatch):
+    """The whole-model check of a plan (model_latency.py) times two models for about a second;
+    tests get a fake timing that calls every plan 2× faster. Tests of the check itself
+    replace ``ort_model_timer`` again (or restore it from :data:`REAL_MODEL_TIMER`)."""
+    monkeypatch.setattr(model_latency, "ort_model_timer",
+                        lambda *args, **kwargs: latency.Timing(1.0, 0.5, runs=10))
 
 
 @pytest.fixture(autouse=True)

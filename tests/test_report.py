@@ -173,9 +173,11 @@ def test_render_layer_rows():
     lines = full_report().render().splitlines()
     assert cells(lines[0]) == ["layer", "weight", "method", "r", "MMACs before → after", "rel. error"]
     assert set(lines[1]) == {"-", " "}
-    assert cells(lines[2]) == ["conv1", "16×8×3×3", "gsvd", "1", "1.18 → 0.26", "1.23e-03"]
+    # relative RMS (the square root of the stored squared ratio 1.23e-3), the output error's unit
+    assert cells(lines[2]) == ["conv1", "16×8×3×3", "gsvd", "1", "1.18 → 0.26", "3.51e-02"]
     # channel decomposition shows its rank d'; a data-free (weight) error is marked (w)
-    assert cells(lines[3]) == ["conv2", "32×16×3×3", "channel d'=24", "2", "4.72 → 1.50", "5.00e-02 (w)"]
+    assert cells(lines[3]) == ["conv2", "32×16×3×3", "channel d'=24", "2", "4.72 → 1.50", "2.24e-01 (w)"]
+    assert lines[4].startswith("rel. error: relative RMS error of the layer's response on held-out samples")
 
 
 def test_render_skipped_grouped_by_reason_in_first_seen_order():
@@ -208,9 +210,11 @@ def test_render_verification():
     text = full_report().render()
     lines = text.splitlines()
     k = lines.index("verification on 4 held-out calibration samples:")
-    assert cells(lines[k + 1]) == ["output", "rel L2", "per-feature", "max abs", "cosine", "top-1 agree"]
-    assert cells(lines[k + 3]) == ["logits", "1.500e-03", "2.500e-03", "2.000e-02", "0.999999", "75.0 %"]
-    assert cells(lines[k + 4]) == ["boxes", "3.000e-04", "4.000e-04", "1.000e-05", "1.000000", "-"]
+    # one measure: the per-feature relative L2 (the plain one stays in the JSON)
+    assert cells(lines[k + 1]) == ["output", "rel. error", "max abs", "cosine", "top-1 agree"]
+    assert cells(lines[k + 3]) == ["logits", "2.500e-03", "2.000e-02", "0.999999", "75.0 %"]
+    assert cells(lines[k + 4]) == ["boxes", "4.000e-04", "1.000e-05", "1.000000", "-"]
+    assert lines[k + 5].startswith("rel. error: per-feature relative L2")
 
 
 def test_render_without_verification():
@@ -287,22 +291,42 @@ def test_render_selection_zero_separable_has_no_speed_up():
 
 # --- render(): budget ------------------------------------------------------------------------------
 
+def _round(convs: int, predicted: float, measured: float | None, scale: float, **extra) -> dict:
+    return {"multipliers": {f"conv{k}": 1 for k in range(convs)} | {"conv9": "skip"}, "predicted_macs": 1,
+            "predicted_latency_ms": 2.5, "predicted_error_sum": 1e-4, "interaction_scale": scale,
+            "predicted_output_rel_l2": predicted, "measured_output_rel_l2": measured, **extra}
+
+
 def budget_dict(**changes) -> dict:
-    """The keys plan.BudgetPlanner.to_dict gives that the renderer reads (max-error plan, latency price)."""
+    """The keys pipeline._plan_record / plan.BudgetPlanner.to_dict give that the renderer reads
+    (max-error plan, latency price)."""
     b = {
         "mode": "max_error", "default": True, "target": 0.02, "price": "latency",
         "macs_limit": None, "latency_limit_ms": None,
         "original_macs": 10_000_000, "reachable_macs": [2_000_000, 10_000_000], "predicted_macs": 2_400_000,
         "macs": 2_500_000, "latency_ms_before": 3.0, "latency_ms_after": 2.5,
-        "predicted_error_sum": 1.0e-4, "kappa": 1.5, "predicted_output_rel_l2": 0.0122474,
-        "measured_output_rel_l2": 0.011, "met": True, "rounds": [{"kappa": 1.0}, {"kappa": 1.5}],
-        "chosen_round": 1,
+        "predicted_error_sum": 1.0e-4, "interaction_scale": 1.5, "predicted_output_rel_l2": 0.0122474,
+        "measured_output_rel_l2": 0.011, "met": True, "stop_reason": "measured 0.011 is near",
+        "tolerance": None, "rounds": [_round(2, 0.03, 0.025, 1.0), _round(1, 0.0122, 0.011, 1.5)],
+        "chosen_round": 1, "probes": {"count": 2, "samples": 4},
         "layers": [
-            {"name": "conv1", "multiplier": 1, "predicted_error": 1.0e-4, "measured_error": 1.2e-4,
+            {"name": "conv1", "multiplier": 1, "sensitivity": 1.44, "predicted_error": 1.0e-4, "measured_error": 1.21e-4,
+             "predicted_output_share": 0.0122, "probe": {"multiplier": 1, "layer_error": 1e-4, "output_error": 0.012,
+                                                         "gain": 1.2},
              "macs": 262_144, "latency_ms": 0.5, "regular_ms": 1.0, "patches": 512, "curve": []},
-            {"name": "conv3", "multiplier": "skip", "predicted_error": 0.0, "measured_error": None,
-             "macs": 1_000_000, "latency_ms": None, "regular_ms": None, "patches": None, "curve": []},
+            {"name": "conv3", "multiplier": "skip", "sensitivity": 0.25, "predicted_error": 0.0, "measured_error": None,
+             "predicted_output_share": 0.0, "macs": 1_000_000, "latency_ms": None, "regular_ms": None,
+             "patches": None, "curve": []},
         ],
+        "model_latency": {"regular_ms": 4.0, "plan_ms": 3.4, "ratio": 0.85, "ratio_halfwidth": 0.01, "runs": 50,
+                          "retimes": 0, "cached": False, "faster": True, "reason": "faster"},
+        "frontier": [
+            {"bound": 0.01, "predicted_output_rel_l2": 0.009, "macs": 9_000_000, "macs_ratio": 0.9,
+             "convs_rewritten": 1, "latency_ms": 2.8, "model_latency_ratio": 0.95, "multipliers": {}, "chosen": False},
+            {"bound": 0.02, "predicted_output_rel_l2": 0.0122, "macs": 2_500_000, "macs_ratio": 0.25,
+             "convs_rewritten": 2, "latency_ms": 2.5, "model_latency_ratio": 0.875, "multipliers": {}, "chosen": True},
+        ],
+        "evaluations": None,
     }
     b.update(changes)
     return b
@@ -318,19 +342,46 @@ def budget_lines(**changes) -> list[str]:
 def test_render_budget_max_error_default():
     lines = budget_lines()
     assert lines[0] == "plan (default bound): held-out output error ≤ 0.02, fastest; 2.500 M MACs — met"
-    assert lines[1] == ("  output error (per-feature rel. L2): predicted 0.0122 (κ = 1.5 × Σ layer errors 0.0001), "
-                        "measured on held-out samples 0.011, 2 round(s)")
-    assert lines[2] == "  convs' latency (selection timings): 3.000 ms → 2.500 ms (×0.83)"
-    assert cells(lines[3]) == ["layer", "r", "MMACs", "ms (regular)", "predicted error", "held-out error", "patches"]
-    assert cells(lines[5]) == ["conv1", "1", "0.262", "0.500 (1.000)", "1.00e-04", "1.20e-04", "512"]
-    assert cells(lines[6]) == ["conv3", "skip", "1.000", "-", "0.00e+00", "-", "-"]
+    assert lines[1] == ("  output error (per-feature rel. L2 on held-out samples): predicted 0.0122, measured 0.011; "
+                        "2 round(s), stopped: measured 0.011 is near")
+    assert lines[2].startswith("  predicted = √(α·Σ gain²·layer error²): gains from 2 single-layer probes on "
+                               "4 held-out samples")
+    assert lines[2].endswith("interaction scale α = 1.5 (1 before the first verified round)")
+    assert lines[3] == "  convs' latency (selection timings): 3.000 ms → 2.500 ms (×0.83)"
+    assert lines[4] == ("  whole model (interleaved, 50 rounds): all-regular 4.000 ms → plan 3.400 ms "
+                        "(×0.850 ± 0.010) — faster")
+    k = lines.index("  rounds (* = chosen; predicted before the round, α the scale it was allocated with):")
+    assert cells(lines[k + 1]) == ["round", "convs", "predicted", "measured", "α", "convs' ms"]
+    assert cells(lines[k + 4]) == ["2 *", "1", "0.0122", "0.011", "1.5", "2.500"]
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+    assert cells(lines[k]) == ["layer", "r", "MMACs", "ms (regular)", "gain", "layer error", "held-out",
+                               "output share", "patches"]
+    # layer errors as relative RMS (√ of the squared ratios 1e-4 and 1.21e-4), like the output error
+    assert cells(lines[k + 2]) == ["conv1", "1", "0.262", "0.500 (1.000)", "1.2", "1.00e-02", "1.10e-02",
+                                   "1.22e-02", "512"]
+    assert cells(lines[k + 3]) == ["conv3", "skip", "1.000", "-", "-", "0.00e+00", "-", "0.00e+00", "-"]
+    k = lines.index("trade-off (predicted from the curves, gains and α; other bounds: --max-error E):")
+    assert cells(lines[k + 3]) == ["0.01", "0.009", "1", "×0.900", "×0.950"]
+    assert cells(lines[k + 4]) == ["0.02", "0.0122", "2", "×0.250", "×0.875", "◀ chosen"]
+
+
+def test_render_budget_task_mode_shows_scores():
+    rounds = [_round(3, 0.05, 0.06, 1.0, score=0.90, within=False), _round(1, 0.01, 0.012, 1.44, score=0.995,
+                                                                          within=True)]
+    lines = budget_lines(mode="task", tolerance={"input_score": 1.0, "allowed_drop": 0.01, "max_drop": "1 %"},
+                         rounds=rounds, evaluations=[{"model": "input", "score": 1.0}])
+    assert lines[0] == ("plan (--eval): fastest plan whose score drops at most 1 % (input model 1, allowed drop "
+                        "0.01); 2.500 M MACs — met")
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("  rounds"))
+    assert cells(lines[k + 1])[-2:] == ["score", "within"]
+    assert cells(lines[k + 3])[-2:] == ["0.9", "no"] and cells(lines[k + 4])[-2:] == ["0.995", "yes"]
 
 
 def test_render_budget_explicit_max_error_fewest_macs_not_verified():
     lines = budget_lines(default=False, price="macs", met=None, measured_output_rel_l2=None,
                          latency_ms_before=None, latency_ms_after=None)
     assert lines[0] == "plan (--max-error): held-out output error ≤ 0.02, fewest MACs; 2.500 M MACs — not verified"
-    assert "measured on held-out samples -, 2 round(s)" in lines[1]
+    assert "measured -; 2 round(s)" in lines[1]
     assert not any("convs' latency" in ln for ln in lines)  # untimed: no latency line
 
 

@@ -1,0 +1,163 @@
+r"""Per-layer sensitivity: how much output error one layer's decomposition error causes.
+
+The model
+---------
+A decomposed layer ``l`` leaves a relative response error ``e_l`` (a squared ratio,
+``E‖Wx − Ŵx̂‖² / Var(Wx)``, measured on held-out patches). Rewriting it alone gives the network
+an output error ``ε_l`` (the per-feature relative L2 that plans bound, verify.py). Probes on real
+models (issue #20: MNIST, PP-OCR det) found
+
+- ``ε_l² / e_l`` nearly constant within a layer across depth multipliers (0.44–1.13× from r = 1
+  to r = 2) but different between layers (29× on MNIST, ~140× on PP-OCR det);
+- single-layer output errors adding in squares: ``√Σ ε_l²`` within 5 % of the measured output
+  error of combined plans up to an error of ~0.05.
+
+So each layer gets a *sensitivity* ``s_l = ε_l² / e_l`` from one probe at its first offered
+option, and a plan's output error is predicted as
+
+    ε² ≈ α · Σ_l s_l · e_l(r_l)
+
+with one scale ``α`` (1 before any round) that the planner's verified rounds measure to correct
+the interaction between layers. ``g_l = √s_l`` is the layer's *gain*: output error per unit of
+layer error (both relative RMS), shown in the report.
+
+The probe
+---------
+One onnxruntime session of the model in which every probed conv reads its weight and bias from
+new graph inputs (``<prefix>w<i>``/``<prefix>b<i>``); layer ``l``'s probe feeds the dense
+equivalent ``Ŵ_l = Σ_s P ⊗ F`` of its separable factors (the same function as the two-conv form,
+up to round-off) and the original weights everywhere else. The reference run feeds every
+original weight, so the probes share its round-off. ``L + 1`` runs over the held-out
+calibration samples in all; no graph surgery and no session per probe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .candidates import ConvLayer
+from .errors import CalibrationError, first_line
+from .runtime import make_session, run
+from .solve import ChannelFactors, SeparableFactors
+from .verify import worst_output_error
+
+#: Name prefix of the probe model's weight inputs (made unique against the model's own names).
+PREFIX = "dwdecomp_probe_"
+
+
+@dataclass(frozen=True)
+class LayerProbe:
+    """One layer rewritten alone: its layer error ``e`` (squared ratio, at ``multiplier``), the
+    held-out output error ``output_error`` it caused, and ``sensitivity = output_error² / e``."""
+
+    name: str
+    multiplier: int
+    layer_error: float
+    output_error: float
+    sensitivity: float
+
+    @property
+    def gain(self) -> float:
+        """Output rel. L2 per unit of layer rel. RMS error (√sensitivity)."""
+        return float(np.sqrt(self.sensitivity))
+
+
+@dataclass(frozen=True)
+class Sensitivities:
+    probes: dict[str, LayerProbe]
+    samples: int  # held-out samples each probe ran on
+    seconds: float
+
+    def weights(self) -> dict[str, float]:
+        return {name: p.sensitivity for name, p in self.probes.items()}
+
+
+def sensitivity(output_error: float, layer_error: float) -> float:
+    """``s = ε² / e``; 0 when the layer error is 0 (an exact option: any weight predicts 0)."""
+    if not np.isfinite(output_error):
+        return float("inf")
+    return float(output_error ** 2 / layer_error) if layer_error > 0 else 0.0
+
+
+def probe_model(model: onnx.ModelProto, layers: list[ConvLayer]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """A copy of ``model`` whose convs ``layers`` read weight and bias from new graph inputs;
+    returns it and ``{layer name: (weight input, bias input)}``. The old weight producers stay
+    (unused: onnxruntime prunes them)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    taken = {v.name for v in probe.graph.input} | {t.name for t in probe.graph.initializer}
+    taken |= {o for node in probe.graph.node for o in node.output}
+    names: dict[str, tuple[str, str]] = {}
+    for i, layer in enumerate(layers):
+        w, b = f"{PREFIX}w{i}", f"{PREFIX}b{i}"
+        while w in taken or b in taken:
+            w, b = "_" + w, "_" + b
+        node = probe.graph.node[layer.node_index]
+        del node.input[1:]
+        node.input.extend([w, b])
+        elem = helper.np_dtype_to_tensor_dtype(layer.weight.dtype)
+        probe.graph.input.extend([helper.make_tensor_value_info(w, elem, layer.weight.shape),
+                                  helper.make_tensor_value_info(b, elem, (layer.weight.shape[0],))])
+        names[layer.name] = (w, b)
+    return probe, names
+
+
+def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
+                          factors: Mapping[str, SeparableFactors | ChannelFactors],
+                          layer_errors: Mapping[str, float], multipliers: Mapping[str, int],
+                          batches: list[dict[str, np.ndarray]], scales: dict[str, np.ndarray] | None,
+                          progress: Callable[[str], None] | None = None) -> Sensitivities:
+    """One probe per layer (module docstring) on the held-out ``batches``; ``layer_errors[name]``
+    is the layer error of ``factors[name]`` (the curve pass's, at ``multipliers[name]``)."""
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    probe, inputs = probe_model(model, layers)
+    try:
+        session = make_session(probe)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise CalibrationError(f"onnxruntime cannot load the sensitivity probe model: {first_line(exc)}") from exc
+    outputs = [o.name for o in model.graph.output]
+    original = {}
+    for layer in layers:
+        w, b = inputs[layer.name]
+        bias = np.zeros(layer.weight.shape[0]) if layer.bias is None else layer.bias
+        original[w], original[b] = layer.weight, bias.astype(layer.weight.dtype)
+
+    def outputs_with(weights: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return [_real(run(session, {**feeds, **weights}, outputs), feeds) for feeds in batches]
+
+    reference = outputs_with(original)
+    probes = {}
+    for k, layer in enumerate(layers):
+        say(f"plan: sensitivity probe {k + 1}/{len(layers)} {layer.name}")
+        w, b = inputs[layer.name]
+        f = factors[layer.name]
+        changed = dict(original)
+        changed[w] = f.dense_weight().astype(layer.weight.dtype)
+        changed[b] = np.asarray(f.bias).astype(layer.weight.dtype)
+        error = worst_output_error(reference, outputs_with(changed), scales)
+        e = float(layer_errors[layer.name])
+        probes[layer.name] = LayerProbe(layer.name, int(multipliers[layer.name]), e, error, sensitivity(error, e))
+    samples = sum(getattr(feeds, "rows", len(next(iter(feeds.values())))) for feeds in batches)
+    return Sensitivities(probes, samples, time.perf_counter() - t0)
+
+
+def _real(values: dict[str, np.ndarray], feeds) -> dict[str, np.ndarray]:
+    """Outputs without the padding rows of a fixed-batch model's last batch (verify.PaddedFeeds)."""
+    fed = len(next(iter(feeds.values())))
+    real = getattr(feeds, "rows", fed)
+    return {k: v[:real] if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == fed and real < fed else v
+            for k, v in values.items()}
+
+
+def predicted_error(weights: Mapping[str, float], layer_errors: Iterable[tuple[str, float]], scale: float = 1.0
+                    ) -> float:
+    """``√(α · Σ s_l e_l)`` for ``(name, e_l)`` pairs (layers without a weight count 0)."""
+    total = sum(weights.get(name, 0.0) * e for name, e in layer_errors)
+    return float(np.sqrt(max(scale * total, 0.0)))
