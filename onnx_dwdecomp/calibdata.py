@@ -16,6 +16,20 @@ reader object             ``get_next() -> {name: array} | None``; ``rewind()`` b
 ``ndarray`` / ``dict``    in-memory arrays, same rules as ``.npy`` / ``.npz``
 ========================  ==============================================================
 
+At most :data:`DEFAULT_CALIB_SIZE` samples are read unless ``calib_size`` says otherwise
+(accuracy saturates at 256–512 images, docs/ACCURACY.md): only those rows are read, and
+:attr:`CalibrationData.notes` says when the source held more.
+
+**Inputs without a sample axis.** Axis 0 of an input is its sample (batch) axis when it is
+dynamic in the model; when no input has a dynamic axis 0 (a fixed-batch model), the inputs
+whose axis 0 equals the first input's carry the samples. Every other input — a rank-0 scalar,
+a ``[1]``-shaped scale, a conv weight fed as a graph input — has no sample axis
+(:func:`batch_inputs`). Its data is either one value of exactly the input's shape, fed with
+every batch, or one value per sample: an array ``(N, *shape)``, or ``(N, *shape[1:])`` when
+the input's axis 0 is 1. Values that differ between samples cannot share a run: calibration
+then runs one sample at a time (:attr:`CalibrationData.max_batch` is 1; a model with a fixed
+batch above 1 is an error). A reader gives each such input one value per ``get_next()`` feed.
+
 All the checks run up front in :func:`load_calibration` (one validation pass, chunked for
 memory-mapped files), so a problem in the data is reported before any statistics are
 gathered. Values must be finite and at most :data:`MAX_ABS` in magnitude (the statistics are
@@ -46,7 +60,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -62,6 +76,9 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Calibration samples read when ``calib_size`` is not given: accuracy saturates at 256–512
+#: images (docs/ACCURACY.md §2), and the statistics' cost grows with every sample.
+DEFAULT_CALIB_SIZE = 512
 """File name endings (compared case-insensitively) picked up from an image folder."""
 
 _CHUNK_BYTES = 32 << 20  # validation pass over memory-mapped files reads this much at a time
@@ -156,18 +173,33 @@ class CalibrationData:
     num_samples : int
         Number of samples one pass yields (after the ``calib_size`` cap).
     sample_shapes : dict of str to tuple of int
-        Per-sample shape of each input (without the batch axis), taken from the data.
+        Per-sample shape of each input (without the batch axis), taken from the data; for an
+        input without a sample axis, its value's shape without axis 0 (``()`` for a scalar).
+    unbatched : frozenset of str
+        The inputs without a sample axis (module docstring): each batch feeds them one value.
+    max_batch : int or None
+        1 when an input without a sample axis has values that differ between samples (each run
+        takes one sample), else None (any batch size).
     description : str
         Where the data comes from, for reports (e.g. ``"image folder imgs (256 images)"``).
+    notes : tuple of str
+        What the user should know about how the data was read (e.g. the default cap).
     """
 
-    def __init__(self, source: _Source, inputs: Sequence[InputSpec]):
+    def __init__(self, source: _Source, inputs: Sequence[InputSpec], notes: Sequence[str] = ()):
         self._source = source
         self.inputs: tuple[InputSpec, ...] = tuple(inputs)
         self.input_names: tuple[str, ...] = tuple(s.name for s in self.inputs)
         self.num_samples: int = source.num_samples
-        self.sample_shapes: dict[str, tuple[int, ...]] = dict(source.sample_shapes)
+        self.unbatched: frozenset[str] = source.unbatched
+        self.max_batch: int | None = 1 if source.varying else None
+        self._value_shapes = dict(source.value_shapes)
+        self.sample_shapes: dict[str, tuple[int, ...]] = {
+            k: (self._value_shapes[k][1:] if k in self.unbatched else v) for k, v in source.sample_shapes.items()}
         self.description: str = source.description
+        self.notes: tuple[str, ...] = tuple(notes)
+        # batched inputs first: consumers take a batch's row count from its first feed
+        self._order = sorted(self.input_names, key=lambda n: n in self.unbatched)
 
     def __repr__(self) -> str:
         return (
@@ -181,7 +213,7 @@ class CalibrationData:
         Parameters
         ----------
         batch_size : int
-            Samples per batch (>= 1); the last batch may hold fewer.
+            Samples per batch (>= 1, at most :attr:`max_batch`); the last batch may hold fewer.
         pad_to : int, optional
             For a model with a fixed batch dimension: every batch then has exactly ``pad_to``
             rows (``pad_to >= batch_size``); short batches are padded by repeating their last
@@ -190,43 +222,118 @@ class CalibrationData:
         Yields
         ------
         Batch
-            ``feeds[name]`` has shape ``(rows, *sample_shapes[name])``.
+            ``feeds[name]`` has shape ``(rows, *sample_shapes[name])``; an input without a
+            sample axis gets its value (the model input's shape). Inputs with a sample axis
+            come first in ``feeds``.
 
         Raises
         ------
         OptionError
             ``batch_size`` or ``pad_to`` is invalid (raised at the call, not on iteration).
         CalibrationError
-            A reader source failed or changed between passes.
+            A reader source failed or changed between passes, or ``batch_size`` exceeds
+            :attr:`max_batch`.
 
         Notes
         -----
         For a reader with ``rewind()``, each pass re-reads the reader: do not interleave two
         passes over the same object.
         """
+        batch_size = self._check_batch(batch_size, pad_to)
+        return self._iter(batch_size, pad_to)
+
+    def _check_batch(self, batch_size: int, pad_to: int | None) -> int:
         batch_size = _positive_int(batch_size, "batch_size")
         if pad_to is not None:
             pad_to = _positive_int(pad_to, "pad_to")
             if pad_to < batch_size:
                 raise OptionError(f"pad_to ({pad_to}) must be >= batch_size ({batch_size})")
-        return self._iter(batch_size, pad_to)
+        if self.max_batch is not None and max(batch_size, pad_to or 0) > self.max_batch:
+            varying = _names(sorted(self._source.varying))
+            raise CalibrationError(f"calibration input(s) {varying} have no sample axis and a value that differs "
+                                   f"between samples, so each run takes one sample: use batch size 1 (a model "
+                                   f"whose batch is fixed above 1 needs one value for all samples)")
+        return batch_size
+
+    def _feeds(self, per_sample: dict[str, np.ndarray], pad_to: int | None) -> dict[str, np.ndarray]:
+        """Per-sample arrays → model feeds: one value for unbatched inputs, padding for the rest."""
+        feeds = {k: (np.ascontiguousarray(per_sample[k][0]).reshape(self._value_shapes[k]) if k in self.unbatched
+                     else per_sample[k]) for k in self._order}
+        return pad_feeds(feeds, pad_to, self.unbatched) if pad_to is not None else feeds
 
     def _iter(self, batch_size: int, pad_to: int | None) -> Iterator[Batch]:
         start = 0
-        for feeds in self._source.batches(batch_size):
-            count = len(next(iter(feeds.values())))
-            if pad_to is not None:
-                feeds = pad_feeds(feeds, pad_to)
-            yield Batch(feeds=feeds, start=start, count=count)
+        for per_sample in self._source.batches(batch_size):
+            count = len(per_sample[self._order[0]])
+            yield Batch(feeds=self._feeds(per_sample, pad_to), start=start, count=count)
             start += count
+
+    def subset_batches(self, mask: np.ndarray, batch_size: int, *, pad_to: int | None = None) -> list[Batch]:
+        """The samples where ``mask`` (bool, one per sample) is set, in order, as batches of
+        ``batch_size`` (padded to ``pad_to`` like :meth:`iter_batches`); ``start`` counts
+        within the subset. One pass over the source."""
+        batch_size = self._check_batch(batch_size, pad_to)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.num_samples,):
+            raise OptionError(f"mask must have one entry per sample ({self.num_samples}), got shape {mask.shape}")
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._order}
+        start = 0
+        for per_sample in self._source.batches(batch_size):
+            count = len(per_sample[self._order[0]])
+            keep = mask[start:start + count]
+            for k in self._order:
+                parts[k].append(per_sample[k][keep])
+            start += count
+        chosen = {k: np.concatenate(v) for k, v in parts.items()}
+        total = int(mask.sum())
+        return [Batch(feeds=self._feeds({k: v[s:s + batch_size] for k, v in chosen.items()}, pad_to),
+                      start=s, count=min(batch_size, total - s))
+                for s in range(0, total, batch_size)]
+
+
+def batch_inputs(specs: Sequence[InputSpec]) -> set[str]:
+    """The inputs whose axis 0 is the sample (batch) axis (module docstring): those with a
+    dynamic axis 0; in a fixed-batch model (none dynamic), those whose axis 0 equals the first
+    input's. Rank-0 inputs never have one."""
+    ranked = [s for s in specs if s.shape]
+    dynamic = {s.name for s in ranked if s.shape[0] is None}
+    if dynamic or not ranked:
+        return dynamic
+    return {s.name for s in ranked if s.shape[0] == ranked[0].shape[0]}
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The model's fixed batch dim (axis 0 of the inputs with a sample axis, when none is
+    dynamic); None for a dynamic batch. Calibration batches are padded to it."""
+    batched = batch_inputs(specs)
+    first = next((s for s in specs if s.name in batched), None)
+    return first.shape[0] if first is not None and first.shape[0] else None
+
+
+def fix_dims(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]]) -> list[InputSpec]:
+    """``specs`` with the dims the model leaves dynamic (not axis 0, the batch) set from
+    ``shapes`` (``--input-shape``), so that data is read at those sizes — an image folder is
+    cropped to them. A shape of another rank, or one that contradicts a fixed dim, leaves the
+    spec as it is (shapes.resolve_input_shapes reports it)."""
+    out = []
+    for spec in specs:
+        given = shapes.get(spec.name)
+        if (given is not None and len(given) == len(spec.shape) and spec.shape
+                and all(w is None or w == g for w, g in zip(spec.shape, given))):
+            spec = InputSpec(spec.name, spec.dtype, spec.shape[:1] + tuple(
+                int(g) if w is None else w for w, g in zip(spec.shape[1:], given[1:])))
+        out.append(spec)
+    return out
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def pad_feeds(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Pad every array to ``rows`` along axis 0 by repeating its last row (fixed-batch models)."""
-    return {k: v if len(v) >= rows else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
+def pad_feeds(feeds: dict[str, np.ndarray], rows: int, unbatched: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Pad every array but the ``unbatched`` ones to ``rows`` along axis 0 by repeating its last
+    row (fixed-batch models)."""
+    return {k: v if k in unbatched or len(v) >= rows
+            else np.concatenate([v, np.repeat(v[-1:], rows - len(v), axis=0)])
             for k, v in feeds.items()}
 
 
@@ -251,7 +358,8 @@ def load_calibration(
     inputs : sequence of InputSpec
         The model's graph inputs (non-initializer), in order.
     calib_size : int, optional
-        Use only the first ``calib_size`` samples (>= 1). Default: all.
+        Use only the first ``calib_size`` samples (>= 1); only those are read. Default:
+        :data:`DEFAULT_CALIB_SIZE` (a note says when the source held more).
     mean, std : sequence of float
         Per-channel normalisation for image folders, applied after scaling to [0, 1]; length
         must equal the model's channel count. Ignored for other sources.
@@ -278,10 +386,10 @@ def load_calibration(
     counts the samples and, without ``rewind()``, caches them in memory.
     """
     specs = _check_specs(inputs)
-    if calib_size is not None:
-        calib_size = _positive_int(calib_size, "calib_size")
+    default_cap = calib_size is None
+    calib_size = DEFAULT_CALIB_SIZE if default_cap else _positive_int(calib_size, "calib_size")
     if hasattr(source, "get_next") and callable(getattr(source, "get_next")):
-        src: _Source = _reader_source(source, specs, calib_size)
+        src: _Source = _reader_source(source, specs, calib_size, probe_more=default_cap)
     elif isinstance(source, (str, os.PathLike)):
         src = _path_source(Path(source), specs, calib_size, mean, std)
     elif isinstance(source, np.ndarray):
@@ -293,7 +401,15 @@ def load_calibration(
             f"calibration source must be a path, a CalibrationDataReader (with get_next()), an array "
             f"or a dict of arrays; got {type(source).__name__}"
         )
-    return CalibrationData(src, specs)
+    notes = []
+    available = getattr(src, "available", None)
+    if default_cap and (available is True or (available or 0) > src.num_samples):
+        of = "" if available is True else f" of {available}"
+        notes.append(f"calibration: read the first {src.num_samples}{of} samples of {src.description} (default "
+                     f"--calib-size {DEFAULT_CALIB_SIZE}: accuracy saturates at 256–512 images; --calib-size N "
+                     f"reads more)")
+    data = CalibrationData(src, specs, notes)
+    return data
 
 
 def load_reader(spec: str) -> Any:
@@ -409,8 +525,6 @@ def _check_specs(inputs: Sequence[InputSpec]) -> list[InputSpec]:
     for s in specs:
         if not isinstance(s, InputSpec):
             raise OptionError(f"inputs must hold InputSpec objects, got {type(s).__name__}")
-        if len(s.shape) == 0:
-            raise CalibrationError(f"model input {s.name!r} is a scalar (rank 0): calibration data needs a batch axis")
     names = [s.name for s in specs]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
@@ -429,9 +543,16 @@ def _key_problems(wanted: Sequence[str], keys: Sequence[Any], missing_what: str)
 
 
 def _checked_arrays(values: Any, specs: Sequence[InputSpec], where: str
-                    ) -> tuple[dict[str, tuple[np.ndarray, np.dtype]], int]:
-    """Arrays per input with their target dtype, layout-checked, and their common sample count."""
-    arrays: dict[str, tuple[np.ndarray, np.dtype]] = {}
+                    ) -> tuple[dict[str, tuple[Any, np.dtype]], int]:
+    """Arrays per input with their target dtype, layout-checked, and their common sample count.
+
+    An input without a sample axis (:func:`batch_inputs`) given one value gets it repeated for
+    every sample (a broadcast view); its other forms are kept as given (module docstring).
+    """
+    unbatched = {s.name for s in specs} - batch_inputs(specs)
+    arrays: dict[str, tuple[Any, np.dtype]] = {}
+    counts: dict[str, int] = {}
+    single: list[str] = []
     for spec in specs:
         value = values[spec.name]
         try:
@@ -440,18 +561,58 @@ def _checked_arrays(values: Any, specs: Sequence[InputSpec], where: str
             raise CalibrationError(
                 f"calibration input {spec.name!r}: cannot convert {type(value).__name__} to an array{where}"
             ) from e
-        if a.ndim == 0:
-            raise CalibrationError(
-                f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
-                f"{_fmt_expected(spec)}, got a scalar{where}"
-            )
-        _check_layout(spec, a.shape, where)
+        if spec.name in unbatched:
+            form = _unbatched_form(spec, a.shape, where)
+            if form == "one":
+                single.append(spec.name)
+            else:
+                counts[spec.name] = int(a.shape[0])
+        else:
+            if a.ndim == 0:
+                raise CalibrationError(
+                    f"calibration input {spec.name!r}: expected rank {len(spec.shape)} with shape "
+                    f"{_fmt_expected(spec)}, got a scalar{where}"
+                )
+            _check_layout(spec, a.shape, where)
+            counts[spec.name] = int(a.shape[0])
         arrays[spec.name] = (a, _target_dtype(spec, a.dtype, where))
-    counts = {k: int(a.shape[0]) for k, (a, _) in arrays.items()}
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{k!r} has {c}" for k, c in counts.items())
-        raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{where}")
-    return arrays, next(iter(counts.values()))
+        hint = (f" (inputs without a sample axis, {_names(sorted(unbatched))}, take one value of their own shape "
+                f"for every sample, or one per sample)" if unbatched else "")
+        raise CalibrationError(f"calibration inputs have different numbers of samples: {listing}{hint}{where}")
+    n = next(iter(counts.values())) if counts else 1
+    for name in single:  # one value for every sample: read now (its size is the model input's)
+        a, dt = arrays[name]
+        if isinstance(a, _CompressedMember):
+            a = a.read(a.shape[0] if a.shape else 0)
+        arrays[name] = (np.broadcast_to(np.asarray(a)[None], (n,) + tuple(a.shape)), dt)
+    return arrays, n
+
+
+def _unbatched_form(spec: InputSpec, shape: tuple[int, ...], where: str) -> str:
+    """How data of ``shape`` feeds ``spec``, an input without a sample axis: ``"one"`` value
+    for all samples (the input's shape), or ``"rows"``, one per sample along axis 0 (module
+    docstring); anything else is a :class:`CalibrationError` saying what fits."""
+    want = spec.shape
+
+    def fits(dims: tuple[int, ...]) -> bool:
+        return len(dims) == len(want) and all(w is None or w == g for w, g in zip(want, dims))
+
+    if fits(shape):
+        if not want or want[0] != 1 or shape[0] == 1:
+            return "one"
+    if len(shape) == len(want) + 1 and fits(shape[1:]):
+        return "rows"
+    if want and want[0] == 1 and len(shape) == len(want) and fits((1,) + tuple(shape[1:])):
+        return "rows"
+    own = _fmt_shape(["?" if d is None else d for d in want])
+    kind = "a scalar (rank 0)" if not want else f"shaped {own} with no sample axis"
+    per = "(N,)" if not want else _fmt_shape(["N"] + ["?" if d is None else d for d in want])
+    alt = f" or {_fmt_shape(['N'] + ['?' if d is None else d for d in want[1:]])}" if want and want[0] == 1 else ""
+    raise CalibrationError(f"calibration input {spec.name!r}: model input {kind}: give one value of shape {own} "
+                           f"for every sample, or one per sample, shape {per}{alt}; got shape {_fmt_shape(shape)}"
+                           f"{where}")
 
 
 def _check_layout(spec: InputSpec, shape: tuple[int, ...], where: str) -> None:
@@ -521,7 +682,11 @@ class _Source:
 
     description: str
     num_samples: int
-    sample_shapes: dict[str, tuple[int, ...]]
+    sample_shapes: dict[str, tuple[int, ...]]  # per-sample shape of each input's rows
+    unbatched: frozenset[str] = frozenset()  # inputs without a sample axis (one value per batch)
+    value_shapes: dict[str, tuple[int, ...]] = {}  # their value's shape (what the model is fed)
+    varying: frozenset[str] = frozenset()  # those whose value differs between samples
+    available: int | bool | None = None  # samples in the source beyond the cap: a count, True (more), None
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:  # pragma: no cover
         raise NotImplementedError
@@ -530,11 +695,13 @@ class _Source:
 class _ArraySource(_Source):
     """Random-access arrays (memory-mapped or in memory), cast per batch."""
 
-    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.dtype]], n: int, description: str):
+    def __init__(self, arrays: dict[str, tuple[np.ndarray, np.dtype]], n: int, description: str,
+                 specs: Sequence[InputSpec] = ()):
         self._arrays = arrays
         self.num_samples = n
         self.sample_shapes = {k: tuple(int(d) for d in a.shape[1:]) for k, (a, _) in arrays.items()}
         self.description = description
+        _mark_unbatched(self, specs, {k: a for k, (a, _) in arrays.items()})
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for s in range(0, self.num_samples, batch_size):
@@ -546,9 +713,8 @@ def _validated_array_source(
     named: dict[str, Any], specs: list[InputSpec], calib_size: int | None, where: str, description: str
 ) -> _ArraySource:
     """Check ``named`` (input name -> array-like) against ``specs`` and wrap it."""
-    arrays, n = _checked_arrays(named, specs, where)
-    if calib_size is not None:
-        n = min(n, calib_size)
+    arrays, total = _checked_arrays(named, specs, where)
+    n = total if calib_size is None else min(total, calib_size)
     if n == 0:
         raise CalibrationError(f"calibration data has no samples (expected at least 1){where}")
     lazy = {k: a for k, (a, _) in arrays.items() if isinstance(a, _CompressedMember)}
@@ -568,7 +734,30 @@ def _validated_array_source(
             with np.errstate(over="ignore", invalid="ignore"):
                 cast = np.asarray(raw, dtype=dt)
             _check_finite(name, cast, s, where, raw=raw)
-    return _ArraySource(arrays, n, description)
+    src = _ArraySource(arrays, n, description, specs)
+    src.available = total
+    return src
+
+
+def _mark_unbatched(src: _Source, specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray]) -> None:
+    """Set ``src.unbatched``, ``value_shapes`` and ``varying`` from the per-sample ``arrays``
+    (``src.num_samples`` rows used) of the inputs without a sample axis."""
+    unbatched = {s.name for s in specs} - batch_inputs(specs)
+    shapes, varying = {}, set()
+    for spec in specs:
+        if spec.name not in unbatched:
+            continue
+        a = arrays[spec.name]
+        row = tuple(int(d) for d in a.shape[1:])
+        shapes[spec.name] = row if len(row) == len(spec.shape) else (1,) + row
+        if a.strides[:1] != (0,):  # not one value broadcast: compare the samples with the first
+            first = np.asarray(a[0])
+            step = max(1, _CHUNK_BYTES // max(1, first.nbytes))
+            if any(not np.array_equal(np.asarray(a[s:s + step]), np.broadcast_to(first, (min(step, src.num_samples - s),)
+                                                                                    + first.shape))
+                   for s in range(0, src.num_samples, step)):
+                varying.add(spec.name)
+    src.unbatched, src.value_shapes, src.varying = frozenset(unbatched), shapes, frozenset(varying)
 
 
 def _single_array_source(arr: Any, specs: list[InputSpec], calib_size: int | None, where_name: str) -> _ArraySource:
@@ -895,9 +1084,11 @@ def _image_source(
     if (std_v == 0).any():
         raise OptionError(f"std must not contain 0, got {std!r}")
     image = _import_pil()
+    total = len(files)
     if calib_size is not None:
         files = files[:calib_size]
     src = _ImageSource(image, files, spec, channels, mean_v, std_v, f"image folder {folder} ({len(files)} images)")
+    src.available = total
     for p in files:  # validation pass: every file decodes
         src.load(p, fast=True)
     return src
@@ -1023,15 +1214,27 @@ def _reader_feeds(
         total += take
 
 
-def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None) -> _Source:
+def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None, probe_more: bool = False) -> _Source:
+    """Validate a reader by one pass (cached when it has no ``rewind()``). With ``probe_more``
+    (the default cap was reached) ``get_next()`` is called once more to learn whether the
+    reader held more samples, for the note."""
     description = f"calibration reader {type(reader).__name__}"
     sample_shapes: dict[str, tuple[int, ...]] = {}
     has_rewind = callable(getattr(reader, "rewind", None))
+    unbatched = {s.name for s in specs} - batch_inputs(specs)
+    first: dict[str, np.ndarray] = {}
+    varying: set[str] = set()
     cached: list[dict[str, np.ndarray]] = []
     n = 0
     held = 0
     for feed, count in _reader_feeds(reader, specs, calib_size, sample_shapes, description):
         n += count
+        for name in unbatched:
+            value = feed[name]
+            if name not in first:
+                first[name] = np.array(value[0])
+            if not np.array_equal(value, np.broadcast_to(first[name], value.shape)):
+                varying.add(name)
         if not has_rewind:
             cached.append(feed)
             held += sum(a.nbytes for a in feed.values())
@@ -1040,11 +1243,23 @@ def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None) 
                               "--calib-size N caches fewer samples (or give the reader a rewind() method)")
     if n == 0:
         raise CalibrationError(f"calibration data has no samples (expected at least 1) in {description}")
+    more = None
+    if probe_more and calib_size is not None and n >= calib_size:
+        try:
+            more = True if reader.get_next() is not None else None
+        except Exception:  # the samples read are what counts; the probe only feeds a note
+            more = None
     if has_rewind:
-        return _ReaderSource(reader, specs, n, sample_shapes, description)
-    # cached feeds are fresh copies already in the model dtypes; _ArraySource copies each batch it hands out
-    arrays = {
-        s.name: (np.concatenate([f[s.name] for f in cached]) if len(cached) > 1 else cached[0][s.name], s.dtype)
-        for s in specs
-    }
-    return _ArraySource(arrays, n, f"{description} (cached, {n} samples)")
+        src: _Source = _ReaderSource(reader, specs, n, sample_shapes, description)
+        value_shapes = {k: (v if len(v) == len(spec.shape) else (1,) + v)
+                        for spec in specs for k, v in sample_shapes.items() if k == spec.name and k in unbatched}
+        src.unbatched, src.value_shapes, src.varying = frozenset(unbatched), value_shapes, frozenset(varying)
+    else:
+        # cached feeds are fresh copies already in the model dtypes; _ArraySource copies each batch it hands out
+        arrays = {
+            s.name: (np.concatenate([f[s.name] for f in cached]) if len(cached) > 1 else cached[0][s.name], s.dtype)
+            for s in specs
+        }
+        src = _ArraySource(arrays, n, f"{description} (cached, {n} samples)", specs)
+    src.available = more
+    return src

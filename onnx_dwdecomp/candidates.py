@@ -11,7 +11,12 @@ A ``Conv`` of the main graph is a *candidate* when
 - it matches ``--include`` (if given) and no ``--exclude`` glob (matched against node names).
 
 Every other ``Conv`` — including those inside ``If``/``Loop``/``Scan`` subgraphs — is reported
-with the reason it was left alone. Nothing here modifies the model.
+with the reason it was left alone, and so is every other convolution operator of the main graph:
+``ConvTranspose`` (not decomposed), ``QLinearConv``/``ConvInteger`` (a quantized model in the
+QOperator format). A ``Conv`` whose weight comes from ``DequantizeLinear`` (the QDQ format) is
+reported as quantized: decompose the float model, then quantize the result.
+:func:`candidate_notes` says in one line when a model has no float ``Conv`` to work on. Nothing
+here modifies the model.
 """
 
 from __future__ import annotations
@@ -182,12 +187,19 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
     layers: list[ConvLayer] = []
     skipped: list[Refused] = []
     conv_names: list[str] = []
+    producers = {out: node for node in graph.node for out in node.output}
     for index, node in enumerate(graph.node):
+        if node.op_type in OTHER_CONVS and node.domain in ("", "ai.onnx", "com.microsoft"):
+            skipped.append(Refused(label(node), OTHER_CONVS[node.op_type]))
+            continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
         name = label(node)
         conv_names.append(name)
-        layer = _classify(node, index, name, constants, channels)
+        dq = _dequantized(node, producers)
+        layer = (refuse(f"quantized (QDQ): weight {node.input[1]!r} comes from DequantizeLinear {label(dq)!r}; "
+                        f"{QUANTIZED_HINT}") if dq is not None
+                 else _classify(node, index, name, constants, channels))
         if isinstance(layer, ConvLayer):
             if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
                 layer = refuse("not matched by --include")
@@ -204,6 +216,56 @@ def find_candidates(model: onnx.ModelProto, include: tuple[str, ...] = (),
             raise OptionError(f"--include {pattern!r} matches no Conv node; Conv nodes are named like "
                               f"{', '.join(repr(n) for n in conv_names[:3]) or '(none)'}")
     return Candidates(tuple(layers), tuple(skipped))
+
+
+#: What to do with a quantized model (the reasons and the note say it).
+QUANTIZED_HINT = "decompose the float model, then quantize the result (README: Quantized models)"
+#: Convolution operators other than Conv, listed among the skipped convs with the reason.
+OTHER_CONVS = {
+    "ConvTranspose": "ConvTranspose (transposed conv): not decomposed, only Conv is",
+    "QLinearConv": f"quantized conv (QLinearConv, QOperator format): {QUANTIZED_HINT}",
+    "ConvInteger": f"quantized conv (ConvInteger): {QUANTIZED_HINT}",
+}
+
+
+def _dequantized(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The DequantizeLinear node the conv's weight comes from (through Identity/Cast/Reshape/
+    Transpose), or None."""
+    name = node.input[1] if len(node.input) > 1 else ""
+    for _ in range(8):
+        producer = producers.get(name)
+        if producer is None:
+            return None
+        if producer.op_type == "DequantizeLinear":
+            return producer
+        if producer.op_type not in ("Identity", "Cast", "Reshape", "Transpose") or not producer.input:
+            return None
+        name = producer.input[0]
+    return None
+
+
+def candidate_notes(model: onnx.ModelProto) -> str:
+    """One line when the main graph offers no float ``Conv`` to decompose: a quantized model
+    (QOperator or QDQ, with what to do instead) or a model without convs; else ``""``."""
+    graph = model.graph
+    ops = Counter(node.op_type for node in graph.node)
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv" and node.domain in ("", "ai.onnx")]
+    qdq = sum(1 for node in convs if _dequantized(node, producers) is not None)
+    quantized = {op: ops[op] for op in ("QLinearConv", "ConvInteger") if ops[op]}
+    if quantized and len(convs) == qdq:
+        listing = ", ".join(f"{n} {op}" for op, n in quantized.items())
+        return (f"the model is quantized (QOperator format: {listing}) and has no float Conv to decompose; "
+                f"{QUANTIZED_HINT}")
+    if convs and qdq == len(convs):
+        return (f"the model is quantized (QDQ format: the weights of all {qdq} Conv node(s) come from "
+                f"DequantizeLinear); {QUANTIZED_HINT}")
+    if qdq:
+        return f"{qdq} of {len(convs)} Conv node(s) have quantized (QDQ) weights and are left as they are; {QUANTIZED_HINT}"
+    if not convs:
+        other = ", ".join(f"{ops[op]} {op}" for op in OTHER_CONVS if ops[op])
+        return "the model has no Conv node" + (f" ({other})" if other else "") + ": nothing to decompose"
+    return ""
 
 
 def _static_channels(model: onnx.ModelProto) -> dict[str, int]:

@@ -26,6 +26,7 @@ from .errors import (EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, DwD
                      VerificationFailed, one_line)
 from .modelio import check_writable, commit_together, default_output_path, load_model, stage_model, stage_text
 from .options import INPUT, RUNTIME, VERIFICATION, DecomposeOptions
+from .plot import check_plot_path, frontier_plot
 
 COMMANDS = ("decompose", "bench")
 
@@ -37,8 +38,19 @@ examples:
   onnx-dwdecomp model.onnx --calib imgs/ --multiplier 2 -o fast.onnx --report report.json
   onnx-dwdecomp model.onnx --calib calib.npz --target-macs 0.5   per-layer multipliers, half the MACs
   onnx-dwdecomp model.onnx --input-shape 1,3,224,224   fix a dynamic input (several: a:1,3,H,W b:1,4)
+  onnx-dwdecomp model.onnx --calib imgs/ --input-shape 1,3,224,224   images, cropped to 224² (dynamic H, W)
+  onnx-dwdecomp model.onnx --calib calib.npz --max-rel-error 0.05   write nothing if the output error exceeds 5 %
+  quantized model (QDQ or QLinearConv): decompose the float model, then quantize the result
   onnx-dwdecomp bench model.onnx model.dw.onnx      side-by-side onnxruntime latency
 """
+
+
+#: The usage line of ``--help`` (the decompose help, the default command): every command.
+USAGE = """
+  onnx-dwdecomp [decompose] MODEL [OUTPUT] [options]    rewrite a model (options below)
+  onnx-dwdecomp bench A.onnx [B.onnx ...] [options]     side-by-side latency (bench --help)
+  onnx-dwdecomp --version
+  (or python -m onnx_dwdecomp ...)"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=version_line())
     commands = top.add_subparsers(dest="command", parser_class=Parser)
     add_decompose_arguments(commands.add_parser(
-        "decompose", help="rewrite a model (the default command)", epilog=EPILOG,
+        "decompose", help="rewrite a model (the default command)", epilog=EPILOG, usage=USAGE,
         description="Rewrite the regular k×k convolutions of an ONNX CNN into depthwise + pointwise "
                     "convolutions (depth-wise decomposition), verify and report. The word 'decompose' "
                     "may be left out: onnx-dwdecomp MODEL [OUTPUT] [options].",
@@ -101,6 +113,9 @@ def add_decompose_arguments(p: argparse.ArgumentParser) -> None:
                     help="store the output's weights in OUTPUT.data beside it (default: only when the input "
                          "did or the model passes protobuf's 2 GiB)")
     io.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    io.add_argument("--plot", metavar="FILE.png|svg",
+                    help="also draw the plan's trade-off (predicted output error against latency and MACs for "
+                         "other bounds, the chosen plan marked; needs matplotlib: the 'plot' extra)")
     exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(DecomposeOptions):
         for spec in f.metadata["cli"]:
@@ -117,7 +132,8 @@ def add_decompose_arguments(p: argparse.ArgumentParser) -> None:
             target.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, **spec)
     group(VERIFICATION).add_argument(
         "--max-rel-error", type=float, metavar="E",
-        help="fail (exit 1, write nothing) if any output's relative L2 error exceeds E")
+        help="fail (exit 1, write nothing) if the output error on the verification samples exceeds E: the "
+             "per-feature relative L2 that --max-error bounds and the report shows as rel. error")
     run = group(RUNTIME)
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -249,25 +265,44 @@ def _check_destinations(args: argparse.Namespace, input_path: Path, out_path: Pa
     calibration file. Written: OUTPUT, ``OUTPUT.data``, the report, the timing cache."""
     from .timing_cache import default_cache_path
 
-    reads = {input_path.resolve(): "the input model", **{f: "the input model's external data" for f in input_files}}
+    reads = {_resolved(input_path, "MODEL"): "the input model",
+             **{f: "the input model's external data" for f in input_files}}
     if isinstance(getattr(args, "calib", None), str):
-        reads[Path(args.calib).resolve()] = "the calibration data"
+        reads[_resolved(Path(args.calib), "--calib")] = "the calibration data"
     writes = [("OUTPUT", out_path), ("OUTPUT's external data", out_path.with_name(out_path.name + ".data"))]
     if report_path is not None:
         writes.append(("--report", report_path))
+    if getattr(args, "plot", None):
+        writes.append(("--plot", Path(args.plot)))
     cache = getattr(args, "timing_cache", None)
     if cache is not False:
         writes.append(("--timing-cache", Path(cache) if cache else default_cache_path()))
     seen: dict[Path, str] = {}
     for flag, path in writes:
-        where = path.resolve()
+        try:
+            where = _resolved(path, flag)
+        except OptionError:
+            if flag == "--timing-cache":  # the cache notes its own trouble and the job goes on
+                continue
+            raise
         clash = reads.get(where) or seen.get(where)
         if clash:
             raise OptionError(f"{flag} {path}: would overwrite {clash}; choose another path")
         seen[where] = f"{flag} {path}"
-    for flag, path in (("OUTPUT", out_path), ("--report", report_path)):
+    plot_path = Path(args.plot) if getattr(args, "plot", None) else None
+    for flag, path in (("OUTPUT", out_path), ("--report", report_path), ("--plot", plot_path)):
         if path is not None:  # the timing cache notes its own trouble and the job goes on
             check_writable(path, flag)
+
+
+def _resolved(path: Path, flag: str) -> Path:
+    """``path.resolve()``; a symbolic link loop (or a path the system cannot resolve) is an
+    :class:`OptionError` naming the flag, not a crash."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13: RuntimeError("Symlink loop from ...")
+        what = "is a symbolic link loop" if "loop" in str(exc).lower() else f"cannot be resolved ({exc})"
+        raise OptionError(f"{flag} {path}: {what}; give a path to a real file") from None
 
 
 def process_seconds() -> float:
@@ -294,6 +329,10 @@ def run_decompose(args: argparse.Namespace) -> int:
     report_path = Path(args.report) if args.report else None
     _check_destinations(args, input_path, out_path, report_path)
     options = options_from_args(args)
+    plot_format = check_plot_path(args.plot) if args.plot else None
+    if plot_format and options.plan_mode() == "uniform":
+        raise OptionError("--plot draws a plan's trade-off: it needs a planned job (--calib with method gsvd and no "
+                          "--multiplier, or a budget flag)")
     say = None if args.quiet else Progress()
     try:
         loaded = load_model(input_path)
@@ -304,9 +343,10 @@ def run_decompose(args: argparse.Namespace) -> int:
         if say is not None:
             say.close()  # an error line must not be glued to a progress line
     if args.max_rel_error is not None and report.verification is not None:
-        worst = report.verification.worst_rel_l2()
+        worst = report.verification.worst_error()
         if worst > args.max_rel_error:
-            raise VerificationFailed(f"verification failed: relative L2 error {worst:.3e} exceeds "
+            raise VerificationFailed(f"verification failed: output rel. error {worst:.3e} (per-feature relative L2 "
+                                     f"on {report.verification.samples} {report.verification.inputs}) exceeds "
                                      f"--max-rel-error {args.max_rel_error:g}; nothing written")
     # model and report: both staged beside their destinations, then moved into place together or not
     # at all; the report text is rendered first, so nothing is written when that fails
@@ -317,6 +357,8 @@ def run_decompose(args: argparse.Namespace) -> int:
     try:
         if report_path is not None:
             staged.append(stage_text(report_path, report.to_json()))
+        if plot_format and report.budget is not None:
+            staged.append(stage_text(Path(args.plot), frontier_plot(report.budget, plot_format), flag="--plot"))
         text = None if args.quiet else report.render()
     except BaseException:
         for st in staged:
@@ -324,7 +366,8 @@ def run_decompose(args: argparse.Namespace) -> int:
         raise
     commit_together(staged)
     if text is not None:
-        print_to_stdout(f"{text}\nwrote {written}" + (f" and {report_path}" if report_path else ""))
+        extra = [str(p) for p in (report_path, Path(args.plot) if plot_format else None) if p is not None]
+        print_to_stdout(f"{text}\nwrote {written}" + (f" and {', '.join(extra)}" if extra else ""))
     return 0
 
 

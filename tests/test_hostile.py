@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import subprocess
 import sys
@@ -334,9 +335,9 @@ def _weight_input() -> onnx.ModelProto:
     return m
 
 
-def _dynamic_hw() -> onnx.ModelProto:
-    """three_layer_net() with input x[N, 6, H, W]."""
-    m = three_layer_net()
+def _dynamic_hw(c: int = C) -> onnx.ModelProto:
+    """three_layer_net(c) with input x[N, c, H, W]."""
+    m = three_layer_net(c=c)
     for vi in list(m.graph.input) + list(m.graph.output):
         for k in (2, 3):
             vi.type.tensor_type.shape.dim[k].dim_param = "HW"[k - 2]
@@ -358,6 +359,18 @@ def _compressed_npz(t: Path, n: int) -> str:
 def _huge_values(t: Path) -> str:
     a = _good(16).astype(np.float64)
     return _npy(t, (a / np.abs(a).max() * 3e38).astype(np.float32), "huge.npy")
+
+
+def _image_folder(t: Path, n: int = 8) -> str:
+    """``n`` RGB PNGs of 20 × 24 pixels in ``t/imgs``."""
+    from PIL import Image
+
+    d = t / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(d)
 
 
 def _image_folder_with_link(t: Path, target: str) -> list[str]:
@@ -413,8 +426,10 @@ CASES += [
          "--input-shape", issue_class=2),
     # 3. resource flags and declared sizes
     Case("c3_threads", "--threads 100000", _opt("--threads", "100000", *SELECT_ALL), "--threads", issue_class=3),
-    Case("c3_npz_declares_too_much", "compressed .npz declaring (20000, 6, 12, 12) float32, 16 MiB allowed",
-         lambda t, m: [str(m), "--calib", _compressed_npz(t, 20000), "--multiplier", "1", *SELECT_ALL],
+    Case("c3_npz_declares_too_much", "compressed .npz declaring (20000, 6, 12, 12) float32, all 20000 asked "
+         "for, 16 MiB allowed",
+         lambda t, m: [str(m), "--calib", _compressed_npz(t, 20000), "--calib-size", "20000", "--multiplier", "1",
+                       *SELECT_ALL],
          "--calib-size", env=(("ONNX_DWDECOMP_MEMORY", "16M"),), issue_class=3),
     Case("c3_npz_calib_size_fits", "the same .npz with --calib-size 16: only 16 samples decompressed",
          lambda t, m: [str(m), "--calib", _compressed_npz(t, 20000), "--calib-size", "16", "--multiplier", "1",
@@ -453,6 +468,123 @@ CASES += [
     Case("c8_internal_error", "a bug inside the pipeline (simulated ZeroDivisionError)", _opt(*SELECT_ALL),
          "rerun with --debug and report it", exit=3,
          patch=("onnx_dwdecomp.pipeline", "find_candidates", _simulated_bug), issue_class=8),
+]
+
+
+# ---- issue 22: the models and data users have (inputs without a sample axis, quantized and
+# transposed convs, image folders on dynamic sizes, declared sizes read only up to the default cap)
+
+
+def _loop(t: Path) -> Path:
+    """``t/loop1`` → ``loop2`` → ``loop1``: a symbolic link loop."""
+    os.symlink(t / "loop2", t / "loop1")
+    os.symlink(t / "loop1", t / "loop2")
+    return t / "loop1"
+
+
+def _declared_npz(t: Path, declared: tuple[int, ...], present: int) -> str:
+    """A compressed .npz whose member declares ``declared`` float32 but holds its first
+    ``present`` rows only (a few MB on disk; 80,000 × 3 × 64 × 64 declares 3.9 GB)."""
+    import zipfile
+
+    rows = np.tile(correlated_images(8, *declared[1:]), (present // 8, 1, 1, 1))
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": declared})
+    with zipfile.ZipFile(t / "declared.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", head.getvalue() + rows.astype("<f4").tobytes())
+    return str(t / "declared.npz")
+
+
+def _scalar_input_net() -> onnx.ModelProto:
+    """three_layer_net() whose output is multiplied by a rank-0 graph input ``scale``."""
+    m = three_layer_net()
+    out = m.graph.output[0].name
+    m.graph.node[-1].output[0] = "unscaled"
+    m.graph.node.append(helper.make_node("Mul", ["unscaled", "scale"], [out], name="scale_mul"))
+    m.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    return m
+
+
+def _npz(t: Path, name="c.npz", **arrays) -> str:
+    np.savez(t / name, **arrays)
+    return str(t / name)
+
+
+def _weight_input_calib(t: Path) -> list[str]:
+    model = _save(t, "wi.onnx", _weight_input())
+    rng = np.random.default_rng(0)
+    return [str(model), "--calib", _npz(t, x=correlated_images(16, 4, 8, 8),
+                                        W=rng.standard_normal((16, 4, 3, 3)).astype(np.float32))]
+
+
+def _quantized(t: Path, fmt: str) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    float_model = _save(t, "float.onnx", three_layer_net())
+    data = correlated_images(4, C, HW, HW)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": data[i:i + 1]} for i in range(len(data))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out = t / f"{fmt.lower()}.onnx"
+    quantize_static(str(float_model), str(out), Reader(), quant_format=getattr(QuantFormat, fmt))
+    float_model.unlink()
+    return out
+
+
+def _conv_transpose() -> onnx.ModelProto:
+    m = three_layer_net()
+    n = m.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    w = numpy_helper.from_array(np.full((n, 2, 2, 2), 0.1, np.float32), "wt")
+    out = m.graph.output[0].name
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.append(helper.make_node("ConvTranspose", ["pre", "wt"], [out], name="up", strides=[2, 2]))
+    m.graph.initializer.append(w)
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    for k in (2, 3):
+        m.graph.output[0].type.tensor_type.shape.dim[k].dim_value *= 2
+    return m
+
+
+CASES += [
+    Case("i22_calib_symlink_loop", "--calib is a symbolic link loop", lambda t, m: [str(m), "--calib", str(_loop(t))],
+         "symbolic link loop"),
+    Case("i22_model_symlink_loop", "MODEL is a symbolic link loop", _m(_loop), "symbolic link loop"),
+    Case("i22_output_symlink_loop", "-o is a symbolic link loop", lambda t, m: [str(m), "-o", str(_loop(t))],
+         "symbolic link loop"),
+    Case("i22_npz_declares_3_9_gb", "compressed .npz declaring 80,000 × 3 × 64 × 64 float32 (3.9 GB), default "
+         "options: the first 512 rows read", lambda t, m: [
+             str(_save(t, "rgb64.onnx", three_layer_net(c=3, hw=64))), "--calib",
+             _declared_npz(t, (80000, 3, 64, 64), 512), "--multiplier", "1", *SELECT_ALL, *_out(t)], "", exit=0,
+         env=(("ONNX_DWDECOMP_MEMORY", "2G"),)),
+    Case("i22_image_folder_dynamic_hw", "image folder on a model with dynamic H, W, --input-shape x:1,3,16,16",
+         lambda t, m: [str(_save(t, "hw3.onnx", _dynamic_hw(c=3))), "--calib", _image_folder(t),
+                       "--input-shape", "x:1,3,16,16", "--multiplier", "1", *SELECT_ALL, *_out(t)], "", exit=0),
+    Case("i22_image_folder_dynamic_hw_no_size", "the same without --input-shape",
+         lambda t, m: [str(_save(t, "hw3.onnx", _dynamic_hw(c=3))), "--calib", _image_folder(t)], "--input-shape"),
+    Case("i22_scalar_input_one_value", "rank-0 input 'scale', one 0-d value for all samples",
+         lambda t, m: [str(_save(t, "s.onnx", _scalar_input_net())), "--calib",
+                       _npz(t, x=_good(16), scale=np.float32(2.0)), "--multiplier", "1", *SELECT_ALL, *_out(t)], "",
+         exit=0),
+    Case("i22_scalar_input_per_sample", "rank-0 input 'scale', an (N,) array: one value per sample",
+         lambda t, m: [str(_save(t, "s.onnx", _scalar_input_net())), "--calib",
+                       _npz(t, x=_good(16), scale=np.linspace(1, 2, 16, dtype=np.float32)), "--multiplier", "1",
+                       *SELECT_ALL, *_out(t)], "", exit=0),
+    Case("i22_scalar_input_n_by_1", "rank-0 input 'scale', an (N, 1) array",
+         lambda t, m: [str(_save(t, "s.onnx", _scalar_input_net())), "--calib",
+                       _npz(t, x=_good(16), scale=np.ones((16, 1), np.float32))], "scalar (rank 0)"),
+    Case("i22_weight_input_calibrated", "a conv weight (16, 4, 3, 3) fed as a graph input, with --calib",
+         lambda t, m: [*_weight_input_calib(t), "--multiplier", "1", *SELECT_ALL, *_out(t)], "", exit=0),
+    Case("i22_qdq_model", "a QDQ model (onnxruntime.quantization.quantize_static)",
+         lambda t, m: [str(_quantized(t, "QDQ")), *SELECT_ALL, *_out(t)], "", exit=0),
+    Case("i22_qoperator_model", "a QOperator model (QLinearConv)",
+         lambda t, m: [str(_quantized(t, "QOperator")), *SELECT_ALL, *_out(t)], "", exit=0),
+    Case("i22_conv_transpose", "a model ending in ConvTranspose",
+         lambda t, m: [str(_save(t, "ct.onnx", _conv_transpose())), *SELECT_ALL, *_out(t)], "", exit=0),
 ]
 
 
