@@ -422,14 +422,15 @@ def _reads_external(model_path: Path, location: str) -> bool:
                for entry in t.external_data)
 
 
-def stage_text(path: str | os.PathLike, text: str, *, flag: str = "--report", mode: int | None = None) -> Staged:
-    """Write ``text`` into a temporary folder beside ``path`` (see :class:`Staged`), with file
-    mode ``mode`` (default: 0666 less the umask)."""
+def stage_text(path: str | os.PathLike, text: str | bytes, *, flag: str = "--report", mode: int | None = None
+               ) -> Staged:
+    """Write ``text`` (UTF-8; bytes as they are) into a temporary folder beside ``path`` (see
+    :class:`Staged`), with file mode ``mode`` (default: 0666 less the umask)."""
     path = Path(path)
     check_writable(path, flag)
     with _staging(path, flag) as tmp_dir:
         tmp = tmp_dir / path.name
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with (open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8")) as fh:
             fh.write(text)
         _follow_umask([tmp], mode)
     return Staged(tmp_dir, [(tmp, path)])

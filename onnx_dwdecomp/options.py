@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import math
 import os
 from collections.abc import Mapping
@@ -103,7 +102,8 @@ class DecomposeOptions:
         help="calibration from a CalibrationDataReader returned by CALLABLE() (module name or "
              "path/to/file.py)"))
     calib_size: int | None = _option(None, _flag(
-        "--calib-size", group=CALIBRATION, type=int, metavar="N", help="use at most N calibration samples"))
+        "--calib-size", group=CALIBRATION, type=int, metavar="N",
+        help="read at most N calibration samples (default: 512; accuracy saturates at 256-512 images)"))
     batch_size: int = _option(32, _flag(
         "--batch-size", group=CALIBRATION, type=int, metavar="B", help="onnxruntime batch during calibration"))
     positions: int | None = _option(64, _flag(
@@ -170,10 +170,6 @@ class DecomposeOptions:
         "--max-drop", group=SELECTION, metavar="DROP",
         help=f"with --eval: tolerated score drop, absolute (0.5) or relative to the input model's score "
              f"(3%%; default {DEFAULT_MAX_DROP.replace('%', '%%')})"))
-    plot: str | os.PathLike | None = _option(None, _flag(
-        "--plot", group=INPUT, metavar="FILE.png|svg",
-        help="draw the plan's trade-off (predicted output error against latency and MACs for other "
-             "bounds, the chosen plan marked) with matplotlib"))
 
     def __post_init__(self):
         if isinstance(self.providers, str):  # "A,B" as on the command line
@@ -251,8 +247,6 @@ class DecomposeOptions:
             _validate_budget(self, method)
         if self.evaluate is not None or self.max_drop is not None:
             _validate_task(self, method)
-        if self.plot is not None:
-            _validate_plot(self)
         check_providers(self.providers)
         if self.default_plan and not self.verify:
             raise OptionError("--no-verify: the default plan is chosen by verifying candidates on held-out "
@@ -277,8 +271,7 @@ class DecomposeOptions:
             timing_cache=None if self.timing_cache is None else str(self.timing_cache), plan=self.plan_mode(),
             max_error=DEFAULT_MAX_ERROR if self.default_plan else self.max_error,
             evaluate=None if self.evaluate is None else display_name(self.evaluate),
-            max_drop=(DEFAULT_MAX_DROP if self.max_drop is None else str(self.max_drop)) if self.evaluate else None,
-            plot=None if self.plot is None else os.fspath(self.plot))
+            max_drop=(DEFAULT_MAX_DROP if self.max_drop is None else str(self.max_drop)) if self.evaluate else None)
         return out
 
 
@@ -298,16 +291,6 @@ def _validate_task(opts: DecomposeOptions, method: str) -> None:
     if not opts.verify:
         raise OptionError("--eval verifies every candidate on held-out calibration samples; drop --no-verify")
     parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
-
-
-def _validate_plot(opts: DecomposeOptions) -> None:
-    suffix = os.path.splitext(os.fspath(opts.plot))[1].lower()
-    if suffix not in (".png", ".svg"):
-        raise OptionError(f"--plot {os.fspath(opts.plot)}: expected a .png or .svg file name")
-    if opts.plan_mode() in ("uniform",):
-        raise OptionError("--plot draws a plan's trade-off: it needs a planned job (--calib with gsvd, no --multiplier)")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise OptionError("--plot needs matplotlib: pip install 'onnx-dwdecomp[plot]'")
 
 
 _INTS = ("multiplier", "calib_size", "batch_size", "positions", "seed", "threads")

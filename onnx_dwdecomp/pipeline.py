@@ -253,6 +253,8 @@ def _checked_choice(job: _Job, layers: list[ConvLayer], planner: BudgetPlanner, 
         decision = check_faster(job.work, rounds[k].model, random_batches(job.specs, job.shapes, job.opts.seed)[0],
                                 threads=job.opts.threads or default_threads(), providers=job.opts.providers,
                                 cache=job.latency_selector().cache)
+        if decision.timing is not None:
+            planner.calibrate_latency(k, decision.timing.regular_ms, decision.timing.separable_ms)
         if decision.rewrite:
             if k != index:
                 notes.append(f"the cheapest plan (round {index + 1}) was not faster as a whole model; "
@@ -532,14 +534,12 @@ def _plan_record(planner: BudgetPlanner, evidence: PlanEvidence, macs: int, chos
                 layer["probe"] = {"multiplier": p.multiplier, "layer_error": p.layer_error,
                                   "output_error": p.output_error, "gain": p.gain}
     check = evidence.model_check
-    model_ms = None
     if check is not None and check.timing is not None:
         t = check.timing
-        model_ms = t.regular_ms
         budget["model_latency"] = {"regular_ms": t.regular_ms, "plan_ms": t.separable_ms, "ratio": t.ratio,
                                    "ratio_halfwidth": t.ratio_halfwidth, "runs": t.runs, "retimes": t.retimes,
                                    "cached": t.cached, "faster": check.rewrite, "reason": check.reason}
-    budget["frontier"] = planner.frontier(model_ms=model_ms)
+    budget["frontier"] = planner.frontier()
     budget["evaluations"] = evidence.evaluations
     return budget
 

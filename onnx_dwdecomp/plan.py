@@ -22,7 +22,9 @@ The budgeted planner
    than the regular conv (latency grows with r: a larger r is not tried once one is not
    faster), priced at ``ratio_r × t_regular`` (each ratio from its own interleaved timing, one
    regular reference per conv); a conv no multiplier makes faster stays regular, with that
-   reason. ``price="macs"`` (``--select all``) offers every such r and times nothing.
+   reason. A *tiny* conv (regular form below ``TINY_CONV_MS``) is timed once for its regular
+   latency and offered its first multiplier only, priced by MACs: its per-conv timings are noise. Either way the
+   chosen plan is then timed as a whole model (pipeline, model_latency.py). ``price="macs"`` (``--select all``) offers every such r and times nothing.
 2. **Error curves.** One calibration pass over the *original* network (symmetric statistics);
    for each offered r, the GSVD solution (``CURVE_ITER`` L-BFGS rounds, as the final solve) and
    its relative response error ``e_l(r)`` measured on the **held-out** samples' patches — not
@@ -90,6 +92,14 @@ AIM = 0.9
 NEAR = 0.7
 #: Offered options: MACs at most this share of the regular conv's (module docstring, step 1).
 MAX_OPTION_MACS = 0.5
+#: A conv whose regular form times below this (ms) is *tiny*: its per-conv timings are noise
+#: (one MNIST configuration timed 25.6 and 16.5 µs in two runs; three such convs "faster" at
+#: r = 2 gave ×1.000 on the whole model). It is offered its first multiplier only, priced by
+#: MACs (``t_regular × MACs_r / MACs_regular``), and the plan is checked as a whole model.
+#: Only the first: at r > 1 the r depthwise convs and the Concat cost more than they save at
+#: this size (MNIST, 1 thread: 7 tiny convs at r = 3–4 gave ×1.01, all 19 at r = 1 ×0.76).
+TINY_CONV_MS = 0.1
+TINY_OPTIONS = 2
 #: Output error bounds the report's trade-off table (and --plot) shows.
 FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
@@ -196,12 +206,20 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
             if first is None:
                 first = t
                 offered[SKIP] = t.regular_ms
+                if t.regular_ms < TINY_CONV_MS:  # its timings are noise: the first r's, priced by MACs
+                    offered.update({m: t.regular_ms * macs[layer.name][m] / macs[layer.name][SKIP]
+                                    for m in sorted(macs[layer.name])[1:1 + TINY_OPTIONS]})
+                    break
             if not decision.rewrite:
                 reason = decision.reason
                 break
             offered[r] = t.ratio * first.regular_ms
         rs = sorted(r for r in offered if r != SKIP)
-        if rs:
+        if rs and first.regular_ms < TINY_CONV_MS:
+            verdict = (f"tiny: regular {first.regular_ms:.3f} ms < {TINY_CONV_MS:g} ms, so r = {', '.join(map(str, rs))} are offered, "
+                       f"priced by MACs (the whole plan is timed as one model)")
+            latencies[layer.name] = offered
+        elif rs:
             verdict = (f"faster at r = {', '.join(map(str, rs))} (×{first.regular_ms / offered[rs[0]]:.2f} at "
                        f"r = {rs[0]}); the plan chooses among them")
             latencies[layer.name] = offered
@@ -313,6 +331,8 @@ class BudgetPlanner:
             self.bound = (AIM * target) ** 2 / self.scale
             self.allocation = allocate_error(curves, self.bound, price=price)
         self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
+        self.model_ms: float | None = None  # whole-model latency of the all-regular model (model_latency.py)
+        self.latency_scale: float | None = None  # measured whole-model saving / summed per-conv saving
 
     def plan(self) -> Plan:
         return Plan(dict(self.allocation.multipliers))
@@ -380,6 +400,17 @@ class BudgetPlanner:
         """``α = measured² / Σ s e`` from a verified round (kept when it says nothing)."""
         if measured is not None and np.isfinite(measured) and measured > 0 and alloc.error > 0:
             self.scale = measured ** 2 / alloc.error
+
+    def calibrate_latency(self, index: int, regular_ms: float, plan_ms: float) -> None:
+        """Round ``index``'s plan measured ``plan_ms`` as a whole model against ``regular_ms``
+        for the all-regular one: the frontier scales its per-conv savings by
+        ``β = (regular_ms − plan_ms) / Σ per-conv saving`` (per-conv timings of tiny convs miss
+        much of what a rewrite saves or costs around them)."""
+        alloc = self._allocations[index]
+        self.model_ms = regular_ms
+        if self.price == "latency" and alloc.latency_ms is not None:
+            saving = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) - alloc.latency_ms
+            self.latency_scale = max((regular_ms - plan_ms) / saving, 0.0) if saving > 0 else None
 
     def set_tolerance(self, baseline: float, allowed: float, text: str) -> None:
         self.tolerance = {"input_score": baseline, "allowed_drop": allowed, "max_drop": text}
@@ -461,10 +492,11 @@ class BudgetPlanner:
                 f"predicted output rel. L2 of a single rewrite is {np.sqrt(self.scale * error):.3g} ({name}); "
                 f"the output is not slower than the input")
 
-    def frontier(self, bounds: tuple[float, ...] = FRONTIER_BOUNDS, model_ms: float | None = None) -> list[dict]:
+    def frontier(self, bounds: tuple[float, ...] = FRONTIER_BOUNDS) -> list[dict]:
         """What other output error bounds would give with the current sensitivities and scale:
-        per bound the allocation's predicted output error, MACs, convs' latency and (with
-        ``model_ms``, the input model's measured latency) the predicted model latency ratio."""
+        per bound the allocation's predicted output error, MACs, convs' latency and (once a
+        plan was timed as a whole model, :meth:`calibrate_latency`) the predicted model latency
+        ratio ``1 − β·(Σ regular − Σ chosen) / t_model``."""
         regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self.price == "latency" else None
         chosen = self.allocation.multipliers
         points = []
@@ -477,8 +509,9 @@ class BudgetPlanner:
                      "latency_ms": alloc.latency_ms, "model_latency_ratio": None,
                      "multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
                      "chosen": alloc.multipliers == chosen}
-            if model_ms and regular_ms is not None and alloc.latency_ms is not None:
-                point["model_latency_ratio"] = max(model_ms - regular_ms + alloc.latency_ms, 0.0) / model_ms
+            if self.model_ms and self.latency_scale is not None and alloc.latency_ms is not None:
+                saving = self.latency_scale * (regular_ms - alloc.latency_ms)
+                point["model_latency_ratio"] = max(self.model_ms - saving, 0.0) / self.model_ms
             points.append(point)
         return points
 
@@ -508,6 +541,7 @@ class BudgetPlanner:
             "exact": self.allocation.exact,
             "stop_reason": self.stop_reason,
             "tolerance": self.tolerance,
+            "latency_scale": self.latency_scale,
             "curve": f"symmetric statistics of the original network, GSVD with max_iter={CURVE_ITER}, "
                      f"relative response error on the held-out samples",
             "rounds": self.rounds,

@@ -287,7 +287,10 @@ class Report:
                 lat = "-" if p["latency_ms"] is None or not before else f"×{p['latency_ms'] / before:.3f}"
             rows.append((f"{p['bound']:g}", f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
                          f"×{p['macs_ratio']:.3f}", lat, "◀ chosen" if p["chosen"] else ""))
-        return ["", "trade-off (predicted from the curves, gains and α; other bounds: --max-error E):"] + text_table(rows)
+        how = "the curves, gains and α"
+        if latency and b.get("latency_scale") is not None:
+            how += f"; latency: per-conv savings × {b['latency_scale']:.3g}, the whole-model timing's share"
+        return ["", f"trade-off (predicted from {how}; other bounds: --max-error E):"] + text_table(rows)
 
     def _render_selection(self) -> list[str]:
         timed = [s for s in self.selection if s.regular_ms is not None]

@@ -125,6 +125,14 @@ def test_default_plan_rewrites_only_what_keeps_the_function(fast_r1):
     assert rep.layers[0].patches == rep.calibration["patches_per_layer"]["conv0"]
     text = rep.render()
     assert "default bound" in text and "held-out" in text and "patches" in text and "trade-off" in text
+    # the frontier: one point per bound (the default bound among them), the chosen plan marked
+    frontier = json.loads(json.dumps(b["frontier"]))
+    bounds = [p["bound"] for p in frontier]
+    assert bounds == sorted(bounds) and DEFAULT_MAX_ERROR in bounds
+    assert [p["bound"] for p in frontier if p["chosen"]][0] <= DEFAULT_MAX_ERROR
+    assert all(p["predicted_output_rel_l2"] <= p["bound"] + 1e-12 for p in frontier)
+    macs = [p["macs_ratio"] for p in frontier]
+    assert macs == sorted(macs, reverse=True)  # looser bounds never cost more MACs here
     onnx.checker.check_model(model, full_check=True)
 
 

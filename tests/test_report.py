@@ -360,7 +360,7 @@ def test_render_budget_max_error_default():
     assert cells(lines[k + 2]) == ["conv1", "1", "0.262", "0.500 (1.000)", "1.2", "1.00e-02", "1.10e-02",
                                    "1.22e-02", "512"]
     assert cells(lines[k + 3]) == ["conv3", "skip", "1.000", "-", "-", "0.00e+00", "-", "0.00e+00", "-"]
-    k = lines.index("trade-off (predicted from the curves, gains and α; other bounds: --max-error E):")
+    k = next(i for i, ln in enumerate(lines) if ln.startswith("trade-off (predicted from the curves, gains and α"))
     assert cells(lines[k + 3]) == ["0.01", "0.009", "1", "×0.900", "×0.950"]
     assert cells(lines[k + 4]) == ["0.02", "0.0122", "2", "×0.250", "×0.875", "◀ chosen"]
 

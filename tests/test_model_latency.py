@@ -1,0 +1,71 @@
+"""model_latency.py: the chosen plan timed as a whole model against the all-regular one."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import correlated_images, three_layer_net
+from onnx_dwdecomp import decompose, latency, model_latency
+from onnx_dwdecomp.latency import Timing
+from onnx_dwdecomp.model_latency import MODEL_MIN_GAIN, check_faster, ort_model_timer
+from onnx_dwdecomp.timing_cache import TimingCache
+from test_plan import fast_r1, mixed_net  # noqa: F401  (fixture)
+
+REAL_TIMER = ort_model_timer  # conftest replaces the module's timer with a fake in every test
+
+
+def test_a_plan_that_is_not_faster_as_a_whole_is_not_handed_back(fast_r1, monkeypatch):  # noqa: F811
+    """The per-conv timings call conv0's r = 1 form 2× faster, but the whole model runs at the
+    same speed: the all-regular model is returned and the report says why."""
+    calls = []
+    monkeypatch.setattr(model_latency, "ort_model_timer",
+                        lambda *a, **k: calls.append(1) or Timing(1.0, 1.0, runs=10))
+    model, rep = decompose(mixed_net(), calib=correlated_images(40, 6, 12, 12, seed=4))
+    b = rep.budget
+    assert calls and rep.layers == () and b["rounds"][-1]["fallback"] is True
+    assert b["model_latency"]["faster"] is False and b["model_latency"]["ratio"] == 1.0
+    assert any(f"ran ≥ {100 * MODEL_MIN_GAIN:g} % faster than the all-regular model" in n for n in rep.notes)
+    assert "not faster, not used" in rep.render()
+
+
+def test_a_faster_plan_is_kept_and_recorded(fast_r1):  # noqa: F811  (conftest's fake: 2× faster)
+    _, rep = decompose(mixed_net(), calib=correlated_images(40, 6, 12, 12, seed=4))
+    m = rep.budget["model_latency"]
+    assert [layer.name for layer in rep.layers] == ["conv0"]
+    assert m["faster"] is True and m["ratio"] == pytest.approx(0.5) and m["regular_ms"] == 1.0
+    # the frontier's model latency comes from that measurement: β = (1 − 0.5) / (3.0 − 2.5) ms
+    assert rep.budget["latency_scale"] == pytest.approx(1.0)
+    chosen = [p for p in rep.budget["frontier"] if p["chosen"]]
+    assert chosen and all(p["model_latency_ratio"] == pytest.approx(0.5) for p in chosen)
+
+
+def test_check_faster_is_cached_and_decides_on_the_noise_band(tmp_path, monkeypatch):
+    net = three_layer_net()
+    feeds = {"x": correlated_images(1, 6, 12, 12)}
+    calls = []
+
+    def timer(*args, **kwargs):
+        calls.append(args[-1] if len(args) > 5 else 1)
+        return Timing(1.0, 0.9, runs=20)
+
+    monkeypatch.setattr(model_latency, "ort_model_timer", timer)
+    cache = TimingCache(tmp_path / "t.json")
+    first = check_faster(net, net, feeds, threads=1, providers=("CPUExecutionProvider",), cache=cache)
+    assert first.rewrite and len(calls) == 1
+    again = check_faster(net, net, feeds, threads=1, providers=("CPUExecutionProvider",),
+                         cache=TimingCache(tmp_path / "t.json"))
+    assert again.rewrite and again.timing.cached and len(calls) == 1  # read from the cache file
+    # a ratio whose band straddles 1 − MODEL_MIN_GAIN is re-timed, then kept on the safe side
+    monkeypatch.setattr(model_latency, "ort_model_timer",
+                        lambda *a, **k: Timing(1.0, 0.98, runs=20, ratio_halfwidth=0.05))
+    unsure = check_faster(net, three_layer_net(seed=1), feeds, threads=1, providers=("CPUExecutionProvider",),
+                          cache=None)
+    assert not unsure.rewrite and unsure.timing.retimes == latency.MAX_RETIMES
+
+
+def test_the_real_timer_times_two_models():
+    net = three_layer_net()
+    data = net.SerializeToString()
+    t = REAL_TIMER(data, data, {"x": correlated_images(1, 6, 12, 12)}, 1, ("CPUExecutionProvider",),
+                   budget_s=0.02, min_runs=5, max_runs=10)
+    assert 5 <= t.runs <= 10 and t.regular_ms > 0 and t.separable_ms > 0

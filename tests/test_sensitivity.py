@@ -1,0 +1,84 @@
+"""sensitivity.py: per-layer probes that turn a layer's error into the output error it causes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import correlated_images, square_net
+from onnx_dwdecomp import decompose
+from onnx_dwdecomp.candidates import find_candidates
+from onnx_dwdecomp.rewrite import Replacement, apply_replacements
+from onnx_dwdecomp.sensitivity import measure_sensitivities, predicted_error, probe_model, sensitivity
+from onnx_dwdecomp.solve import svd_factors
+from onnx_dwdecomp.verify import compare_models
+
+
+def loud_and_quiet_net(c: int = 6, hw: int = 10, quiet: float = 0.01) -> onnx.ModelProto:
+    """``y = conv_loud(x) + quiet · conv_quiet(x)``: the same kind of random conv on both
+    branches, one reaching the output 1/quiet times weaker — so it dominates the output error."""
+    rng = np.random.default_rng(5)
+    w = {k: (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32) for k in ("wl", "wq")}
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits.append(numpy_helper.from_array(np.array(quiet, np.float32), "scale"))
+    nodes = [helper.make_node("Conv", ["x", "wl"], ["a"], name="loud", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wq"], ["b0"], name="quiet", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["b0", "scale"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    return square_net(nodes, inits, c, hw, "loud_and_quiet")
+
+
+def test_one_layer_dominates_the_output_error():
+    """Both branches' convs lose about as much (random weights, r = 1), but the quiet one reaches
+    the output 100× weaker: its gain (output error per unit of layer error) is ~100× smaller, and
+    the allocation rewrites it first."""
+    _, rep = decompose(loud_and_quiet_net(), calib=correlated_images(40, 6, 10, 10, seed=3), select="all",
+                       max_error=0.05)
+    layers = {layer["name"]: layer for layer in rep.budget["layers"]}
+    loud, quiet = layers["loud"]["probe"], layers["quiet"]["probe"]
+    # y ≈ a: the loud branch's relative error passes on at gain ~1, the quiet one's at ~0.01
+    assert 0.5 < loud["gain"] < 2.0, loud
+    assert 50 < loud["gain"] / quiet["gain"] < 200, (loud, quiet)
+    assert layers["quiet"]["multiplier"] != "skip" and layers["loud"]["multiplier"] == "skip"
+    assert rep.budget["probes"] == {"count": 2, "samples": rep.verification.samples}
+
+
+def test_a_probe_equals_the_rewritten_model():
+    """A probe feeds the dense equivalent of the separable factors: its output error is the one
+    of the model with that conv really rewritten (up to float round-off: the two-conv form sums
+    in another order; observed 1e-7 relative)."""
+    net = loud_and_quiet_net(quiet=0.5)
+    data = correlated_images(12, 6, 10, 10, seed=4)
+    layers = list(find_candidates(net).layers)
+    factors = {layer.name: svd_factors(layer.weight, layer.bias, 1) for layer in layers}
+    batches = [{"x": data[:8]}, {"x": data[8:]}]
+    probes = measure_sensitivities(net, layers, factors, {layer.name: 0.25 for layer in layers},
+                                   {layer.name: 1 for layer in layers}, batches, None)
+    assert probes.samples == 12 and set(probes.probes) == {"loud", "quiet"}
+    for layer in layers:
+        alone = apply_replacements(net, [Replacement(layer, factors[layer.name])])
+        expected = compare_models(net, alone, batches, "test").worst_error()
+        p = probes.probes[layer.name]
+        assert p.output_error == pytest.approx(expected, rel=1e-4)
+        assert p.sensitivity == pytest.approx(expected ** 2 / 0.25) and p.gain == pytest.approx(expected / 0.5)
+
+
+def test_probe_model_reads_weights_from_inputs_and_leaves_the_model_alone():
+    net = loud_and_quiet_net()
+    before = net.SerializeToString()
+    layers = list(find_candidates(net).layers)
+    probe, names = probe_model(net, layers)
+    assert net.SerializeToString() == before
+    inputs = {i.name for i in probe.graph.input}
+    assert set(names) == {"loud", "quiet"} and all(w in inputs and b in inputs for w, b in names.values())
+    onnx.checker.check_model(probe)
+
+
+def test_sensitivity_and_prediction_rules():
+    assert sensitivity(0.1, 0.04) == pytest.approx(0.25)
+    assert sensitivity(0.1, 0.0) == 0.0  # an exact option predicts 0 whatever the weight
+    assert sensitivity(float("nan"), 0.1) == float("inf")
+    # √(α·Σ s·e): 2·0.01 + 0.5·0.02 = 0.03, α = 3 → 0.3
+    assert predicted_error({"a": 2.0, "b": 0.5}, [("a", 0.01), ("b", 0.02), ("c", 9.0)], 3.0) == pytest.approx(0.3)
