@@ -10,8 +10,8 @@ gsvd the default is the fastest plan whose held-out output error stays within
 
 from __future__ import annotations
 
+import functools
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,14 +27,15 @@ from .candidates import ConvLayer, find_candidates
 from .errors import CalibrationError, OptionError, Refused, first_line, refuse
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
-from .modelio import LoadedModel, load_model, model_byte_size, save_model_atomic
-from .model_latency import MODEL_MIN_GAIN, check_faster
+from .model_latency import check_faster
+from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DecomposeOptions
 from .plan import (DEFAULT_MAX_ERROR, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
                    curve_error, curve_solver,
                    layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
-from .rewrite import Replacement, apply_replacements
+from .rewrite import Replacement
+from .search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
 from .runtime import make_session, using_providers
 from .sensitivity import Sensitivities, measure_sensitivities
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
@@ -43,14 +44,9 @@ from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factor
                     check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
-from .tuning import DEFAULT_MAX_DROP, MAX_EVALUATIONS, Bisection, call_evaluate, candidate_allocations, parse_max_drop
-from .usercode import display_name
+from .tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .verify import (PaddedFeeds, Verification, as_features, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, random_batches)
-
-#: Rounds that met the bound timed as whole models at most before falling back to all-regular.
-MODEL_CHECKS = 2
-
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto
@@ -119,20 +115,6 @@ class _Job:
         self.timing[key] = self.timing.get(key, 0.0) + seconds
 
 
-class _Round(NamedTuple):
-    """One solved, rewritten and verified plan."""
-
-    plan: Plan
-    layers: list[ConvLayer]
-    factors: dict[str, SeparableFactors | ChannelFactors]
-    heldout_errors: dict[str, float]
-    patches: dict[str, int]
-    calib_report: dict | None
-    model: onnx.ModelProto
-    merged: Any  # fold.FoldResult of the pointwise merge
-    verification: Verification | None
-
-
 def decompose(model: str | os.PathLike | onnx.ModelProto, *, progress: Callable[[str], None] | None = None,
               **options: Any) -> DecomposeResult:
     """Rewrite the regular convs of ``model`` into depthwise + pointwise pairs.
@@ -193,124 +175,31 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
         planner, sensitivities, layers = _budget_planner(job, layers, selection, skipped)
         plan = planner.plan()
     job.add_time("plan", time.perf_counter() - t0)
-    rounds: list[_Round] = []
+    solve_round = functools.partial(_solve_rewrite_verify, job, layers)
     evaluations: list[dict] | None = None
-    if planner is not None and planner.mode == "task":
-        rounds, evaluations = _task_search(job, layers, planner)
-        index = planner.final()
+    model_check: Decision | None = None
+    if planner is None:
+        chosen = solve_round(plan)
     else:
-        while plan is not None:
-            rounds.append(_solve_rewrite_verify(job, layers, plan))
-            plan = None if planner is None else planner.revise(_worst(rounds[-1].verification), job.say)
-        index = planner.final() if planner is not None else len(rounds) - 1
-    model_check = None
-    if planner is not None:
-        chosen, model_check = _checked_choice(job, layers, planner, rounds, index, notes)
+        if planner.mode == "task":
+            rounds, evaluations = task_search(planner, solve_round, job.source, opts.evaluate,
+                                              parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None
+                                                             else opts.max_drop), job.say, job.add_time)
+        else:
+            rounds = verified_rounds(planner, solve_round, job.say)
+        feeds = random_batches(job.specs, job.shapes, opts.seed)[0]
+        chosen, model_check = checked_choice(
+            planner, rounds, solve_round, lambda model: check_faster(
+                job.work, model, feeds, threads=opts.threads or default_threads(), providers=opts.providers,
+                cache=job.latency_selector().cache), notes, job.say)
         skipped += [Refused(layer.name, "kept regular by the plan (error bound, score or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
-    else:
-        chosen = rounds[-1]
 
     if chosen.verification is not None:
         chosen.verification.require_pass(job.source)  # NaN/Inf where the input model is finite: a failure
     report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start,
                      PlanEvidence(sensitivities, model_check, evaluations))
     return DecomposeResult(chosen.model, report)
-
-
-class PlanEvidence(NamedTuple):
-    """What the planner measured besides the rounds: the per-layer probes, the whole-model
-    timing of the chosen plan, the user's scores (task-aware mode)."""
-
-    sensitivities: Sensitivities | None
-    model_check: Decision | None
-    evaluations: list[dict] | None
-
-
-def _checked_choice(job: _Job, layers: list[ConvLayer], planner: BudgetPlanner, rounds: list[_Round],
-                    index: int | None, notes: list[str]) -> tuple[_Round, Decision | None]:
-    """The chosen round, checked as a whole (model_latency.py) when options were priced by
-    latency: a plan whose model is not faster than the all-regular one is not handed back —
-    the next cheapest round that met the bound is tried, then the all-regular plan."""
-    def fall_back(reason: str) -> _Round:
-        regular = _solve_rewrite_verify(job, layers, Plan({layer.name: SKIP for layer in layers}))
-        planner.fall_back(_worst(regular.verification), reason)
-        notes.append(reason + "; every conv kept regular")
-        return regular
-
-    if index is None:  # no round met the bound / the tolerance: the all-regular plan (output = input)
-        if planner.mode == "task":
-            return fall_back("no candidate plan kept the score within the tolerance"), None
-        best = min((_worst(r.verification) for r in rounds), default=float("nan"))
-        return fall_back(f"no plan tried met the output error bound {planner.target:g} (best measured {best:.3g})"), None
-    chosen = rounds[index]
-    if planner.price != "latency" or not chosen.layers or planner.mode not in ("max_error", "task"):
-        return chosen, None
-    order = [index] + [k for k in planner.hits() if k != index]
-    decision = None
-    for k in order[:MODEL_CHECKS]:
-        job.say(f"plan: timing the plan of round {k + 1} against the all-regular model")
-        decision = check_faster(job.work, rounds[k].model, random_batches(job.specs, job.shapes, job.opts.seed)[0],
-                                threads=job.opts.threads or default_threads(), providers=job.opts.providers,
-                                cache=job.latency_selector().cache)
-        if decision.timing is not None:
-            planner.calibrate_latency(k, decision.timing.regular_ms, decision.timing.separable_ms)
-        if decision.rewrite:
-            if k != index:
-                notes.append(f"the cheapest plan (round {index + 1}) was not faster as a whole model; "
-                             f"round {k + 1}'s plan is")
-            planner.choose(k)
-            return rounds[k], decision
-    t = decision.timing if decision is not None else None
-    ratio = f" (×{t.ratio:.3f} of the all-regular model's latency)" if t is not None else ""
-    return fall_back(f"no plan that met the bound ran ≥ {100 * MODEL_MIN_GAIN:g} % faster than the all-regular "
-                     f"model as a whole{ratio}"), decision
-
-
-def _task_search(job: _Job, layers: list[ConvLayer], planner: BudgetPlanner) -> tuple[list[_Round], list[dict]]:
-    """Candidate plans from the frontier, solved and scored by the user's function (tuning.py)."""
-    opts = job.opts
-    name = display_name(opts.evaluate)
-    tolerance = parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
-    evaluations: list[dict] = []
-    rounds: list[_Round] = []
-    with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_eval_") as tmp:
-        def score(model: onnx.ModelProto, what: str) -> float:
-            path = save_model_atomic(model, os.path.join(tmp, f"candidate{len(evaluations)}.onnx"),
-                                     external_data=False)
-            job.say(f"plan: scoring {what} with {name}")
-            t0 = time.perf_counter()
-            value = call_evaluate(opts.evaluate, str(path), name, what)
-            job.add_time("evaluate", time.perf_counter() - t0)
-            for leftover in os.listdir(tmp):
-                os.remove(os.path.join(tmp, leftover))
-            return value
-
-        baseline = score(job.source, "the input model")
-        allowed = tolerance.allowed(baseline)
-        planner.set_tolerance(baseline, allowed, tolerance.describe())
-        evaluations.append({"model": "input", "score": baseline})
-        candidates = candidate_allocations(planner.curves, planner.price)
-        search = Bisection(len(candidates), MAX_EVALUATIONS - 1)
-        while (k := search.next()) is not None:
-            bound, alloc = candidates[k]
-            planner.allocation = alloc
-            rnd = _solve_rewrite_verify(job, layers, planner.plan())
-            value = score(rnd.model, f"candidate plan {k + 1} of {len(candidates)}")
-            within = value >= baseline - allowed
-            search.record(k, within)
-            planner.record_scored(alloc, _worst(rnd.verification), value, within)
-            evaluations.append({"model": f"candidate {k + 1}/{len(candidates)}", "round": len(rounds),
-                                "convs_rewritten": len(rnd.layers), "score": value, "within": within,
-                                "measured_output_rel_l2": _worst(rnd.verification)})
-            rounds.append(rnd)
-    planner.stop_reason = (f"binary search over {len(candidates)} candidate plans: "
-                           + ("every candidate evaluated" if search.hi - search.lo <= 1 else "evaluation budget spent"))
-    return rounds, evaluations
-
-
-def _worst(verification: Verification | None) -> float | None:
-    return None if verification is None else verification.worst_error()
 
 
 def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, Any, list[str]]:
@@ -419,7 +308,7 @@ def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> Calibration
                               seed=opts.seed)
 
 
-def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) -> _Round:
+def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) -> SolvedRound:
     """Solve the plan's layers (calibrated in graph order with data), rewrite, merge pointwise pairs, verify."""
     layers = plan.rewritten(all_layers)
     solved = _solve_all(job, layers, plan.multipliers)
@@ -448,11 +337,11 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
             what = f"random inputs (seed {job.opts.seed})"
         verification = compare_models(job.source, new_model, batches, what, job.output_scales())
     job.add_time("verify", time.perf_counter() - t0)
-    return _Round(plan, layers, solved.factors, solved.heldout_errors, solved.patches, solved.calib_report,
-                  new_model, pw_fold, verification)
+    return SolvedRound(plan, layers, solved.factors, solved.heldout_errors, solved.patches, solved.calib_report,
+                       new_model, pw_fold, verification)
 
 
-def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, skipped: list[Refused],
+def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | None, skipped: list[Refused],
             selection: list[Selection], notes: list[str], start: float, evidence: PlanEvidence) -> Report:
     opts, work, infos = job.opts, job.work, job.infos
     new_model = chosen.model
@@ -512,36 +401,13 @@ def _report(job: _Job, bn_fold, chosen: _Round, planner: BudgetPlanner | None, s
                          f"machine and its load, decisions near the threshold may differ between runs")
     budget = None
     if planner is not None:
-        budget = _plan_record(planner, evidence, after.macs, chosen)
+        budget = plan_record(planner, evidence, after.macs, chosen.heldout_errors, chosen.patches)
     return Report(method=job.method, layers=tuple(results), skipped=tuple(skipped), model=totals,
                   verification=chosen.verification, timing_s=timing, notes=tuple(notes),
                   calibration=chosen.calib_report, options=opts.to_dict(job.shapes),
                   select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
                   merged=chosen.merged.folds, budget=budget,
                   environment=environment(opts.providers, opts.threads or default_threads()))
-
-
-def _plan_record(planner: BudgetPlanner, evidence: PlanEvidence, macs: int, chosen: _Round) -> dict:
-    """The plan's part of the report: planner.to_dict plus the probes, the whole-model timing,
-    the frontier and the user's scores."""
-    budget = planner.to_dict(macs, chosen.heldout_errors, chosen.patches)
-    probes = evidence.sensitivities
-    if probes is not None:
-        budget["probes"] = {"count": len(probes.probes), "samples": probes.samples}  # time: timing_s
-        for layer in budget["layers"]:
-            p = probes.probes.get(layer["name"])
-            if p is not None:
-                layer["probe"] = {"multiplier": p.multiplier, "layer_error": p.layer_error,
-                                  "output_error": p.output_error, "gain": p.gain}
-    check = evidence.model_check
-    if check is not None and check.timing is not None:
-        t = check.timing
-        budget["model_latency"] = {"regular_ms": t.regular_ms, "plan_ms": t.separable_ms, "ratio": t.ratio,
-                                   "ratio_halfwidth": t.ratio_halfwidth, "runs": t.runs, "retimes": t.retimes,
-                                   "cached": t.cached, "faster": check.rewrite, "reason": check.reason}
-    budget["frontier"] = planner.frontier()
-    budget["evaluations"] = evidence.evaluations
-    return budget
 
 
 def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> Refused | None:
@@ -603,17 +469,6 @@ def _solve_layer(layer: ConvLayer, method: str, multiplier: int, stats: LayerSta
     return gsvd_factors(layer.weight, layer.bias, stats, multiplier)
 
 
-def _batches(arrays: dict[str, np.ndarray], batch: int, fixed: int | None) -> list[dict[str, np.ndarray]]:
-    """Split per-input arrays into feed dicts; pad the last one when the batch dim is fixed."""
-    n = len(next(iter(arrays.values())))
-    out = []
-    for start in range(0, n, batch):
-        feeds = {k: v[start:start + batch] for k, v in arrays.items()}
-        rows = len(next(iter(feeds.values())))
-        out.append(PaddedFeeds(calibdata.pad_feeds(feeds, fixed), rows) if fixed else feeds)
-    return out
-
-
 class Reference(NamedTuple):
     scales: dict[str, np.ndarray]  # per output: mean square per feature over all samples
     energy: np.ndarray | None  # per sample: output power normalised per feature (None: no per-sample output)
@@ -664,11 +519,6 @@ def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) 
             part = (np.concatenate(parts)[:, live] / scales[name][live]).sum(axis=1)
             energy = part if energy is None else energy + part
     return Reference(scales, energy, seconds)
-
-
-def _fixed_batch(specs) -> int | None:
-    """The first input's batch dim when the model fixes it (calibration batches are padded to it)."""
-    return specs[0].shape[0] if specs and specs[0].shape and specs[0].shape[0] else None
 
 
 class _Solved(NamedTuple):

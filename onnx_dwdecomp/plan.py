@@ -314,6 +314,7 @@ class BudgetPlanner:
         self._allocations: list[Allocation] = []
         self._best: int | None = None  # index of the cheapest round that met --max-error
         self.chosen_round = 0
+        self.chosen_index: int | None = None  # set by final(): the chosen round, None = none met the bound
         self.stop_reason = ""
         if mode == "target_macs":
             self.limit = int(np.floor(target * before_macs))
@@ -425,6 +426,7 @@ class BudgetPlanner:
     def final(self) -> int | None:
         """Index of the chosen round: the cheapest that met --max-error, else the last one (target
         MACs); None when no round met --max-error (the caller falls back to the all-regular plan)."""
+        self.chosen_index = None
         if self.mode == "task" and self._best is None:
             return None
         if self.mode == "max_error" and self._best is None and any(
@@ -435,7 +437,7 @@ class BudgetPlanner:
         return index
 
     def choose(self, index: int) -> None:
-        self.chosen_round = index
+        self.chosen_round = self.chosen_index = index
         self.allocation = self._allocations[index]
 
     def hits(self) -> list[int]:
