@@ -36,6 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # tools/ scripts import their neighbours by plain name
+    sys.path.insert(0, str(TOOLS))
+
+from thirdparty import to_rgb_uint8  # noqa: E402  (the same conversion of skimage samples)
+
 #: ImageNet normalisation (RGB, 0..1 scale).
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -52,25 +58,6 @@ DEFAULT_OUT = Path("~/.cache/onnx_dwdecomp/resnet18")
 # --------------------------------------------------------------------------------------------
 # Images (numpy + scikit-image only)
 # --------------------------------------------------------------------------------------------
-
-
-def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
-    """Any skimage sample (gray, bool, float in [0,1], RGB, RGBA) as H×W×3 uint8 RGB (RGBA on white)."""
-    a = np.asarray(img)
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.floating):
-        a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
-    elif a.dtype != np.uint8:
-        raise ValueError(f"unsupported image dtype {a.dtype}")
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    elif a.ndim == 3 and a.shape[2] == 4:
-        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
-        a = np.rint(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    elif not (a.ndim == 3 and a.shape[2] == 3):
-        raise ValueError(f"unsupported image shape {a.shape}")
-    return np.ascontiguousarray(a)
 
 
 def load_photos(names: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
