@@ -29,8 +29,8 @@ from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .model_latency import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
-from .options import DecomposeOptions
-from .plan import (DEFAULT_MAX_ERROR, BudgetPlanner, Plan, check_latency_reachable, check_reachable,
+from .options import DEFAULT_MAX_ERROR, DecomposeOptions
+from .plan import (BudgetPlanner, Plan, check_latency_reachable, check_reachable,
                    curve_error, curve_solver,
                    layer_curves, merge_targets, merged_channels, price_options)
 from .report import LayerResult, ModelTotals, Report, Selection
@@ -45,7 +45,7 @@ from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factor
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
-from .verify import (PaddedFeeds, Verification, as_features, check_finite_weights, check_model, compare_models,
+from .verify import (PaddedFeeds, as_features, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, random_batches)
 
 class DecomposeResult(NamedTuple):

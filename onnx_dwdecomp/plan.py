@@ -5,7 +5,7 @@ choose plan → solve → rewrite → verify → revise plan. Two planners:
 
 - uniform (``--multiplier R``, or without calibration data): every selected conv at R, one round;
 - budgeted (``--max-error E``, ``--target-macs F``, ``--target-latency F``, and with
-  calibration data and gsvd the *default*: ``--max-error`` at :data:`DEFAULT_MAX_ERROR`): each
+  calibration data and gsvd the *default*: ``--max-error`` at ``options.DEFAULT_MAX_ERROR``): each
   conv gets its own option, chosen by budget.py's knapsack from per-layer error curves and
   option prices.
 
@@ -70,15 +70,6 @@ from .rewrite import Replacement
 from .shapes import node_macs
 from .solve import GsvdProblem, LayerStats, SeparableFactors, check_multiplier, svd_factors
 
-#: Default accuracy bound with calibration data: held-out output error ≤ 2 %. Chosen on
-#: models/mnist (README "Accuracy-bounded default"): the error measured on held-out calibration
-#: digits (training data of the model) under-states the error on unseen test digits by about
-#: 1.5–2× (0.018 → 0.033, 0.027 → 0.053, 0.043 → 0.071 logit rel. L2); test logit errors up to
-#: 0.033 changed at most 2 of 1,000 test predictions (top-1 within 0.2 points), 0.053 changed 5–6
-#: (−0.4 to −0.5). Bounds of 0.03 and 0.05 each gave plans that lost 0.5 points. The four
-#: PyPI-wheel models kept their task metrics at 1.000 up to 0.05 (docs/THIRDPARTY.md). Intel
-#: Neural Compressor's default tolerance is 1 % relative accuracy loss.
-DEFAULT_MAX_ERROR = 0.02
 #: L-BFGS rounds per multiplier when tracing an error curve: the final solve's
 #: (solve.gsvd_factors), so the curve errors — and the probes that turn them into output errors
 #: — are those of the factors the rounds will solve. With the sweep alone (0) the curves

@@ -10,7 +10,7 @@ import pytest
 
 from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.options import DecomposeOptions, parse_floats, parse_positions
-from onnx_dwdecomp.plan import DEFAULT_MAX_ERROR
+from onnx_dwdecomp.options import DEFAULT_MAX_ERROR
 
 DATA = np.zeros((4, 3, 8, 8), np.float32)
 

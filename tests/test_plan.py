@@ -19,7 +19,8 @@ from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.latency import LatencySelector, Timing
 from onnx_dwdecomp.pipeline import DecomposeOptions, decompose
-from onnx_dwdecomp.plan import DEFAULT_MAX_ERROR, option_latencies
+from onnx_dwdecomp.options import DEFAULT_MAX_ERROR
+from onnx_dwdecomp.plan import option_latencies
 from onnx_dwdecomp.shapes import infer_tensor_info
 
 # ------------------------------------------------------------------------------ options
