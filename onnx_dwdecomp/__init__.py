@@ -10,10 +10,10 @@ from .errors import (BudgetError, CalibrationError, DwDecompError, InternalError
                      VerificationFailed)
 from .pipeline import DecomposeOptions, DecomposeResult, decompose
 from .report import Report
+from .version import __version__  # noqa: F401  (the package face: onnx_dwdecomp.__version__)
 
 __all__ = [
     "decompose", "DecomposeOptions", "DecomposeResult", "Report",
     "DwDecompError", "UserError", "ModelError", "OptionError", "OutputError", "CalibrationError", "BudgetError",
     "ResourceError", "EvaluationError", "NumericalError", "VerificationFailed", "InternalError", "Refused",
 ]
-__version__ = "0.1.0"

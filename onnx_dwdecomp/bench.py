@@ -52,12 +52,15 @@ import numpy as np
 import onnx
 
 from . import resources
+from .console import Progress, print_to_stdout
 from .errors import ModelError, OptionError, first_line
 from .graph import constant_tensors
-from .modelio import load_model
+from .modelio import check_writable, load_model, write_text_atomic
+from .report import text_table
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
-from .shapes import graph_inputs, infer_tensor_info, model_cost, resolve_input_shapes
+from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shapes, resolve_input_shapes
 from .timing import default_threads, environment, interleaved_timings
+from .version import version_line
 
 __all__ = ["ModelBench", "run_bench", "format_table", "add_bench_arguments", "run_bench_command"]
 
@@ -364,8 +367,6 @@ def _fmt_bytes(n: int) -> str:
 
 def format_table(results: Sequence[ModelBench]) -> str:
     """Plain-text table with aligned columns, one row per model and batch size."""
-    from .report import text_table
-
     labels = dict(zip(dict.fromkeys(r.path for r in results), _labels(list(dict.fromkeys(r.path for r in results)))))
     header = ("model", "batch", "median ms", "p90 ms", "speed-up", "MMACs", "params", "size")
     rows = [(labels[r.path], str(r.batch_size), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}",
@@ -438,7 +439,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime execution providers in priority order (default: CPUExecutionProvider)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    from .cli import version_line
     p.add_argument("--version", action="version", version=version_line())
 
 
@@ -447,10 +447,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     Raises :class:`~onnx_dwdecomp.errors.UserError` for bad flags or models; the caller prints it.
     """
-    from .cli import Progress, print_to_stdout
-    from .modelio import check_writable, write_text_atomic
-    from .shapes import parse_input_shapes
-
     shapes = args.input_shape
     models = args.models
     if not models:

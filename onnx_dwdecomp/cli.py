@@ -22,11 +22,17 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from .bench import add_bench_arguments, run_bench_command
+from .console import Progress, print_to_stdout
 from .errors import (EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, DwDecompError, OptionError, UserError,
                      VerificationFailed, one_line)
 from .modelio import check_writable, commit_together, default_output_path, load_model, stage_model, stage_text
 from .options import INPUT, RUNTIME, VERIFICATION, DecomposeOptions
+from .pipeline import decompose_loaded
 from .plot import check_plot_path, frontier_plot
+from .shapes import parse_input_shapes, split_shapes
+from .timing_cache import default_cache_path
+from .version import version_line
 
 COMMANDS = ("decompose", "bench")
 
@@ -65,19 +71,8 @@ class Parser(argparse.ArgumentParser):
         raise OptionError(f"{message} (see {self.prog} --help)")
 
 
-def version_line() -> str:
-    import onnx
-    import onnxruntime
-
-    from . import __version__
-
-    return f"onnx-dwdecomp {__version__} (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``--version`` and the subcommands ``decompose`` and ``bench``."""
-    from .bench import add_bench_arguments
-
     top = Parser(prog="onnx-dwdecomp", description="Depth-wise decomposition of the regular convs of an ONNX "
                                                    "CNN, and side-by-side onnxruntime benchmarks.")
     top.add_argument("--version", action="version", version=version_line())
@@ -156,8 +151,6 @@ def split_multi_values(argv: list[str]) -> list[str]:
     flag a positional: after the first value, only values that look like shapes
     (shapes.split_shapes) belong to it; the next one is a positional, left in place. ``argv``
     ends before any ``--`` (parse_args splits there)."""
-    from .shapes import split_shapes
-
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -212,8 +205,6 @@ def _output_once(args: argparse.Namespace) -> None:
 
 def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
     """The job's options: every flag the user gave, by field name (the rest keep their defaults)."""
-    from .shapes import parse_input_shapes
-
     given = {f.name: getattr(args, f.name) for f in fields(DecomposeOptions) if hasattr(args, f.name)}
     if "input_shapes" in given:
         given["input_shapes"] = parse_input_shapes(given["input_shapes"])
@@ -224,38 +215,6 @@ def options_from_args(args: argparse.Namespace) -> DecomposeOptions:
     return DecomposeOptions.of(given)
 
 
-class Progress:
-    """Status lines on stderr: one line rewritten in place on a terminal; elsewhere one line per
-    message, at most one per ``interval`` seconds (0: every message)."""
-
-    def __init__(self, stream=None, interval: float = 0.0):
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = interval
-        self.last = -float("inf")
-
-    def __call__(self, msg: str) -> None:
-        if not self.tty:
-            now = time.monotonic()
-            if now - self.last < self.interval:
-                return
-            self.last = now
-        try:  # progress is best-effort: a closed stderr must not stop the job
-            self.stream.write("\r\033[K" + msg if self.tty else msg + "\n")
-            self.stream.flush()
-        except OSError:
-            self.tty, self.interval = False, float("inf")
-
-    def close(self) -> None:
-        """Clear the terminal line (progress is transient)."""
-        if self.tty:
-            try:
-                self.stream.write("\r\033[K")
-                self.stream.flush()
-            except OSError:
-                pass
-
-
 def _check_destinations(args: argparse.Namespace, input_path: Path, out_path: Path, report_path: Path | None,
                         input_files: tuple[Path, ...] = ()) -> None:
     """Fail before any work if a result would land on a file the job reads, on another result,
@@ -263,8 +222,6 @@ def _check_destinations(args: argparse.Namespace, input_path: Path, out_path: Pa
 
     Read: the model, its external data files (``input_files``, known once it is loaded), the
     calibration file. Written: OUTPUT, ``OUTPUT.data``, the report, the timing cache."""
-    from .timing_cache import default_cache_path
-
     reads = {_resolved(input_path, "MODEL"): "the input model",
              **{f: "the input model's external data" for f in input_files}}
     if isinstance(getattr(args, "calib", None), str):
@@ -322,8 +279,6 @@ _IMPORTED = time.perf_counter()
 
 
 def run_decompose(args: argparse.Namespace) -> int:
-    from .pipeline import decompose_loaded
-
     input_path = Path(args.model)
     out_path = Path(args.output) if args.output else default_output_path(input_path)
     report_path = Path(args.report) if args.report else None
@@ -371,16 +326,6 @@ def run_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_to_stdout(text: str) -> None:
-    """Print the final text; a reader that stopped early (``| head``) is not an error — the
-    files are written by then — and the rest goes nowhere."""
-    try:
-        print(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (errors.py: 0 written, 1 verification
     failed, 2 unusable input, 3 internal error, 130 interrupted). Every failure prints one
@@ -393,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore", RuntimeWarning)
             args = parse_args(argv)
             if args.command == "bench":
-                from .bench import run_bench_command
                 return run_bench_command(args)
             return run_decompose(args)
     except SystemExit as exc:  # --help, --version

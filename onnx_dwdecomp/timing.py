@@ -20,8 +20,11 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime
 
 from .errors import OptionError
+from .version import __version__
 
 
 def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
@@ -99,11 +102,6 @@ def cpu_model() -> str:
 def environment(providers: Sequence[str], threads: int) -> dict:
     """What a timing or a latency decision depends on: package versions, the machine and the
     onnxruntime settings (recorded in the decompose report and in ``bench --json``)."""
-    import onnx
-    import onnxruntime
-
-    from . import __version__
-
     return {
         "onnx_dwdecomp": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__, "python": platform.python_version(),
