@@ -51,10 +51,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import resources
 from .console import Progress, print_to_stdout
+from .checks import check_int, parse_int
 from .errors import ModelError, OptionError, first_line
+from .formatting import fmt_bytes, fmt_shape
 from .graph import constant_tensors
+from .memory import array_bytes, check_threads, require
 from .modelio import check_writable, load_model, write_text_atomic
 from .report import text_table
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
@@ -167,7 +169,7 @@ def _prepare(path: Path, label: str, batch_sizes: Sequence[int],
             fixed = spec.shape[0]
             if fixed is not None and fixed != b:
                 raise OptionError(f"{label}: input {spec.name!r} has a fixed batch size of {fixed} "
-                                  f"{_fmt_dims(spec.shape)}, but --batch-sizes asks for {b}; "
+                                  f"{fmt_shape(spec.shape)}, but --batch-sizes asks for {b}; "
                                   f"use --batch-sizes {fixed} or export the model with a dynamic batch")
             if spec.name in overrides:
                 mine[spec.name] = (b,) + tuple(overrides[spec.name][1:])
@@ -186,16 +188,12 @@ def _prepare(path: Path, label: str, batch_sizes: Sequence[int],
                      shapes, macs, params, file_size)
 
 
-def _fmt_dims(shape) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
 def _make_inputs(dtypes: Sequence[np.dtype], shapes: Sequence[tuple[int, ...]], seed: int,
                  cache: dict) -> list[np.ndarray]:
     """Seeded inputs; identical (the same arrays) for every model with the same dtypes and shapes."""
     key = (tuple(str(d) for d in dtypes), tuple(shapes))
     if key not in cache:
-        resources.require(2 * sum(resources.array_bytes(shape, np.float32) for shape in shapes),
+        require(2 * sum(array_bytes(shape, np.float32) for shape in shapes),
                           f"bench inputs of shapes {', '.join(map(str, shapes))}",
                           "--batch-sizes or --input-shape with smaller dims")
         rng = np.random.default_rng(seed)
@@ -237,12 +235,6 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     """File names, or the paths as given where two models share a file name."""
     names = [p.name for p in paths]
     return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
-
-
-def _check_int(value, flag: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,14 +289,14 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
         raise OptionError("bench needs at least one model file")
     if isinstance(batch_sizes, (int, str)) or not batch_sizes:
         raise OptionError(f"--batch-sizes must be a non-empty list of positive integers, got {batch_sizes!r}")
-    batch_sizes = [_check_int(b, "--batch-sizes", 1) for b in batch_sizes]
+    batch_sizes = [check_int(b, "--batch-sizes", 1) for b in batch_sizes]
     if len(set(batch_sizes)) != len(batch_sizes):
         raise OptionError(f"--batch-sizes lists a batch size twice: {batch_sizes}")
-    threads = default_threads() if threads is None else _check_int(threads, "--threads", 1)
-    resources.check_threads(threads)
-    runs = _check_int(runs, "--runs", 1)
-    warmup = _check_int(warmup, "--warmup", 0)
-    seed = _check_int(seed, "--seed", 0)
+    threads = default_threads() if threads is None else check_int(threads, "--threads", 1)
+    check_threads(threads)
+    runs = check_int(runs, "--runs", 1)
+    warmup = check_int(warmup, "--warmup", 0)
+    seed = check_int(seed, "--seed", 0)
     providers = check_providers(providers)
     overrides = {str(k): tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
 
@@ -356,21 +348,12 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
 # Output
 # --------------------------------------------------------------------------------------------
 
-def _fmt_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def format_table(results: Sequence[ModelBench]) -> str:
     """Plain-text table with aligned columns, one row per model and batch size."""
     labels = dict(zip(dict.fromkeys(r.path for r in results), _labels(list(dict.fromkeys(r.path for r in results)))))
     header = ("model", "batch", "median ms", "p90 ms", "speed-up", "MMACs", "params", "size")
     rows = [(labels[r.path], str(r.batch_size), f"{r.median_ms:.3f}", f"{r.p90_ms:.3f}",
-             f"{r.speedup:.2f}x", f"{r.macs / 1e6:.2f}", f"{r.params:,}", _fmt_bytes(r.file_size))
+             f"{r.speedup:.2f}x", f"{r.macs / 1e6:.2f}", f"{r.params:,}", fmt_bytes(r.file_size))
             for r in results]
     return "\n".join(text_table([header, *rows]))
 
@@ -394,16 +377,6 @@ def _header(threads: int, runs: int, warmup: int, seed: int, batch_sizes: Sequen
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-def _int_flag(text: str, flag: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise OptionError(f"{flag} expects an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise OptionError(f"{flag} expects an integer >= {minimum}, got {value}")
-    return value
-
 
 def _parse_batch_sizes(text: str) -> list[int]:
     parts = [t.strip() for t in text.split(",")]
@@ -452,10 +425,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not models:
         raise OptionError("bench needs at least one model file (see onnx-dwdecomp bench --help)")
     batch_sizes = _parse_batch_sizes(args.batch_sizes)
-    threads = None if args.threads is None else _int_flag(args.threads, "--threads", 1)
-    runs = _int_flag(args.runs, "--runs", 1)
-    warmup = _int_flag(args.warmup, "--warmup", 0)
-    seed = _int_flag(args.seed, "--seed", 0)
+    threads = None if args.threads is None else parse_int(args.threads, "--threads", 1)
+    runs = parse_int(args.runs, "--runs", 1)
+    warmup = parse_int(args.warmup, "--warmup", 0)
+    seed = parse_int(args.seed, "--seed", 0)
     providers = check_providers(args.providers)
     overrides = parse_input_shapes(shapes)
     if "" in overrides:

@@ -64,7 +64,8 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import resources
+from .formatting import fmt_shape
+from .memory import require
 from .errors import CalibrationError, OptionError, ResourceError
 
 __all__ = [
@@ -720,8 +721,8 @@ def _validated_array_source(
     lazy = {k: a for k, (a, _) in arrays.items() if isinstance(a, _CompressedMember)}
     if lazy:
         need = sum(a.bytes_for(n) for a in lazy.values())
-        resources.require(need, f"decompressing {n} sample(s) of " + ", ".join(
-            f"{k!r} {resources.fmt_shape(a.shape)} {a.dtype}" for k, a in lazy.items()) + where,
+        require(need, f"decompressing {n} sample(s) of " + ", ".join(
+            f"{k!r} {fmt_shape(a.shape)} {a.dtype}" for k, a in lazy.items()) + where,
             "--calib-size N reads fewer samples (or store the .npz uncompressed, np.savez, to memory-map it)")
         arrays = {k: ((a.read(n), dt) if k in lazy else (a, dt)) for k, (a, dt) in arrays.items()}
     for name, (a, dt) in arrays.items():
@@ -1239,7 +1240,7 @@ def _reader_source(reader: Any, specs: list[InputSpec], calib_size: int | None, 
             cached.append(feed)
             held += sum(a.nbytes for a in feed.values())
             # the cache, and the one copy concatenating it makes
-            resources.require(2 * held, f"caching {n} sample(s) of {description} (it has no rewind())",
+            require(2 * held, f"caching {n} sample(s) of {description} (it has no rewind())",
                               "--calib-size N caches fewer samples (or give the reader a rewind() method)")
     if n == 0:
         raise CalibrationError(f"calibration data has no samples (expected at least 1) in {description}")

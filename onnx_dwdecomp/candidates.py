@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 from .errors import ModelError, OptionError, Refused, refuse
 from .graph import label, subgraphs
+from .modelio import metadata_copy
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,6 @@ def _static_channels(model: onnx.ModelProto) -> dict[str, int]:
     From the declared types and a lenient shape inference on a copy (its failures are ignored
     here: this only feeds a consistency check).
     """
-    from .modelio import metadata_copy
-
     try:
         inferred = onnx.shape_inference.infer_shapes(metadata_copy(model)).graph
     except Exception:  # onnx raises several unrelated types; fall back to the declared types

@@ -84,9 +84,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import resources
 from .candidates import ConvLayer
 from .errors import DwDecompError, first_line
+from .memory import THREAD_BYTES, require
 from .runtime import DEFAULT_PROVIDERS, session_options
 from .timing import default_threads, interleaved_timings
 
@@ -373,7 +373,7 @@ def probe_bytes(config: ConvConfig) -> int:
     x = n * c * math.prod(hw)
     y = n * (config.merged_channels or config.out_channels) * positions
     mid = n * config.mid_channels * positions
-    return x * (8 + itemsize) + 2 * (y + mid) * itemsize + 2 * config.threads * resources.THREAD_BYTES
+    return x * (8 + itemsize) + 2 * (y + mid) * itemsize + 2 * config.threads * THREAD_BYTES
 
 
 def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min_runs: int = 7,
@@ -391,7 +391,7 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
     TimingError
         onnxruntime cannot build or run the probe models, or lacks one of the providers.
     """
-    resources.require(probe_bytes(config), f"timing {config.describe()} in onnxruntime",
+    require(probe_bytes(config), f"timing {config.describe()} in onnxruntime",
                       "--select all times nothing")
     regular, separable = conv_pair_models(config, seed)
     x = np.random.default_rng(seed).standard_normal(config.input_shape).astype(config.dtype)

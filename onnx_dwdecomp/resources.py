@@ -1,17 +1,5 @@
-"""Memory and threads: what a job needs, checked against what the machine has before anything
-large is allocated.
-
-Available memory (:func:`available_memory`) is the least of
-
-- ``MemAvailable`` of ``/proc/meminfo`` (elsewhere ``os.sysconf`` available physical pages),
-- the cgroup's limit minus its usage (v2 ``memory.max − memory.current``, v1
-  ``memory.limit_in_bytes − memory.usage_in_bytes``),
-- the address-space limit (``ulimit -v``) minus this process's current size,
-- ``$ONNX_DWDECOMP_MEMORY`` (bytes, or with a K/M/G/T suffix): a cap of the user's own on what
-  the job may still allocate (like the others, compared with each estimate as it is made: it
-  does not shrink by what the process already holds, e.g. decompressed calibration data),
-
-or None when none can be read (then nothing is checked). Each is read afresh at every check.
+"""The job's memory estimate: what a job needs, checked against what the machine has
+(:mod:`onnx_dwdecomp.memory`) before anything large is allocated.
 
 The job estimate (:func:`check_job`, after shape inference at the resolved input shapes and
 before calibration, latency timing or verification allocates anything), in bytes::
@@ -45,167 +33,27 @@ The estimate is a floor, not a bound: it counts the arrays the job must hold at 
 interpreter, onnxruntime's arena slack or numpy temporaries. A job whose ``peak`` exceeds the
 available memory stops with a :class:`ResourceError` naming the phase, its largest part and the
 flag that makes it smaller (and the flags of every other phase that does not fit). Calibration
-files are checked on their own before they are read (calibdata.py), and :func:`require` guards
-each large allocation where it happens (random timing and verification inputs, shape probing).
-
-Threads: ``--threads`` above :func:`max_threads` (4 × the CPUs this process may use) is refused:
-timings with that many more threads than cores measure contention, and each onnxruntime
-thread costs memory of its own.
+files are checked on their own before they are read (onnx_dwdecomp.data), and
+:func:`onnx_dwdecomp.memory.require` guards each large allocation where it happens (random timing
+and verification inputs, shape probing).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError, ResourceError
+from .errors import ResourceError
+from .formatting import fmt_bytes, fmt_shape
+from .memory import THREAD_BYTES, available_memory, array_bytes, check_threads
+from .modelio import model_byte_size
+from .timing import default_threads
+from .verify import RANDOM_SAMPLES
 
-#: Allowance per onnxruntime thread per session (stack in use, per-thread scratch).
-THREAD_BYTES = 4 << 20
-#: --threads may be at most this many times the CPUs this process may use.
-THREADS_PER_CPU = 4
 #: Calibration cut tensors (both networks together) spill to disk past this many bytes.
 CUT_BUDGET = 1 << 30
-ENV_VAR = "ONNX_DWDECOMP_MEMORY"
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def fmt_bytes(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    n = float(n)
-    if abs(n) >= 1 << 60:
-        return f"{n:.2g} bytes"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"  # pragma: no cover
-
-
-def fmt_shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-# --------------------------------------------------------------------------- what is available
-
-
-def parse_size(text: str) -> int:
-    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` → bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise OptionError(f"${ENV_VAR} {text!r}: expected a size in bytes, e.g. 8G or 512M")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _meminfo() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as fh:
-            text = fh.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _cgroup() -> int | None:
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit = _read_int(limit_file)
-        if limit is not None and limit < 1 << 60:  # v1 writes a huge number for "no limit"
-            usage = _read_int(usage_file) or 0
-            return max(limit - usage, 0)
-    return None
-
-
-def _address_space() -> int | None:
-    try:
-        import resource
-
-        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
-    except (ImportError, ValueError, OSError):
-        return None
-    if soft == resource.RLIM_INFINITY or soft < 0:
-        return None
-    size = 0
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    size = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return max(soft - size, 0)
-
-
-def available_memory() -> tuple[int | None, str]:
-    """``(bytes, where from)``: the least of the bounds in the module docstring, or
-    ``(None, "")`` when none can be read."""
-    bounds: list[tuple[int, str]] = []
-    for value, what in ((_meminfo(), "available"), (_cgroup(), "left under the cgroup's memory limit"),
-                        (_address_space(), "left under the address-space limit (ulimit -v)")):
-        if value is not None:
-            bounds.append((value, what))
-    env = os.environ.get(ENV_VAR)
-    if env:
-        bounds.append((parse_size(env), f"allowed by ${ENV_VAR}"))
-    if not bounds:
-        return None, ""
-    return min(bounds)
-
-
-def require(nbytes: float, what: str, hint: str) -> None:
-    """Raise :class:`ResourceError` when ``nbytes`` (for ``what``) exceed the available memory."""
-    available, source = available_memory()
-    if available is not None and nbytes > available:
-        raise ResourceError(f"not enough memory: {what} needs about {fmt_bytes(nbytes)}, "
-                            f"{fmt_bytes(available)} {source}; {hint}")
-
-
-def array_bytes(shape: Iterable[int], dtype) -> int:
-    """Bytes of an array of ``shape`` and ``dtype`` (exact Python integers: no overflow)."""
-    return math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
-
-
-# --------------------------------------------------------------------------- threads
-
-
-def max_threads() -> int:
-    from .timing import default_threads
-
-    return THREADS_PER_CPU * default_threads()
-
-
-def check_threads(threads: int | None) -> None:
-    """:class:`OptionError` for ``--threads`` above :func:`max_threads`."""
-    if threads is None:
-        return
-    limit = max_threads()
-    if threads > limit:
-        raise OptionError(f"--threads {threads}: at most {limit} ({THREADS_PER_CPU} × the {limit // THREADS_PER_CPU} "
-                          f"CPU(s) this process may use); more threads than cores time contention, not the conv")
 
 
 # --------------------------------------------------------------------------- the job estimate
@@ -265,8 +113,6 @@ def job_parts(*, model, infos, specs, shapes, fixed_batch, samples: int | None, 
               positions: int | None, verify: bool, random_samples: int, layers, latency: bool,
               threads: int | None, multiplier: int | None, model_bytes: int) -> list[Part]:
     """The phases of the estimate in the module docstring (no checks)."""
-    from .timing import default_threads
-
     first = specs[0] if specs else None
     b0 = shapes[first.name][0] if first is not None and shapes.get(first.name) else 1
     dynamic = first is not None and bool(first.shape) and first.shape[0] is None
@@ -388,9 +234,6 @@ def check_job(**kwargs) -> None:
 
 def check_decompose_job(job, layers) -> None:
     """:func:`check_job` for a pipeline job (pipeline._Job) and its candidate convs."""
-    from .modelio import model_byte_size
-    from .verify import RANDOM_SAMPLES
-
     opts = job.opts
     check_job(model=job.work, infos=job.infos, specs=job.specs, shapes=job.shapes, fixed_batch=job.fixed_batch,
               samples=job.data.num_samples if job.data is not None else None, batch_size=opts.batch_size,

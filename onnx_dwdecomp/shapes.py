@@ -16,7 +16,10 @@ from onnx import helper
 
 from .calibdata import InputSpec
 from .errors import ModelError, OptionError, first_line
+from .formatting import fmt_shape
+from .memory import array_bytes, require
 from .modelio import metadata_copy
+from .runtime import make_session
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -99,7 +102,7 @@ def resolve_input_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int,
             shape = overrides[spec.name]
             if len(shape) != len(spec.shape):
                 raise OptionError(f"--input-shape {spec.name}: rank {len(shape)} given, "
-                                  f"the model's input has rank {len(spec.shape)} {_fmt(spec.shape)}")
+                                  f"the model's input has rank {len(spec.shape)} {fmt_shape(spec.shape)}")
             for axis, (want, got) in enumerate(zip(spec.shape, shape)):
                 if want is not None and want != got:
                     raise OptionError(f"--input-shape {spec.name}: dim {axis} is fixed to {want} in the "
@@ -115,14 +118,10 @@ def resolve_input_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int,
             notes.append(f"input {spec.name!r} has a dynamic batch dim; using batch 1 "
                          f"(set --input-shape to change)")
         if any(d is None for d in dims):
-            raise OptionError(f"input {spec.name!r} has unknown dims {_fmt(spec.shape)}; fix them with "
+            raise OptionError(f"input {spec.name!r} has unknown dims {fmt_shape(spec.shape)}; fix them with "
                               f"--input-shape {spec.name}:D0,D1,...")
         shapes[spec.name] = tuple(int(d) for d in dims)
     return shapes, notes
-
-
-def _fmt(shape) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,6 @@ def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[
     """Shapes that static inference could not find (e.g. shapes computed by Shape→Gather→Concat
     chains), observed by one onnxruntime run on zero inputs at ``input_shapes``. Only tensors get
     an entry (sequences and optionals are skipped)."""
-    from .runtime import make_session  # local: keeps this module free of onnxruntime at import
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -182,11 +180,10 @@ def _observed_tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[
         if name not in known:
             probe.graph.output.add().name = name
     specs = graph_inputs(model)
-    from . import resources
 
-    resources.require(2 * sum(resources.array_bytes(input_shapes[s.name], s.dtype) for s in specs),
+    require(2 * sum(array_bytes(input_shapes[s.name], s.dtype) for s in specs),
                       "one onnxruntime run to observe tensor shapes at input shapes "
-                      + ", ".join(f"{s.name!r} {resources.fmt_shape(input_shapes[s.name])}" for s in specs),
+                      + ", ".join(f"{s.name!r} {fmt_shape(input_shapes[s.name])}" for s in specs),
                       "--input-shape NAME:D0,D1,... with smaller dims")
     feeds = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
     try:

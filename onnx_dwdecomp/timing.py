@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from .errors import OptionError
+from .checks import check_int
 from .version import __version__
 
 
@@ -50,10 +50,8 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
     list of ndarray, shape (runs,)
         Per fn, the seconds each timed call took (``time.perf_counter``), in call order.
     """
-    if not isinstance(runs, (int, np.integer)) or isinstance(runs, bool) or runs < 1:
-        raise OptionError(f"--runs must be an integer >= 1, got {runs!r}")
-    if not isinstance(warmup, (int, np.integer)) or isinstance(warmup, bool) or warmup < 0:
-        raise OptionError(f"--warmup must be an integer >= 0, got {warmup!r}")
+    check_int(runs, "--runs", 1)
+    check_int(warmup, "--warmup", 0)
     fns = list(fns)
     for fn in fns:
         for _ in range(warmup):

@@ -46,9 +46,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import modelio, resources
+from . import modelio
 from .calibdata import InputSpec
+from .checks import check_int
 from .errors import InternalError, ModelError, NumericalError, OptionError, VerificationFailed, first_line
+from .formatting import fmt_shape
+from .memory import array_bytes, require
 from .runtime import make_session, run
 
 #: Random verification samples when no held-out calibration data is given.
@@ -224,10 +227,9 @@ def random_batches(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], s
     Every input gets its own resolved shape and dtype. Inputs whose axis 0 is dynamic in the
     model (the batch axis) take the batch: all samples at once, or the first input's fixed
     batch in several batches; an input whose axis 0 is fixed (a weight fed as a graph input)
-    keeps its shape. The bytes are checked against the available memory first (resources.py).
+    keeps its shape. The bytes are checked against the available memory first (memory.py).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise OptionError(f"--seed {seed!r}: must be an integer ≥ 0")
+    check_int(seed, "--seed", 0)
     for spec in specs:
         if spec.dtype.kind not in "fiub":
             raise OptionError(f"input {spec.name!r} has dtype {spec.dtype}: random verification inputs are made for "
@@ -243,11 +245,11 @@ def random_batches(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], s
             shape = (batch,) + shape[1:]
         return shape
 
-    draw = sum(resources.array_bytes(shape_of(s), s.dtype) + (8 * resources.array_bytes(shape_of(s), np.uint8)
-                                                              if s.dtype.kind == "f" else 0) for s in specs)
-    resources.require(rounds * draw, f"{samples} random verification sample(s) of inputs "
-                      + ", ".join(f"{s.name!r} {resources.fmt_shape(shape_of(s))}" for s in specs),
-                      "--input-shape NAME:D0,D1,... with smaller dims, or --no-verify")
+    draw = sum(array_bytes(shape_of(s), s.dtype) + (8 * array_bytes(shape_of(s), np.uint8)
+                                                    if s.dtype.kind == "f" else 0) for s in specs)
+    require(rounds * draw, f"{samples} random verification sample(s) of inputs "
+            + ", ".join(f"{s.name!r} {fmt_shape(shape_of(s))}" for s in specs),
+            "--input-shape NAME:D0,D1,... with smaller dims, or --no-verify")
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(rounds):

@@ -1,46 +1,12 @@
-"""Tests of onnx_dwdecomp.resources: available memory, the job estimate, the --threads bound."""
+"""Tests of onnx_dwdecomp.resources: the job's memory estimate."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import three_layer_net
-from onnx_dwdecomp import resources
-from onnx_dwdecomp.errors import OptionError, ResourceError
-
-
-@pytest.mark.parametrize("text, value", [("1000", 1000), ("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29),
-                                         ("64k", 64 << 10), ("1T", 1 << 40)])
-def test_parse_size(text, value):
-    assert resources.parse_size(text) == value
-
-
-def test_parse_size_rejects_garbage():
-    with pytest.raises(OptionError, match="ONNX_DWDECOMP_MEMORY"):
-        resources.parse_size("lots")
-
-
-def test_environment_caps_the_available_memory(monkeypatch):
-    monkeypatch.setenv(resources.ENV_VAR, "3M")
-    assert resources.available_memory() == (3 << 20, f"allowed by ${resources.ENV_VAR}")
-    resources.require(1 << 20, "a test", "no flag")
-    with pytest.raises(ResourceError, match=r"not enough memory: a test needs about 4.0 MiB, 3.0 MiB allowed by "
-                                            r"\$ONNX_DWDECOMP_MEMORY; --some-flag"):
-        resources.require(4 << 20, "a test", "--some-flag")
-
-
-def test_machine_memory_is_read():
-    available, source = resources.available_memory()
-    assert available is None or (available > 0 and source)
-
-
-def test_threads_bound():
-    from onnx_dwdecomp.timing import default_threads
-
-    resources.check_threads(None)
-    resources.check_threads(4 * default_threads())
-    with pytest.raises(OptionError, match="--threads 100000: at most"):
-        resources.check_threads(100000)
+from onnx_dwdecomp import memory, resources
+from onnx_dwdecomp.errors import ResourceError
 
 
 def _job(monkeypatch, cap: str, **overrides):
@@ -56,7 +22,7 @@ def _job(monkeypatch, cap: str, **overrides):
                   layers=list(find_candidates(model).layers), latency=False, threads=1, multiplier=None,
                   model_bytes=model.ByteSize())
     kwargs.update(overrides)
-    monkeypatch.setenv(resources.ENV_VAR, cap)
+    monkeypatch.setenv(memory.ENV_VAR, cap)
     return kwargs
 
 
