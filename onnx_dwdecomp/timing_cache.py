@@ -2,7 +2,7 @@
 
 Key
 ---
-A timing is valid for exactly what determined it: the full :class:`~onnx_dwdecomp.latency.ConvConfig`
+A timing is valid for exactly what determined it: the full :class:`~onnx_dwdecomp.latency_records.ConvConfig`
 (conv configuration, the option's middle width and grouping, i.e. the multiplier, dtype, intra-op
 threads and execution providers), the onnxruntime version and the CPU model (``model name`` of
 ``/proc/cpuinfo``, else ``platform.processor()`` or ``platform.machine()``). The key is that
@@ -18,7 +18,7 @@ unset or relative) by default::
                            "regular_iqr_ms": 0.002, "separable_iqr_ms": 0.001,
                            "ratio_halfwidth": 0.021, "retimes": 0}, ...}}
 
-An entry holds the :class:`~onnx_dwdecomp.latency.Timing` summary (medians, interquartile ranges,
+An entry holds the :class:`~onnx_dwdecomp.latency_records.Timing` summary (medians, interquartile ranges,
 rounds, noise band, re-timings), enough to re-derive and show the decision. Failed timings are
 not stored: they are cheap to repeat and may depend on the installation.
 
@@ -54,7 +54,7 @@ except ImportError:  # not POSIX: atomic replace without the lock
     fcntl = None
 
 from .errors import OutputError, first_line
-from .latency import ConvConfig, Timing
+from .latency_records import ConvConfig, Timing
 from .modelio import write_text_atomic
 from .timing import cpu_model
 
