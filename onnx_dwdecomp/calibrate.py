@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calibdata import CalibrationData
+from .data.dataset import CalibrationData
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
 from .graph import node_reads, subgraph_reads

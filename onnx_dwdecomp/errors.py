@@ -74,6 +74,13 @@ def first_line(exc: BaseException) -> str:
     return one_line(text) or type(exc).__name__
 
 
+def exc_text(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line (:func:`one_line`, cut at ``limit`` characters), or the type
+    alone: what a file reader or the user's code raised, inside a message of ours."""
+    text = one_line(str(exc), limit)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class DwDecompError(Exception):
     """Base class of every error raised on purpose by onnx_dwdecomp. One that is not a
     :class:`UserError` or :class:`VerificationFailed` is a bug (exit code 3)."""

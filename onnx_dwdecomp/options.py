@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .data.readers import load_reader
 from .errors import BudgetError, EvaluationError, OptionError
 from .runtime import DEFAULT_PROVIDERS, check_providers
 from .timing import default_threads
@@ -71,9 +72,7 @@ def parse_positions(text: str) -> int | None:
 
 
 def _calib_reader(spec: str) -> Any:
-    from .calibdata import load_reader  # imports the user's module: only when the flag is given
-
-    return load_reader(spec)
+    return load_reader(spec)  # imports the user's module: only when the flag is given
 
 
 def _evaluate_fn(spec: str) -> Any:

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx
 
-from . import calibdata, resources
+from . import data as calibdata
+from . import resources
 from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, find_candidates

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .calibdata import InputSpec
+from .data.specs import InputSpec
 from .errors import ModelError, OptionError, first_line
 from .formatting import fmt_shape
 from .memory import array_bytes, require

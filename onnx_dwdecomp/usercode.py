@@ -12,12 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError, UserError
-
-
-def _exc_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+from .errors import OptionError, UserError, exc_text
 
 
 def load_callable(spec: str, what: str, raised: type[UserError]) -> Callable[..., Any]:
@@ -47,7 +42,7 @@ def load_callable(spec: str, what: str, raised: type[UserError]) -> Callable[...
             mspec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(modname, None)
-            raise raised(f"importing {what} file {target} raised {_exc_text(e)}") from e
+            raise raised(f"importing {what} file {target} raised {exc_text(e)}") from e
     else:
         try:
             module = importlib.import_module(target)
@@ -55,9 +50,9 @@ def load_callable(spec: str, what: str, raised: type[UserError]) -> Callable[...
             if e.name and (target == e.name or target.startswith(e.name + ".")):
                 raise OptionError(f"{what} {spec!r}: module {target!r} not found "
                                   "(expected 'module:callable' or 'path/to/file.py:callable')") from e
-            raise raised(f"importing {what} module {target!r} raised {_exc_text(e)}") from e
+            raise raised(f"importing {what} module {target!r} raised {exc_text(e)}") from e
         except Exception as e:
-            raise raised(f"importing {what} module {target!r} raised {_exc_text(e)}") from e
+            raise raised(f"importing {what} module {target!r} raised {exc_text(e)}") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

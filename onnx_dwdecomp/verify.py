@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 
 from . import modelio
-from .calibdata import InputSpec
+from .data.specs import InputSpec
 from .checks import check_int
 from .errors import InternalError, ModelError, NumericalError, OptionError, VerificationFailed, first_line
 from .formatting import fmt_shape

@@ -151,7 +151,7 @@ def test_symmetric_errors_do_not_depend_on_the_other_layers():
     """With symmetric statistics (plan curves) a layer's held-out error is measured on its input
     in the original network: the same whether earlier layers are in the pass or not."""
     from conftest import correlated_images, three_layer_net
-    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.data.dataset import load_calibration
     from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
@@ -246,7 +246,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
     import tempfile
 
     from conftest import correlated_images, three_layer_net
-    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.data.dataset import load_calibration
     from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
@@ -391,7 +391,7 @@ def test_symmetric_pass_solves_on_a_worker_thread_deterministically():
     from conftest import correlated_images, three_layer_net
     from threadpoolctl import threadpool_info
 
-    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.data.dataset import load_calibration
     from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import correlated_images, rel_l2, run_model
 from onnx_dwdecomp import decompose
-from onnx_dwdecomp.calibdata import load_calibration
+from onnx_dwdecomp.data.dataset import load_calibration
 from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve, plan_segments
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.errors import CalibrationError

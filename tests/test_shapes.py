@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import conv_model, three_layer_net
 from onnx_dwdecomp import shapes
-from onnx_dwdecomp.calibdata import InputSpec
+from onnx_dwdecomp.data.specs import InputSpec
 from onnx_dwdecomp.errors import ModelError, OptionError
 from onnx_dwdecomp.shapes import (ModelCost, TensorInfo, graph_inputs, infer_tensor_info, model_cost, node_macs,
                                   parse_input_shape, parse_input_shapes, resolve_input_shapes, split_shapes)

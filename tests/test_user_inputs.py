@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import correlated_images, three_layer_net
 from onnx_dwdecomp import decompose
-from onnx_dwdecomp.calibdata import DEFAULT_CALIB_SIZE, InputSpec, load_calibration
+from onnx_dwdecomp.data.dataset import DEFAULT_CALIB_SIZE, load_calibration
+from onnx_dwdecomp.data.specs import InputSpec
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import CalibrationError
 from onnx_dwdecomp.verify import agreement

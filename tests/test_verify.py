@@ -195,7 +195,7 @@ def test_compare_models_counts_nonfinite_outputs():
 
     from onnx_dwdecomp.errors import VerificationFailed
     from onnx_dwdecomp.verify import compare_models, random_batches
-    from onnx_dwdecomp.calibdata import InputSpec
+    from onnx_dwdecomp.data.specs import InputSpec
 
     model = _one_conv()
     broken = _one_conv()
@@ -211,7 +211,7 @@ def test_compare_models_counts_nonfinite_outputs():
 
 def test_random_inputs_keep_each_inputs_own_shape_and_dtype():
     """A weight fed as a graph input (axis 0 fixed to 16) keeps its shape; x takes the batch."""
-    from onnx_dwdecomp.calibdata import InputSpec
+    from onnx_dwdecomp.data.specs import InputSpec
     from onnx_dwdecomp.errors import OptionError
     from onnx_dwdecomp.verify import random_batches
 
@@ -227,7 +227,7 @@ def test_random_inputs_keep_each_inputs_own_shape_and_dtype():
 
 
 def test_random_inputs_beyond_memory_are_refused(monkeypatch):
-    from onnx_dwdecomp.calibdata import InputSpec
+    from onnx_dwdecomp.data.specs import InputSpec
     from onnx_dwdecomp.errors import ResourceError
     from onnx_dwdecomp.verify import random_batches
 

@@ -51,7 +51,7 @@ def isolated_layer_errors(model_path: Path, calib_path: Path, calib_size: int,
     solvers; the inputs of every layer come from one onnxruntime pass of the original model.
     Returns (layers, shapes, macs per position dict, errors dict).
     """
-    from onnx_dwdecomp.calibdata import load_calibration
+    from onnx_dwdecomp.data.dataset import load_calibration
     from onnx_dwdecomp.calibrate import (
         MomentSums,
         extract_patches,

@@ -1,4 +1,4 @@
-"""Tests for onnx_dwdecomp.calibdata: every source kind, batching, validation and error paths."""
+"""Tests for onnx_dwdecomp.data: every source kind, batching, validation and error paths."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_dwdecomp import calibdata
-from onnx_dwdecomp.calibdata import Batch, InputSpec, load_calibration, load_reader
+from onnx_dwdecomp.data import sources
+from onnx_dwdecomp.data.dataset import Batch, load_calibration
+from onnx_dwdecomp.data.readers import load_reader
+from onnx_dwdecomp.data.specs import InputSpec
 from onnx_dwdecomp.errors import CalibrationError, OptionError
 
 Image = pytest.importorskip("PIL.Image")
@@ -264,7 +266,7 @@ def test_nan_inf_named_with_sample_index(value, word):
 
 
 def test_nan_found_in_a_later_chunk_of_a_memory_mapped_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibdata, "_CHUNK_BYTES", 3 * 8 * 8 * 4 * 2)  # 2 samples per chunk
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 3 * 8 * 8 * 4 * 2)  # 2 samples per chunk
     x = _data(9)
     x[7, 0, 0, 0] = np.nan
     np.save(tmp_path / "a.npy", x)
