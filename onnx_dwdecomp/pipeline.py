@@ -188,11 +188,17 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
                                                              else opts.max_drop), job.say, job.add_time)
         else:
             rounds = verified_rounds(planner, solve_round, job.say)
-        feeds = random_batches(job.specs, job.shapes, opts.seed)[0]
-        chosen, model_check = checked_choice(
-            planner, rounds, solve_round, lambda model: check_faster(
-                job.work, model, feeds, threads=opts.threads or default_threads(), providers=opts.providers,
-                cache=job.latency_selector().cache), notes, job.say)
+        # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or --input-shape's)
+        feeds = random_batches(job.specs, job.shapes, opts.seed, samples=job.shapes[job.specs[0].name][0])[0]
+
+        def time_model(model: onnx.ModelProto) -> Decision:
+            t0 = time.perf_counter()
+            decision = check_faster(job.work, model, feeds, threads=opts.threads or default_threads(),
+                                    providers=opts.providers, cache=job.latency_selector().cache)
+            job.add_time("model_check", time.perf_counter() - t0)
+            return decision
+
+        chosen, model_check = checked_choice(planner, rounds, solve_round, time_model, notes, job.say)
         skipped += [Refused(layer.name, "kept regular by the plan (error bound, score or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
