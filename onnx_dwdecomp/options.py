@@ -19,6 +19,7 @@ from typing import Any
 from .data.readers import load_reader
 from .errors import BudgetError, EvaluationError, OptionError
 from .runtime import DEFAULT_PROVIDERS, check_providers
+from .solve import RIDGE, SOLVER_ROUNDS
 from .timing import default_threads
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .usercode import display_name, load_callable
@@ -174,6 +175,14 @@ class DecomposeOptions:
         help="task-aware plan: FUNCTION(model_path) -> float, higher is better (module name or "
              "path/to/file.py), scores the input model and candidate plans; the fastest plan whose "
              "score drops at most --max-drop is chosen (needs --calib)"))
+    # solver tunables (tools/accuracy_study.py varies them; solve.py says how the defaults were chosen)
+    solver_rounds: int = _option(SOLVER_ROUNDS, _flag(
+        "--solver-rounds", group=METHOD, type=int, metavar="N",
+        help=f"L-BFGS rounds of inter-channel compensation in the gsvd solve (0: the GSVD sweep alone; "
+             f"default {SOLVER_ROUNDS})"))
+    ridge: float = _option(RIDGE, _flag(
+        "--ridge", group=METHOD, type=float, metavar="λ",
+        help=f"ridge of the data-driven solvers, relative to the input moments' mean diagonal (default {RIDGE:g})"))
     max_drop: str | float | None = _option(None, _flag(
         "--max-drop", group=SELECTION, metavar="DROP",
         help=f"with --eval: tolerated score drop, absolute (0.5) or relative to the input model's score "
@@ -241,6 +250,10 @@ class DecomposeOptions:
             raise OptionError(f"--calib-size {self.calib_size}: must be ≥ 1")
         if self.seed < 0:
             raise OptionError(f"--seed {self.seed}: must be ≥ 0")
+        if self.solver_rounds < 0:
+            raise OptionError(f"--solver-rounds {self.solver_rounds}: must be ≥ 0 (L-BFGS rounds)")
+        if not self.ridge > 0:
+            raise OptionError(f"--ridge {self.ridge:g}: must be > 0 (relative to the moments' mean diagonal)")
         if any(s <= 0 for s in self.std):
             raise OptionError(f"--std {','.join(map(str, self.std))}: values must be positive")
         if method == "gsvd" and self.calib is None:
@@ -301,8 +314,8 @@ def _validate_task(opts: DecomposeOptions, method: str) -> None:
     parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
 
 
-_INTS = ("multiplier", "calib_size", "batch_size", "positions", "seed", "threads")
-_FLOATS = ("target_macs", "target_latency", "max_error")
+_INTS = ("multiplier", "calib_size", "batch_size", "positions", "seed", "threads", "solver_rounds")
+_FLOATS = ("target_macs", "target_latency", "max_error", "ridge")
 
 
 def _check_types(opts: DecomposeOptions) -> None:

@@ -25,9 +25,10 @@ from . import resources
 from .budget import SKIP
 from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, find_candidates
-from .errors import CalibrationError, OptionError, Refused, first_line, refuse
+from .errors import CalibrationError, OptionError, Refused, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
+from .methods import METHODS
 from .model_latency import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
@@ -41,8 +42,7 @@ from .runtime import make_session, using_providers
 from .sensitivity import Sensitivities, measure_sensitivities
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
-from .solve import (ChannelFactors, LayerStats, SeparableFactors, channel_factors, channel_rank,
-                    check_multiplier, gsvd_factors, relative_weight_error, svd_factors)
+from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplier, relative_weight_error
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
@@ -153,7 +153,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
     selection: list[Selection] = []
     uniform_r = opts.multiplier or 1
     for layer in candidates.layers:
-        reason = (_unprofitable(layer, job.method, uniform_r) if opts.plan_mode() == "uniform"
+        reason = (METHODS[job.method].unprofitable(layer.weight_shape, uniform_r) if opts.plan_mode() == "uniform"
                   else check_multiplier(layer.weight_shape, 1))
         if reason:
             skipped.append(reason.named(layer.name))
@@ -289,7 +289,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
         job.say("plan: error curves (symmetric pass)")
         wanted = {name: sorted(r for r in c if r != SKIP) for name, c in priced.macs.items()}
         outcome = calibrate_and_solve(job.work, layers, job.data, job.infos,
-                                      finite_stats_solver(curve_solver(errors, wanted)),
+                                      finite_stats_solver(curve_solver(errors, wanted, rounds=opts.solver_rounds,
+                                                                       ridge=opts.ridge)),
                                       _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
                                       progress=job.say, heldout=job.heldout_mask())
         # one probe per layer: that layer alone at its first offered option (the curve pass's
@@ -417,24 +418,6 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
                   environment=environment(opts.providers, opts.threads or default_threads()))
 
 
-def _unprofitable(layer: ConvLayer, method: str, multiplier: int) -> Refused | None:
-    """Why decomposing ``layer`` at ``multiplier`` is impossible or saves no MACs (or None)."""
-    reason = check_multiplier(layer.weight_shape, multiplier)
-    if reason:
-        return reason
-    n, c, kh, kw = layer.weight_shape
-    k = kh * kw
-    regular = n * c * k
-    if method == "channel":
-        d = channel_rank(layer.weight_shape, multiplier)
-        cost = d * (c * k + n)
-    else:
-        cost = c * multiplier * k + n * c * multiplier
-    if cost >= regular:
-        return refuse(f"no MAC saving at multiplier {multiplier}: {cost} vs {regular} MACs per output position")
-    return None
-
-
 def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selection],
                        skipped: list[Refused]) -> list[ConvLayer]:
     """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
@@ -448,11 +431,7 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selec
         if info is None or info.shape is None:
             decision = Decision(False, "input shape unknown, latency not measured; --select all forces it")
         else:
-            c = layer.weight_shape[1]
-            if method == "channel":
-                mid, group = channel_rank(layer.weight_shape, opts.multiplier or 1), 1
-            else:
-                mid, group = c * (opts.multiplier or 1), c
+            mid, group = METHODS[method].mid(layer.weight_shape, opts.multiplier or 1)
             config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
                                      merged_channels=merged.get(layer.name, 0))
             say(f"select: timing {k + 1}/{len(layers)} {layer.name} ({config.describe()})")
@@ -466,14 +445,6 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selec
             skipped.append(Refused(layer.name, "kept regular: latency not measured" if t is None else
                                    f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
     return chosen
-
-
-def _solve_layer(layer: ConvLayer, method: str, multiplier: int, stats: LayerStats | None):
-    if method == "svd":
-        return svd_factors(layer.weight, layer.bias, multiplier)
-    if method == "channel":
-        return channel_factors(layer.weight, layer.bias, channel_rank(layer.weight_shape, multiplier), stats)
-    return gsvd_factors(layer.weight, layer.bias, stats, multiplier)
 
 
 class Reference(NamedTuple):
@@ -539,18 +510,21 @@ class _Solved(NamedTuple):
 def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) -> _Solved:
     """Factors for ``layers`` (each at ``multipliers[name]``): calibrated in graph order with data,
     else one by one."""
-    method, opts, say = job.method, job.opts, job.say
+    opts, say = job.opts, job.say
+    method = METHODS[job.method]
+
+    def solve(layer: ConvLayer, stats: LayerStats | None, *_heldout_error) -> SeparableFactors | ChannelFactors:
+        return method.solve(layer, multipliers[layer.name], stats, rounds=opts.solver_rounds, ridge=opts.ridge)
+
     if job.data is None or not layers:
         t0 = time.perf_counter()
         factors = {}
         for k, layer in enumerate(layers):
             say(f"solve: layer {k + 1}/{len(layers)} {layer.name}")
-            factors[layer.name] = _solve_layer(layer, method, multipliers[layer.name], None)
+            factors[layer.name] = solve(layer, None)
         return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
     outcome = calibrate_and_solve(
-        job.work, layers, job.data, job.infos,
-        finite_stats_solver(lambda layer, stats, _heldout_error: _solve_layer(layer, method, multipliers[layer.name],
-                                                                              stats)),
+        job.work, layers, job.data, job.infos, finite_stats_solver(solve),
         _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch, progress=say,
         heldout=job.heldout_mask())
     factors = {name: result.factors for name, result in outcome.layers.items()}

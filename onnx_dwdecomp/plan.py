@@ -29,7 +29,7 @@ The budgeted planner
    for each offered r, the relative response error ``e_l(r)`` of the GSVD solution measured on
    the **held-out** samples' patches — not on the fit samples, which a rank-deficient fit (few
    images, large ``C·k²``) reproduces perfectly. The first offered r is solved like the final
-   solve (``CURVE_ITER`` L-BFGS rounds), the others by the sweep scaled by what the refinement
+   solve (the same L-BFGS rounds, ``solver_rounds``), the others by the sweep scaled by what the refinement
    gained at the first (:func:`curve_solver`).
 3. **Sensitivities** (sensitivity.py). Each layer rewritten alone at its first offered option
    (the curve pass's factors), on the held-out calibration samples: ``s_l = ε_l² / e_l``. A
@@ -66,17 +66,12 @@ from .errors import BudgetError, Refused
 from .fold import rewrite_and_merge
 from .graph import label
 from .latency import MIN_GAIN, LatencySelector
+from .methods import GSVD
 from .report import Selection
 from .rewrite import Replacement
 from .shapes import node_macs
-from .solve import GsvdProblem, LayerStats, SeparableFactors, check_multiplier, svd_factors
+from .solve import RIDGE, SOLVER_ROUNDS, GsvdProblem, LayerStats, SeparableFactors, check_multiplier, svd_factors
 
-#: L-BFGS rounds of a layer's first offered multiplier when tracing its error curve: the final
-#: solve's (solve.gsvd_factors), so the curve errors — and the probes that turn them into output
-#: errors — are those of the factors the rounds will solve. With the sweep alone (0) the curves
-#: over-predicted the final layer errors 1.6–10× on models/mnist, and the first round's
-#: predicted output error was 1.8–2.5× its measurement (1.06–1.24× with 10).
-CURVE_ITER = 10
 #: --max-error: solve + verify rounds at most (not counting a round that rewrites nothing).
 MAX_ERROR_ROUNDS = 4
 #: Each allocation aims at AIM × the bound (room for a prediction that is a little low).
@@ -149,16 +144,17 @@ def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
     """
     costs: dict[str, dict[int, int]] = {}
     for layer in layers:
-        n, c, kh, kw = layer.weight_shape
-        k = kh * kw
+        shape = layer.weight_shape
+        n = shape[0]
         out_shape = infos[layer.output].shape
         positions = int(np.prod(out_shape[:1] + out_shape[2:]))
         merged = node_macs(second[layer.name], infos) if layer.name in second else 0
         options = {SKIP: node_macs(work.graph.node[layer.node_index], infos) + merged}
-        for r in range(1, k + 1):
-            pointwise = merged // n * c * r if layer.name in second else positions * n * c * r
-            macs = positions * c * r * k + pointwise
-            if check_multiplier(layer.weight_shape, r) is None and macs <= MAX_OPTION_MACS * options[SKIP]:
+        for r in range(1, int(np.prod(shape[2:])) + 1):
+            mid = GSVD.mid(shape, r)[0]
+            pointwise = merged // n * mid if layer.name in second else positions * GSVD.pointwise_macs(shape, r)
+            macs = positions * GSVD.depthwise_macs(shape, r) + pointwise
+            if check_multiplier(shape, r) is None and macs <= MAX_OPTION_MACS * options[SKIP]:
                 options[r] = macs
         costs[layer.name] = options
     return costs
@@ -183,12 +179,12 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
             selection.append(Selection(layer.name, False, "input shape unknown, latency not measured; "
                                                           "--select all prices by MACs instead"))
             continue
-        c = layer.weight_shape[1]
         offered: dict[int, float] = {}
         first = None
         reason = ""
         for r in sorted(m for m in macs[layer.name] if m != SKIP):
-            config = selector.config(layer, info.shape, mid_channels=c * r, mid_group=c,
+            mid, group = GSVD.mid(layer.weight_shape, r)
+            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
                                      merged_channels=(merged or {}).get(layer.name, 0))
             say(f"select: timing {k + 1}/{len(layers)} {layer.name} r={r} ({config.describe()})")
             decision = selector.decide(config)
@@ -248,10 +244,14 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
 
 # ---------------------------------------------------------------------------------- curves
 
-def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int]]):
+def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int]], *,
+                 rounds: int = SOLVER_ROUNDS, ridge: float = RIDGE):
     """A ``solve`` callback for calibrate_and_solve that records each layer's held-out error per
-    multiplier and returns the factors of its first offered r ``r₀`` (solved with CURVE_ITER
-    L-BFGS rounds, as the final solve: the sensitivity probe uses them).
+    multiplier and returns the factors of its first offered r ``r₀``, solved like the final solve
+    (``rounds`` L-BFGS rounds, ``ridge``): the curve errors — and the probes that turn them into
+    output errors — are those of the factors the rounds will solve. With the sweep alone the
+    curves over-predicted the final layer errors 1.6–10× on models/mnist, and the first round's
+    predicted output error was 1.8–2.5× its measurement (1.06–1.24× with 10 rounds).
 
     The other r get the GSVD sweep only, scaled by what the refinement gained at ``r₀``:
     ``e(r) = e_sweep(r) · e(r₀) / e_sweep(r₀)`` — one L-BFGS solve per layer instead of one per
@@ -261,8 +261,8 @@ def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int
     """
     def solve(layer: ConvLayer, stats: LayerStats, heldout_error: Callable) -> SeparableFactors:
         rs = wanted[layer.name]
-        problem = GsvdProblem(layer.weight, layer.bias, stats)  # shared by every r (moments, SVD, whitening)
-        first = problem.factors(rs[0], max_iter=CURVE_ITER)
+        problem = GsvdProblem(layer.weight, layer.bias, stats, ridge)  # shared by every r (moments, SVD, whitening)
+        first = problem.factors(rs[0], max_iter=rounds)
         refined = heldout_error(first)
         swept = {r: heldout_error(problem.factors(r, max_iter=0)) for r in rs}
         gain = refined / swept[rs[0]] if swept[rs[0]] > 0 and np.isfinite(swept[rs[0]]) else 1.0
@@ -544,8 +544,9 @@ class BudgetPlanner:
             "stop_reason": self.stop_reason,
             "tolerance": self.tolerance,
             "latency_scale": self.latency_scale,
-            "curve": f"symmetric statistics of the original network, GSVD with max_iter={CURVE_ITER}, "
-                     f"relative response error on the held-out samples",
+            "curve": "symmetric statistics of the original network, GSVD (first offered r refined like the "
+                     "final solve, the others scaled from their sweep), relative response error on the held-out "
+                     "samples",
             "rounds": self.rounds,
             "chosen_round": self.chosen_round,
             "layers": [{

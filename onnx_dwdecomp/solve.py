@@ -74,6 +74,8 @@ from .errors import Refused, refuse
 #: was 0.166 / 0.165 / 0.162 / 0.174 for 3e-3 / 1e-2 / 3e-2 / 1e-1 — flat up to 3e-2. The
 #: deepest layers see about as many patches as their patch length, so some ridge is needed.
 RIDGE = 1e-2
+#: L-BFGS rounds of the data-driven solve (see :func:`gsvd_factors` for how 10 was chosen).
+SOLVER_ROUNDS = 10
 #: Ridge for matrices built from already-ridged moments (only guards against round-off).
 TINY_RIDGE = 1e-10
 #: A channel whose input variance is below this fraction of the mean channel variance is dead.
@@ -294,8 +296,9 @@ def separable_objective(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarr
     return v - 2.0 * lin + quad
 
 
-def ridged_moments(weight: np.ndarray, stats: LayerStats) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(A + λW, B + λI, V + λ‖W‖²)``, ``λ = RIDGE·tr(B)/D``: the moments the data-driven solvers use.
+def ridged_moments(weight: np.ndarray, stats: LayerStats, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(A + λW, B + λI, V + λ‖W‖²)``, ``λ = ridge·tr(B)/D`` (default :data:`RIDGE`): the moments the
+    data-driven solvers use.
 
     They are the moments of ``(x + ε, x̂ + ε)`` for white noise ``ε`` of variance ``λ`` shared
     by both inputs, so the objective becomes ``E‖Wx − Ŵx̂‖² + λ‖W − Ŵ‖²``. That keeps each
@@ -304,7 +307,7 @@ def ridged_moments(weight: np.ndarray, stats: LayerStats) -> tuple[np.ndarray, n
     over-fitting the calibration set, and pulls towards ``W`` itself rather than towards zero.
     ``weight`` is (n, D).
     """
-    lam = _ridge(stats.cov_xhat)
+    lam = _ridge(stats.cov_xhat, ridge)
     cov = stats.cov_xhat.copy()
     cov[np.diag_indices_from(cov)] += lam
     return stats.cov_y_xhat + lam * weight, cov, stats.response_var + lam * float(np.vdot(weight, weight))
@@ -434,7 +437,7 @@ def _refine(p: np.ndarray, f: np.ndarray, a: np.ndarray, b: np.ndarray, v: float
 
 
 def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats, multiplier: int = 1, *,
-                 max_iter: int = 10, tol: float = 1e-6) -> SeparableFactors:
+                 max_iter: int = SOLVER_ROUNDS, tol: float = 1e-6, ridge: float = RIDGE) -> SeparableFactors:
     """Data-driven decomposition minimising ``E‖W x + b − Ŵ x̂ − b̂‖²`` (see module docstring).
 
     Starts from the SVD solution, runs one per-channel GSVD sweep (the paper's solver), then
@@ -453,7 +456,7 @@ def gsvd_factors(weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
     reason = check_multiplier(np.shape(weight), multiplier)
     if reason:
         raise ValueError(reason.reason)
-    return GsvdProblem(weight, bias, stats).factors(multiplier, max_iter=max_iter, tol=tol)
+    return GsvdProblem(weight, bias, stats, ridge).factors(multiplier, max_iter=max_iter, tol=tol)
 
 
 class GsvdProblem:
@@ -466,20 +469,20 @@ class GsvdProblem:
     separate :func:`gsvd_factors` calls.
     """
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats, ridge: float = RIDGE):
         weight = np.asarray(weight)
         n, c, kh, kw = weight.shape
         k = kh * kw
         self.weight, self.stats = weight, stats
         self.w3 = weight.astype(np.float64).reshape(n, c, k)
         self.b = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
-        self.cross, self.cov, self.var = ridged_moments(self.w3.reshape(n, c * k), stats)
+        self.cross, self.cov, self.var = ridged_moments(self.w3.reshape(n, c * k), stats, ridge)
         channel_var = np.diagonal(stats.cov_xhat).reshape(c, k).sum(axis=1)
         self.live = channel_var > DEAD_CHANNEL * max(float(channel_var.mean()), 1e-300)
         self._svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._inv_lower: np.ndarray | None = None
 
-    def factors(self, multiplier: int = 1, *, max_iter: int = 10, tol: float = 1e-6) -> SeparableFactors:
+    def factors(self, multiplier: int = 1, *, max_iter: int = SOLVER_ROUNDS, tol: float = 1e-6) -> SeparableFactors:
         """:func:`gsvd_factors` of this layer at ``multiplier``."""
         weight = self.weight
         n, c, kh, kw = weight.shape
@@ -516,7 +519,7 @@ def channel_rank(weight_shape: tuple[int, ...], multiplier: int) -> int:
 
 
 def channel_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
-                    stats: LayerStats | None = None) -> ChannelFactors:
+                    stats: LayerStats | None = None, ridge: float = RIDGE) -> ChannelFactors:
     """Channel decomposition by (reduced-rank) regression; data-free if ``stats`` is None."""
     weight = np.asarray(weight)
     n, c, kh, kw = weight.shape
@@ -528,7 +531,7 @@ def channel_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
         second, first = u[:, :rank] * s[:rank], vt[:rank]
         b_hat = b
     else:
-        cross, cov, _ = ridged_moments(w2, stats)
+        cross, cov, _ = ridged_moments(w2, stats, ridge)
         lower = _cholesky(cov, ridge=TINY_RIDGE)
         t = scipy.linalg.solve_triangular(lower, cross.T, lower=True).T  # A L⁻ᵀ
         u, s, vt = np.linalg.svd(t, full_matrices=False)

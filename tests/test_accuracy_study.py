@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import load_tool, separable_weight, stats_from_samples
-from onnx_dwdecomp import pipeline, solve
+from conftest import load_tool
 
 
 st = load_tool("accuracy_study")
@@ -48,17 +47,3 @@ def test_verdict_follows_the_numbers():
     text = st.verdict(met, [_row("a", [0.981])], ref)
     assert "is met by the default, met by the best setting and met with 2048" in text
     assert "estimation problem" not in text
-
-
-def test_solver_knobs_change_the_solver_and_restore_it():
-    w = separable_weight(4, 3, 3, 3, rank=3, seed=1)
-    x = np.random.default_rng(0).standard_normal((200, 27))
-    stats = stats_from_samples(w, x)
-    original_solver, original_ridge = pipeline.gsvd_factors, solve.RIDGE
-    with st.solver_knobs(max_iter=0, ridge=0.5):
-        assert solve.RIDGE == 0.5
-        assert pipeline.gsvd_factors(w, None, stats, 1).iterations == 1  # the sweep only
-    assert pipeline.gsvd_factors is original_solver and solve.RIDGE == original_ridge
-    with pytest.raises(RuntimeError), st.solver_knobs(ridge=0.25):
-        raise RuntimeError("boom")
-    assert solve.RIDGE == original_ridge

@@ -448,7 +448,7 @@ CASES += [
          issue_class=5),
     Case("c5_solver_gives_nan", "a solver that returns NaN factors (simulated)",
          _opt(*SELECT_ALL), "NaN/Inf weights",
-         patch=("onnx_dwdecomp.pipeline", "svd_factors",
+         patch=("onnx_dwdecomp.methods", "svd_factors",
                 lambda w, b, r: _nan_factors(w, b, r)), issue_class=5),
     # 6. valid models
     Case("c6_ir3_initializers_as_inputs", "IR version 3: every initializer listed among the graph inputs",

@@ -172,3 +172,19 @@ def test_nothing_rewritten_gives_the_input_bytes():
     src = onnx.load(str(Path(__file__).resolve().parents[1] / "models/mnist/shufflenetv2_x0.5_regular.onnx"))
     model, report = decompose(src, select="all", exclude=("*",))
     assert not report.layers and model.SerializeToString() == src.SerializeToString()
+
+
+def test_solver_tunables_are_public_options(net, calib):
+    """The L-BFGS rounds and the ridge are options (tools/accuracy_study.py varies them), not
+    module globals: 0 rounds is the GSVD sweep alone; another ridge gives other weights."""
+    _, sweep = decompose(net, calib=calib, select="all", multiplier=1, verify=False, solver_rounds=0)
+    _, default = decompose(net, calib=calib, select="all", multiplier=1, verify=False)
+    assert {layer.iterations for layer in sweep.layers} == {1}
+    assert max(layer.iterations for layer in default.layers) > 1
+    m1, _ = decompose(net, calib=calib, select="all", multiplier=1, verify=False, ridge=0.5)
+    m2, _ = decompose(net, calib=calib, select="all", multiplier=1, verify=False)
+    assert m1.SerializeToString() != m2.SerializeToString()
+    with pytest.raises(OptionError, match="--ridge -1"):
+        decompose(net, calib=calib, ridge=-1.0)
+    with pytest.raises(OptionError, match="--solver-rounds 1.5: expected an integer"):
+        decompose(net, calib=calib, solver_rounds=1.5)

