@@ -20,7 +20,7 @@ before calibration, latency timing or verification allocates anything), in bytes
                    B: --batch-size (or the model's fixed batch), N: samples (--calib-size),
                    X: largest conv input per sample (the cut tensors of both networks, spilled to
                    disk past 1 GiB), P_l: output positions sampled per image (--positions,
-                   raised to 4·D_l / fit samples as calibrate.py does, at most T_l; T_l for
+                   raised to 4·D_l / fit samples, at most T_l: positions_per_sample; T_l for
                    'all'), T_l: the layer's output positions, D_l = C·kh·kw, n_l output
                    channels (float32 patch pairs, seeded position draws, float64 moments)
     latency      = max over candidates of [x·(1 + 8/itemsize) + 2·(y + m)]
@@ -45,15 +45,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration.holdout import heldout_count
+from .calibration.patches import positions_per_sample
+from .calibration.store import CUT_BUDGET
 from .errors import ResourceError
 from .formatting import fmt_bytes, fmt_shape
 from .memory import THREAD_BYTES, available_memory, array_bytes, check_threads
 from .modelio import model_byte_size
 from .timing import default_threads
 from .verify import RANDOM_SAMPLES
-
-#: Calibration cut tensors (both networks together) spill to disk past this many bytes.
-CUT_BUDGET = 1 << 30
 
 
 # --------------------------------------------------------------------------- the job estimate
@@ -102,11 +102,6 @@ def widest_node(model, infos) -> tuple[int, str]:
             label = node.name or f"{node.op_type}#{index}"
             where = f"node {label!r} ({node.op_type}, largest tensor {biggest[1]})"
     return best, where
-
-
-def heldout_count(n: int) -> int:
-    """The held-out sample count of calibrate.split_holdout at its default fraction 0.1."""
-    return max(1, min(max(1, int(round(0.1 * n)), min(4, n // 4)), n - 1))
 
 
 def job_parts(*, model, infos, specs, shapes, fixed_batch, samples: int | None, batch_size: int,
@@ -171,7 +166,7 @@ def job_parts(*, model, infos, specs, shapes, fixed_batch, samples: int | None, 
             t = math.prod(yi.shape[2:])
             nout = int(layer.weight.shape[0])
             d = int(layer.weight.size) // max(nout, 1)
-            p = t if positions is None else min(t, max(positions, -(-4 * d // fit)))
+            p = positions_per_sample(positions, t, d, fit)
             terms = [(2 * b * p * d * 4, f"conv {layer.name!r}: patches of {p} positions × {d} values per image at "
                                          f"batch {b}", "--positions P (fewer sampled positions) or --batch-size B"),
                      (n * t * 16, f"conv {layer.name!r}: position draws for {n} samples × {t} positions",

@@ -7,7 +7,7 @@ order, default ``CPUExecutionProvider`` — so that calibration runs on the fast
 user has and the model is verified where it will be deployed. Latency probes and ``bench`` take
 the list explicitly (it is part of their timing-cache key). The list is a context variable:
 work handed to another thread must run in a copy of the context
-(``contextvars.copy_context().run``), as calibrate.py's look-ahead forward does.
+(``contextvars.copy_context().run``), as the calibration driver's look-ahead forward does.
 """
 
 from __future__ import annotations

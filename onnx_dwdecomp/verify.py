@@ -196,7 +196,7 @@ def check_finite_weights(original: onnx.ModelProto, rewritten: onnx.ModelProto) 
 
 
 def finite_stats_solver(solve):
-    """A ``solve(layer, stats, heldout_error)`` callback (calibrate.calibrate_and_solve) that
+    """A ``solve(layer, stats, heldout_error)`` callback (calibration.driver.calibrate_and_solve) that
     first checks the layer's statistics: NaN/Inf moments (an earlier node overflows float32,
     or the model holds NaN/Inf constants upstream) are a :class:`NumericalError` naming the
     conv, not a solver crash."""

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_dwdecomp import latency, model_latency
-from onnx_dwdecomp.calibrate import MomentSums
+from onnx_dwdecomp.calibration.moments import MomentSums
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -105,7 +105,8 @@ def square_net(nodes: list, inits: list, c: int, hw: int, name: str) -> onnx.Mod
 
 
 def stats_from_samples(weight: np.ndarray, x: np.ndarray, x_hat: np.ndarray | None = None):
-    """LayerStats from explicit channel-major patch rows via calibrate.MomentSums (x_hat defaults to x)."""
+    """LayerStats from explicit channel-major patch rows via calibration.moments.MomentSums (x_hat
+    defaults to x)."""
     c, k = weight.shape[1], int(np.prod(weight.shape[2:]))
 
     def tap_major(a):  # MomentSums takes rows in extract_patches' tap-major order

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dwdecomp import latency
 from onnx_dwdecomp.budget import SKIP, LayerCurve, Option, allocate_error
-from onnx_dwdecomp.calibrate import PATCHES_PER_DIM, positions_per_sample
+from onnx_dwdecomp.calibration.patches import PATCHES_PER_DIM, positions_per_sample
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError

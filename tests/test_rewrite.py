@@ -148,7 +148,7 @@ def test_split_form_equals_dense_and_grouped_forms(r, stride):
     got = run_model(new, {"x": x})[0]
     assert rel_l2(_conv_ref(x, f.dense_weight(), f.bias, stride, 1), got) <= TOL
     assert rel_l2(run_model(_grouped_model(f, c, hw, stride), {"x": x})[0], got) <= TOL
-    # the in-memory form calibrate.py builds segments from computes the same
+    # the in-memory form calibration/segments.py builds segments from computes the same
     nodes, inits = to_onnx_nodes(replacement_convs(Replacement(layer, f), NameAllocator.for_model(model)))
     g = helper.make_graph(nodes, "segment", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, *hw])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n, "H", "W"])],
@@ -247,7 +247,7 @@ def test_split_form_pointwise_merges_into_following_1x1(between):
 
 
 def test_calibrated_pipeline_at_multiplier_2():
-    """calibrate.py runs the decomposed copy through each previous layer's replacement
+    """calibration/driver.py runs the decomposed copy through each previous layer's replacement
     (``to_onnx_nodes(replacement_convs(...))``), at r = 2 a segment with a Concat. On a net whose
     weights are exactly rank 2 per channel slice the decomposed stream equals the original one
     only if that segment computes the right function; then each asymmetric gsvd solve is exact

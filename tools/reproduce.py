@@ -17,7 +17,7 @@ a. **Single-layer study** — for every regular 3×3 conv except the stem, the r
    gsvd (symmetric / asymmetric) and channel decomposition at matched MACs, multipliers 1 and 2,
    in two settings: *isolated* (only this layer decomposed, inputs from the original network —
    there symmetric and asymmetric coincide) computed from the package's own calibration
-   primitives (``calibrate.MomentSums`` / ``extract_patches`` / ``split_holdout``) and solvers
+   primitives (``calibration.moments.MomentSums`` / ``extract_patches`` / ``split_holdout``) and solvers
    (``solve.*_factors``); and *in sequence* (every layer decomposed, earlier layers already
    replaced), which is the per-layer ``rel_error`` of ``decompose``'s report.
 b. **Whole network** — top-1 on ``test.npz`` of the original regular model, the standard model

@@ -25,7 +25,7 @@ CALIB_SIZES = (32, 128, 256, 512)
 MULTIPLIERS = (1, 2)
 SEED = 0
 DATA_SEED = 0  # tools/train.py --seed 0 made models/mnist: the same train/test split
-HOLDOUT = 0.1  # decompose's held-out share (calibrate.CalibrationOptions.holdout)
+HOLDOUT = 0.1  # decompose's held-out share (calibration.holdout.HOLDOUT_FRACTION)
 #: Two top-1 values on the 1,000 test digits at most this far apart (points) are a tie: the
 #: binomial standard error at 98 % is 0.44 points.
 TIE_POINTS = 0.5

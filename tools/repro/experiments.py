@@ -51,14 +51,11 @@ def isolated_layer_errors(model_path: Path, calib_path: Path, calib_size: int,
     solvers; the inputs of every layer come from one onnxruntime pass of the original model.
     Returns (layers, shapes, macs per position dict, errors dict).
     """
-    from onnx_dwdecomp.data.dataset import load_calibration
-    from onnx_dwdecomp.calibrate import (
-        MomentSums,
-        extract_patches,
-        output_hw,
-        split_holdout,
-    )
+    from onnx_dwdecomp.calibration.holdout import split_holdout
+    from onnx_dwdecomp.calibration.moments import MomentSums
+    from onnx_dwdecomp.calibration.patches import extract_patches, output_hw
     from onnx_dwdecomp.candidates import find_candidates
+    from onnx_dwdecomp.data.dataset import load_calibration
     from onnx_dwdecomp.pipeline import reference_pass
     from onnx_dwdecomp.runtime import make_session
     from onnx_dwdecomp.shapes import graph_inputs

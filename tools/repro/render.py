@@ -268,7 +268,7 @@ def render_results(res: Results, discussion: Sequence[str] = ()) -> str:
               "(`solve.channel_rank`).", "",
               "- *isolated*: only this layer is decomposed; its input comes from the original "
               "network, so x̂ = x and symmetric and asymmetric gsvd are the same solve "
-              "(statistics from `calibrate.MomentSums`, factors from `solve.svd_factors` / "
+              "(statistics from `calibration.moments.MomentSums`, factors from `solve.svd_factors` / "
               "`gsvd_factors` / `channel_factors`).",
               f"- *in sequence*: all {len(res.layers)} layers decomposed by the method in graph order; each "
               "layer's error includes what the earlier decomposed layers did to its input x̂ "

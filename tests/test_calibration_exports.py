@@ -18,9 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import correlated_images, rel_l2, run_model
 from onnx_dwdecomp import decompose
-from onnx_dwdecomp.data.dataset import load_calibration
-from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve, plan_segments
+from onnx_dwdecomp.calibration.driver import CalibrationOptions, calibrate_and_solve
+from onnx_dwdecomp.calibration.segments import plan_segments
 from onnx_dwdecomp.candidates import find_candidates
+from onnx_dwdecomp.data.dataset import load_calibration
 from onnx_dwdecomp.errors import CalibrationError
 from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info, resolve_input_shapes
 from onnx_dwdecomp.solve import gsvd_factors

@@ -1,4 +1,5 @@
-"""Tests of onnx_dwdecomp.calibrate: patch geometry, moment sums, segment planning, holdout split."""
+"""Tests of onnx_dwdecomp.calibration: patch geometry, moment sums, segment planning, holdout split,
+the driver."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp.calibrate import (MomentSums, effective_pads, extract_patches, output_hw, plan_segments,
-                                     split_holdout)
+from onnx_dwdecomp.calibration.holdout import split_holdout
+from onnx_dwdecomp.calibration.moments import MomentSums
+from onnx_dwdecomp.calibration.patches import effective_pads, extract_patches, output_hw
+from onnx_dwdecomp.calibration.segments import plan_segments
 from onnx_dwdecomp.candidates import ConvLayer
 from onnx_dwdecomp.errors import CalibrationError
 
@@ -152,7 +155,7 @@ def test_symmetric_errors_do_not_depend_on_the_other_layers():
     in the original network: the same whether earlier layers are in the pass or not."""
     from conftest import correlated_images, three_layer_net
     from onnx_dwdecomp.data.dataset import load_calibration
-    from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.calibration.driver import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
     from onnx_dwdecomp.solve import gsvd_factors
@@ -247,7 +250,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
 
     from conftest import correlated_images, three_layer_net
     from onnx_dwdecomp.data.dataset import load_calibration
-    from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.calibration.driver import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
     from onnx_dwdecomp.solve import gsvd_factors
@@ -272,7 +275,7 @@ def test_spilling_to_disk_gives_the_same_statistics(tmp_path, monkeypatch):
 def test_heldout_error_equals_the_moment_formula():
     """Direct held-out error on patches == relative_response_error on the same patches' moments."""
     from conftest import correlated_images
-    from onnx_dwdecomp.calibrate import heldout_response_error
+    from onnx_dwdecomp.calibration.holdout import heldout_response_error
     from onnx_dwdecomp.solve import relative_response_error, svd_factors
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
@@ -363,7 +366,7 @@ def test_heldout_patches_measure_many_candidates_like_single_calls():
     """HeldoutPatches gathers the held-out patches once; each candidate's error is bit for bit
     heldout_response_error's, and the driver's measure remembers the last factors' error."""
     from conftest import correlated_images
-    from onnx_dwdecomp.calibrate import HeldoutPatches, _heldout_measure, heldout_response_error
+    from onnx_dwdecomp.calibration.holdout import HeldoutPatches, heldout_measure, heldout_response_error
     from onnx_dwdecomp.solve import svd_factors
     rng = np.random.default_rng(6)
     weight = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
@@ -375,7 +378,7 @@ def test_heldout_patches_measure_many_candidates_like_single_calls():
     heldout[[0, 3, 4, 9]] = True
     positions = np.stack([rng.permutation(49)[:15] for _ in range(10)])
     patches = HeldoutPatches(layer, x_all, xhat_all, heldout, positions, batch=3)
-    measure = _heldout_measure(patches)
+    measure = heldout_measure(patches)
     for r in (1, 2, 9):
         f = svd_factors(weight, layer.bias, r)
         direct = heldout_response_error(layer, f, x_all, xhat_all, heldout, positions, batch=3)
@@ -392,7 +395,7 @@ def test_symmetric_pass_solves_on_a_worker_thread_deterministically():
     from threadpoolctl import threadpool_info
 
     from onnx_dwdecomp.data.dataset import load_calibration
-    from onnx_dwdecomp.calibrate import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.calibration.driver import CalibrationOptions, calibrate_and_solve
     from onnx_dwdecomp.candidates import find_candidates
     from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
     from onnx_dwdecomp.solve import gsvd_factors
