@@ -23,8 +23,7 @@ import onnx
 from . import data as calibdata
 from . import resources
 from .budget import SKIP
-from .calibration.driver import CalibrationOptions, calibrate_and_solve
-from .calibration.holdout import split_holdout
+from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
 from .candidates import ConvLayer, find_candidates
 from .errors import CalibrationError, OptionError, Refused, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
@@ -388,7 +387,7 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
     notes += [f"{r.name} not folded into its conv: {r.reason}" for r in bn_fold.refused]
     if planner is not None:
         notes += planner.notes(after.macs)
-        if not chosen.layers and planner.mode == "max_error":
+        if not chosen.layers and planner.mode == "max_error" and not planner.tried_a_rewrite():
             notes.append(planner.why_nothing())
         if planner.default:
             notes.append(f"plan: the fastest found whose held-out output error stays ≤ {planner.target:g} "

@@ -331,6 +331,9 @@ class BudgetPlanner:
             self.limit = None
             self.bound = (AIM * target) ** 2 / self.scale
             self.allocation = allocate_error(curves, self.bound, price=price)
+            if self.allocation.error <= 0:  # the aim's margin left nothing: try what is predicted within E
+                self.bound = target ** 2 / self.scale
+                self.allocation = allocate_error(curves, self.bound, price=price)
         self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
         self.model_ms: float | None = None  # whole-model latency of the all-regular model (model_latency.py)
         self.latency_scale: float | None = None  # measured whole-model saving / summed per-conv saving
@@ -483,6 +486,10 @@ class BudgetPlanner:
             return []
         return [f"budget NOT met after {len(self.rounds)} round(s): output rel. L2 "
                 f"{self.measured():.3g} > --max-error {self.target:g}"]
+
+    def tried_a_rewrite(self) -> bool:
+        """Whether some round solved a plan that rewrites a conv (else nothing fitted the bound)."""
+        return any(a.error > 0 for a in self._allocations)
 
     def why_nothing(self) -> str:
         """Why a plan that rewrites nothing was chosen (for the report)."""

@@ -357,3 +357,13 @@ def test_conv_that_no_multiplier_makes_cheaper_stays_regular():
         assert [layer.name for layer in report.layers] == ["c3"]
         assert "c1" in {s.name for s in report.skipped}
         assert report.to_dict()["budget"]["met"]
+
+
+def test_a_rewrite_predicted_within_the_bound_but_above_the_aim_is_tried():
+    """The first allocation aims at 0.9·E; when that leaves nothing but a rewrite is predicted
+    within E itself (0.95·E here), that rewrite is tried: verification decides, not the margin."""
+    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, (0.95 * 0.1) ** 2)))]
+    plan = _planner(curves, 0, 900, 1.0)
+    assert plan.allocation.multipliers == {"a": 1} and plan.predicted() == pytest.approx(0.095)
+    assert plan.revise(0.096, lambda _msg: None) is None and plan.final() == 0  # near the bound: done
+    assert plan.tried_a_rewrite()
