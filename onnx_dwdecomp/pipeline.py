@@ -23,7 +23,8 @@ import onnx
 from . import data as calibdata
 from . import resources
 from .budget import SKIP
-from .calibrate import CalibrationOptions, calibrate_and_solve, split_holdout
+from .calibration.driver import CalibrationOptions, calibrate_and_solve
+from .calibration.holdout import split_holdout
 from .candidates import ConvLayer, find_candidates
 from .errors import CalibrationError, OptionError, Refused, first_line
 from .fold import fold_batchnorm, rewrite_and_merge
