@@ -4,7 +4,6 @@ pure parts of tools/bench_plan_cost.py (command line, RSS measurement, report su
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import numpy as np
@@ -88,10 +87,10 @@ def test_plan_summary_reads_what_exists():
         "layers": [{}, {}],
         "model": {"macs_before": 100, "macs_after": 80},
         "timing_s": {"plan": 1.0, "wall": 2.0},
-        "budget": {"mode": "max_error", "target": 0.02, "chosen_round": 1, "kappa": 0.04,
+        "budget": {"mode": "max_error", "target": 0.02, "chosen_round": 1, "interaction_scale": 0.04,
                    "rounds": [
-                       {"multipliers": {"a": 1, "b": "skip"}, "kappa": 0.25, "predicted_error_sum": 0.04,
-                        "measured_output_rel_l2": 0.05},
+                       {"multipliers": {"a": 1, "b": "skip"}, "interaction_scale": 1.0, "predicted_error_sum": 0.01,
+                        "predicted_output_rel_l2": 0.1, "measured_output_rel_l2": 0.05},
                        {"multipliers": {"a": 1, "b": 2}, "predicted_output_rel_l2": 0.01,
                         "measured_output_rel_l2": 0.02, "new_key": 7},
                    ]},
@@ -99,9 +98,9 @@ def test_plan_summary_reads_what_exists():
     s = bpc.plan_summary(report)
     assert s["convs_rewritten"] == 2 and s["macs_ratio"] == pytest.approx(0.8)
     r0, r1 = s["rounds"]
-    assert r0["rewritten"] == 1 and r0["predicted"] == pytest.approx(math.sqrt(0.25 * 0.04))
-    assert r0["ratio"] == pytest.approx(0.1 / 0.05) and r0["predicted_from"].startswith("sqrt")
-    assert r1["predicted"] == 0.01 and r1["predicted_from"] == "reported" and r1["extra"] == {"new_key": 7}
+    assert r0["rewritten"] == 1 and r0["predicted"] == pytest.approx(0.1)
+    assert r0["ratio"] == pytest.approx(0.1 / 0.05) and s["interaction_scale"] == 0.04
+    assert r1["predicted"] == 0.01 and r1["extra"] == {"new_key": 7}
     empty = bpc.plan_summary({})
     assert empty["rounds"] == [] and empty["convs_rewritten"] is None
     bpc.print_plan(s)  # prints without raising

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -124,8 +123,8 @@ def plan_summary(report: dict) -> dict:
         "mode": budget.get("mode"),
         "target": budget.get("target"),
         "met": budget.get("met"),
-        "kappa": budget.get("kappa"),
-        "probe_kappa": budget.get("probe_kappa"),
+        "interaction_scale": budget.get("interaction_scale"),
+        "probes": budget.get("probes"),
         "chosen_round": budget.get("chosen_round"),
         "predicted_output_rel_l2": budget.get("predicted_output_rel_l2"),
         "measured_output_rel_l2": budget.get("measured_output_rel_l2"),
@@ -144,19 +143,15 @@ def plan_summary(report: dict) -> dict:
         if not isinstance(rnd, dict):
             continue
         predicted = _num(rnd.get("predicted_output_rel_l2"))
-        how = "reported"
-        kappa, esum = _num(rnd.get("kappa")), _num(rnd.get("predicted_error_sum"))
-        if predicted is None and kappa is not None and esum is not None and kappa * esum >= 0:
-            predicted, how = math.sqrt(kappa * esum), "sqrt(kappa * predicted_error_sum)"
         mults = rnd.get("multipliers") or {}
         rewritten = sum(1 for v in mults.values() if v != "skip") if isinstance(mults, dict) else None
         measured = _num(rnd.get("measured_output_rel_l2"))
         out["rounds"].append({
-            "round": i, "rewritten": rewritten, "predicted": predicted, "predicted_from": how,
+            "round": i, "rewritten": rewritten, "predicted": predicted,
             "measured": measured, "ratio": predicted / measured if predicted and measured else None,
             "fallback": bool(rnd.get("fallback")),
             "extra": {k: v for k, v in rnd.items() if k not in (
-                "multipliers", "predicted_output_rel_l2", "measured_output_rel_l2", "kappa",
+                "multipliers", "predicted_output_rel_l2", "measured_output_rel_l2", "interaction_scale",
                 "predicted_error_sum", "fallback") and not isinstance(v, (dict, list))},
         })
     return out
@@ -175,7 +170,7 @@ def print_plan(summary: dict, file=sys.stdout) -> None:
     p(f"\ndefault job's plan (report['budget']): mode {summary['mode']}, target {summary['target']}, "
       f"met {summary['met']}, convs rewritten {summary['convs_rewritten']} of {summary['convs_planned']} planned, "
       f"MACs ×{_fmt(summary['macs_ratio'], '.3f')}")
-    p(f"  κ {_fmt(summary['kappa'])} (probe κ {_fmt(summary['probe_kappa'])}), chosen round "
+    p(f"  interaction scale α {_fmt(summary['interaction_scale'])}, probes {summary['probes']}, chosen round "
       f"{summary['chosen_round']}, output error predicted {_fmt(summary['predicted_output_rel_l2'])} / measured "
       f"{_fmt(summary['measured_output_rel_l2'])}")
     if summary["rounds"]:
@@ -189,8 +184,6 @@ def print_plan(summary: dict, file=sys.stdout) -> None:
                 note.append("chosen")
             if r["fallback"]:
                 note.append("fallback")
-            if r["predicted_from"] != "reported" and r["predicted"] is not None:
-                note.append(f"predicted = {r['predicted_from']}")
             p(f"  {r['round']:>5}  {'-' if r['rewritten'] is None else str(r['rewritten']):>9}  "
               f"{_fmt(r['predicted']):>9}  {_fmt(r['measured']):>9}  {_fmt(r['ratio'], '.2f'):>9}  "
               f"{'; '.join(note)}")
