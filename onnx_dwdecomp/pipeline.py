@@ -10,6 +10,7 @@ gsvd the default is the fastest plan whose held-out output error stays within
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -20,22 +21,23 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx
 
-from . import data as calibdata
 from . import resources
 from .budget import SKIP
 from .calibration.driver import CalibrationOptions, calibrate_and_solve
 from .calibration.holdout import split_holdout
-from .candidates import ConvLayer, find_candidates
+from .candidates import ConvLayer, candidate_notes, find_candidates
+from .data.dataset import CalibrationData, load_calibration
+from .data.specs import fix_dims, fixed_batch
 from .errors import CalibrationError, OptionError, Refused, first_line
-from .fold import fold_batchnorm, rewrite_and_merge
+from .fold import FoldResult, fold_batchnorm, rewrite_and_merge
 from .latency import MIN_GAIN, Decision, LatencySelector
 from .methods import METHODS
 from .model_latency import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
-from .plan import (BudgetPlanner, Plan, check_latency_reachable, check_reachable,
-                   curve_error, curve_solver,
-                   layer_curves, merge_targets, merged_channels, price_options)
+from .plan import BudgetPlanner, Plan, curve_error, curve_solver, layer_curves
+from .pricing import check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options
+from .progress import reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
 from .search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
@@ -64,11 +66,10 @@ class _Job:
     source: onnx.ModelProto
     work: onnx.ModelProto
     specs: list
-    data: Any
+    data: CalibrationData | None
     shapes: dict[str, tuple[int, ...]]
     infos: dict
     fixed_batch: int | None
-    say: Callable[[str], None]
     timing: dict[str, float]
     selector: LatencySelector | None = None
     _reference: Reference | None = None
@@ -88,7 +89,7 @@ class _Job:
         return None if self.data is None else self.reference().scales
 
     def heldout_mask(self) -> np.ndarray:
-        """The held-out samples, spread over the outputs' energy (calibrate.split_holdout)."""
+        """The held-out samples, spread over the outputs' energy (calibration.holdout.split_holdout)."""
         if self._heldout_mask is None:
             self._heldout_mask = split_holdout(self.data.num_samples, CalibrationOptions().holdout, self.opts.seed,
                                                self.reference().energy)
@@ -140,14 +141,13 @@ def decompose_loaded(loaded: LoadedModel, opts: DecomposeOptions,
                      progress: Callable[[str], None] | None = None) -> DecomposeResult:
     """:func:`decompose` of a model already read by ``modelio.load_model`` (the CLI's entry: it
     keeps the loaded model to save the result the way the input was stored)."""
-    with using_providers(opts.providers):
-        return _decompose(loaded, opts, progress)
+    with using_providers(opts.providers), reporting(progress):
+        return _decompose(loaded, opts)
 
 
-def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[str], None] | None
-               ) -> DecomposeResult:
+def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     start = time.perf_counter()
-    job, bn_fold, notes = _prepare(loaded, opts, progress or (lambda _msg: None))
+    job, bn_fold, notes = _prepare(loaded, opts)
     candidates = find_candidates(job.work, opts.include, opts.exclude)
     skipped = list(candidates.skipped)
     layers: list[ConvLayer] = []
@@ -186,9 +186,9 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
         if planner.mode == "task":
             rounds, evaluations = task_search(planner, solve_round, job.source, opts.evaluate,
                                               parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None
-                                                             else opts.max_drop), job.say, job.add_time)
+                                                             else opts.max_drop), job.add_time)
         else:
-            rounds = verified_rounds(planner, solve_round, job.say)
+            rounds = verified_rounds(planner, solve_round)
         # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or --input-shape's)
         feeds = random_batches(job.specs, job.shapes, opts.seed, samples=job.shapes[job.specs[0].name][0])[0]
 
@@ -199,7 +199,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
             job.add_time("model_check", time.perf_counter() - t0)
             return decision
 
-        chosen, model_check = checked_choice(planner, rounds, solve_round, time_model, notes, job.say)
+        chosen, model_check = checked_choice(planner, rounds, solve_round, time_model, notes)
         skipped += [Refused(layer.name, "kept regular by the plan (error bound, score or budget)")
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
@@ -210,16 +210,12 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions, progress: Callable[[
     return DecomposeResult(chosen.model, report)
 
 
-def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, Any, list[str]]:
+def _prepare(loaded: LoadedModel, opts: DecomposeOptions) -> tuple[_Job, FoldResult, list[str]]:
     """Load, fold BatchNormalization / per-channel Mul/Add into the convs, read the data, infer shapes.
 
     ``work`` (the folded model) is what every later stage reads; verification compares the final
     model with the untouched ``source``.
     """
-    import dataclasses
-
-    from .candidates import candidate_notes
-
     timing: dict[str, float] = {"load": loaded.seconds}
     source = loaded.model
     specs = graph_inputs(source)
@@ -228,18 +224,18 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, An
     timing["fold"] = time.perf_counter() - t0
     data = None
     named = _named_shapes(opts.input_shapes, specs)
-    fixed = calibdata.fixed_batch(specs)
+    fixed = fixed_batch(specs)
     notes = [candidate_notes(source)]
     if opts.calib is not None:
         t0 = time.perf_counter()
         say("calibrate: reading data")
         # --input-shape sets the dims the model leaves dynamic before the data is read (an image
         # folder is cropped to them)
-        data = calibdata.load_calibration(opts.calib, calibdata.fix_dims(specs, named), calib_size=opts.calib_size,
-                                          mean=opts.mean, std=opts.std)
+        data = load_calibration(opts.calib, fix_dims(specs, named), calib_size=opts.calib_size,
+                                mean=opts.mean, std=opts.std)
         timing["calibration"] = time.perf_counter() - t0
         notes += data.notes
-        if data.max_batch is not None and opts.batch_size > data.max_batch:  # one value per run (calibdata)
+        if data.max_batch is not None and opts.batch_size > data.max_batch:  # one value per run (data.specs)
             if fixed is not None and fixed > data.max_batch:
                 raise CalibrationError(f"calibration input(s) {', '.join(sorted(repr(n) for n in data.unbatched))} "
                                        f"have no sample axis and values that differ between samples, but the "
@@ -252,7 +248,7 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions, say) -> tuple[_Job, An
     notes = [n for n in notes if n] + shape_notes
     infos = infer_tensor_info(bn_fold.model, shapes)
     job = _Job(opts, opts.resolved_method(), source, bn_fold.model, specs, data, shapes, infos,
-               fixed, say, timing)
+               fixed, timing)
     return job, bn_fold, notes
 
 
@@ -274,7 +270,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
-    priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector, job.say)
+    priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector)
     selection += timed if timed else [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                       for layer in layers]
     skipped += without_options
@@ -287,20 +283,20 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
     errors: dict[str, dict[int, float]] = {}
     sensitivities = None
     if layers:
-        job.say("plan: error curves (symmetric pass)")
+        say("plan: error curves (symmetric pass)")
         wanted = {name: sorted(r for r in c if r != SKIP) for name, c in priced.macs.items()}
         outcome = calibrate_and_solve(job.work, layers, job.data, job.infos,
                                       finite_stats_solver(curve_solver(errors, wanted, rounds=opts.solver_rounds,
                                                                        ridge=opts.ridge)),
                                       _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
-                                      progress=job.say, heldout=job.heldout_mask())
+                                      heldout=job.heldout_mask())
         # one probe per layer: that layer alone at its first offered option (the curve pass's
         # factors), on the held-out samples (sensitivity.py)
         first = {layer.name: wanted[layer.name][0] for layer in layers}
         sensitivities = measure_sensitivities(
             job.work, layers, {name: result.factors for name, result in outcome.layers.items()},
             {name: curve_error(errors[name][r]) for name, r in first.items()}, first,
-            job.heldout_batches(), job.output_scales(), job.say)
+            job.heldout_batches(), job.output_scales())
         job.add_time("sensitivity_probes", sensitivities.seconds)
     curves = layer_curves(layers, priced, errors, sensitivities.weights() if sensitivities else {})
     fixed = before - sum(c.option(SKIP).macs for c in curves)
@@ -325,7 +321,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
         job.add_time(key, value)
 
     t0 = time.perf_counter()
-    job.say("rewrite")
+    say("rewrite")
     # Each new pointwise conv is merged into a 1×1 conv it feeds (depthwise-only counterparts),
     # recovering the native structure.
     pw_fold, _ = rewrite_and_merge(job.work, [Replacement(layer, solved.factors[layer.name]) for layer in layers])
@@ -337,7 +333,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
     check_finite_weights(job.source, new_model)
     verification = None
     if job.opts.verify:
-        job.say("verify")
+        say("verify")
         if job.data is not None:
             batches = job.heldout_batches()
             what = "held-out calibration samples"
@@ -424,7 +420,7 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selec
     """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
     (merged into a following 1×1 conv where it will be); appends the decision for every layer
     to ``selection`` and the rejected ones to ``skipped``."""
-    infos, method, opts, say, selector = job.infos, job.method, job.opts, job.say, job.latency_selector()
+    infos, method, opts, selector = job.infos, job.method, job.opts, job.latency_selector()
     merged = merged_channels(merge_targets(job.work, layers), infos)
     chosen = []
     for k, layer in enumerate(layers):
@@ -459,7 +455,7 @@ def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) 
 
     Gives each output's per-feature mean square ``m_f`` (the scale verification measures errors
     against, verify.py) and each sample's energy ``Σ_outputs Σ_f Σ_positions y_f² / m_f`` (the
-    held-out split is spread over it, calibrate.split_holdout); outputs whose axis 0 is not the
+    held-out split is spread over it, calibration.holdout.split_holdout); outputs whose axis 0 is not the
     sample axis count in the scales only.
     """
     session = make_session(model)
@@ -511,7 +507,7 @@ class _Solved(NamedTuple):
 def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) -> _Solved:
     """Factors for ``layers`` (each at ``multipliers[name]``): calibrated in graph order with data,
     else one by one."""
-    opts, say = job.opts, job.say
+    opts = job.opts
     method = METHODS[job.method]
 
     def solve(layer: ConvLayer, stats: LayerStats | None, *_heldout_error) -> SeparableFactors | ChannelFactors:
@@ -526,7 +522,7 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
         return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
     outcome = calibrate_and_solve(
         job.work, layers, job.data, job.infos, finite_stats_solver(solve),
-        _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch, progress=say,
+        _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch,
         heldout=job.heldout_mask())
     factors = {name: result.factors for name, result in outcome.layers.items()}
     errors = {name: result.heldout_error for name, result in outcome.layers.items()}

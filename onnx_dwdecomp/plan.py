@@ -11,20 +11,8 @@ choose plan → solve → rewrite → verify → revise plan. Two planners:
 
 The budgeted planner
 --------------------
-1. **Prices.** Every option's exact MACs (a new pointwise conv merged into a following 1×1
-   conv included, :func:`option_macs`). Offered are the r whose MACs are at most
-   ``MAX_OPTION_MACS`` (½) of the regular conv's: a larger r saves little (timing noise decides
-   it) and each offered r costs a GSVD solve per layer in the curve pass — on a ResNet-18-shaped
-   model r = 6–7 options timed "faster" under load measured ×1.03 on a quiet machine, while
-   their solves made the default job 8× the uniform one. With ``price="latency"``
-   (``--select latency``, the default) every option is also timed in onnxruntime at its real
-   shape (latency.py): r = 1, 2, … while the separable form runs at least ``MIN_GAIN`` faster
-   than the regular conv (latency grows with r: a larger r is not tried once one is not
-   faster), priced at ``ratio_r × t_regular`` (each ratio from its own interleaved timing, one
-   regular reference per conv); a conv no multiplier makes faster stays regular, with that
-   reason. A *tiny* conv (regular form below ``TINY_CONV_MS``) is timed once for its regular
-   latency and offered its first multiplier only, priced by MACs: its per-conv timings are noise. Either way the
-   chosen plan is then timed as a whole model (pipeline, model_latency.py). ``price="macs"`` (``--select all``) offers every such r and times nothing.
+1. **Prices** (pricing.py): every offered option's exact MACs and, with ``price="latency"``
+   (``--select latency``, the default), its onnxruntime latency at its real shape.
 2. **Error curves.** One calibration pass over the *original* network (symmetric statistics);
    for each offered r, the relative response error ``e_l(r)`` of the GSVD solution measured on
    the **held-out** samples' patches — not on the fit samples, which a rank-deficient fit (few
@@ -58,19 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs, uniform
 from .candidates import ConvLayer
-from .errors import BudgetError, Refused
-from .fold import rewrite_and_merge
-from .graph import label
-from .latency import MIN_GAIN, LatencySelector
-from .methods import GSVD
-from .report import Selection
-from .rewrite import Replacement
-from .shapes import node_macs
-from .solve import RIDGE, SOLVER_ROUNDS, GsvdProblem, LayerStats, SeparableFactors, check_multiplier, svd_factors
+from .pricing import Priced
+from .progress import say
+from .solve import RIDGE, SOLVER_ROUNDS, GsvdProblem, LayerStats, SeparableFactors
 
 #: --max-error: solve + verify rounds at most (not counting a round that rewrites nothing).
 MAX_ERROR_ROUNDS = 4
@@ -78,16 +59,6 @@ MAX_ERROR_ROUNDS = 4
 AIM = 0.9
 #: A round that meets the bound with a measured error ≥ NEAR × the bound ends the search.
 NEAR = 0.7
-#: Offered options: MACs at most this share of the regular conv's (module docstring, step 1).
-MAX_OPTION_MACS = 0.5
-#: A conv whose regular form times below this (ms) is *tiny*: its per-conv timings are noise
-#: (one MNIST configuration timed 25.6 and 16.5 µs in two runs; three such convs "faster" at
-#: r = 2 gave ×1.000 on the whole model). It is offered its first multiplier only, priced by
-#: MACs (``t_regular × MACs_r / MACs_regular``), and the plan is checked as a whole model.
-#: Only the first: at r > 1 the r depthwise convs and the Concat cost more than they save at
-#: this size (MNIST, 1 thread: 7 tiny convs at r = 3–4 gave ×1.01, all 19 at r = 1 ×0.76).
-TINY_CONV_MS = 0.1
-TINY_OPTIONS = 2
 #: Output error bounds the report's trade-off table (and --plot) shows.
 FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
@@ -100,146 +71,6 @@ class Plan:
 
     def rewritten(self, layers: list[ConvLayer]) -> list[ConvLayer]:
         return [layer for layer in layers if self.multipliers.get(layer.name, SKIP) != SKIP]
-
-
-@dataclass(frozen=True)
-class Priced:
-    """Per layer: the offered options' MACs and, priced by latency, their latencies (ms)."""
-
-    macs: dict[str, dict[int, int]]
-    latency_ms: dict[str, dict[int, float]] | None
-
-
-# ------------------------------------------------------------------------------------- prices
-
-def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, onnx.NodeProto]:
-    """Layer name → the 1×1 conv its new pointwise conv will be merged into (fold_pointwise),
-    found by one dry-run rewrite with data-free factors; layers without one are left out."""
-    if not layers:
-        return {}
-    merged, by_pointwise = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, 1))
-                                                    for layer in layers])
-    by_name = {label(node): node for node in work.graph.node}
-    return {by_pointwise[m.first]: by_name[m.into] for m in merged.folds}
-
-
-def merged_channels(targets: dict[str, onnx.NodeProto], infos) -> dict[str, int]:
-    """Layer name → output channels of its merge target (ConvConfig.merged_channels)."""
-    out = {}
-    for name, node in targets.items():
-        info = infos.get(node.output[0])
-        if info is not None and info.shape is not None and len(info.shape) > 1:
-            out[name] = int(info.shape[1])
-    return out
-
-
-def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
-                second: dict[str, onnx.NodeProto]) -> dict[str, dict[int, int]]:
-    """MACs of each layer per option (``SKIP`` and every r whose MACs are at most
-    ``MAX_OPTION_MACS`` of the regular conv's), exact for the rewritten model.
-
-    A layer's cost includes the 1×1 conv ``second[name]`` its new pointwise conv will be merged
-    into (if any, :func:`merge_targets`): kept regular, both convs run (``P·n·c·K + P·m·n``);
-    decomposed, the depthwise conv and the merged pointwise (``P·c·r·K + P·m·c·r``).
-    """
-    costs: dict[str, dict[int, int]] = {}
-    for layer in layers:
-        shape = layer.weight_shape
-        n = shape[0]
-        out_shape = infos[layer.output].shape
-        positions = int(np.prod(out_shape[:1] + out_shape[2:]))
-        merged = node_macs(second[layer.name], infos) if layer.name in second else 0
-        options = {SKIP: node_macs(work.graph.node[layer.node_index], infos) + merged}
-        for r in range(1, int(np.prod(shape[2:])) + 1):
-            mid = GSVD.mid(shape, r)[0]
-            pointwise = merged // n * mid if layer.name in second else positions * GSVD.pointwise_macs(shape, r)
-            macs = positions * GSVD.depthwise_macs(shape, r) + pointwise
-            if check_multiplier(shape, r) is None and macs <= MAX_OPTION_MACS * options[SKIP]:
-                options[r] = macs
-        costs[layer.name] = options
-    return costs
-
-
-def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, int]],
-                     selector: LatencySelector, say, merged: dict[str, int] | None = None
-                     ) -> tuple[dict[str, dict[int, float]], list[Selection]]:
-    """Latency (ms) of each layer's regular conv (``SKIP``) and of every r that runs faster,
-    timed in the form the output model runs (``merged[name]``: the 1×1 conv the new pointwise
-    conv is merged into, see ConvConfig.merged_channels).
-
-    r = 1, 2, … in order until one is not ``MIN_GAIN`` faster (see the module docstring); each
-    option is priced ``ratio_r × t_regular`` with ``t_regular`` from r = 1's timing. Returns
-    the latencies and one :class:`Selection` per layer (the r = 1 timing and the verdict).
-    """
-    latencies: dict[str, dict[int, float]] = {}
-    selection: list[Selection] = []
-    for k, layer in enumerate(layers):
-        info = infos.get(layer.input)
-        if info is None or info.shape is None:
-            selection.append(Selection(layer.name, False, "input shape unknown, latency not measured; "
-                                                          "--select all prices by MACs instead"))
-            continue
-        offered: dict[int, float] = {}
-        first = None
-        reason = ""
-        for r in sorted(m for m in macs[layer.name] if m != SKIP):
-            mid, group = GSVD.mid(layer.weight_shape, r)
-            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
-                                     merged_channels=(merged or {}).get(layer.name, 0))
-            say(f"select: timing {k + 1}/{len(layers)} {layer.name} r={r} ({config.describe()})")
-            decision = selector.decide(config)
-            t = decision.timing
-            if t is None:  # onnxruntime cannot run this option (nor, then, a larger r)
-                reason = decision.reason
-                break
-            if first is None:
-                first = t
-                offered[SKIP] = t.regular_ms
-                if t.regular_ms < TINY_CONV_MS:  # its timings are noise: the first r's, priced by MACs
-                    offered.update({m: t.regular_ms * macs[layer.name][m] / macs[layer.name][SKIP]
-                                    for m in sorted(macs[layer.name])[1:1 + TINY_OPTIONS]})
-                    break
-            if not decision.rewrite:
-                reason = decision.reason
-                break
-            offered[r] = t.ratio * first.regular_ms
-        rs = sorted(r for r in offered if r != SKIP)
-        if rs and first.regular_ms < TINY_CONV_MS:
-            verdict = (f"tiny: regular {first.regular_ms:.3f} ms < {TINY_CONV_MS:g} ms, so r = {', '.join(map(str, rs))} are offered, "
-                       f"priced by MACs (the whole plan is timed as one model)")
-            latencies[layer.name] = offered
-        elif rs:
-            verdict = (f"faster at r = {', '.join(map(str, rs))} (×{first.regular_ms / offered[rs[0]]:.2f} at "
-                       f"r = {rs[0]}); the plan chooses among them")
-            latencies[layer.name] = offered
-        else:
-            verdict = reason or "no multiplier saves MACs"
-        selection.append(Selection(layer.name, bool(rs), verdict, first.regular_ms if first else None,
-                                   offered.get(rs[0]) if rs else (first.separable_ms if first else None)))
-    return latencies, selection
-
-
-def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
-                  selector: LatencySelector | None, say) -> tuple[Priced, list[Selection], list[Refused]]:
-    """The options offered per layer (layers with none left out), the selection records and
-    the layers kept regular for want of an option, with the reason."""
-    second = merge_targets(work, layers)
-    macs = option_macs(work, layers, infos, second)
-    macs = {name: options for name, options in macs.items() if len(options) > 1}
-    skipped = [Refused(layer.name, f"kept regular: no multiplier saves ≥ {100 * (1 - MAX_OPTION_MACS):g} % of its MACs "
-                                   f"(merged pointwise included)")
-               for layer in layers if layer.name not in macs]
-    if price == "macs":
-        return Priced(macs, None), [], skipped
-    assert selector is not None
-    latencies, selection = option_latencies([layer for layer in layers if layer.name in macs], infos, macs,
-                                            selector, say, merged_channels(second, infos))
-    unknown = {s.name for s in selection if s.regular_ms is None}  # input shape unknown or not timed
-    skipped += [Refused(name, "kept regular: latency not measured" if name in unknown else
-                        f"kept regular: no multiplier runs ≥ {100 * MIN_GAIN:g} % faster in onnxruntime")
-                for name in macs if name not in latencies]
-    macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}
-    return Priced(macs, latencies), selection, skipped
 
 
 # ---------------------------------------------------------------------------------- curves
@@ -356,7 +187,7 @@ class BudgetPlanner:
                             "measured_output_rel_l2": measured, **extra})
         self._allocations.append(alloc)
 
-    def revise(self, measured: float | None, say) -> Plan | None:
+    def revise(self, measured: float | None) -> Plan | None:
         """Record the round just verified (worst output error ``measured``; NaN counts as a miss
         that says nothing about the scale); the next plan, or None (``stop_reason`` says why)."""
         alloc = self.allocation
@@ -575,26 +406,3 @@ class BudgetPlanner:
 
 def _r(multiplier: int) -> int | str:
     return "skip" if multiplier == SKIP else multiplier
-
-
-def check_latency_reachable(target: float, latency_ms: dict[str, dict[int, float]]) -> None:
-    """BudgetError when ``--target-latency`` is below what the offered options can reach."""
-    regular = sum(options[SKIP] for options in latency_ms.values())
-    least = sum(min(options.values()) for options in latency_ms.values())
-    if not latency_ms or target * regular < least:
-        reach = f"{least / regular:.3f}" if regular > 0 else "1"
-        raise BudgetError(
-            f"--target-latency {target:g} is out of reach: the {len(latency_ms)} conv(s) that run faster "
-            f"separable can reach {reach} of their regular latency at best ({least:.3f} of {regular:.3f} ms, "
-            f"timed on this machine)")
-
-
-def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, int]]) -> None:
-    """BudgetError when ``--target-macs`` is below what the offered options can reach."""
-    fixed = before - sum(c[SKIP] for c in macs.values())
-    least = fixed + sum(min(c.values()) for c in macs.values())
-    if target_macs * before < least:
-        raise BudgetError(
-            f"--target-macs {target_macs:g} is out of reach: with the {len(macs)} selected conv(s) "
-            f"the output model's MACs range from {least / before:.4f} (each at its cheapest multiplier) to 1 "
-            f"× the input's ({least} .. {before} MACs)")

@@ -30,6 +30,7 @@ from .latency import Decision
 from .model_latency import MODEL_MIN_GAIN
 from .modelio import save_model_atomic
 from .plan import BudgetPlanner, Plan
+from .progress import say
 from .sensitivity import Sensitivities
 from .solve import ChannelFactors, SeparableFactors
 from .tuning import MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations
@@ -69,20 +70,19 @@ class PlanEvidence(NamedTuple):
 SolveRound = Callable[[Plan], SolvedRound]
 
 
-def verified_rounds(planner: BudgetPlanner, solve_round: SolveRound, say: Callable[[str], None]) -> list[SolvedRound]:
+def verified_rounds(planner: BudgetPlanner, solve_round: SolveRound) -> list[SolvedRound]:
     """Solve the planner's plan, let it revise from the measured error, until it stops."""
     rounds: list[SolvedRound] = []
     plan: Plan | None = planner.plan()
     while plan is not None:
         rounds.append(solve_round(plan))
-        plan = planner.revise(rounds[-1].worst_error(), say)
+        plan = planner.revise(rounds[-1].worst_error())
     planner.final()
     return rounds
 
 
 def task_search(planner: BudgetPlanner, solve_round: SolveRound, source: onnx.ModelProto,
-                evaluate: Callable[[str], float], tolerance: Tolerance, say: Callable[[str], None],
-                add_time: Callable[[str, float], None]) -> tuple[list[SolvedRound], list[dict]]:
+                evaluate: Callable[[str], float], tolerance: Tolerance, add_time: Callable[[str, float], None]) -> tuple[list[SolvedRound], list[dict]]:
     """Score the input model, then bisect the frontier's candidate plans (tuning.py) with the
     user's ``evaluate``: each candidate is solved, written to a private temporary folder and
     scored. Returns the solved rounds and every score, in call order."""
@@ -125,8 +125,8 @@ def task_search(planner: BudgetPlanner, solve_round: SolveRound, source: onnx.Mo
 
 
 def checked_choice(planner: BudgetPlanner, rounds: list[SolvedRound], solve_round: SolveRound,
-                   time_model: Callable[[onnx.ModelProto], Decision], notes: list[str],
-                   say: Callable[[str], None]) -> tuple[SolvedRound, Decision | None]:
+                   time_model: Callable[[onnx.ModelProto], Decision], notes: list[str]
+                   ) -> tuple[SolvedRound, Decision | None]:
     """The planner's chosen round (``planner.chosen_round`` after ``final()``; none met the
     bound or tolerance → the all-regular plan), checked as a whole model when the options were
     priced by latency: a plan whose model ``time_model`` does not find faster than the

@@ -34,15 +34,16 @@ calibration samples in all; no graph surgery and no session per probe.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
+from .progress import say
 from .runtime import make_session, run
 from .solve import ChannelFactors, SeparableFactors
 from .verify import worst_output_error
@@ -111,11 +112,10 @@ def probe_model(model: onnx.ModelProto, layers: list[ConvLayer]) -> tuple[onnx.M
 def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
                           factors: Mapping[str, SeparableFactors | ChannelFactors],
                           layer_errors: Mapping[str, float], multipliers: Mapping[str, int],
-                          batches: list[dict[str, np.ndarray]], scales: dict[str, np.ndarray] | None,
-                          progress: Callable[[str], None] | None = None) -> Sensitivities:
+                          batches: list[dict[str, np.ndarray]], scales: dict[str, np.ndarray] | None
+                          ) -> Sensitivities:
     """One probe per layer (module docstring) on the held-out ``batches``; ``layer_errors[name]``
     is the layer error of ``factors[name]`` (the curve pass's, at ``multipliers[name]``)."""
-    say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     probe, inputs = probe_model(model, layers)
     try:

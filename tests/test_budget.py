@@ -23,7 +23,8 @@ from onnx_dwdecomp.budget import (
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.pipeline import decompose
-from onnx_dwdecomp.plan import MAX_ERROR_ROUNDS, MAX_OPTION_MACS, NEAR, BudgetPlanner
+from onnx_dwdecomp.plan import MAX_ERROR_ROUNDS, NEAR, BudgetPlanner
+from onnx_dwdecomp.pricing import MAX_OPTION_MACS
 
 # ------------------------------------------------------------------------------ allocation
 
@@ -125,15 +126,14 @@ def test_max_error_round_tightens_after_a_miss():
     plan = _planner(curves, 1000, 1000 + reachable_macs(curves)[1], 1e-3)
     first = plan.allocation
     assert first.error <= (0.9 * 0.1) ** 2 / 1e-3
-    say = lambda _msg: None  # noqa: E731
     # a round whose output error is twice the bound
-    assert plan.revise(0.2, say) is not None
+    assert plan.revise(0.2) is not None
     assert plan.scale == pytest.approx(0.2 ** 2 / first.error)
     assert plan.allocation.error < first.error and plan.allocation.macs > first.macs
     assert plan.allocation.error <= (0.9 * 0.1) ** 2 / plan.scale
-    plan.revise(0.2, say)
-    plan.revise(0.2, say)
-    assert plan.revise(0.2, say) is None  # at most MAX_ERROR_ROUNDS rounds
+    plan.revise(0.2)
+    plan.revise(0.2)
+    assert plan.revise(0.2) is None  # at most MAX_ERROR_ROUNDS rounds
     assert len(plan.rounds) == MAX_ERROR_ROUNDS and "round cap" in plan.stop_reason
     assert plan.final() is None  # nothing met: the caller falls back to the all-regular plan
     fallback = plan.fall_back(0.0)
@@ -147,14 +147,13 @@ def test_max_error_round_loosens_after_a_hit_and_keeps_the_cheapest_hit():
     plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
     first = plan.allocation
     assert first.error > 0
-    say = lambda _msg: None  # noqa: E731
     # far below the bound: the prediction was pessimistic, the next round uses fewer MACs
-    assert plan.revise(0.01, say) is not None
+    assert plan.revise(0.01) is not None
     assert plan.allocation.macs < first.macs
     # the looser round misses: it tightens again, but never to something dearer than the hit
-    if plan.revise(0.5, say) is not None:
+    if plan.revise(0.5) is not None:
         assert plan.allocation.macs < first.macs
-        plan.revise(0.5, say)
+        plan.revise(0.5)
     assert plan.final() == 0 and plan.met(0) is True
     assert plan.allocation == first
 
@@ -163,7 +162,7 @@ def test_a_hit_near_the_bound_ends_the_rounds():
     curves = synthetic_curves(5, 1)
     plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
     assert plan.allocation.error > 0
-    assert plan.revise(NEAR * 0.1 + 1e-6, lambda _msg: None) is None
+    assert plan.revise(NEAR * 0.1 + 1e-6) is None
     assert "within" in plan.stop_reason and plan.final() == 0
 
 
@@ -177,7 +176,7 @@ def test_the_prediction_is_the_sensitivity_weighted_sum():
     assert plan.allocation.multipliers == {"loud": SKIP, "quiet": 1}
     assert plan.predicted() == pytest.approx(np.sqrt(1.0 * 0.01))
     # measured 2× the prediction: α = 4, and the frontier's predictions scale with it
-    plan.revise(0.2, lambda _msg: None)
+    plan.revise(0.2)
     assert plan.scale == pytest.approx(4.0)
     point = next(p for p in plan.frontier() if p["bound"] == 0.5)
     assert point["convs_rewritten"] == 1 and point["predicted_output_rel_l2"] == pytest.approx(0.2)
@@ -189,7 +188,7 @@ def test_an_empty_first_plan_ends_the_rounds():
               for k, (e1, e2) in enumerate(((0.2, 0.05), (0.1, 0.02), (0.3, 0.1)))]
     plan = _planner(curves, 0, reachable_macs(curves)[1], 1.0)
     assert all(r == SKIP for r in plan.allocation.multipliers.values())
-    assert plan.revise(0.0, lambda _msg: None) is None
+    assert plan.revise(0.0) is None
     assert "no rewrite fits" in plan.stop_reason
     assert "smallest predicted output rel. L2 of a single rewrite is 0.447" in plan.why_nothing()
 
@@ -198,7 +197,7 @@ def test_a_nan_round_is_a_miss_that_keeps_the_scale():
     curves = synthetic_curves(5, 1)
     plan = _planner(curves, 0, reachable_macs(curves)[1], 1e-3)
     first = plan.allocation
-    nxt = plan.revise(float("nan"), lambda _msg: None)
+    nxt = plan.revise(float("nan"))
     assert plan.scale == 1e-3 and plan._best is None
     assert nxt is not None and plan.allocation.error < first.error  # strictly below the missed round
 
@@ -210,7 +209,7 @@ def test_a_margin_that_leaves_nothing_retries_below_the_missed_round():
               LayerCurve("b", (Option(SKIP, 900, 0.0), Option(1, 200, 0.08)))]
     plan = _planner(curves, 0, 1800, (0.9 * 0.1) ** 2 / 0.18)  # bound admits both: Σe = 0.18
     assert plan.allocation.multipliers == {"a": 1, "b": 1}
-    nxt = plan.revise(0.5, lambda _msg: None)  # far off: α = 0.25 / 0.18, 0.9·E → bound 0.0058
+    nxt = plan.revise(0.5)  # far off: α = 0.25 / 0.18, 0.9·E → bound 0.0058
     assert nxt is not None and sum(v != SKIP for v in nxt.multipliers.values()) == 1
 
 
@@ -365,5 +364,5 @@ def test_a_rewrite_predicted_within_the_bound_but_above_the_aim_is_tried():
     curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, (0.95 * 0.1) ** 2)))]
     plan = _planner(curves, 0, 900, 1.0)
     assert plan.allocation.multipliers == {"a": 1} and plan.predicted() == pytest.approx(0.095)
-    assert plan.revise(0.096, lambda _msg: None) is None and plan.final() == 0  # near the bound: done
+    assert plan.revise(0.096) is None and plan.final() == 0  # near the bound: done
     assert plan.tried_a_rewrite()

@@ -188,3 +188,17 @@ def test_solver_tunables_are_public_options(net, calib):
         decompose(net, calib=calib, ridge=-1.0)
     with pytest.raises(OptionError, match="--solver-rounds 1.5: expected an integer"):
         decompose(net, calib=calib, solver_rounds=1.5)
+
+
+def test_progress_lines_reach_the_jobs_reporter_only(net, calib):
+    """Every stage reports through the job's one reporter (progress.py), the calibration
+    driver's worker thread included; nothing is reported after the job or to another job."""
+    from onnx_dwdecomp.progress import say
+
+    lines: list[str] = []
+    decompose(net, calib=calib, select="all", max_error=0.45, progress=lines.append)
+    assert any(ln.startswith("calibrate: layer") for ln in lines)
+    assert any(ln.startswith("plan: sensitivity probe") for ln in lines) and "verify" in lines
+    count = len(lines)
+    say("after the job")
+    assert len(lines) == count

@@ -20,7 +20,7 @@ from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.latency import LatencySelector, Timing
 from onnx_dwdecomp.pipeline import DecomposeOptions, decompose
 from onnx_dwdecomp.options import DEFAULT_MAX_ERROR
-from onnx_dwdecomp.plan import option_latencies
+from onnx_dwdecomp.pricing import option_latencies
 from onnx_dwdecomp.shapes import infer_tensor_info
 
 # ------------------------------------------------------------------------------ options
@@ -64,7 +64,7 @@ def test_option_latencies_stop_at_the_first_option_not_faster():
     calls: list[int] = []
     selector = LatencySelector(_fake_timer({1: 0.4, 2: 0.8, 3: 0.97, 4: 0.5}, calls), threads=1)
     macs = {layer.name: {SKIP: 100, 1: 10, 2: 20, 3: 30, 4: 40}}
-    latencies, selection = option_latencies([layer], infos, macs, selector, lambda _m: None)
+    latencies, selection = option_latencies([layer], infos, macs, selector)
     assert calls == [1, 2, 3]  # r = 3 is not 5 % faster: r = 4 is never timed
     assert latencies[layer.name] == {SKIP: 1.0, 1: 0.4, 2: 0.8}
     assert selection[0].rewritten and "r = 1, 2" in selection[0].reason

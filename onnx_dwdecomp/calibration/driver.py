@@ -20,6 +20,7 @@ import onnx
 from ..candidates import ConvLayer
 from ..data.dataset import CalibrationData
 from ..errors import CalibrationError, first_line
+from ..progress import say
 from ..rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from ..runtime import make_session, run
 from ..shapes import TensorInfo
@@ -67,7 +68,6 @@ class CalibrationOutcome:
 def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: CalibrationData,
                         infos: dict[str, TensorInfo], solve: SolveFn, options: CalibrationOptions,
                         fixed_batch: int | None = None,
-                        progress: Callable[[str], None] | None = None,
                         heldout: np.ndarray | None = None) -> CalibrationOutcome:
     """Decompose ``layers`` in graph order, each against statistics of the partially decomposed network.
 
@@ -90,11 +90,10 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     layers = sorted(layers, key=lambda layer: layer.node_index)
     if heldout is None:
         heldout = split_holdout(data.num_samples, options.holdout, options.seed)
-    say = progress or (lambda _msg: None)
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
         state = _PassState(model, layers, infos, options, fixed_batch, heldout, data.num_samples, tmp)
         state.load(data)
-        (_symmetric_pass if options.symmetric else _asymmetric_pass)(state, solve, say)
+        (_symmetric_pass if options.symmetric else _asymmetric_pass)(state, solve)
         spilled = state.orig.spilled_bytes + state.approx.spilled_bytes
     return CalibrationOutcome(state.results, int((~heldout).sum()), int(heldout.sum()),
                               options.positions, spilled, state.timing)
@@ -165,7 +164,7 @@ class _PendingSolve(NamedTuple):
         state.results[self.layer.name] = CalibratedLayer(factors, self.heldout_error(factors), self.count)
 
 
-def _symmetric_pass(state: _PassState, solve: SolveFn, say: Callable[[str], None]) -> None:
+def _symmetric_pass(state: _PassState, solve: SolveFn) -> None:
     """x̂ = x: no layer's statistics depend on another's factors, so layer ``k`` is solved on the
     worker thread while this one runs the forward pass and the statistics of layer ``k + 1`` (one
     solve in flight), all under one BLAS thread (see :func:`calibrate_and_solve`)."""
@@ -192,7 +191,7 @@ def _symmetric_pass(state: _PassState, solve: SolveFn, say: Callable[[str], None
             pending.join(state)
 
 
-def _asymmetric_pass(state: _PassState, solve: SolveFn, say: Callable[[str], None]) -> None:
+def _asymmetric_pass(state: _PassState, solve: SolveFn) -> None:
     """Each layer against the decomposed network's input: the factors of every layer are in
     place in the decomposed copy before the next layer's statistics are gathered. The original
     network's next segment does not depend on this layer's factors: it runs on the worker thread
