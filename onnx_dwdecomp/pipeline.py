@@ -168,14 +168,15 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     planner: BudgetPlanner | None = None
     sensitivities: Sensitivities | None = None
     if opts.plan_mode() == "uniform":
-        if opts.select == "latency":
-            layers = _select_by_latency(job, layers, selection, skipped)
-        else:
-            selection += [Selection(layer.name, True, "--select all") for layer in layers]
-        plan: Plan | None = Plan({layer.name: uniform_r for layer in layers})
+        selected = (_select_by_latency(job, layers) if opts.select == "latency" else
+                    Selected(layers, [Selection(layer.name, True, "--select all") for layer in layers], []))
+        plan: Plan | None = Plan({layer.name: uniform_r for layer in selected.layers})
     else:
-        planner, sensitivities, layers = _budget_planner(job, layers, selection, skipped)
+        planner, sensitivities, selected = _budget_planner(job, layers)
         plan = planner.plan()
+    layers = selected.layers
+    selection += selected.selection
+    skipped += selected.skipped
     job.add_time("plan", time.perf_counter() - t0)
     solve_round = functools.partial(_solve_rewrite_verify, job, layers)
     evaluations: list[dict] | None = None
@@ -263,18 +264,26 @@ def _named_shapes(given: Mapping[str, tuple[int, ...]], specs) -> dict[str, tupl
     return shapes
 
 
-def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selection], skipped: list[Refused]
-                    ) -> tuple[BudgetPlanner, Sensitivities | None, list[ConvLayer]]:
+class Selected(NamedTuple):
+    """The layers that go on to be planned, each candidate's selection record, and the layers
+    kept regular with the reason."""
+
+    layers: list[ConvLayer]
+    selection: list[Selection]
+    skipped: list[Refused]
+
+
+def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, Sensitivities | None, Selected]:
     """Price the options, trace the error curves on held-out patches, probe each layer's
     sensitivity, allocate (plan.py)."""
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
     priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector)
-    selection += timed if timed else [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
-                                      for layer in layers]
-    skipped += without_options
-    layers = [layer for layer in layers if layer.name in priced.macs]
+    selected = Selected([layer for layer in layers if layer.name in priced.macs],
+                        timed or [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
+                                  for layer in layers], without_options)
+    layers = selected.layers
     before = model_cost(job.work, job.infos).macs
     if opts.target_macs is not None:
         check_reachable(opts.target_macs, before, priced.macs)
@@ -305,7 +314,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer], selection: list[Selectio
         mode, opts.max_error or DEFAULT_MAX_ERROR)
     planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
                             before_macs=before, default=opts.default_plan)
-    return planner, sensitivities, layers
+    return planner, sensitivities, selected
 
 
 def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> CalibrationOptions:
@@ -415,14 +424,12 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
                   environment=environment(opts.providers, opts.threads or default_threads()))
 
 
-def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selection],
-                       skipped: list[Refused]) -> list[ConvLayer]:
+def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:
     """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
-    (merged into a following 1×1 conv where it will be); appends the decision for every layer
-    to ``selection`` and the rejected ones to ``skipped``."""
+    (merged into a following 1×1 conv where it will be), with every layer's decision."""
     infos, method, opts, selector = job.infos, job.method, job.opts, job.latency_selector()
     merged = merged_channels(merge_targets(job.work, layers), infos)
-    chosen = []
+    selected = Selected([], [], [])
     for k, layer in enumerate(layers):
         info = infos.get(layer.input)
         if info is None or info.shape is None:
@@ -434,14 +441,14 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer], selection: list[Selec
             say(f"select: timing {k + 1}/{len(layers)} {layer.name} ({config.describe()})")
             decision = selector.decide(config)
         t = decision.timing
-        selection.append(Selection(layer.name, decision.rewrite, decision.reason,
-                                   t.regular_ms if t else None, t.separable_ms if t else None))
+        selected.selection.append(Selection(layer.name, decision.rewrite, decision.reason,
+                                            t.regular_ms if t else None, t.separable_ms if t else None))
         if decision.rewrite:
-            chosen.append(layer)
+            selected.layers.append(layer)
         else:
-            skipped.append(Refused(layer.name, "kept regular: latency not measured" if t is None else
-                                   f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
-    return chosen
+            selected.skipped.append(Refused(layer.name, "kept regular: latency not measured" if t is None else
+                                            f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
+    return selected
 
 
 class Reference(NamedTuple):
