@@ -12,13 +12,13 @@ stands for the model's, the other nodes being the same before and after).
 - error budget: minimise ``Σ_l c_lo``      subject to  ``Σ_l w_l e_lo ≤ E``.
 
 The errors are *relative response errors* ``E‖Wx − Ŵx̂‖² / E‖Wx − E[Wx]‖²`` (squared,
-scale-free). Summing them (``w_l = 1`` by default) models each decomposed layer as injecting
-noise of relative power ``e_l`` into the signal it carries; when the noise sources are
-independent and the layers pass relative perturbations on with about unit gain (normalised
-activations: BN-folded convs, ReLU), the network output's squared relative error is about the
-sum, ``rel_L2(out)² ≈ κ·Σ e_l``, with one model-wide factor ``κ`` that the pipeline measures.
-Weighting by a layer's share of the response variance would be wrong here: a layer with
-small activations is not less important for the output's *relative* error.
+scale-free). The weighted sum models each decomposed layer as injecting noise of relative power
+``e_l`` into the signal it carries, reaching the output with a layer's own gain: with
+independent noise sources the network output's squared relative error is about
+``α·Σ w_l e_l``, where the planner sets ``w_l`` to the layer's measured sensitivity (one probe
+per layer, sensitivity.py) and ``α`` corrects the interaction (plan.py). Weighting by a
+layer's share of the response variance would be wrong here: a layer with small activations is
+not less important for the output's *relative* error.
 
 The solver
 ----------

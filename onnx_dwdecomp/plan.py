@@ -24,10 +24,11 @@ The budgeted planner
    plan's output error is predicted as ``ε² ≈ α·Σ s_l e_l(r_l)``, the interaction scale ``α``
    starting at 1.
 4. **Allocation** (budget.py, each layer's error weighted by ``s_l``): ``--max-error E``: least
-   price with ``α·Σ s e ≤ (AIM·E)²``; ``--target-macs``: least predicted error with MACs ≤ F ×
+   price with ``α·Σ s e ≤ (AIM·E)²`` (``E²`` when the aim leaves nothing to rewrite);
+   ``--eval``: the candidates of tuning.py, scored by the user's function; ``--target-macs``: least predicted error with MACs ≤ F ×
    the input's; ``--target-latency``: least predicted error with the candidate convs' summed
    latency ≤ F × their regular latency.
-5. **Rounds** (``--max-error``): the chosen plan is solved the normal way (asymmetric, in graph
+5. **Rounds** (``--max-error``; search.py drives them): the chosen plan is solved the normal way (asymmetric, in graph
    order), rewritten and verified on the held-out samples; ``α`` is re-measured from the round,
    ``α = measured² / Σ s e`` (the sensitivities stay: the rounds correct the interaction, never
    reset to a model-wide guess); a miss re-allocates strictly below the missed error sum, a hit
