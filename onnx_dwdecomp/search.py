@@ -16,6 +16,7 @@ verify). This module decides which plans to solve and which one to keep:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -97,8 +98,12 @@ def task_search(planner: BudgetPlanner, solve_round: SolveRound, source: onnx.Mo
             t0 = time.perf_counter()
             value = call_evaluate(evaluate, str(path), name, what)
             add_time("evaluate", time.perf_counter() - t0)
-            for leftover in os.listdir(tmp):
-                os.remove(os.path.join(tmp, leftover))
+            for leftover in os.listdir(tmp):  # the model, and whatever evaluate wrote beside it
+                where = os.path.join(tmp, leftover)
+                if os.path.isdir(where) and not os.path.islink(where):
+                    shutil.rmtree(where)
+                else:
+                    os.remove(where)
             return value
 
         baseline = score(source, "the input model")

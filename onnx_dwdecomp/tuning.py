@@ -76,7 +76,7 @@ def call_evaluate(evaluate: Callable[[str], float], path: str, name: str, what: 
     one :class:`EvaluationError` naming the function and the model it was scoring."""
     try:
         score = evaluate(path)
-    except Exception as exc:  # the user's code may raise anything
+    except (Exception, SystemExit) as exc:  # the user's code may raise anything, sys.exit() included
         text = str(exc).strip().splitlines()
         raise EvaluationError(f"evaluate function {name} raised {type(exc).__name__}"
                               f"{': ' + text[0] if text else ''} while scoring {what}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import onnx
@@ -177,3 +178,30 @@ def test_cli_eval_from_a_file_and_its_errors(tmp_path, data, capsys):
     assert not (tmp_path / "out.onnx").exists()
     assert main(args + ["--eval", f"{tmp_path / 'metric.py'}:nothing"]) == 2
     assert "has no attribute 'nothing'" in capsys.readouterr().err
+
+
+def test_call_evaluate_system_exit_is_one_error():
+    """A metric script that calls sys.exit('...') (or argparse's exit) is an EvaluationError, not a
+    silent exit of the whole job."""
+    def leaves(path):
+        raise SystemExit("labels file missing")
+    with pytest.raises(EvaluationError, match="raised SystemExit: labels file missing while scoring the input"):
+        call_evaluate(leaves, "m.onnx", "mod:fn", "the input model")
+
+
+def test_task_mode_evaluate_may_write_a_folder_beside_the_model(data):
+    """An evaluate function that writes its outputs into a folder next to the model it scores
+    (e.g. 'model.onnx.out/') does not break the cleanup of the private temporary folder."""
+    net, calib = data
+    folders = []
+
+    def score(path):
+        os.makedirs(path + ".out")
+        with open(os.path.join(path + ".out", "log.txt"), "w") as f:
+            f.write("scored")
+        folders.append(path + ".out")
+        return 1.0
+
+    _, rep = decompose(net, calib=calib, select="all", evaluate=score, max_drop=0.5)
+    assert len(folders) >= 2 and rep.budget["mode"] == "task"
+    assert not any(os.path.exists(os.path.dirname(f)) for f in folders)
