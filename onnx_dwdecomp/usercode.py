@@ -40,7 +40,7 @@ def load_callable(spec: str, what: str, raised: type[UserError]) -> Callable[...
         sys.modules[modname] = module
         try:
             mspec.loader.exec_module(module)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() or argparse at import time included
             sys.modules.pop(modname, None)
             raise raised(f"importing {what} file {target} raised {exc_text(e)}") from e
     else:
@@ -51,7 +51,7 @@ def load_callable(spec: str, what: str, raised: type[UserError]) -> Callable[...
                 raise OptionError(f"{what} {spec!r}: module {target!r} not found "
                                   "(expected 'module:callable' or 'path/to/file.py:callable')") from e
             raise raised(f"importing {what} module {target!r} raised {exc_text(e)}") from e
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise raised(f"importing {what} module {target!r} raised {exc_text(e)}") from e
     obj: Any = module
     for part in attr.split("."):

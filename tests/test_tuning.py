@@ -205,3 +205,14 @@ def test_task_mode_evaluate_may_write_a_folder_beside_the_model(data):
     _, rep = decompose(net, calib=calib, select="all", evaluate=score, max_drop=0.5)
     assert len(folders) >= 2 and rep.budget["mode"] == "task"
     assert not any(os.path.exists(os.path.dirname(f)) for f in folders)
+
+
+def test_eval_file_that_exits_on_import_is_one_error(tmp_path):
+    """A metric file that runs argparse or sys.exit() at import time: one EvaluationError, not a
+    silent exit."""
+    from onnx_dwdecomp.usercode import load_callable
+
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit('usage: exits.py LABELS')\ndef score(path):\n"
+                                       "    return 1.0\n")
+    with pytest.raises(EvaluationError, match="importing evaluate function file .*exits.py raised SystemExit"):
+        load_callable(f"{tmp_path / 'exits.py'}:score", "evaluate function", EvaluationError)
