@@ -34,7 +34,7 @@ The budgeted planner
    reset to a model-wide guess); a miss re-allocates strictly below the missed error sum, a hit
    more than ``NEAR`` below the bound re-allocates looser when that is cheaper than the best
    hit so far. The rounds stop at a hit within ``[NEAR, 1] × E``, at a plan already measured,
-   when nothing cheaper is predicted, or after ``MAX_ERROR_ROUNDS`` solved rounds. The result
+   when nothing cheaper (after a miss: nothing that rewrites a conv) is predicted, or after ``MAX_ERROR_ROUNDS`` solved rounds. The result
    is the cheapest round that met the bound, else the all-regular plan (the output then equals
    the input: the tool never hands back a plan it measured outside the bound).
 6. **Frontier.** From the same curves, sensitivities, ``α`` and prices, what the bounds of
@@ -220,6 +220,9 @@ class BudgetPlanner:
             # the margin left nothing: try the largest plan below the missed one instead
             self.bound = missed_bound
             nxt = allocate_error(self.curves, self.bound, price=self.price)
+        if not hit and nxt.error <= 0:  # only the all-regular plan is predicted below the missed one
+            self.stop_reason = "every plan predicted below the missed one's error rewrites nothing"
+            return None
         tried = {tuple(sorted(a.multipliers.items())) for a in self._allocations}
         if tuple(sorted(nxt.multipliers.items())) in tried:
             self.stop_reason = "the re-scaled allocation is a plan already measured"

@@ -366,3 +366,15 @@ def test_a_rewrite_predicted_within_the_bound_but_above_the_aim_is_tried():
     assert plan.allocation.multipliers == {"a": 1} and plan.predicted() == pytest.approx(0.095)
     assert plan.revise(0.096) is None and plan.final() == 0  # near the bound: done
     assert plan.tried_a_rewrite()
+
+
+def test_a_miss_with_nothing_below_it_falls_back_without_solving_the_regular_plan():
+    """The only rewrite missed the bound and nothing is predicted below it: the rounds stop
+    (no round spent on the all-regular plan, whose 'hit' made the report say each probe alone
+    exceeds the bound and hid the miss) and final() hands the choice to the fallback."""
+    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.005)))]
+    plan = _planner(curves, 0, 900, 1.0)
+    assert plan.allocation.multipliers == {"a": 1}
+    assert plan.revise(0.2) is None
+    assert "no rewrite fits" not in plan.stop_reason and "missed" in plan.stop_reason
+    assert len(plan.rounds) == 1 and plan.final() is None
