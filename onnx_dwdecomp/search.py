@@ -34,7 +34,7 @@ from .plan import BudgetPlanner, Plan
 from .progress import say
 from .sensitivity import Sensitivities
 from .solve import ChannelFactors, SeparableFactors
-from .tuning import MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations
+from .tuning import LADDER, MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations
 from .usercode import display_name
 from .verify import Verification
 
@@ -123,8 +123,11 @@ def task_search(planner: BudgetPlanner, solve_round: SolveRound, source: onnx.Mo
                                 "convs_rewritten": len(rnd.layers), "score": value, "within": within,
                                 "measured_output_rel_l2": rnd.worst_error()})
             rounds.append(rnd)
-    planner.stop_reason = (f"binary search over {len(candidates)} candidate plans: "
-                           + ("every candidate evaluated" if search.hi - search.lo <= 1 else "evaluation budget spent"))
+    scored = len(evaluations) - 1
+    planner.stop_reason = (f"binary search over {len(candidates)} candidate plans: " + (
+        "none to evaluate (no rewrite is predicted within the largest bound of the ladder)" if not candidates else
+        f"converged, {scored} evaluated" if search.hi - search.lo <= 1 else
+        f"evaluation budget spent, {scored} evaluated"))
     planner.final()
     return rounds, evaluations
 
@@ -146,7 +149,9 @@ def checked_choice(planner: BudgetPlanner, rounds: list[SolvedRound], solve_roun
     index = planner.chosen_index
     if index is None:  # no round met the bound / the tolerance: the all-regular plan (output = input)
         if planner.mode == "task":
-            return fall_back("no candidate plan kept the score within the tolerance"), None
+            return fall_back("no candidate plan kept the score within the tolerance" if planner.rounds else
+                             "no candidate plan to score (no conv has a rewrite predicted within output error "
+                             f"{LADDER[-1]:g})"), None
         if planner.mode == "max_error":
             best = min((r.worst_error() for r in rounds), default=float("nan"))
             return fall_back(f"no plan tried met the output error bound {planner.target:g} "

@@ -216,3 +216,25 @@ def test_eval_file_that_exits_on_import_is_one_error(tmp_path):
                                        "    return 1.0\n")
     with pytest.raises(EvaluationError, match="importing evaluate function file .*exits.py raised SystemExit"):
         load_callable(f"{tmp_path / 'exits.py'}:score", "evaluate function", EvaluationError)
+
+
+def test_task_mode_without_candidates_says_so(tmp_path):
+    """No conv has an option (c = 1: no multiplier halves the MACs): no candidate is scored, and
+    the report does not claim one was scored outside the tolerance or that 'every candidate'
+    was evaluated."""
+    net, calib = three_layer_net(c=1, width=2), correlated_images(40, 1, 12, 12, seed=1)
+    score = CountingScore()
+    _, rep = decompose(net, calib=calib, select="all", evaluate=score)
+    assert len(score.calls) == 1 and rep.layers == ()
+    assert not any("kept the score within" in n for n in rep.notes)
+    assert any("no candidate plan to score" in n for n in rep.notes)
+    assert "0 candidate plans" in rep.budget["stop_reason"] and "every candidate" not in rep.budget["stop_reason"]
+    rep.render()
+
+
+def test_task_mode_stop_reason_counts_the_evaluations(data):
+    net, calib = data
+    score = CountingScore()
+    _, rep = decompose(net, calib=calib, select="all", evaluate=score, max_drop=0.015)
+    n = len(score.calls) - 1
+    assert f"{n} evaluated" in rep.budget["stop_reason"]
