@@ -201,7 +201,8 @@ class BudgetPlanner:
             self._best = len(self._allocations) - 1
         if alloc.error <= 0:
             # every single rewrite was measured (its probe) above the bound: nothing can fit
-            self.stop_reason = "no rewrite fits the bound (each layer's probe alone exceeds it)"
+            self.stop_reason = ("no rewrite fits the bound (each layer's probe alone exceeds it)" if self.curves else
+                                "no conv has an option cheaper than the regular conv")
             return None
         self._rescale(alloc, measured)
         if hit and measured >= NEAR * self.target:

@@ -378,3 +378,11 @@ def test_a_miss_with_nothing_below_it_falls_back_without_solving_the_regular_pla
     assert plan.revise(0.2) is None
     assert "no rewrite fits" not in plan.stop_reason and "missed" in plan.stop_reason
     assert len(plan.rounds) == 1 and plan.final() is None
+
+
+def test_no_curves_stop_reason_names_the_cause():
+    """No conv has an option: the stop reason must not blame the probes (there were none)."""
+    plan = _planner([], 500, 500, 1.0)
+    assert plan.revise(0.0) is None
+    assert "probe" not in plan.stop_reason and "no conv has an option" in plan.stop_reason
+    assert plan.final() == 0 and plan.to_dict(500, {}, {})["layers"] == []
