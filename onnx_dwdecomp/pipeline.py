@@ -191,7 +191,8 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
         else:
             rounds = verified_rounds(planner, solve_round)
         # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or --input-shape's)
-        feeds = random_batches(job.specs, job.shapes, opts.seed, samples=job.shapes[job.specs[0].name][0])[0]
+        batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)  # a scalar has none
+        feeds = random_batches(job.specs, job.shapes, opts.seed, samples=batch)[0]
 
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()

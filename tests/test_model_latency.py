@@ -69,3 +69,23 @@ def test_the_real_timer_times_two_models():
     t = REAL_TIMER(data, data, {"x": correlated_images(1, 6, 12, 12)}, 1, ("CPUExecutionProvider",),
                    budget_s=0.02, min_runs=5, max_runs=10)
     assert 5 <= t.runs <= 10 and t.regular_ms > 0 and t.separable_ms > 0
+
+
+def test_a_model_whose_first_input_is_a_scalar_is_checked(tmp_path):
+    """The whole-model check's input takes its batch from the first input with a batch axis;
+    a scalar first input (a scale, a threshold) crashed with IndexError."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    net = three_layer_net(c=6, width=16)
+    g = net.graph
+    g.node[-1].output[0] = "y0"
+    g.node.append(helper.make_node("Mul", ["y0", "s"], ["y"], name="scale"))
+    inputs = [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])] + list(g.input)
+    del g.input[:]
+    g.input.extend(inputs)
+    onnx.checker.check_model(net)
+    np.savez(tmp_path / "c.npz", s=np.array(2.0, np.float32), x=correlated_images(40, 6, 12, 12, seed=1))
+    _, rep = decompose(net, calib=str(tmp_path / "c.npz"), max_error=0.3)
+    assert rep.budget["mode"] == "max_error"
