@@ -241,16 +241,21 @@ class BudgetPlanner:
         if measured is not None and np.isfinite(measured) and measured > 0 and alloc.error > 0:
             self.scale = measured ** 2 / alloc.error
 
-    def calibrate_latency(self, index: int, regular_ms: float, plan_ms: float) -> None:
-        """Round ``index``'s plan measured ``plan_ms`` as a whole model against ``regular_ms``
-        for the all-regular one: the frontier scales its per-conv savings by
-        ``β = (regular_ms − plan_ms) / Σ per-conv saving`` (per-conv timings of tiny convs miss
-        much of what a rewrite saves or costs around them)."""
+    def calibrate_latency(self, index: int, regular_ms: float, ratio: float, halfwidth: float = 0.0) -> None:
+        """Round ``index``'s plan measured ``ratio`` (± ``halfwidth``, the noise band) of the
+        all-regular model's ``regular_ms`` as a whole model: the frontier scales its per-conv
+        savings by ``β = regular_ms·(1 − ratio − halfwidth) / Σ per-conv saving`` — the band's
+        slow end, as per-conv timings of tiny convs miss much of what a rewrite saves or costs
+        around them — capped at ``regular_ms / Σ regular convs`` (the convs cannot save more than
+        the whole model takes; a 10-round timing of a one-conv plan gave β = 6.8 and predicted
+        ratios of 0 before the cap)."""
         alloc = self._allocations[index]
         self.model_ms = regular_ms
         if self.price == "latency" and alloc.latency_ms is not None:
-            saving = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) - alloc.latency_ms
-            self.latency_scale = max((regular_ms - plan_ms) / saving, 0.0) if saving > 0 else None
+            regular_convs = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves)
+            saving = regular_convs - alloc.latency_ms
+            beta = regular_ms * (1.0 - ratio - halfwidth) / saving if saving > 0 else None
+            self.latency_scale = None if beta is None else min(max(beta, 0.0), regular_ms / regular_convs)
 
     def set_tolerance(self, baseline: float, allowed: float, text: str) -> None:
         self.tolerance = {"input_score": baseline, "allowed_drop": allowed, "max_drop": text}
@@ -344,10 +349,16 @@ class BudgetPlanner:
         ratio ``1 − β·(Σ regular − Σ chosen) / t_model``."""
         regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self.price == "latency" else None
         chosen = self.allocation.multipliers
+        plans = [(bound, allocate_error(self.curves, bound ** 2 / self.scale, price=self.price) if self.curves
+                  else uniform(self.curves, SKIP))
+                 for bound in sorted(set(bounds) | ({self.target} if self.mode == "max_error" else set()))]
+        if self.curves and not any(alloc.multipliers == chosen for _, alloc in plans):
+            # the plan handed back (allocated below the bound, or by another round's scale) is
+            # a row of its own, between the bounds its predicted error falls in
+            plans.append((None, self.allocation))
+            plans.sort(key=lambda p: (self.predicted(p[1]), p[0] is not None))
         points = []
-        for bound in sorted(set(bounds) | ({self.target} if self.mode == "max_error" else set())):
-            alloc = allocate_error(self.curves, bound ** 2 / self.scale, price=self.price) if self.curves else \
-                uniform(self.curves, SKIP)
+        for bound, alloc in plans:
             point = {"bound": bound, "predicted_output_rel_l2": self.predicted(alloc),
                      "macs": self.fixed + alloc.macs, "macs_ratio": (self.fixed + alloc.macs) / max(self.before, 1),
                      "convs_rewritten": sum(1 for r in alloc.multipliers.values() if r != SKIP),

@@ -71,7 +71,7 @@ def _draw(plt, budget: dict, fmt: str) -> bytes:
         if pairs:
             ax.plot(*zip(*pairs), "o-", color="tab:blue", label="frontier (predicted, per bound)")
         for p, x, y in zip(points, xs, ys):
-            if y is not None:
+            if y is not None and p["bound"] is not None:
                 ax.annotate(f"{p['bound']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if p.get("chosen") and y is not None:
                 ax.plot([x], [y], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:red",

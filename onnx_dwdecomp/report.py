@@ -285,7 +285,7 @@ class Report:
                 lat = "-" if p["model_latency_ratio"] is None else f"×{p['model_latency_ratio']:.3f}"
             else:
                 lat = "-" if p["latency_ms"] is None or not before else f"×{p['latency_ms'] / before:.3f}"
-            rows.append((f"{p['bound']:g}", f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
+            rows.append(("-" if p["bound"] is None else f"{p['bound']:g}", f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
                          f"×{p['macs_ratio']:.3f}", lat, "◀ chosen" if p["chosen"] else ""))
         how = "the curves, gains and α"
         if latency and b.get("latency_scale") is not None:

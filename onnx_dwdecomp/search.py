@@ -165,7 +165,8 @@ def checked_choice(planner: BudgetPlanner, rounds: list[SolvedRound], solve_roun
         say(f"plan: timing the plan of round {k + 1} against the all-regular model")
         decision = time_model(rounds[k].model)
         if decision.timing is not None:
-            planner.calibrate_latency(k, decision.timing.regular_ms, decision.timing.separable_ms)
+            t = decision.timing
+            planner.calibrate_latency(k, t.regular_ms, t.ratio, t.ratio_halfwidth)
         if decision.rewrite:
             if k != index:
                 notes.append(f"the cheapest plan (round {index + 1}) was not faster as a whole model; "

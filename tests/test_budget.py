@@ -386,3 +386,17 @@ def test_no_curves_stop_reason_names_the_cause():
     assert plan.revise(0.0) is None
     assert "probe" not in plan.stop_reason and "no conv has an option" in plan.stop_reason
     assert plan.final() == 0 and plan.to_dict(500, {}, {})["layers"] == []
+
+
+def test_the_frontier_has_a_row_for_the_plan_handed_back():
+    """The plan was allocated at 0.9·E with the scale of its round; when no bound of the table
+    gives the same plan, the chosen plan is a row of its own (bound "-"), marked."""
+    curves = [LayerCurve(f"l{k}", (Option(SKIP, 900, 0.0), Option(1, 100, e)), weight=1.0)
+              for k, e in enumerate((0.004, 0.006, 0.009))]
+    plan = _planner(curves, 0, 2700, 1.0)
+    plan.allocation = budget.allocate_error(curves, 0.0041)  # only l0: no table bound gives exactly this
+    rows = plan.frontier(bounds=(0.05, 0.1, 0.2))
+    chosen = [p for p in rows if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["bound"] is None and chosen[0]["convs_rewritten"] == 1
+    errors = [p["predicted_output_rel_l2"] for p in rows]
+    assert errors == sorted(errors)
