@@ -604,7 +604,9 @@ def _scene_crops(sources: dict[str, list[tuple[str, np.ndarray]]], n: int, rng: 
 SPLITS_SEED = {"calib": 0, "heldout": 1, "validation": 2}
 #: Default validation inputs per task: pooled IoU / box F1 move in fine steps, the fraction of
 #: identical strings in steps of 1/N (N = 64: 1.6 %, so a 3 % tolerance can allow a string).
-VALIDATION_SIZE = {"textmap": 32, "yolox": 32, "ctc": 64}
+#: Box F1 of ddddocr-det on 32 validation crops did not carry over to the test crops (3 %
+#: tolerance: validation 0.972, test 0.957, outside); on 96 it did (0.981, test 0.990).
+VALIDATION_SIZE = {"textmap": 32, "yolox": 96, "ctc": 64}
 
 
 def validation_size(spec: ModelSpec, given: int | None = None) -> int:
