@@ -59,7 +59,7 @@ MAX_ERROR_ROUNDS = 4
 #: Each allocation aims at AIM × the bound (room for a prediction that is a little low).
 AIM = 0.9
 #: A round that meets the bound with a measured error ≥ NEAR × the bound ends the search.
-NEAR = 0.7
+NEAR = 0.8
 #: Output error bounds the report's trade-off table (and --plot) shows.
 FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
