@@ -36,7 +36,8 @@ from .model_latency import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
 from .plan import BudgetPlanner, Plan, curve_error, curve_solver, layer_curves
-from .pricing import check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options
+from .pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
+                      time_option)
 from .progress import reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
@@ -436,11 +437,8 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:
         if info is None or info.shape is None:
             decision = Decision(False, "input shape unknown, latency not measured; --select all forces it")
         else:
-            mid, group = METHODS[method].mid(layer.weight_shape, opts.multiplier or 1)
-            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
-                                     merged_channels=merged.get(layer.name, 0))
-            say(f"select: timing {k + 1}/{len(layers)} {layer.name} ({config.describe()})")
-            decision = selector.decide(config)
+            decision = time_option(selector, layer, info.shape, METHODS[method], opts.multiplier or 1,
+                                   merged.get(layer.name, 0), f"{k + 1}/{len(layers)}")
         t = decision.timing
         selected.selection.append(Selection(layer.name, decision.rewrite, decision.reason,
                                             t.regular_ms if t else None, t.separable_ms if t else None))

@@ -30,8 +30,8 @@ from .candidates import ConvLayer
 from .errors import BudgetError, Refused
 from .fold import rewrite_and_merge
 from .graph import label
-from .latency import MIN_GAIN, LatencySelector
-from .methods import GSVD
+from .latency import MIN_GAIN, Decision, LatencySelector
+from .methods import GSVD, Method
 from .progress import say
 from .report import Selection
 from .rewrite import Replacement
@@ -108,6 +108,19 @@ def option_macs(work: onnx.ModelProto, layers: list[ConvLayer], infos,
     return costs
 
 
+def time_option(selector: LatencySelector, layer: ConvLayer, input_shape: tuple[int, ...], method: Method, r: int,
+                merged_channels: int, step: str) -> Decision:
+    """One option of one conv timed in the form it is emitted (``method`` at multiplier ``r``,
+    its pointwise conv merged into a following 1×1 conv of ``merged_channels`` outputs, or 0):
+    the configuration, one progress line (``step``: "k/n"), the decision with its noise band and
+    timing cache (latency.LatencySelector.decide). Both the uniform selection and the plan's
+    prices time options through here."""
+    mid, group = method.mid(layer.weight_shape, r)
+    config = selector.config(layer, input_shape, mid_channels=mid, mid_group=group, merged_channels=merged_channels)
+    say(f"select: timing {step} {layer.name} r={r} ({config.describe()})")
+    return selector.decide(config)
+
+
 def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, int]],
                      selector: LatencySelector, merged: dict[str, int] | None = None
                      ) -> tuple[dict[str, dict[int, float]], list[Selection]]:
@@ -131,11 +144,8 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
         first = None
         reason = ""
         for r in sorted(m for m in macs[layer.name] if m != SKIP):
-            mid, group = GSVD.mid(layer.weight_shape, r)
-            config = selector.config(layer, info.shape, mid_channels=mid, mid_group=group,
-                                     merged_channels=(merged or {}).get(layer.name, 0))
-            say(f"select: timing {k + 1}/{len(layers)} {layer.name} r={r} ({config.describe()})")
-            decision = selector.decide(config)
+            decision = time_option(selector, layer, info.shape, GSVD, r, (merged or {}).get(layer.name, 0),
+                                   f"{k + 1}/{len(layers)}")
             t = decision.timing
             if t is None:  # onnxruntime cannot run this option (nor, then, a larger r)
                 reason = decision.reason
