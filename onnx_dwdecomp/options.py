@@ -215,8 +215,9 @@ class DecomposeOptions:
 
     def plan_mode(self) -> str:
         """``"uniform"`` (every selected conv at one multiplier), ``"target_macs"``,
-        ``"target_latency"``, ``"max_error"`` or ``"task"`` (``evaluate`` given). With calibration data, method gsvd and no
-        ``multiplier``, the default is ``"max_error"`` at :data:`DEFAULT_MAX_ERROR`."""
+        ``"target_latency"``, ``"max_error"`` or ``"task"`` (``evaluate`` given). With calibration
+        data, method gsvd and no ``multiplier``, the default is ``"max_error"`` at
+        :data:`DEFAULT_MAX_ERROR`."""
         if self.evaluate is not None:
             return "task"
         if self.target_macs is not None:

@@ -25,17 +25,17 @@ The budgeted planner
    starting at 1.
 4. **Allocation** (budget.py, each layer's error weighted by ``s_l``): ``--max-error E``: least
    price with ``α·Σ s e ≤ (AIM·E)²`` (``E²`` when the aim leaves nothing to rewrite);
-   ``--eval``: the candidates of tuning.py, scored by the user's function; ``--target-macs``: least predicted error with MACs ≤ F ×
-   the input's; ``--target-latency``: least predicted error with the candidate convs' summed
-   latency ≤ F × their regular latency.
-5. **Rounds** (``--max-error``; search.py drives them): the chosen plan is solved the normal way (asymmetric, in graph
-   order), rewritten and verified on the held-out samples; ``α`` is re-measured from the round,
+   ``--eval``: the candidates of tuning.py, scored by the user's function; ``--target-macs``:
+   least predicted error with MACs ≤ F × the input's; ``--target-latency``: least predicted
+   error with the candidate convs' summed latency ≤ F × their regular latency.
+5. **Rounds** (``--max-error``; search.py drives them): the chosen plan is solved the normal
+   way (asymmetric, in graph order), rewritten and verified on the held-out samples; ``α`` is re-measured from the round,
    ``α = measured² / Σ s e`` (the sensitivities stay: the rounds correct the interaction, never
    reset to a model-wide guess); a miss re-allocates strictly below the missed error sum, a hit
    more than ``NEAR`` below the bound re-allocates looser when that is cheaper than the best
    hit so far. The rounds stop at a hit within ``[NEAR, 1] × E``, at a plan already measured,
-   when nothing cheaper (after a miss: nothing that rewrites a conv) is predicted, or after ``MAX_ERROR_ROUNDS`` solved rounds. The result
-   is the cheapest round that met the bound, else the all-regular plan (the output then equals
+   when nothing cheaper (after a miss: nothing that rewrites a conv) is predicted, or after
+   ``MAX_ERROR_ROUNDS`` solved rounds. The result is the cheapest round that met the bound, else the all-regular plan (the output then equals
    the input: the tool never hands back a plan it measured outside the bound).
 6. **Frontier.** From the same curves, sensitivities, ``α`` and prices, what the bounds of
    ``FRONTIER_BOUNDS`` would give (:meth:`BudgetPlanner.frontier`), for the report and ``--plot``.

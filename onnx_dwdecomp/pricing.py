@@ -163,8 +163,8 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
             offered[r] = t.ratio * first.regular_ms
         rs = sorted(r for r in offered if r != SKIP)
         if rs and first.regular_ms < TINY_CONV_MS:
-            verdict = (f"tiny: regular {first.regular_ms:.3f} ms < {TINY_CONV_MS:g} ms, so r = {', '.join(map(str, rs))} are offered, "
-                       f"priced by MACs (the whole plan is timed as one model)")
+            verdict = (f"tiny: regular {first.regular_ms:.3f} ms < {TINY_CONV_MS:g} ms, so r = "
+                       f"{', '.join(map(str, rs))} are offered, priced by MACs (the whole plan is timed as one model)")
             latencies[layer.name] = offered
         elif rs:
             verdict = (f"faster at r = {', '.join(map(str, rs))} (×{first.regular_ms / offered[rs[0]]:.2f} at "
@@ -184,8 +184,8 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
     second = merge_targets(work, layers)
     macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
-    skipped = [Refused(layer.name, f"kept regular: no multiplier saves ≥ {100 * (1 - MAX_OPTION_MACS):g} % of its MACs "
-                                   f"(merged pointwise included)")
+    skipped = [Refused(layer.name, f"kept regular: no multiplier saves ≥ {100 * (1 - MAX_OPTION_MACS):g} % of its "
+                                   f"MACs (merged pointwise included)")
                for layer in layers if layer.name not in macs]
     if price == "macs":
         return Priced(macs, None), [], skipped

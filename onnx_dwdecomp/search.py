@@ -83,7 +83,8 @@ def verified_rounds(planner: BudgetPlanner, solve_round: SolveRound) -> list[Sol
 
 
 def task_search(planner: BudgetPlanner, solve_round: SolveRound, source: onnx.ModelProto,
-                evaluate: Callable[[str], float], tolerance: Tolerance, add_time: Callable[[str, float], None]) -> tuple[list[SolvedRound], list[dict]]:
+                evaluate: Callable[[str], float], tolerance: Tolerance,
+                add_time: Callable[[str, float], None]) -> tuple[list[SolvedRound], list[dict]]:
     """Score the input model, then bisect the frontier's candidate plans (tuning.py) with the
     user's ``evaluate``: each candidate is solved, written to a private temporary folder and
     scored. Returns the solved rounds and every score, in call order."""
