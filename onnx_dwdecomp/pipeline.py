@@ -1,11 +1,13 @@
-"""The whole job: load → fold BN → candidates → choose plan → (calibrate) → solve → rewrite →
-fold pointwise pairs → verify → revise plan → report.
+"""The whole job: load → fold BN → candidates → price (pricing.py) → error curves and
+sensitivity probes → plan (plan.py) → [calibrate → solve → rewrite → fold pointwise pairs →
+verify → revise] (search.py) → the chosen plan timed as a whole model → report.
 
 ``decompose(model_or_path, **options)`` returns ``(model, report)``; it never touches the
-input (a path is read, a ``ModelProto`` is copied) and writes nothing to disk. The plan (what
-each conv becomes) comes from plan.py: uniform, or budgeted — with calibration data and method
-gsvd the default is the fastest plan whose held-out output error stays within
-``DEFAULT_MAX_ERROR``.
+input (a path is read, a ``ModelProto`` is copied) and writes nothing to disk (a task-aware
+job writes its candidates for the user's function into a private temporary folder, removed
+after). The plan (what each conv becomes) is uniform, or budgeted — with calibration data and
+method gsvd the default is the fastest plan whose held-out output error stays within
+``DEFAULT_MAX_ERROR``; with ``evaluate`` the fastest whose score stays within ``max_drop``.
 """
 
 from __future__ import annotations
