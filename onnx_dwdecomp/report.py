@@ -269,7 +269,7 @@ class Report:
                 row += ("-" if r.get("score") is None else f"{r['score']:.4g}",
                         {True: "yes", False: "no", None: "-"}[r.get("within")])
             rows.append(row)
-        return ["  rounds (* = chosen; predicted before the round, α the scale it was allocated with):"] + \
+        return ["  rounds (* = chosen; predicted before the round, with the α shown):"] + \
             ["  " + line for line in text_table(rows)]
 
     @staticmethod

@@ -350,7 +350,7 @@ def test_render_budget_max_error_default():
     assert lines[3] == "  convs' latency (selection timings): 3.000 ms → 2.500 ms (×0.83)"
     assert lines[4] == ("  whole model (interleaved, 50 rounds): all-regular 4.000 ms → plan 3.400 ms "
                         "(×0.850 ± 0.010) — faster")
-    k = lines.index("  rounds (* = chosen; predicted before the round, α the scale it was allocated with):")
+    k = lines.index("  rounds (* = chosen; predicted before the round, with the α shown):")
     assert cells(lines[k + 1]) == ["round", "convs", "predicted", "measured", "α", "convs' ms"]
     assert cells(lines[k + 4]) == ["2 *", "1", "0.0122", "0.011", "1.5", "2.500"]
     k = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
