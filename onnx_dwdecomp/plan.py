@@ -364,7 +364,7 @@ class BudgetPlanner:
                      "convs_rewritten": sum(1 for r in alloc.multipliers.values() if r != SKIP),
                      "latency_ms": alloc.latency_ms, "model_latency_ratio": None,
                      "multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
-                     "chosen": alloc.multipliers == chosen}
+                     "chosen": alloc.multipliers == chosen and not any(p["chosen"] for p in points)}
             if self.model_ms and self.latency_scale is not None and alloc.latency_ms is not None:
                 saving = self.latency_scale * (regular_ms - alloc.latency_ms)
                 point["model_latency_ratio"] = max(self.model_ms - saving, 0.0) / self.model_ms

@@ -400,3 +400,13 @@ def test_the_frontier_has_a_row_for_the_plan_handed_back():
     assert len(chosen) == 1 and chosen[0]["bound"] is None and chosen[0]["convs_rewritten"] == 1
     errors = [p["predicted_output_rel_l2"] for p in rows]
     assert errors == sorted(errors)
+
+
+def test_the_frontier_marks_the_chosen_plan_once():
+    """Nothing rewritten: several small bounds give the same all-regular plan; one row is marked."""
+    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.01)))]
+    plan = _planner(curves, 0, 900, 1.0)
+    plan.allocation = budget.uniform(curves, SKIP)
+    rows = plan.frontier(bounds=(0.01, 0.02, 0.05, 0.2))
+    assert [p["bound"] for p in rows if p["chosen"]] == [0.01]
+    assert sum(p["convs_rewritten"] == 0 for p in rows) == 3  # 0.01, 0.02, 0.05 keep it regular (0.05² < 0.01)
