@@ -35,7 +35,7 @@ def _latency_axis(budget: dict) -> tuple[str, str]:
     """(frontier key or "convs", axis label) of the best latency measure the report has."""
     points = budget.get("frontier") or []
     if any(p.get("model_latency_ratio") is not None for p in points):
-        return "model_latency_ratio", "predicted model latency (× all-regular, whole-model timing)"
+        return "model_latency_ratio", "predicted model latency (× all-regular)"
     if budget.get("latency_ms_before"):
         return "convs", "predicted latency of the candidate convs (× regular)"
     return "macs_ratio", "MACs (× input model)"
@@ -70,8 +70,10 @@ def _draw(plt, budget: dict, fmt: str) -> bytes:
         pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if pairs:
             ax.plot(*zip(*pairs), "o-", color="tab:blue", label="frontier (predicted, per bound)")
+        labelled = set()
         for p, x, y in zip(points, xs, ys):
-            if y is not None and p["bound"] is not None:
+            if y is not None and p["bound"] is not None and (x, y) not in labelled:  # looser bounds, same plan: once
+                labelled.add((x, y))
                 ax.annotate(f"{p['bound']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if p.get("chosen") and y is not None:
                 ax.plot([x], [y], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:red",
