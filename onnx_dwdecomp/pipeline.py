@@ -193,12 +193,12 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
                                                              else opts.max_drop), job.add_time)
         else:
             rounds = verified_rounds(planner, solve_round)
-        # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or --input-shape's)
-        batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)  # a scalar has none
-        feeds = random_batches(job.specs, job.shapes, opts.seed, samples=batch)[0]
-
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()
+            # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or
+            # --input-shape's; a scalar input has none), made only when a plan is timed
+            batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)
+            feeds = random_batches(job.specs, job.shapes, opts.seed, samples=batch)[0]
             decision = check_faster(job.work, model, feeds, threads=opts.threads or default_threads(),
                                     providers=opts.providers, cache=job.latency_selector().cache)
             job.add_time("model_check", time.perf_counter() - t0)

@@ -46,7 +46,7 @@ from .errors import CalibrationError, first_line
 from .progress import say
 from .runtime import make_session, run
 from .solve import ChannelFactors, SeparableFactors
-from .verify import worst_output_error
+from .verify import real_outputs, real_rows, worst_output_error
 
 #: Name prefix of the probe model's weight inputs (made unique against the model's own names).
 PREFIX = "dwdecomp_probe_"
@@ -130,7 +130,7 @@ def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
         original[w], original[b] = layer.weight, bias.astype(layer.weight.dtype)
 
     def outputs_with(weights: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        return [_real(run(session, {**feeds, **weights}, outputs), feeds) for feeds in batches]
+        return [real_outputs(run(session, {**feeds, **weights}, outputs), feeds) for feeds in batches]
 
     reference = outputs_with(original)
     probes = {}
@@ -144,16 +144,8 @@ def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
         error = worst_output_error(reference, outputs_with(changed), scales)
         e = float(layer_errors[layer.name])
         probes[layer.name] = LayerProbe(layer.name, int(multipliers[layer.name]), e, error, sensitivity(error, e))
-    samples = sum(getattr(feeds, "rows", len(next(iter(feeds.values())))) for feeds in batches)
+    samples = sum(real_rows(feeds) for feeds in batches)
     return Sensitivities(probes, samples, time.perf_counter() - t0)
-
-
-def _real(values: dict[str, np.ndarray], feeds) -> dict[str, np.ndarray]:
-    """Outputs without the padding rows of a fixed-batch model's last batch (verify.PaddedFeeds)."""
-    fed = len(next(iter(feeds.values())))
-    real = getattr(feeds, "rows", fed)
-    return {k: v[:real] if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == fed and real < fed else v
-            for k, v in values.items()}
 
 
 def predicted_error(weights: Mapping[str, float], layer_errors: Iterable[tuple[str, float]], scale: float = 1.0

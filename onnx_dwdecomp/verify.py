@@ -339,11 +339,17 @@ def _feature_error(diff_norms: np.ndarray, scale: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(errors))))
 
 
-def _real_rows(value, fed: int, real: int):
-    """``value`` without the padding rows of a batch fed ``fed`` rows of which ``real`` are samples."""
-    if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == fed and real < fed:
-        return value[:real]
-    return value
+def real_rows(feeds: dict[str, np.ndarray]) -> int:
+    """The samples a batch holds: all its rows, or a :class:`PaddedFeeds`' real ones."""
+    return getattr(feeds, "rows", len(next(iter(feeds.values()))))
+
+
+def real_outputs(values: dict, feeds: dict[str, np.ndarray]) -> dict:
+    """A run's outputs without the padding rows of ``feeds``: outputs whose axis 0 has the fed
+    row count are cut to the real rows."""
+    fed, real = len(next(iter(feeds.values()))), real_rows(feeds)
+    return {name: value[:real] if isinstance(value, np.ndarray) and value.ndim and value.shape[0] == fed
+            and real < fed else value for name, value in values.items()}
 
 
 def _join(parts: list[np.ndarray]) -> np.ndarray:
@@ -376,17 +382,15 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     new_out: dict[str, list] = {n: [] for n in names}
     samples = 0
     for feeds in batches:
-        fed = len(next(iter(feeds.values())))
-        real = getattr(feeds, "rows", fed)
-        samples += real
+        samples += real_rows(feeds)
         try:
             reference = run(ref_session, dict(feeds), names)
         except Exception as exc:  # onnxruntime's own exception types
             raise ModelError(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
-        for name, value in reference.items():
-            ref_out[name].append(_real_rows(value, fed, real))
-        for name, value in run(new_session, dict(feeds), names).items():
-            new_out[name].append(_real_rows(value, fed, real))
+        for name, value in real_outputs(reference, feeds).items():
+            ref_out[name].append(value)
+        for name, value in real_outputs(run(new_session, dict(feeds), names), feeds).items():
+            new_out[name].append(value)
     outputs, nonfinite = {}, {}
     for n in names:
         if not all(isinstance(v, np.ndarray) for v in ref_out[n] + new_out[n]):
