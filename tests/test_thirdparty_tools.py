@@ -1,7 +1,10 @@
-"""Tests for the pure helpers of tools/thirdparty.py (no network, no scikit-image, no wheels)."""
+"""Tests for the pure helpers of tools/thirdparty.py and its stage modules thirdparty_models.py,
+thirdparty_inputs.py and thirdparty_eval.py (no network, no scikit-image, no wheels); the names
+are reached through thirdparty.py's re-exports, as ``--eval tools/thirdparty.py:...`` does."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -11,6 +14,8 @@ import pytest
 from conftest import TOOLS, load_tool
 
 THIRDPARTY_PY = TOOLS / "thirdparty.py"
+#: thirdparty.py and the modules it is split into.
+THIRDPARTY_FILES = [THIRDPARTY_PY] + [TOOLS / f"thirdparty_{part}.py" for part in ("models", "inputs", "eval")]
 
 
 tp = load_tool("thirdparty")
@@ -213,7 +218,7 @@ def test_task_evaluator_scores_original_one_and_perturbed_lower(key):
         ref = _ctc_outputs("NTC" if key == "ppocr-rec" else "TNC", rng)
     else:
         ref = _yolox_outputs()
-        spec = tp.dataclasses.replace(spec, input_hw=(64, 64))
+        spec = dataclasses.replace(spec, input_hw=(64, 64))
     runner = FakeRunner({"orig.onnx": ref, "same.onnx": [r.copy() for r in ref],
                          "bad.onnx": _perturb(key, ref)})
     inputs = np.zeros((len(ref), 1, 2, 2), np.float32)
@@ -561,11 +566,32 @@ def test_markdown_table():
         tp.markdown_table(["a"], [[1, 2]])
 
 
-def test_tool_does_not_import_torch_or_skimage_at_module_level():
-    source = THIRDPARTY_PY.read_text()
+@pytest.mark.parametrize("path", THIRDPARTY_FILES, ids=lambda p: p.name)
+def test_tool_does_not_import_torch_or_skimage_at_module_level(path):
+    source = path.read_text()
     assert "import torch" not in source
     top = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not any("skimage" in line or "onnx_dwdecomp" in line for line in top)
+
+
+def test_split_modules_reexported_and_eval_entry_points_importable():
+    """thirdparty.py re-exports the stage modules' names (the same objects), and the ``--eval``
+    functions load through the package's own loader from either file, without running them."""
+    import thirdparty_eval
+    import thirdparty_inputs
+    import thirdparty_models
+
+    from onnx_dwdecomp.errors import OptionError
+    from onnx_dwdecomp.usercode import load_callable
+
+    for module in (thirdparty_models, thirdparty_inputs, thirdparty_eval):
+        public = [n for n, v in vars(module).items() if not n.startswith("_")
+                  and getattr(v, "__module__", None) == module.__name__]
+        assert public and all(getattr(tp, n) is getattr(module, n) for n in public), module.__name__
+    for name in ("eval_ppocr_det", "eval_ppocr_rec", "eval_ddddocr_ocr", "eval_ddddocr_det"):
+        for file in ("thirdparty.py", "thirdparty_eval.py"):
+            fn = load_callable(f"{TOOLS / file}:{name}", "evaluate function", OptionError)
+            assert callable(fn) and fn.__name__ == name
 
 
 def test_task_row_wires_evaluate_and_max_drop_into_decompose(tmp_path, monkeypatch):
