@@ -11,7 +11,9 @@ files get the permissions the umask gives any new file.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,8 +25,8 @@ import onnx
 import onnx.numpy_helper
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import ModelError, OptionError, OutputError, first_line
-from .graph import constant_tensors, nested_graphs
+from .errors import MAX_LINE, ModelError, OptionError, OutputError, one_line
+from .graph import constant_tensors, nested_graphs, subgraph_reads, subgraphs
 
 #: Protobuf cannot serialise a message above 2 GiB; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -40,6 +42,9 @@ class LoadedModel:
     file_size: int | None
     seconds: float = 0.0  # time taken to read and check it
     external_files: tuple[Path, ...] = ()  # the files its external data was read from
+    #: What loading changed or noticed, one sentence each, for the job's report (e.g. the
+    #: nodes were put in topological order). The pipeline adds them to the report's notes.
+    notes: tuple[str, ...] = ()
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -61,8 +66,10 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_is_model(model, "<ModelProto>")
+        notes = _sort_notes(model)
         _check_valid(model, "<ModelProto>")
-        return LoadedModel(model, None, _uses_external_data(model), None, time.perf_counter() - start)
+        return LoadedModel(model, None, _uses_external_data(model), None, time.perf_counter() - start,
+                           notes=notes)
 
     path = Path(source)
     if not path.exists():
@@ -86,8 +93,76 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelError(f"cannot read the external data of {path}: {str(exc).splitlines()[0]}") from exc
+    notes = _sort_notes(model)
     _check_valid(model, str(path))
-    return LoadedModel(model, path, external, size, time.perf_counter() - start, files)
+    return LoadedModel(model, path, external, size, time.perf_counter() - start, files, notes)
+
+
+def toposort_graph(graph: onnx.GraphProto) -> int:
+    """Put the nodes of ``graph`` and of every graph nested in it in topological order (in
+    place); return how many nodes changed position.
+
+    ONNX requires each node to come after the producers of its inputs, but onnxruntime runs
+    graphs that break the rule, and some exporters write such graphs. The sort is a stable
+    Kahn sort: of the nodes whose inputs are ready, the one that came first in the file goes
+    first, so a sorted graph keeps its order and an unsorted one moves as few nodes as it can.
+    A node holding subgraphs (``If``, ``Loop``, ``Scan``) also waits for the values they read
+    from the enclosing graph. Names no node produces (graph inputs, initializers, outer-scope
+    values, undefined names) add no constraint. A graph with a cycle is left as it is (the
+    checker then reports it). Nothing else changes: initializers, value_info, names,
+    attributes and the graph's inputs and outputs stay as they are.
+    """
+    moved = 0
+    for sub in (sub for node in graph.node for sub in subgraphs(node)):
+        moved += toposort_graph(sub)
+    nodes = list(graph.node)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer.setdefault(out, i)
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        deps = {producer[name] for name in set(node.input) | subgraph_reads(node) if name in producer}
+        deps.discard(i)
+        waiting[i] = len(deps)
+        for j in deps:
+            users[j].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for k in users[i]:
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) < len(nodes) or order == list(range(len(nodes))):
+        return moved  # a cycle (reported by the checker), or already sorted
+    rank = {i: r for r, i in enumerate(order)}
+    position = {id(node): rank[i] for i, node in enumerate(nodes)}
+    try:  # in place, no copies (a Constant node may hold a large tensor)
+        graph.node.sort(key=lambda node: position[id(node)])
+    except KeyError:  # a protobuf build whose element objects are not kept: rebuild the list
+        copies = [onnx.NodeProto() for _ in order]
+        for copy, i in zip(copies, order, strict=True):
+            copy.CopyFrom(nodes[i])
+        del graph.node[:]
+        graph.node.extend(copies)
+    return moved + sum(1 for r, i in enumerate(order) if r != i)
+
+
+def _sort_notes(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Sort ``model``'s nodes (in place, :func:`toposort_graph`); the note saying so, if any."""
+    total = sum(len(g.node) for g in nested_graphs(model.graph))
+    moved = toposort_graph(model.graph)
+    if not moved:
+        return ()
+    return (f"the model's nodes were not in topological order (ONNX requires it, onnxruntime does not); "
+            f"sorted them: {moved} of {total} node(s) moved, nothing else changed (the input file is "
+            f"untouched)",)
 
 
 def model_byte_size(model: onnx.ModelProto) -> int:
@@ -206,7 +281,37 @@ def _check_valid(model: onnx.ModelProto, where: str) -> None:
         else:  # the checker cannot take it; strict shape inference on a copy without weights
             onnx.shape_inference.infer_shapes(metadata_copy(model), strict_mode=True)
     except Exception as exc:  # ValidationError, InferenceError and others on corrupt input
-        raise ModelError(f"{where} fails the ONNX checker: {first_line(exc)}") from exc
+        prefix = f"{where} fails the ONNX checker: "
+        raise ModelError(prefix + whole_sentences(str(exc), MAX_LINE - len(prefix))) from exc
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
+
+
+def whole_sentences(text: str, limit: int) -> str:
+    """``text`` on one line (:func:`errors.one_line`), at most ``limit`` characters, cut only
+    where a sentence ends: as many whole sentences as fit, then `` …`` when some were left
+    out. When even the first sentence does not fit, it is cut after its last clause (``,``
+    ``;`` ``:``) that fits, and failing that at a word; the result never ends mid-word.
+    (The checker's messages run over several lines — "…, however input 'x' of node:",
+    the node, "is not output of any previous nodes." — so their first line alone is half a
+    sentence.)"""
+    text = one_line(text, limit=10**9) or "(no message)"
+    limit = max(limit, 40)
+    if len(text) <= limit:
+        return text
+    room = limit - 2  # for " …"
+    kept = ""
+    for m in _SENTENCE_END.finditer(text):
+        if m.start() > room:
+            break
+        kept = text[:m.start()]
+    if not kept:
+        cuts = [m.start() for m in _CLAUSE_END.finditer(text) if m.start() <= room] or \
+               [m.start() for m in re.finditer(r"\s+", text) if m.start() <= room] or [room]
+        kept = text[:cuts[-1]]
+    return kept.rstrip() + " …"
 
 
 def sync_initializer_inputs(model: onnx.ModelProto, reference: onnx.ModelProto) -> onnx.ModelProto:
