@@ -1,4 +1,6 @@
-"""Where the accuracy of the r = 1 decomposition is lost, and what does (not) win it back.
+"""Study where the r = 1 decomposition loses MNIST top-1 and which knobs win it back (docs/ACCURACY.md).
+
+Where the accuracy of the r = 1 decomposition is lost, and what does (not) win it back.
 
 Usage::
 

@@ -1,4 +1,6 @@
-"""Does a decomposed regular counterpart run exactly like a natively built ShuffleNet V2?
+"""Benchmark a decomposed regular ShuffleNet V2 against the natively built one (structure, latency).
+
+Does a decomposed regular counterpart run exactly like a natively built ShuffleNet V2?
 
 Issue 5's done-when measurement, reproducible with one command::
 

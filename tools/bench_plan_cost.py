@@ -1,4 +1,4 @@
-"""What planning costs: the default (planned) job against the uniform ``--multiplier 1 --select all``.
+"""Measure what planning costs: the default (planned) job against the uniform ``--multiplier 1 --select all``.
 
 Usage::
 

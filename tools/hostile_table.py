@@ -1,5 +1,6 @@
-"""Print a markdown table of the hostile-input cases (tests/test_hostile.py): the exit code and
-the exact line the CLI prints for each, against the expected exit code.
+"""Print a markdown table of the hostile-input cases (tests/test_hostile.py) and the CLI's answer to each.
+
+Per case: the exit code and the exact line the CLI prints, against the expected exit code.
 
     python tools/hostile_table.py [--subprocess] [--class N]
 

@@ -1,4 +1,6 @@
-"""What the reproduction runs on and with: the MNIST models and data, seeds, the decomposition
+"""Configuration of the reproduction: MNIST models and data, seeds, decomposition and budget configs.
+
+What the reproduction runs on and with: the MNIST models and data, seeds, the decomposition
 configurations and the per-layer budget configurations, and the ``decompose`` options of one run.
 
 Also the one place for the MNIST paths, the stem exclusion and the data seed of the other MNIST

@@ -1,5 +1,7 @@
-"""The prose of section 5 around the claims' verdicts ("What the numbers say", and why this
-scale limits the evidence); every number in it comes from the :class:`~repro.results.Results`.
+"""Write the prose of RESULTS.md section 5 around the claims' verdicts, from the reproduction's numbers.
+
+The prose of section 5 ("What the numbers say", and why this scale limits the evidence); every
+number in it comes from the :class:`~repro.results.Results`.
 """
 
 from __future__ import annotations

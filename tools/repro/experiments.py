@@ -1,4 +1,6 @@
-"""The experiments of the reproduction: isolated single-layer errors, ``decompose`` runs with
+"""Run the reproduction's experiments: single-layer errors, ``decompose`` runs with top-1, latency.
+
+The experiments of the reproduction: isolated single-layer errors, ``decompose`` runs with
 their top-1, and the latency benchmark; each returns plain data for :mod:`.results`.
 """
 

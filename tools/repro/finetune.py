@@ -1,4 +1,6 @@
-"""The short fine-tune of section 2's last column: a decomposed ONNX model trained a few epochs in
+"""Fine-tune a decomposed ONNX model a few epochs in torch on MNIST (RESULTS.md section 2's last column).
+
+The short fine-tune of section 2's last column: a decomposed ONNX model trained a few epochs in
 torch on the MNIST training split, its weights written back into the same ONNX graph.
 
 The model runs in torch through ``tools/onnx_torch.py``; the training loop and the recipe are
