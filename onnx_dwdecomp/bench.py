@@ -58,6 +58,7 @@ from .formatting import fmt_bytes, fmt_shape
 from .graph import constant_tensors
 from .memory import array_bytes, check_threads, require
 from .modelio import check_writable, load_model, write_text_atomic
+from .pipeline import _named_shapes
 from .report import text_table
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shapes, resolve_input_shapes
@@ -158,6 +159,10 @@ def _prepare(path: Path, label: str, batch_sizes: Sequence[int],
         if spec.dtype.kind not in "fiub":
             raise ModelError(f"{label}: input {spec.name!r} has dtype {spec.dtype}; bench can only "
                              f"feed float, integer and bool inputs")
+    try:  # bare dims (name "") go to the model's single input, as for decompose
+        overrides = _named_shapes(overrides, specs)
+    except OptionError as exc:
+        raise OptionError(f"{label}: {exc}") from None
     shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
     macs: dict[int, int] = {}
     params = 0
@@ -261,7 +266,9 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
         Timed rounds and untimed warm-up calls per model and batch size.
     input_shapes : mapping name -> dims, optional
         Fixes dynamic dims, like ``--input-shape``; dim 0 is replaced by the batch size. A name
-        applies to every model with such an input and must belong to at least one.
+        applies to every model with such an input and must belong to at least one. The name
+        ``""`` (bare dims on the command line) applies to each model's single input; a model
+        with several inputs is then an :class:`OptionError` that names them.
     seed : int
         Seed of the random inputs.
     progress : callable(str), optional
@@ -317,7 +324,7 @@ def run_bench(paths: Sequence[str | os.PathLike], *, batch_sizes: Sequence[int] 
         say(f"bench: loading {label}", force=True)
         prepared.append(_prepare(path, label, batch_sizes, overrides))
     used = {name for p in prepared for name in p.input_names}
-    unknown = sorted(set(overrides) - used)
+    unknown = sorted(set(overrides) - used - {""})
     if unknown:
         raise OptionError(f"--input-shape names {unknown}, but no model has such an input "
                           f"(inputs: {sorted(used)})")
@@ -400,8 +407,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"onnxruntime intra-op threads (default: CPUs available, {default_threads()})")
     p.add_argument("--runs", default="50", metavar="N", help="timed rounds (default: 50)")
     p.add_argument("--warmup", default="5", metavar="N", help="warm-up calls per model (default: 5)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="fix the dims of inputs, several after one flag; dim 0 is replaced by the batch size")
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]D0,D1,...",
+                   help="fix the dims of inputs, as for decompose: NAME:D0,D1,... (several after one "
+                        "flag, each applied to every model with such an input), or bare D0,D1,... for "
+                        "models with a single input (each model's one input); dim 0 is replaced by the "
+                        "batch size")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the results and a header (versions, settings, date) as JSON")
     p.add_argument("--seed", default="0", metavar="N", help="seed of the random inputs (default: 0)")
@@ -430,9 +440,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     warmup = parse_int(args.warmup, "--warmup", 0)
     seed = parse_int(args.seed, "--seed", 0)
     providers = check_providers(args.providers)
-    overrides = parse_input_shapes(shapes)
-    if "" in overrides:
-        raise OptionError("bench --input-shape needs NAME:D0,D1,... (the models may have different inputs)")
+    overrides = parse_input_shapes(shapes)  # the parser decompose uses; bare dims under the name ""
     json_path = Path(args.json) if args.json else None
     if json_path is not None:  # before the (long) benchmark
         if any(json_path.resolve() == Path(m).resolve() for m in models):
