@@ -295,13 +295,15 @@ def test_npz_missing_and_extra_keys(tmp_path):
     specs = [InputSpec("a", np.float32, (None, 2)), InputSpec("b", np.float32, (None, 2))]
     z = np.zeros((3, 2), np.float32)
     np.savez(tmp_path / "m.npz", a=z)
-    with pytest.raises(CalibrationError, match=r"missing arrays for inputs 'b'.*expected exactly the keys 'a', 'b'"):
+    with pytest.raises(CalibrationError, match=r"missing arrays for inputs 'b'; the model's inputs are 'a', 'b' "
+                                               r"\(expected exactly those keys"):
         load_calibration(tmp_path / "m.npz", specs)
     np.savez(tmp_path / "x.npz", a=z, b=z, c=z)
-    with pytest.raises(CalibrationError, match=r"unexpected keys 'c'"):
+    with pytest.raises(CalibrationError, match=r"unexpected keys 'c'; the model's inputs are 'a', 'b'"):
         load_calibration(tmp_path / "x.npz", specs)
     np.savez(tmp_path / "s.npz", input=_data(2), other=_data(2))  # single input, two arrays
-    with pytest.raises(CalibrationError, match=r"unexpected keys 'other'"):
+    with pytest.raises(CalibrationError, match=r"unexpected keys 'other'; the model's input is 'input' "
+                                               r"\(expected that key, or one array under any key\)"):
         load_calibration(tmp_path / "s.npz", SPEC)
     np.savez(tmp_path / "n.npz", a=z, b=np.zeros((4, 2), np.float32))
     with pytest.raises(CalibrationError, match=r"different numbers of samples: 'a' has 3, 'b' has 4"):
@@ -719,3 +721,53 @@ def test_reader_without_rewind_is_cached_within_the_memory(monkeypatch):
     with pytest.raises(ResourceError, match="--calib-size"):
         load_calibration(ListReader(feeds), SPEC)
     assert load_calibration(ListReader(feeds), SPEC, calib_size=16).num_samples == 16
+
+
+# ---- .npz keys are the model's input names; one stated exception, with a note
+
+
+def test_npz_keys_that_name_no_input_are_an_error_naming_inputs_and_keys(tmp_path):
+    """Keys matching no input name are not fed to some input by position: one line naming the
+    model's inputs and the keys that match none."""
+    specs = [InputSpec("images", np.float32, (None, 2)), InputSpec("scale", np.float32, (None, 2))]
+    z = np.zeros((3, 2), np.float32)
+    np.savez(tmp_path / "c.npz", image=z, scales=z)  # near misses of both names
+    with pytest.raises(CalibrationError) as e:
+        load_calibration(tmp_path / "c.npz", specs)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "c.npz") in msg
+    assert "missing arrays for inputs 'images', 'scale'" in msg and "unexpected keys 'image', 'scales'" in msg
+    assert "the model's inputs are 'images', 'scale'" in msg
+    with pytest.raises(CalibrationError, match=r"unexpected keys 'extra'"):  # dicts follow the same rule
+        load_calibration({"images": z, "scale": z, "extra": z}, specs)
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(CalibrationError, match=r"holds no arrays; the model's input is 'input'"):
+        load_calibration(tmp_path / "empty.npz", SPEC)
+
+
+def test_single_array_npz_feeds_a_single_input_model_with_a_note(tmp_path):
+    x = _data(4)
+    np.savez(tmp_path / "any.npz", whatever=x)
+    cd = load_calibration(tmp_path / "any.npz", SPEC)
+    np.testing.assert_array_equal(_all(cd), x)
+    assert [n for n in cd.notes if "'whatever'" in n] == [
+        f"calibration data in {tmp_path / 'any.npz'}: its only array, 'whatever', feeds the model's only input "
+        f"'input' (a single array feeds a single-input model whatever its key)"]
+    np.savez(tmp_path / "named.npz", input=x)
+    assert not [n for n in load_calibration(tmp_path / "named.npz", SPEC).notes if "only array" in n]
+
+
+def test_shipped_calibration_sets_match_their_models_input_names():
+    """models/mnist/calib.npz is keyed by its models' input name (no reliance on the single-array rule)."""
+    import onnx
+
+    from onnx_dwdecomp.shapes import graph_inputs
+
+    root = Path(__file__).parent.parent / "models"
+    for calib, model in [(root / "mnist/calib.npz", root / "mnist/shufflenetv2_x0.5_regular.onnx"),
+                         (root / "mnist/calib.npz", root / "mnist/shufflenetv2_x0.5.onnx")]:
+        names = [s.name for s in graph_inputs(onnx.load(str(model), load_external_data=False))]
+        with np.load(calib) as z:
+            assert sorted(z.files) == sorted(names), (calib, model)
+        cd = load_calibration(calib, graph_inputs(onnx.load(str(model))), calib_size=2)
+        assert cd.num_samples == 2 and not [n for n in cd.notes if "only array" in n]

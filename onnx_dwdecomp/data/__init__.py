@@ -7,7 +7,9 @@ of model feeds, always in the same order, as many passes as the caller wants:
 source                    how it is read
 ========================  ==============================================================
 ``data.npy``              one array, single-input models only; memory-mapped
-``data.npz``              one array per graph input name (stored members memory-mapped)
+``data.npz``              one array per graph input name, keys exactly the input names
+                          (stored members memory-mapped); a single array feeds a
+                          single-input model whatever its key (a note names it)
 ``folder/``               ``*.jpg|*.jpeg|*.png`` sorted by name, decoded per batch with
                           Pillow, resize (shorter side) + center crop, ``/255``,
                           ``(x - mean) / std``, NCHW

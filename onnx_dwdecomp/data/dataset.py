@@ -200,7 +200,9 @@ def load_calibration(
     Parameters
     ----------
     source : str, os.PathLike, CalibrationDataReader, numpy.ndarray or mapping
-        A ``.npy`` file (single-input models), a ``.npz`` file keyed by input name, a folder
+        A ``.npy`` file (single-input models), a ``.npz`` file keyed by input name (exactly the
+        model's input names; one array feeds a single-input model whatever its key, with a
+        note), a folder
         of ``.jpg/.jpeg/.png`` images (single NCHW float input), an object with
         ``get_next()`` (onnxruntime ``CalibrationDataReader`` protocol), or in-memory data:
         one array (like ``.npy``) or a mapping ``{input_name: array}`` (like ``.npz``).
@@ -251,7 +253,7 @@ def load_calibration(
             f"calibration source must be a path, a CalibrationDataReader (with get_next()), an array "
             f"or a dict of arrays; got {type(source).__name__}"
         )
-    notes = []
+    notes = list(getattr(src, "notes", ()))
     available = getattr(src, "available", None)
     if default_cap and (available is True or (available or 0) > src.num_samples):
         of = "" if available is True else f" of {available}"

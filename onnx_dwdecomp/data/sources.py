@@ -30,6 +30,7 @@ class Source:
     value_shapes: dict[str, tuple[int, ...]] = {}  # their value's shape (what the model is fed)
     varying: frozenset[str] = frozenset()  # those whose value differs between samples
     available: int | bool | None = None  # samples in the source beyond the cap: a count, True (more), None
+    notes: tuple[str, ...] = ()  # what the user should know about how the data was read (CalibrationData.notes)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:  # pragma: no cover
         raise NotImplementedError
@@ -165,17 +166,29 @@ def single_array_source(arr: Any, specs: list[InputSpec], calib_size: int | None
 def named_arrays_source(
     named: dict[str, Any], specs: list[InputSpec], calib_size: int | None, where_name: str
 ) -> ArraySource:
+    """Arrays by name (an ``.npz``, a dict) for the model's inputs ``specs``.
+
+    The keys must be exactly the model's input names: a key that names no input, or an input
+    without an array, is a :class:`CalibrationError` naming the model's inputs and the keys
+    that do not match. One rule on top: a **single array** feeds a **single-input model**
+    whatever its key (like a ``.npy``); when its key is not the input's name a note says
+    which array fed which input (``src.notes``, shown in the report).
+    """
     where = f" in {where_name}"
-    if not named:
-        raise CalibrationError(
-            f"calibration data{where} holds no arrays (expected {quoted_names([s.name for s in specs])})")
     wanted = [s.name for s in specs]
+    inputs = (f"the model's input is {quoted_names(wanted)} (expected that key, or one array under any key)"
+              if len(wanted) == 1 else
+              f"the model's inputs are {quoted_names(wanted)} (expected exactly those keys, one array each)")
+    if not named:
+        raise CalibrationError(f"calibration data{where} holds no arrays; {inputs}")
     keys = list(named)
     if len(specs) == 1 and len(keys) == 1:
-        return validated_array_source({wanted[0]: named[keys[0]]}, specs, calib_size, where, where_name)
+        src = validated_array_source({wanted[0]: named[keys[0]]}, specs, calib_size, where, where_name)
+        if str(keys[0]) != wanted[0]:
+            src.notes = (f"calibration data{where}: its only array, {keys[0]!r}, feeds the model's only input "
+                         f"{wanted[0]!r} (a single array feeds a single-input model whatever its key)",)
+        return src
     problems = key_problems(wanted, keys, "missing arrays for inputs")
     if problems:
-        raise CalibrationError(
-            f"calibration data{where}: {problems} (expected exactly the keys {quoted_names(wanted)})"
-        )
+        raise CalibrationError(f"calibration data{where}: {problems}; {inputs}")
     return validated_array_source(named, specs, calib_size, where, where_name)
