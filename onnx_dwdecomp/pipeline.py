@@ -52,8 +52,8 @@ from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplie
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
-from .verify import (PaddedFeeds, as_features, check_finite_weights, check_model, compare_models,
-                     finite_stats_solver, random_batches)
+from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model,
+                     compare_models, finite_stats_solver, random_batches)
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto
@@ -87,8 +87,8 @@ class _Job:
             self.timing["reference_pass"] = self._reference.seconds
         return self._reference
 
-    def output_scales(self) -> dict[str, np.ndarray] | None:
-        """Each output's per-feature mean square over all calibration samples (None without data)."""
+    def output_scales(self) -> dict[str, OutputScale] | None:
+        """Each output's per-feature scale over all calibration samples (None without data)."""
         return None if self.data is None else self.reference().scales
 
     def heldout_mask(self) -> np.ndarray:
@@ -230,7 +230,7 @@ def _prepare(loaded: LoadedModel, opts: DecomposeOptions) -> tuple[_Job, FoldRes
     data = None
     named = _named_shapes(opts.input_shapes, specs)
     fixed = fixed_batch(specs)
-    notes = [candidate_notes(source)]
+    notes = [*loaded.notes, candidate_notes(source)]
     if opts.calib is not None:
         t0 = time.perf_counter()
         say("calibrate: reading data")
@@ -453,7 +453,7 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:
 
 
 class Reference(NamedTuple):
-    scales: dict[str, np.ndarray]  # per output: mean square per feature over all samples
+    scales: dict[str, OutputScale]  # per output: mean square and peak per feature over all samples
     energy: np.ndarray | None  # per sample: output power normalised per feature (None: no per-sample output)
     seconds: float  # onnxruntime's time for the pass
 
@@ -461,15 +461,15 @@ class Reference(NamedTuple):
 def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) -> Reference:
     """One plain onnxruntime pass of the original model over all calibration samples.
 
-    Gives each output's per-feature mean square ``m_f`` (the scale verification measures errors
-    against, verify.py) and each sample's energy ``Σ_outputs Σ_f Σ_positions y_f² / m_f`` (the
-    held-out split is spread over it, calibration.holdout.split_holdout); outputs whose axis 0 is not the
-    sample axis count in the scales only.
+    Gives each output's per-feature mean square ``m_f`` and peak (the scale verification
+    measures errors against, verify.py) and each sample's energy ``Σ_outputs Σ_f Σ_positions
+    y_f² / m_f`` along the output's first feature axis (the held-out split is spread over it,
+    calibration.holdout.split_holdout); outputs whose axis 0 is not the sample axis count in
+    the scales only.
     """
     session = make_session(model)
     names = [o.name for o in model.graph.output]
-    totals: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
+    scales = ScaleAccumulator()
     per_sample: dict[str, list[np.ndarray] | None] = {}
     seconds = 0.0
     for b in data.iter_batches(fixed or batch, pad_to=fixed):
@@ -486,22 +486,20 @@ def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) 
             if not isinstance(value, np.ndarray) or not value.ndim or not np.issubdtype(value.dtype, np.floating):
                 continue
             sample_axis = value.shape[0] == fed
-            f = as_features(value[:b.count] if sample_axis else value)
-            squares = f * f
-            totals[name] = totals.get(name, 0.0) + squares.sum(axis=0)
-            rows[name] = rows.get(name, 0) + len(f)
+            f = scales.add(name, value[:b.count] if sample_axis else value)[0][1]
             if sample_axis and per_sample.get(name, []) is not None:
-                per_sample.setdefault(name, []).append(squares.reshape(b.count, -1, f.shape[1]).sum(axis=1))
+                per_sample.setdefault(name, []).append((f * f).reshape(b.count, -1, f.shape[1]).sum(axis=1))
             else:
                 per_sample[name] = None
-    scales = {name: totals[name] / max(rows[name], 1) for name in totals}
+    result = scales.scales()
     energy = None
     for name, parts in per_sample.items():
         if parts:
-            live = scales[name] > 0
-            part = (np.concatenate(parts)[:, live] / scales[name][live]).sum(axis=1)
+            mean_square = result[name][0].mean_square
+            live = mean_square > 0
+            part = (np.concatenate(parts)[:, live] / mean_square[live]).sum(axis=1)
             energy = part if energy is None else energy + part
-    return Reference(scales, energy, seconds)
+    return Reference(result, energy, seconds)
 
 
 class _Solved(NamedTuple):

@@ -46,7 +46,7 @@ from .errors import CalibrationError, first_line
 from .progress import say
 from .runtime import make_session, run
 from .solve import ChannelFactors, SeparableFactors
-from .verify import real_outputs, real_rows, worst_output_error
+from .verify import OutputScale, real_outputs, real_rows, worst_output_error
 
 #: Name prefix of the probe model's weight inputs (made unique against the model's own names).
 PREFIX = "dwdecomp_probe_"
@@ -112,7 +112,7 @@ def probe_model(model: onnx.ModelProto, layers: list[ConvLayer]) -> tuple[onnx.M
 def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
                           factors: Mapping[str, SeparableFactors | ChannelFactors],
                           layer_errors: Mapping[str, float], multipliers: Mapping[str, int],
-                          batches: list[dict[str, np.ndarray]], scales: dict[str, np.ndarray] | None
+                          batches: list[dict[str, np.ndarray]], scales: dict[str, OutputScale] | None
                           ) -> Sensitivities:
     """One probe per layer (module docstring) on the held-out ``batches``; ``layer_errors[name]``
     is the layer error of ``factors[name]`` (the curve pass's, at ``multipliers[name]``)."""

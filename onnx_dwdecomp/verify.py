@@ -7,33 +7,42 @@ Metrics per graph output, over all verification samples (``y`` original, ``ŷ`` 
 - ``top1_agreement`` = share of rows whose argmax agrees, for (N, classes) outputs only.
 - ``feature_rel_l2`` — **the output error**, the one measure that plans, ``--max-error`` and
   ``--max-rel-error`` bound and every table shows as "rel. error": the relative L2 error of each
-  *feature* — an entry of the feature axis when it has 2 to ``MAX_FEATURES`` entries: the last
-  axis of a 2-D or 3-D output (a classifier's logits; the box x, y, w, h, objectness and class
-  scores a detection head packs side by side), axis 1 of a 4-D or larger map (its channels,
-  NCHW) — taken over all samples and positions, then the root mean square over the features:
+  *feature* — an entry of a feature axis — taken over all samples and positions, then the root
+  mean square over the features:
 
       e_f = ‖ŷ[f] − y[f]‖₂ / sqrt(rows · m_f),      feature_rel_l2 = sqrt(mean_f e_f²)
 
   ``m_f`` is the feature's mean square (below). Every feature counts alike, whatever its scale:
-  in ddddocr's YOLOX head (1, 3549, 6) the box coordinates are ~100× the objectness scores,
-  and a rewrite measured 0.04 plain rel. L2 while the objectness column was off by 0.49 (box F1
-  0.79). Without a feature axis it equals ``rel_l2``.
+  a detection head packs box coordinates in pixels next to class probabilities of ~1e-2, and a
+  plain relative L2 is owned by the pixels.
 
-  **Near-dead features** (the stated rule): a feature whose RMS is below ``NEAR_DEAD`` (1e-3)
-  of the output's RMS per feature — ``m_f < NEAR_DEAD² · M``, ``M = mean_f m_f`` — carries
-  no signal of its own to be relative to (a channel that almost never fires, an all-zero
-  one). Such features are pooled into one feature whose error is taken against the scale of
-  one typical feature: ``e_pool = ‖ŷ[pool] − y[pool]‖₂ / sqrt(rows · M)``; the pool then
-  counts once in the mean (features identically zero in both models are left out). Unpooled, five channels at RMS 1e-4 made a per-feature error of 0.39
-  out of 0.02 everywhere else; a small but live feature (YOLOX objectness, ~1e-2 of the RMS)
-  still counts on its own.
+  **The feature axis** (the stated rule, :func:`feature_axes`): an axis other than the batch
+  axis qualifies when it has 2 to ``MAX_FEATURES`` entries. A 2-D output (N, K) has axis 1
+  (a classifier's logits); a 4-D or larger map has axis 1 (its channels, NCHW); a 3-D output
+  (N, a, b) has whichever of axes 1 and 2 qualify — the YOLOv5/YOLOX layout (N, A, 5+C) its
+  last axis, the YOLOv8/v9/v11 layout (N, 4+C, A) axis 1 — and where both qualify (a DETR
+  head's (N, Q, C+1) with few queries) the output error is the **worse** of the two. An output
+  with no qualifying axis is one feature: its error is the plain ``rel_l2``.
 
-  :meth:`Verification.worst_error` — the largest over the outputs — is the output error.
+  **Near-dead features** (the stated rule): a feature whose *peak* ``p_f = max |y[f]|`` over
+  the calibration samples is below ``NEAR_DEAD`` (1e-3) of the output's RMS per feature —
+  ``p_f < NEAR_DEAD · sqrt(M)``, ``M = mean_f m_f`` — is zero or tiny everywhere: it carries
+  no signal of its own to be relative to (a channel that never fires, a class probability of
+  ~1e-4 on every anchor of every sample). Such features are pooled into one feature whose
+  error is taken against the scale of one typical feature:
+  ``e_pool = ‖ŷ[pool] − y[pool]‖₂ / sqrt(rows · M)``; the pool then counts once in the mean
+  (features identically zero in both models are left out). A sparse feature is judged by its
+  peak, not its RMS: a class probability with RMS 1e-3 whose peaks of 0.3 are the detections
+  stays live beside box coordinates of RMS 100, while five NHWC channels of RMS 1e-4 beside
+  channels of RMS 1 are pooled.
+
+  :meth:`Verification.worst_error` — the largest over the outputs — is the output error, and
+  :attr:`OutputAgreement.worst_feature` names the feature that set it.
 - ``rel_l2`` = ‖ŷ − y‖₂ / ‖y‖₂ over the whole output (kept in the JSON report; not a bound).
 
-With calibration data the denominators are the output's *typical* magnitude: ``m_f`` is the
-mean square of feature ``f`` over all calibration samples (``pipeline.reference_pass``, the
-original model); without, the mean square over the verification samples. A held-out sample
+With calibration data the denominators are the output's *typical* magnitude: ``m_f`` (and the
+peak ``p_f``) of feature ``f`` over all calibration samples (:class:`ScaleAccumulator` in
+``pipeline.reference_pass``, the original model); without, over the verification samples. A held-out sample
 whose output is near zero (a text detector on a photo without text: probabilities ~1e-7)
 would otherwise turn float round-off into a relative error of 0.9.
 """
@@ -56,8 +65,12 @@ from .runtime import make_session, run
 
 #: Random verification samples when no held-out calibration data is given.
 RANDOM_SAMPLES = 8
-#: A last axis with at most this many entries holds features measured one by one (feature_rel_l2).
+#: An axis with 2 to this many entries is a feature axis, its entries measured one by one
+#: (feature_rel_l2, :func:`feature_axes`).
 MAX_FEATURES = 256
+#: A feature whose peak |y| is below this share of the output's RMS per feature is near-dead:
+#: pooled with the others and measured against one typical feature's scale (module docstring).
+NEAR_DEAD = 1e-3
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,31 @@ class OutputAgreement:
     cosine: float
     top1_agreement: float | None
     feature_rel_l2: float
+    #: the feature with the largest e_f: its axis and index (index None: the near-dead pool;
+    #: axis None: the output has no feature axis)
+    worst_axis: int | None = None
+    worst_index: int | None = None
+
+    def worst_feature(self) -> str:
+        """``"axis 1, index 7"``, ``"axis 1, near-dead pool"`` or ``"whole output"``."""
+        if self.worst_axis is None:
+            return "whole output"
+        return f"axis {self.worst_axis}, " + ("near-dead pool" if self.worst_index is None
+                                                else f"index {self.worst_index}")
+
+
+@dataclass(frozen=True)
+class FeatureScale:
+    """One output's typical magnitude along one feature axis (``None``: the whole output as one
+    feature): each feature's mean square ``m_f`` and peak ``p_f = max |y[f]|`` (shape ``(F,)``)."""
+
+    axis: int | None
+    mean_square: np.ndarray
+    peak: np.ndarray
+
+
+#: One :class:`FeatureScale` per feature axis of an output (:func:`feature_axes`).
+OutputScale = tuple[FeatureScale, ...]
 
 
 @dataclass(frozen=True)
@@ -264,23 +302,65 @@ def random_batches(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], s
     return batches
 
 
-def as_features(y: np.ndarray) -> np.ndarray:
-    """``y`` as float64 (rows, F): the feature axis last (module docstring), or one column."""
-    axis = 1 if y.ndim >= 4 else y.ndim - 1
-    if y.ndim < 2 or not 2 <= y.shape[axis] <= MAX_FEATURES:
+def feature_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The feature axes of an output of ``shape`` (module docstring): axis 1 of a 2-D or ≥ 4-D
+    output, axes 1 and 2 of a 3-D one, each only when it has 2 to ``MAX_FEATURES`` entries."""
+    candidates = (1, 2) if len(shape) == 3 else (1,) if len(shape) >= 2 else ()
+    return tuple(a for a in candidates if 2 <= shape[a] <= MAX_FEATURES)
+
+
+def feature_view(y: np.ndarray, axis: int | None) -> np.ndarray:
+    """``y`` as float64 ``(rows, F)`` with feature axis ``axis`` last (``None``: one column)."""
+    if axis is None:
         return y.astype(np.float64).reshape(-1, 1)
     return np.moveaxis(y.astype(np.float64), axis, -1).reshape(-1, y.shape[axis])
 
 
-#: A feature whose RMS is below this share of the output's RMS per feature is near-dead: pooled
-#: with the others and measured against one typical feature's scale (module docstring).
-NEAR_DEAD = 1e-3
+def views(y: np.ndarray) -> list[tuple[int | None, np.ndarray]]:
+    """Every feature view of ``y`` (:func:`feature_view`): one per feature axis, or the whole
+    output as one feature."""
+    return [(axis, feature_view(y, axis)) for axis in (feature_axes(y.shape) or (None,))]
 
 
-def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndarray | None = None
+class ScaleAccumulator:
+    """Each output's :class:`FeatureScale` per feature axis, accumulated over batches of the
+    original model's outputs (float outputs only; NaN/Inf entries count as zero)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[int | None, list]] = {}  # name → axis → [Σ y², peak, rows]
+
+    def add(self, name: str, value: np.ndarray) -> list[tuple[int | None, np.ndarray]]:
+        """Add one batch of output ``name``; returns its views (:func:`views`) for callers that
+        need per-sample sums of the same features."""
+        out = views(value)
+        per_axis = self._sums.setdefault(name, {})
+        for axis, f in out:
+            f = np.where(np.isfinite(f), f, 0.0)
+            total = per_axis.setdefault(axis, [0.0, np.zeros(f.shape[1]), 0])
+            if total[1].shape != (f.shape[1],):
+                continue  # the axis changed size between batches: keep the first batches' scale
+            total[0] = total[0] + np.einsum("ij,ij->j", f, f)
+            total[1] = np.maximum(total[1], np.abs(f).max(axis=0, initial=0.0))
+            total[2] += len(f)
+        return out
+
+    def scales(self) -> dict[str, OutputScale]:
+        return {name: tuple(FeatureScale(axis, sq / max(rows, 1), peak) for axis, (sq, peak, rows) in per_axis.items())
+                for name, per_axis in self._sums.items()}
+
+
+def output_scales(values: Iterable[tuple[str, np.ndarray]]) -> dict[str, OutputScale]:
+    """:class:`FeatureScale` per output and feature axis of ``(name, value)`` batches."""
+    acc = ScaleAccumulator()
+    for name, value in values:
+        acc.add(name, value)
+    return acc.scales()
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray, scale: OutputScale | None = None
               ) -> OutputAgreement:
-    """Agreement of one output; ``mean_square`` (per feature, from the calibration samples) sets
-    the scale the relative errors are taken against, else the reference's own norm.
+    """Agreement of one output; ``scale`` (per feature axis, from the calibration samples) sets
+    the scale the relative errors are taken against, else the reference's own.
 
     Non-float outputs (class indices) are compared for equality: both errors are the share of
     entries that differ. Entries where the reference is NaN/Inf are left out (the input model
@@ -295,48 +375,68 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndar
         inf = float("inf")
         return OutputAgreement(inf, inf, 0.0, None, inf)
     with np.errstate(all="ignore"):
-        return _float_agreement(reference, candidate, mean_square)
+        return _float_agreement(reference, candidate, scale)
 
 
-def _float_agreement(reference: np.ndarray, candidate: np.ndarray, mean_square: np.ndarray | None
-                     ) -> OutputAgreement:
-    ref, cand = as_features(reference), as_features(candidate)
-    valid = np.isfinite(ref)
-    if not np.isfinite(cand[valid]).all():
+def _own_scale(axis: int | None, ref: np.ndarray) -> FeatureScale:
+    return FeatureScale(axis, np.mean(ref * ref, axis=0), np.abs(ref).max(axis=0, initial=0.0))
+
+
+def _float_agreement(reference: np.ndarray, candidate: np.ndarray, scale: OutputScale | None) -> OutputAgreement:
+    valid = np.isfinite(reference)
+    if not np.isfinite(candidate[valid]).all():
         inf = float("inf")
         return OutputAgreement(inf, inf, 0.0, None, inf)
-    ref, cand = np.where(valid, ref, 0.0), np.where(valid, cand, 0.0)
-    diff = cand - ref
-    rows = len(ref)
-    scale = (np.linalg.norm(ref, axis=0) if mean_square is None or mean_square.shape != (ref.shape[1],)
-             else np.sqrt(rows * np.nan_to_num(mean_square, nan=0.0, posinf=0.0)))
-    scale_all = float(np.sqrt(np.sum(scale ** 2)))
-    rel = float(np.linalg.norm(diff) / scale_all) if scale_all > 0 else float(np.linalg.norm(diff) > 0)
-    norm_y, norm_hat = np.linalg.norm(ref), np.linalg.norm(cand)
-    cos = float(np.sum(ref * cand) / (norm_y * norm_hat)) if norm_y > 0 and norm_hat > 0 else float(norm_y == norm_hat)
+    ref64 = np.where(valid, reference, 0.0).astype(np.float64)
+    cand64 = np.where(valid, candidate, 0.0).astype(np.float64)
+    given = {s.axis: s for s in scale or ()}
+    rel = feature = None
+    worst = (None, None)
+    for axis, ref in views(ref64):
+        diff = feature_view(cand64, axis) - ref
+        s = given.get(axis)
+        if s is None or s.mean_square.shape != (ref.shape[1],):
+            s = _own_scale(axis, ref)
+        error, index = _feature_error(np.linalg.norm(diff, axis=0), s, len(ref))
+        if rel is None:
+            norm = float(np.sqrt(len(ref) * np.sum(np.nan_to_num(s.mean_square, nan=0.0, posinf=0.0))))
+            rel = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff) > 0)
+        if feature is None or error > feature:
+            feature, worst = error, (axis, index)
+    norm_y, norm_hat = np.linalg.norm(ref64), np.linalg.norm(cand64)
+    cos = float(np.sum(ref64 * cand64) / (norm_y * norm_hat)) if norm_y > 0 and norm_hat > 0 else float(norm_y == norm_hat)
     top1 = None
     if reference.ndim == 2 and reference.shape[1] > 1:
         rows_ok = np.isfinite(reference).all(axis=1)
         if rows_ok.any():
             top1 = float(np.mean(reference[rows_ok].argmax(axis=1) == candidate[rows_ok].argmax(axis=1)))
-    feature = rel
-    if ref.shape[1] > 1 and scale_all > 0:
-        feature = _feature_error(np.linalg.norm(diff, axis=0), scale)
-    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    max_abs = float(np.abs(cand64 - ref64).max()) if ref64.size else 0.0
     rel, feature, max_abs = (v if v == v else float("inf") for v in (rel, feature, max_abs))
-    return OutputAgreement(rel, max_abs, cos if cos == cos else 0.0, top1, feature)
+    if worst[0] is None:  # no feature axis: the error is the plain relative L2
+        feature = rel
+    return OutputAgreement(rel, max_abs, cos if cos == cos else 0.0, top1, feature, *worst)
 
 
-def _feature_error(diff_norms: np.ndarray, scale: np.ndarray) -> float:
-    """``feature_rel_l2`` from each feature's error norm and scale ``sqrt(rows · m_f)``: live
-    features relative to their own scale, near-dead ones pooled against one typical feature's
-    (module docstring)."""
-    typical = float(np.sqrt(np.mean(scale ** 2)))  # sqrt(rows · M)
-    live = scale >= NEAR_DEAD * typical
-    errors = list(diff_norms[live] / scale[live])
-    if np.any(diff_norms[~live] > 0) or np.any(scale[~live] > 0):  # all-zero in both: left out
-        errors.append(float(np.linalg.norm(diff_norms[~live])) / typical)
-    return float(np.sqrt(np.mean(np.square(errors))))
+def _feature_error(diff_norms: np.ndarray, scale: FeatureScale, rows: int) -> tuple[float, int | None]:
+    """``feature_rel_l2`` along one axis from each feature's error norm, and the index of the
+    worst feature (None: the near-dead pool): live features relative to their own scale
+    ``sqrt(rows · m_f)``, near-dead ones pooled against one typical feature's (module
+    docstring)."""
+    mean_square = np.nan_to_num(scale.mean_square, nan=0.0, posinf=0.0)
+    typical_rms = float(np.sqrt(np.mean(mean_square)))  # sqrt(M)
+    if typical_rms == 0:
+        return float(np.linalg.norm(diff_norms) > 0), None
+    live = (np.nan_to_num(scale.peak, nan=0.0, posinf=0.0) >= NEAR_DEAD * typical_rms) & (mean_square > 0)
+    errors = diff_norms[live] / np.sqrt(rows * mean_square[live])
+    index = np.flatnonzero(live)
+    pooled = []
+    if np.any(diff_norms[~live] > 0) or np.any(mean_square[~live] > 0):  # all-zero in both: left out
+        pooled = [float(np.linalg.norm(diff_norms[~live])) / (typical_rms * np.sqrt(rows))]
+    everything = np.concatenate([errors, pooled])
+    if not everything.size:
+        return 0.0, None
+    k = int(np.argmax(everything))
+    return float(np.sqrt(np.mean(np.square(everything)))), (int(index[k]) if k < len(errors) else None)
 
 
 def real_rows(feeds: dict[str, np.ndarray]) -> int:
@@ -364,10 +464,10 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
 
 def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                    batches: Iterable[dict[str, np.ndarray]], inputs: str,
-                   scales: dict[str, np.ndarray] | None = None) -> Verification:
+                   scales: dict[str, OutputScale] | None = None) -> Verification:
     """Run both models on the same batches and measure agreement per graph output that is a
     tensor (sequence outputs are skipped), against the typical magnitudes ``scales[name]``
-    (per-feature mean squares over the calibration samples) where given.
+    (per feature axis, over the calibration samples) where given.
 
     A batch padded to a fixed batch size (:class:`PaddedFeeds`) counts its real rows only:
     outputs whose axis 0 has the fed row count are cut to them.
@@ -403,10 +503,8 @@ def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     return Verification(samples, inputs, outputs, nonfinite)
 
 
-
-
 def worst_output_error(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
-                       scales: dict[str, np.ndarray] | None = None) -> float:
+                       scales: dict[str, OutputScale] | None = None) -> float:
     """The output error plans bound (:meth:`Verification.worst_error`) between two models' outputs
     on the same batches (per batch: output name → value, padding rows already cut)."""
     errors = []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp.calibration.holdout import split_holdout
+from onnx_dwdecomp.calibration.holdout import heldout_count, split_holdout
 from onnx_dwdecomp.calibration.moments import MomentSums
 from onnx_dwdecomp.calibration.patches import effective_pads, extract_patches, output_hw
 from onnx_dwdecomp.calibration.segments import plan_segments
@@ -174,18 +174,20 @@ def test_symmetric_errors_do_not_depend_on_the_other_layers():
 def test_split_holdout():
     m1, m2 = split_holdout(24, 0.1, 0), split_holdout(24, 0.1, 0)
     np.testing.assert_array_equal(m1, m2)  # seeded
-    assert m1.dtype == bool and m1.sum() == 4  # max(round(2.4), min(MIN_HELDOUT, 24 // 4))
+    assert m1.dtype == bool and m1.sum() == 8  # max(round(2.4), min(MIN_HELDOUT, 24 // 3))
     assert split_holdout(512, 0.1, 0).sum() == 51 and split_holdout(8, 0.1, 0).sum() == 2
+    # the bound is checked on at least 16 samples wherever the data has 48
+    assert [heldout_count(n) for n in (47, 48, 64, 160, 256)] == [15, 16, 16, 16, 26]
     assert len({split_holdout(24, 0.1, seed).tobytes() for seed in range(5)}) > 1  # the seed matters
     assert split_holdout(2, 0.0, 0).sum() == 1  # at least one held out
     assert split_holdout(3, 0.99, 0).sum() == 2  # at least one left to fit
     with pytest.raises(CalibrationError, match="at least 2"):
         split_holdout(1, 0.1, 0)
-    # spread over the energy ranks: 12 samples, 3 held out, one from each third of the ranks
+    # spread over the energy ranks: 12 samples, 4 held out (a third), one from each quarter of the ranks
     energy = np.random.default_rng(1).random(12)
     for seed in range(5):
         ranks = np.argsort(np.argsort(energy))[split_holdout(12, 0.25, seed, energy)]
-        assert sorted(r // 4 for r in ranks) == [0, 1, 2]
+        assert sorted(r // 3 for r in ranks) == [0, 1, 2, 3]
     with pytest.raises(CalibrationError):
         split_holdout(0, 0.1, 0)
 

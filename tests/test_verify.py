@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_dwdecomp.verify import MAX_FEATURES, Verification, _join, agreement, as_features
+from onnx_dwdecomp.verify import (MAX_FEATURES, NEAR_DEAD, Verification, _join, agreement, feature_axes,
+                                  output_scales)
 
 
-def mean_squares(arrays):
-    """Per-feature mean square over arrays of one output, as pipeline.reference_pass makes it."""
-    f = np.concatenate([as_features(a) for a in arrays])
-    return (f * f).mean(axis=0)
+def scales_of(arrays):
+    """One output's scale per feature axis over batches ``arrays``, as pipeline.reference_pass
+    makes it."""
+    return output_scales(("y", a) for a in arrays)["y"]
 
 
 def test_feature_error_is_not_hidden_by_large_features():
@@ -70,15 +71,20 @@ def test_errors_against_the_typical_scale_ignore_round_off_on_a_blank_output():
     blank = np.full((1, 1, 16, 16), 1e-7, np.float32)
     noisy = blank + rng.normal(scale=1e-7, size=blank.shape).astype(np.float32)
     assert agreement(blank, noisy).rel_l2 > 0.5
-    scale = mean_squares(typical)
-    assert scale.shape == (1,) and scale[0] == pytest.approx(np.mean(typical[0].astype(np.float64) ** 2))
+    scale = scales_of(typical)
+    assert len(scale) == 1 and scale[0].axis is None  # one channel: no feature axis, one feature
+    assert scale[0].mean_square == pytest.approx([np.mean(typical[0].astype(np.float64) ** 2)])
     assert agreement(blank, noisy, scale).rel_l2 < 1e-5
 
 
 def test_errors_against_given_scales_per_feature():
     y = np.stack([np.full((5, 3), 1.0), np.full((5, 3), 3.0)], axis=-1)  # (5, 3, 2): 2 features
-    np.testing.assert_allclose(mean_squares([y, y]), [1.0, 9.0])
-    a = agreement(y, 1.1 * y, mean_squares([y]))
+    by_axis = {s.axis: s for s in scales_of([y, y])}
+    assert set(by_axis) == {1, 2}  # both axes of a 3-D output have 2..MAX_FEATURES entries
+    np.testing.assert_allclose(by_axis[2].mean_square, [1.0, 9.0])
+    np.testing.assert_allclose(by_axis[2].peak, [1.0, 3.0])
+    np.testing.assert_allclose(by_axis[1].mean_square, [5.0, 5.0, 5.0])
+    a = agreement(y, 1.1 * y, scales_of([y]))
     assert a.rel_l2 == pytest.approx(0.1) and a.feature_rel_l2 == pytest.approx(0.1)
 
 
@@ -89,7 +95,7 @@ def test_a_feature_that_almost_never_fires_does_not_dominate():
     y = rng.random((4, 8, 6, 6))
     y[:, 3] *= 1e-5
     noisy = y + 1e-3 * rng.standard_normal(y.shape)
-    a = agreement(y, noisy, mean_squares([y]))
+    a = agreement(y, noisy, scales_of([y]))
     assert a.rel_l2 < 0.01 and a.feature_rel_l2 < 1.0
 
 
@@ -121,8 +127,8 @@ def test_batches_of_a_time_major_output_join_along_the_batch_axis():
 
 
 def test_padding_rows_of_a_fixed_batch_are_not_scored():
-    """A model with batch dim fixed at 4 and 3 held-out samples: the last batch is padded with
-    a copy of its last row, which must not count as a fourth sample."""
+    """A model with batch dim fixed at 4 and 5 held-out samples: the last batch is padded with
+    copies of its last row, which must not count as samples."""
     from conftest import correlated_images
     from onnx import TensorProto, helper, numpy_helper
 
@@ -136,8 +142,8 @@ def test_padding_rows_of_a_fixed_batch_are_not_scored():
                               initializer=[w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    _, rep = decompose(model, calib=correlated_images(12, 4, 6, 6), multiplier=1, select="all")
-    assert rep.calibration["heldout_samples"] == 3 and rep.verification.samples == 3
+    _, rep = decompose(model, calib=correlated_images(15, 4, 6, 6), multiplier=1, select="all")
+    assert rep.calibration["heldout_samples"] == 5 and rep.verification.samples == 5
 
 
 # ---- issue 15: non-finite values are a failure, never a pass; every input its own shape
@@ -278,3 +284,81 @@ def test_nonfinite_statistics_name_the_conv():
         solve(SimpleNamespace(name="c1"), stats, None)
     stats.cov_xhat = np.eye(3)
     assert solve(SimpleNamespace(name="c1"), stats, None) == "solved"
+
+
+# ---- the feature axis and the near-dead rule on detection heads
+
+
+def _detections(rng, anchors: int, classes: int, layout: str):
+    """A detection head's output on 2 images: box cx, cy, w, h in pixels (RMS ~100–200), then
+    sparse class probabilities — ~1e-4 on every anchor but a few, where one class peaks at
+    0.5–0.9 (the detections). ``layout`` "v8": (N, 4+C, A); "v5": (N, A, 5+C) with objectness."""
+    n = 2
+    boxes = np.stack([rng.uniform(0, 320, (n, anchors)), rng.uniform(0, 320, (n, anchors)),
+                      rng.uniform(8, 120, (n, anchors)), rng.uniform(8, 120, (n, anchors))], axis=1)
+    cls = rng.uniform(0, 2e-4, (n, classes, anchors))
+    peaks = rng.choice(anchors, size=(n, 6), replace=False)
+    for i in range(n):
+        for j, a in enumerate(peaks[i]):
+            cls[i, j % classes, a] = rng.uniform(0.5, 0.9)
+    if layout == "v8":
+        return np.concatenate([boxes, cls], axis=1), peaks
+    obj = cls.max(axis=1, keepdims=True)
+    return np.concatenate([boxes, obj, cls], axis=1).transpose(0, 2, 1), peaks
+
+
+@pytest.mark.parametrize("layout", ["v8", "v5"])
+def test_a_detection_head_sees_its_class_probabilities(layout):
+    """A rewrite that moves the detected class probabilities by 30 % of their peak (0.5–0.9 →
+    0.35–0.63, detections at 0.5 change) and the boxes by 0.5 % must exceed the 2 % bound, while
+    the plain relative L2 — owned by the pixel coordinates — is ~0.005. Before: the 2,100-entry
+    last axis of the v8 layout made the whole output one feature (0.005), and with the right
+    axis every class channel (RMS ≤ 1e-2 against boxes of RMS ~100) was pooled as near-dead."""
+    rng = np.random.default_rng(7)
+    y, peaks = _detections(rng, anchors=2100, classes=20, layout=layout)
+    y_hat = y * (1 + 0.005 * rng.standard_normal(y.shape))
+    feature_axis = 1 if layout == "v8" else 2
+    assert feature_axes(y.shape) == (feature_axis,)
+    moved = np.moveaxis(y_hat, feature_axis, 1).copy()
+    first_class = 4 if layout == "v8" else 5
+    for i in range(2):
+        moved[i, first_class:, peaks[i]] *= 0.7
+    y_hat = np.moveaxis(moved, 1, feature_axis)
+    a = agreement(y, y_hat, scales_of([y]))
+    assert a.rel_l2 < 0.01  # what the old measure saw
+    assert a.feature_rel_l2 > 0.02
+    assert a.worst_axis == feature_axis and a.worst_index >= first_class  # a class probability
+    # the same head with only the tiny box noise stays well within the bound
+    quiet = y * (1 + 0.005 * rng.standard_normal(y.shape))
+    assert agreement(y, quiet, scales_of([y])).feature_rel_l2 < 0.02
+
+
+def test_class_channels_that_never_fire_are_pooled():
+    """Classes whose probability stays ~1e-4 on every anchor (no such object in the data): a
+    rewrite that doubles them (a logit shift of 0.7 at the sigmoid's tail) changes no detection
+    and must not read as an error of ~1 on each of them."""
+    rng = np.random.default_rng(8)
+    y, _ = _detections(rng, anchors=2100, classes=20, layout="v8")
+    y[:, 4 + 6:] = rng.uniform(0, 2e-4, y[:, 4 + 6:].shape)  # classes 6.. never fire
+    y_hat = y.copy()
+    y_hat[:, 4 + 6:] *= 2.0
+    scale = scales_of([y])
+    assert scale[0].peak[4 + 6:].max() < NEAR_DEAD * np.sqrt(scale[0].mean_square.mean())
+    assert agreement(y, y_hat, scale).feature_rel_l2 < 1e-3
+
+
+def test_where_both_axes_qualify_the_worse_counts():
+    """(N, Q, C+1) with Q = 50 queries and 8 classes: axis 1 and axis 2 both qualify. Query 7 is
+    faint (1e-2 of the others) and off by 50 %: per class it is diluted by the loud queries,
+    per query it is one of 50 features off by 0.5 — the worse (axis 1) is the output error."""
+    rng = np.random.default_rng(9)
+    y = rng.standard_normal((4, 50, 8))
+    y[:, 7] *= 1e-2
+    y_hat = y.copy()
+    y_hat[:, 7] *= 1.5
+    assert feature_axes(y.shape) == (1, 2)
+    a = agreement(y, y_hat, scales_of([y]))
+    assert a.worst_axis == 1 and a.worst_index == 7
+    assert a.feature_rel_l2 == pytest.approx(0.5 / np.sqrt(50), rel=1e-6)  # one of 50 features off by 0.5
+    per_class = np.linalg.norm(y_hat - y, axis=(0, 1)) / np.linalg.norm(y, axis=(0, 1))  # axis 2 alone
+    assert np.sqrt(np.mean(per_class ** 2)) < 0.01

@@ -16,21 +16,25 @@ from .patches import patch_pair, tap_major
 
 #: The share of the calibration samples held out (CalibrationOptions.holdout's default).
 HOLDOUT_FRACTION = 0.1
-#: With few samples at least this many are held out (when they are at most a quarter of all).
-MIN_HELDOUT = 4
+#: The output error bound is checked on at least this many held-out samples when the data has
+#: ``3 · MIN_HELDOUT`` (48) or more; with fewer, on a third of them.
+MIN_HELDOUT = 16
 
 
 def heldout_count(n: int, fraction: float = HOLDOUT_FRACTION) -> int:
-    """How many of ``n`` samples are held out: ``max(round(fraction·n), min(MIN_HELDOUT, n // 4))``,
-    at least 1 and at most ``n − 1`` (1 when ``n < 2``, which :func:`split_holdout` refuses)."""
-    return max(1, min(max(1, int(round(fraction * n)), min(MIN_HELDOUT, n // 4)), n - 1))
+    """How many of ``n`` samples are held out: ``max(round(fraction·n), min(MIN_HELDOUT, n // 3))``,
+    at least 1 and at most ``n − 1`` (1 when ``n < 2``, which :func:`split_holdout` refuses).
+
+    16 of 48 and more, 10 % of 160 and more; a third of fewer than 48 (8 of 24). A bound
+    checked on 4 images let a detector's plan through whose detections changed on others."""
+    return max(1, min(max(int(round(fraction * n)), min(MIN_HELDOUT, n // 3)), n - 1))
 
 
 def split_holdout(n: int, fraction: float, seed: int, energy: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask of the held-out samples.
 
-    ``k =`` :func:`heldout_count`: 10 % of many samples, but never a single image out of 8 or 24
-    when a few more can be spared.
+    ``k =`` :func:`heldout_count`: 10 % of many samples, at least 16 of 48 or more, a third of
+    fewer.
     With ``energy`` (each sample's output power, normalised per feature) the samples are taken
     systematically over its ranks — ``k`` evenly spaced ranks from a seeded offset — so the
     held-out set spans quiet and busy inputs (a text detector's held-out image is not only a
