@@ -88,7 +88,7 @@ from .errors import DwDecompError, first_line
 from .latency_records import BAND_Z, ConvConfig, Timing
 from .memory import THREAD_BYTES, require
 from .runtime import DEFAULT_PROVIDERS, session_options
-from .timing import default_threads, interleaved_timings
+from .timing import clock_for, default_threads, interleaved_timings, machine_load
 from .timing_cache import TimingCache
 
 __all__ = ["MIN_GAIN", "BAND_Z", "MAX_RETIMES", "RETIME_FACTOR", "DEFAULT_PROVIDERS", "ConvConfig",
@@ -241,13 +241,8 @@ def probe_bytes(config: ConvConfig) -> int:
 
 def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min_runs: int = 7,
               max_runs: int = 100, warmup: int = 2, seed: int = 0) -> Timing:
-    """Per-round onnxruntime latencies of the regular conv and its replacement, interleaved,
-    summarised by :meth:`Timing.from_samples`.
-
-    A first pass of 3 rounds (after ``warmup`` untimed calls each) estimates the time per round;
-    the second pass runs ``scale · budget_s / round`` rounds, clamped to
-    ``[scale · min_runs, scale · max_runs]``. The sessions use ``config.threads`` and
-    ``config.providers``.
+    """Per-round onnxruntime latencies of the regular conv and its replacement, interleaved
+    (:func:`timed_pair`). The sessions use ``config.threads`` and ``config.providers``.
 
     Raises
     ------
@@ -261,13 +256,34 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
     try:
         sessions = [_session(m, config.threads, config.providers) for m in (regular, separable)]
         fns = [lambda s=s: s.run(None, {"x": x}) for s in sessions]
-        probe = interleaved_timings(fns, runs=3, warmup=warmup)
+        return timed_pair(fns, config.threads, scale, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs,
+                          warmup=warmup)
+    except TimingError:
+        raise
     except Exception as exc:  # onnxruntime raises its own unrelated exception types
         raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
+
+
+def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1, *, budget_s: float,
+               min_runs: int, max_runs: int, warmup: int) -> Timing:
+    """The :class:`Timing` of two calls (regular, separable) at ``threads`` onnxruntime threads.
+
+    A first pass of 3 rounds (after ``warmup`` untimed calls each) estimates the time per round;
+    the second pass runs ``scale · budget_s / round`` rounds, clamped to
+    ``[scale · min_runs, scale · max_runs]``, on timing.clock_for(threads) (CPU time of the
+    calling thread at one thread, wall clock otherwise). A wall-clock timing is marked
+    ``loaded`` when timing.machine_load found the machine busy before or after it.
+    """
+    clock_name, clock = clock_for(threads)
+    contention, load, busy = machine_load(threads)
+    probe = interleaved_timings(fns, runs=3, warmup=warmup, clock=clock)
     per_round = float(sum(np.median(t) for t in probe))
     runs = int(np.clip(scale * budget_s / max(per_round, 1e-9), scale * min_runs, scale * max_runs))
-    times = interleaved_timings(fns, runs=runs, warmup=0)
-    return Timing.from_samples(1e3 * times[0], 1e3 * times[1])
+    times = interleaved_timings(fns, runs=runs, warmup=0, clock=clock)
+    after = machine_load(threads)
+    timing = Timing.from_samples(1e3 * times[0], 1e3 * times[1])
+    return replace(timing, clock=clock_name, contention=max(contention, after[0]), load_average=max(load, after[1]),
+                   loaded=clock_name == "wall" and (busy or after[2]))
 
 
 class LatencySelector:
@@ -355,6 +371,6 @@ class LatencySelector:
             self.timings[config] = exc
             raise
         self.timings[config] = timing
-        if self.cache is not None:
+        if self.cache is not None and not timing.loaded:  # a timing under load is not kept
             self.cache.put(config, timing)
         return timing

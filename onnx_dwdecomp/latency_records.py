@@ -103,6 +103,15 @@ class Timing:
     cached : bool
         Read from the persistent timing cache rather than measured in this run (not part of
         equality: it says where the measurement came from, not what it is).
+    clock : str
+        ``"cpu"``: the calling thread's CPU time (one intra-op thread), ``"wall"``: wall-clock
+        time (timing.clock_for).
+    contention, load_average : float
+        The machine's load while timing, worst of before and after (timing.machine_load; not
+        part of equality, not stored in the cache).
+    loaded : bool
+        Other processes competed for the CPUs of a wall-clock timing: used for this run's
+        decision, never stored in the timing cache (not part of equality).
     """
 
     regular_ms: float
@@ -113,6 +122,10 @@ class Timing:
     ratio_halfwidth: float = 0.0
     retimes: int = 0
     cached: bool = field(default=False, compare=False)
+    clock: str = "wall"
+    contention: float = field(default=1.0, compare=False)
+    load_average: float = field(default=0.0, compare=False)
+    loaded: bool = field(default=False, compare=False)
 
     @classmethod
     def from_samples(cls, regular_ms: Sequence[float], separable_ms: Sequence[float]) -> "Timing":
@@ -145,6 +158,14 @@ class Timing:
     @property
     def retimed(self) -> bool:
         return self.retimes > 0
+
+    def load_text(self) -> str:
+        """How the timing was taken: clock and, under load, the load (for reports)."""
+        clock = "CPU time of the calling thread" if self.clock == "cpu" else "wall clock"
+        if not self.loaded:
+            return clock
+        return (f"{clock}, under load: CPU contention ×{self.contention:.2f}, load average {self.load_average:.1f}; "
+                f"not cached")
 
 
 def _iqr(x: np.ndarray) -> float:

@@ -12,7 +12,10 @@ the plan's) with ``min_gain = MODEL_MIN_GAIN``: re-timed with 3× and 9× the ro
 threshold lies inside the noise band, and still inside, *not faster* — the safe side. A timing
 is stored in the persistent timing cache under the sha256 of both serialized models, the input
 shapes, threads and providers (plus the cache's onnxruntime version and CPU), so the same job
-on the same machine decides alike whatever the load.
+on the same machine decides alike whatever the load. At one thread the rounds are timed on the
+calling thread's CPU time, which load barely changes; at more, on the wall clock, and a timing
+taken while other processes competed for the CPUs (timing.machine_load) decides this run but is
+not stored: a busy machine's verdict is never frozen for the next run.
 """
 
 from __future__ import annotations
@@ -25,9 +28,8 @@ import numpy as np
 import onnx
 
 from .errors import first_line
-from .latency import Decision, LatencySelector, Timing, TimingError
+from .latency import Decision, LatencySelector, Timing, TimingError, timed_pair
 from .runtime import session_options
-from .timing import interleaved_timings
 from .timing_cache import TimingCache
 
 #: The plan's model must be at least this much faster (median ratio) than the all-regular one.
@@ -62,20 +64,19 @@ def model_pair(reference: bytes, candidate: bytes, feeds: dict[str, np.ndarray],
 def ort_model_timer(reference: bytes, candidate: bytes, feeds: dict[str, np.ndarray], threads: int,
                     providers: Sequence[str], scale: int = 1, *, budget_s: float = BUDGET_S, min_runs: int = 10,
                     max_runs: int = 200, warmup: int = 3) -> Timing:
-    """Interleaved per-round latencies of the two serialized models (regular = ``reference``)."""
+    """Interleaved per-round latencies of the two serialized models (regular = ``reference``),
+    latency.timed_pair: CPU time of the calling thread at one thread, else wall clock with the
+    machine's load recorded."""
     import onnxruntime as ort
 
     try:
         sessions = [ort.InferenceSession(m, session_options(threads), providers=list(providers))
                     for m in (reference, candidate)]
         fns = [lambda s=s: s.run(None, feeds) for s in sessions]
-        probe = interleaved_timings(fns, runs=3, warmup=warmup)
+        return timed_pair(fns, threads, scale, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs,
+                          warmup=warmup)
     except Exception as exc:  # onnxruntime's own exception types
         raise TimingError(f"onnxruntime cannot time the whole models: {first_line(exc)}") from exc
-    per_round = float(sum(np.median(t) for t in probe))
-    runs = int(np.clip(scale * budget_s / max(per_round, 1e-9), scale * min_runs, scale * max_runs))
-    times = interleaved_timings(fns, runs=runs, warmup=0)
-    return Timing.from_samples(1e3 * times[0], 1e3 * times[1])
 
 
 def check_faster(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray], *,

@@ -9,6 +9,14 @@ speed-up; alternating A and B spreads every burst over both. It also puts every 
 same cache situation: each call follows a call of another model (with two or more models), so
 no model profits from a cache left hot by its own previous call while the other does not.
 Python's garbage collector is paused during the timing loop so its pauses do not land at random.
+
+Which clock. At one intra-op thread onnxruntime runs in the calling thread, so that thread's
+CPU time (``time.thread_time``) measures the run while barely seeing other processes: a
+timing taken beside CPU hogs reads like one taken on a quiet machine (cache and memory-bandwidth
+effects remain). With more threads the work is spread over onnxruntime's own threads and only
+wall-clock time measures it; then :func:`machine_load` says whether other processes competed
+for the CPUs, and a timing taken under load is used for the run's decision but not kept
+(latency.LatencySelector, the timing cache).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from .version import __version__
 
 
 def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
-                        on_round: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                        on_round: Callable[[int], None] | None = None,
+                        clock: Callable[[], float] = time.perf_counter) -> list[np.ndarray]:
     """Time several callables in interleaved rounds.
 
     Each fn is first called ``warmup`` times (fn0 × warmup, then fn1 × warmup, ...), then the fns
@@ -44,11 +53,14 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
         Untimed calls of each fn before the first round.
     on_round : callable, optional
         Called with the 1-based round number after each round (outside the timed calls).
+    clock : callable, optional
+        The clock read around each call: ``time.perf_counter`` (wall) by default,
+        ``time.thread_time`` for the calling thread's CPU time (:func:`clock_for`).
 
     Returns
     -------
     list of ndarray, shape (runs,)
-        Per fn, the seconds each timed call took (``time.perf_counter``), in call order.
+        Per fn, the seconds each timed call took on ``clock``, in call order.
     """
     check_int(runs, "--runs", 1)
     check_int(warmup, "--warmup", 0)
@@ -57,7 +69,6 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
         for _ in range(warmup):
             fn()
     times = np.empty((len(fns), runs), dtype=np.float64)
-    clock = time.perf_counter
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -73,6 +84,48 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
         if gc_was_enabled:
             gc.enable()
     return [times[i].copy() for i in range(len(fns))]
+
+
+#: A short busy loop that takes this much more wall-clock than CPU time shares its core with
+#: other processes (:func:`machine_load`).
+CONTENDED = 1.15
+
+
+def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
+    """The clock that times onnxruntime at ``threads`` intra-op threads (module docstring):
+    ``("cpu", time.thread_time)`` at one thread, ``("wall", time.perf_counter)`` otherwise."""
+    return ("cpu", time.thread_time) if threads == 1 else ("wall", time.perf_counter)
+
+
+def cpu_contention(seconds: float = 0.02) -> float:
+    """Wall-clock over this thread's CPU time of a busy loop of ``seconds``: about 1.0 when the
+    thread has a core to itself, 1.5 when it shares two cores with two CPU-bound processes."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(2000):
+            x += 1
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    return wall / cpu if cpu > 0 else float("inf")
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def machine_load(threads: int) -> tuple[float, float, bool]:
+    """``(contention, load average, busy)`` right now, for a timing at ``threads`` threads:
+    busy when :func:`cpu_contention` exceeds ``CONTENDED``, or when, for more than one thread,
+    the load average exceeds the CPUs this process may use by more than half a CPU (then
+    onnxruntime's threads wait for each other behind other processes even where one loop finds
+    a free core). The load average counts this job's own busy threads too: the safe side."""
+    contention, load = cpu_contention(), load_average()
+    busy = contention > CONTENDED or (threads > 1 and load > default_threads() + 0.5)
+    return contention, load, busy
 
 
 def default_threads() -> int:

@@ -13,14 +13,17 @@ File
 ``$XDG_CACHE_HOME/onnx_dwdecomp/timing_cache.json`` (``~/.cache/...`` when ``XDG_CACHE_HOME`` is
 unset or relative) by default::
 
-    {"format": "onnx_dwdecomp.timing_cache", "version": 1,
+    {"format": "onnx_dwdecomp.timing_cache", "version": 2,
      "entries": {"<key>": {"regular_ms": 0.041, "separable_ms": 0.029, "runs": 100,
                            "regular_iqr_ms": 0.002, "separable_iqr_ms": 0.001,
-                           "ratio_halfwidth": 0.021, "retimes": 0}, ...}}
+                           "ratio_halfwidth": 0.021, "retimes": 0, "clock": "cpu"}, ...}}
 
 An entry holds the :class:`~onnx_dwdecomp.latency_records.Timing` summary (medians, interquartile ranges,
-rounds, noise band, re-timings), enough to re-derive and show the decision. Failed timings are
-not stored: they are cheap to repeat and may depend on the installation.
+rounds, noise band, re-timings, clock), enough to re-derive and show the decision. Failed
+timings are not stored: they are cheap to repeat and may depend on the installation; nor are
+wall-clock timings taken under load (``Timing.loaded``, latency.LatencySelector): a busy
+machine's verdict is never frozen. Version 1 files (wall clock at every thread count, load not
+checked) are ignored and rewritten.
 
 Every new timing is written at once: under an exclusive ``fcntl.flock`` on the sidecar
 ``timing_cache.json.lock``, the file is re-read, this run's entries are merged into it, and the
@@ -63,7 +66,7 @@ __all__ = ["FORMAT", "VERSION", "TimingCache", "default_cache_path"]
 #: ``format`` marker of the cache file.
 FORMAT = "onnx_dwdecomp.timing_cache"
 #: Version of the file's layout; a file of another version is ignored and rewritten.
-VERSION = 1
+VERSION = 2
 _MS_FIELDS = ("regular_ms", "separable_ms", "regular_iqr_ms", "separable_iqr_ms", "ratio_halfwidth")
 _COUNT_FIELDS = ("runs", "retimes")
 
@@ -122,12 +125,12 @@ class TimingCache:
         if entry is None:
             return None
         return Timing(**{name: float(entry[name]) for name in _MS_FIELDS},
-                      **{name: entry[name] for name in _COUNT_FIELDS}, cached=True)
+                      **{name: entry[name] for name in _COUNT_FIELDS}, clock=entry["clock"], cached=True)
 
     def put(self, config: ConvConfig, timing: Timing) -> None:
         """Store ``timing`` for ``config``, replacing any entry, and write the file (see the
         module docstring; a location that cannot be written adds one note and keeps it in memory)."""
-        entry = {name: getattr(timing, name) for name in _MS_FIELDS + _COUNT_FIELDS}
+        entry = {name: getattr(timing, name) for name in _MS_FIELDS + _COUNT_FIELDS} | {"clock": timing.clock}
         key = self.key(config)
         self._entries[key] = self._pending[key] = entry
         self._save()
@@ -222,6 +225,6 @@ def _valid_entry(entry) -> bool:
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    return (isinstance(entry, dict) and set(entry) == set(_MS_FIELDS + _COUNT_FIELDS)
+    return (isinstance(entry, dict) and set(entry) == set(_MS_FIELDS + _COUNT_FIELDS + ("clock",))
             and all(number(entry[k]) for k in _MS_FIELDS) and all(count(entry[k]) for k in _COUNT_FIELDS)
-            and entry["runs"] >= 1)
+            and entry["runs"] >= 1 and entry["clock"] in ("cpu", "wall"))

@@ -346,3 +346,30 @@ def test_probe_models_with_a_merged_pointwise(mult):
     assert run_model(regular, {"x": x})[0].shape == run_model(separable, {"x": x})[0].shape == (1, 12, 10, 10)
     assert "+1×1→12" in config.describe()
     assert config != _config(c=8, n=16, mult=mult)  # another cache key than the isolated pair
+
+
+def test_a_timing_under_load_decides_the_run_but_is_not_cached(tmp_path):
+    """The README command beside CPU hogs once froze ×0.913 in the cache where a quiet `bench`
+    measured ×0.98. A wall-clock timing taken under load is used for this run's decision, never
+    stored; a quiet one is stored and reused however busy the next run's machine is."""
+    from onnx_dwdecomp.timing_cache import TimingCache
+
+    loaded = Timing(1.0, 0.8, runs=30, clock="wall", contention=1.5, load_average=3.2, loaded=True)
+    quiet = Timing(1.0, 0.97, runs=30, clock="wall")
+    cache = TimingCache(tmp_path / "cache.json", onnxruntime_version="x", cpu="y")
+    sel = LatencySelector(lambda config, scale: loaded, threads=2, cache=cache)
+    assert sel.decide(_config(threads=2)).rewrite  # this run decides on what it measured
+    assert TimingCache(tmp_path / "cache.json", onnxruntime_version="x", cpu="y").get(_config(threads=2)) is None
+    assert "under load" in loaded.load_text() and "not cached" in loaded.load_text()
+    LatencySelector(lambda config, scale: quiet, threads=2, cache=cache).decide(_config(threads=2))
+    busy_rerun = LatencySelector(lambda config, scale: loaded, threads=2,
+                                 cache=TimingCache(tmp_path / "cache.json", onnxruntime_version="x", cpu="y"))
+    decision = busy_rerun.decide(_config(threads=2))
+    assert decision.timing == quiet and decision.timing.cached and not decision.rewrite
+
+
+def test_the_real_timer_records_its_clock():
+    t = ort_timer(_config(threads=1), budget_s=0.01, min_runs=3, max_runs=5)
+    assert t.clock == "cpu" and t.contention > 0
+    t = ort_timer(_config(threads=2), budget_s=0.01, min_runs=3, max_runs=5)
+    assert t.clock == "wall"

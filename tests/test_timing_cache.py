@@ -83,7 +83,7 @@ def test_round_trip(tmp_path):
     assert again == retimed and again.cached and again.retimes == 1 and not cache.notes
     assert list(_file(path).values()) == [{"regular_ms": 1.0, "separable_ms": 0.5, "regular_iqr_ms": 0.1,
                                            "separable_iqr_ms": 0.05, "ratio_halfwidth": 0.02, "runs": 20,
-                                           "retimes": 1}]
+                                           "retimes": 1, "clock": "wall"}]
 
 
 def test_same_key_hits_without_timing_and_every_key_part_invalidates(tmp_path):
