@@ -131,6 +131,9 @@ def add_decompose_arguments(p: argparse.ArgumentParser) -> None:
              "per-feature relative L2 that --max-error bounds and the report shows as rel. error")
     run = group(RUNTIME)
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--verbose", action="store_true",
+                     help="the full report: every conv rewritten, timed and planned, each kept conv's reason "
+                          "(the JSON report always has them)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     run.add_argument("--version", action="version", version=version_line())
 
@@ -314,7 +317,7 @@ def run_decompose(args: argparse.Namespace) -> int:
             staged.append(stage_text(report_path, report.to_json()))
         if plot_format and report.budget is not None:
             staged.append(stage_text(Path(args.plot), frontier_plot(report.budget, plot_format), flag="--plot"))
-        text = None if args.quiet else report.render()
+        text = None if args.quiet else report.render(verbose=args.verbose, source=str(input_path), output=str(written))
     except BaseException:
         for st in staged:
             st.discard()

@@ -37,7 +37,7 @@ from .methods import METHODS
 from .model_latency import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
-from .plan import BudgetPlanner, Plan, curve_error, curve_solver, layer_curves
+from .plan import BudgetPlanner, Plan, curve_error, curve_solver, kept_reason, layer_curves
 from .pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
                       time_option)
 from .progress import reporting, say
@@ -184,6 +184,11 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     solve_round = functools.partial(_solve_rewrite_verify, job, layers)
     evaluations: list[dict] | None = None
     model_check: Decision | None = None
+    # the whole-model timing's setting: the resolved batch (1 for a dynamic batch dim, or
+    # --input-shape's; a scalar input has none), the job's threads; its input is made only when
+    # a plan is timed
+    batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)
+    threads = opts.threads or default_threads()
     if planner is None:
         chosen = solve_round(plan)
     else:
@@ -195,23 +200,21 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
             rounds = verified_rounds(planner, solve_round)
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()
-            # one deployment-sized input: the resolved batch (1 for a dynamic batch dim, or
-            # --input-shape's; a scalar input has none), made only when a plan is timed
-            batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)
             feeds = random_batches(job.specs, job.shapes, opts.seed, samples=batch)[0]
-            decision = check_faster(job.work, model, feeds, threads=opts.threads or default_threads(),
+            decision = check_faster(job.work, model, feeds, threads=threads,
                                     providers=opts.providers, cache=job.latency_selector().cache)
             job.add_time("model_check", time.perf_counter() - t0)
             return decision
 
         chosen, model_check = checked_choice(planner, rounds, solve_round, time_model, notes)
-        skipped += [Refused(layer.name, "kept regular by the plan (error bound, score or budget)")
+        not_faster = model_check is not None and not model_check.rewrite
+        skipped += [Refused(layer.name, kept_reason(planner, layer.name, not_faster))
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
     if chosen.verification is not None:
         chosen.verification.require_pass(job.source)  # NaN/Inf where the input model is finite: a failure
     report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start,
-                     PlanEvidence(sensitivities, model_check, evaluations))
+                     PlanEvidence(sensitivities, model_check, evaluations, threads, batch))
     return DecomposeResult(chosen.model, report)
 
 
@@ -410,10 +413,11 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
         if sel.cache is not None:
             notes += sel.cache.notes
             hits, total = len(sel.cache_hits), len(sel.timings)
-            fresh = f", {total - hits} measured now and stored" if total > hits else ""
+            loaded = sum(1 for t in sel.timings.values() if getattr(t, "loaded", False))
+            fresh = f", {total - hits - loaded} measured now and stored" if total - hits - loaded else ""
+            fresh += f", {loaded} measured under load and not stored" if loaded else ""
             notes.append(f"timing cache {sel.cache.path}: {hits} of {total} conv timing(s) read from it{fresh} "
-                         f"(timings depend on the machine, its onnxruntime and its load when measured; "
-                         f"--no-timing-cache measures afresh)")
+                         f"(timings depend on the machine and its onnxruntime; --no-timing-cache measures afresh)")
         else:
             notes.append(f"no timing cache: {len(sel.timings)} conv timing(s) measured now; timings depend on the "
                          f"machine and its load, decisions near the threshold may differ between runs")

@@ -422,3 +422,26 @@ class BudgetPlanner:
 
 def _r(multiplier: int) -> int | str:
     return "skip" if multiplier == SKIP else multiplier
+
+
+def kept_reason(planner: BudgetPlanner, name: str, not_faster: bool) -> str:
+    """Why the plan left conv ``name`` regular, in its own numbers: its cheapest rewrite's
+    predicted output error (``√(α·s·e)``, its share alone) against the bound and what that
+    rewrite would save; ``not_faster``: the plans that rewrote it were not faster as a model."""
+    if not_faster:
+        return "kept regular: no plan that met the bound was ≥ 2 % faster as a whole model"
+    curve = next((c for c in planner.curves if c.name == name), None)
+    offered = [] if curve is None else [o for o in curve.options if o.multiplier != SKIP]
+    if not offered:
+        return "kept regular: no option cheaper than the regular conv"
+    cheapest = min(offered, key=lambda o: curve.weight * o.error)
+    share = float(np.sqrt(max(planner.scale * curve.weight * cheapest.error, 0.0)))
+    regular = curve.option(SKIP)
+    if regular.latency_ms is not None and cheapest.latency_ms is not None:
+        saving = f"saves {regular.latency_ms - cheapest.latency_ms:.3f} ms of {regular.latency_ms:.3f} ms (per conv)"
+    else:
+        saving = f"saves {100 * (1 - cheapest.macs / max(regular.macs, 1)):.0f} % of its MACs"
+    bound = (f"the score tolerance" if planner.mode == "task" else
+             f"bound {planner.target:g}" if planner.mode == "max_error" else "the budget")
+    return (f"kept regular by the plan: r={cheapest.multiplier} alone adds ~{share:.2g} predicted output error "
+            f"({bound}) and {saving}")

@@ -4,8 +4,10 @@ would give, with the chosen plan and the measured rounds marked.
 Left panel: predicted output error (x) against the predicted model latency ratio — or, when
 the whole model was not timed, the candidate convs' latency ratio, or the MACs ratio — (y) for
 each bound of the report's frontier; the verified rounds as measured points; the chosen plan
-circled. Right panel: the same points against the MACs ratio. Needs matplotlib (the ``plot``
-extra); it is imported only here.
+circled. Right panel: the same points against the MACs ratio — or, in task-aware mode
+(``--eval``), the user's score of each evaluated plan against its MACs ratio, with the input
+model's score and the tolerance line (the lowest score allowed), the chosen plan circled.
+Needs matplotlib (the ``plot`` extra); it is imported only here.
 """
 
 from __future__ import annotations
@@ -52,6 +54,35 @@ def frontier_plot(budget: dict, fmt: str) -> bytes:
         return _draw(plt, budget, fmt)
 
 
+def _draw_scores(ax, budget: dict) -> None:
+    """Task-aware mode: each scored plan's score against its MACs ratio, the input's score and
+    the tolerance line; the plan handed back circled."""
+    ax.clear()
+    original = max(budget.get("original_macs") or 1, 1)
+    rounds = budget.get("rounds", [])
+    scored = [(k, (r["predicted_macs"] or 0) / original, r["score"], r.get("within"))
+              for k, r in enumerate(rounds) if r.get("score") is not None]
+    for within, color, text in ((True, "tab:green", "scored plan, within tolerance"),
+                                (False, "tab:orange", "scored plan, outside")):
+        pts = [(x, y) for _, x, y, w in scored if bool(w) is within]
+        if pts:
+            ax.plot(*zip(*pts), "o", color=color, label=text)
+    tolerance = budget.get("tolerance") or {}
+    base, drop = tolerance.get("input_score"), tolerance.get("allowed_drop")
+    if base is not None:
+        ax.axhline(base, color="tab:blue", linewidth=1, label="input model's score")
+        if drop is not None:
+            ax.axhline(base - drop, color="tab:gray", linestyle="--", linewidth=1, label="tolerance")
+    chosen = budget.get("chosen_round")
+    for k, x, y, _ in scored:
+        if k == chosen and not rounds[k].get("fallback"):
+            ax.plot([x], [y], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:red",
+                    label="chosen plan")
+    ax.set_xlabel("MACs (× input model)")
+    ax.set_ylabel("score (--eval)")
+    ax.grid(True, alpha=0.3)
+
+
 def _draw(plt, budget: dict, fmt: str) -> bytes:
 
     points = budget.get("frontier") or []
@@ -88,7 +119,9 @@ def _draw(plt, budget: dict, fmt: str) -> bytes:
                     label="chosen plan (measured)")
     measured = [(r["measured_output_rel_l2"], (r["predicted_macs"] or 0) / max(budget["original_macs"], 1))
                 for r in budget.get("rounds", []) if r.get("measured_output_rel_l2") is not None]
-    if measured:
+    if budget.get("mode") == "task":
+        _draw_scores(ax_macs, budget)
+    elif measured:
         ax_macs.plot(*zip(*measured), "x", color="tab:green", label="verified rounds (measured)")
     if budget.get("mode") == "max_error":
         for ax in (ax_lat, ax_macs):

@@ -28,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .calibration.holdout import MIN_HELDOUT
 from .errors import Refused
 from .latency import MIN_GAIN
 from .verify import Verification
@@ -126,8 +127,43 @@ class Report:
         ``"inf"``, ``"-inf"`` or ``"nan"`` — JSON has no such numbers."""
         return json.dumps(_finite(self.to_dict()), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
-    def render(self) -> str:
-        """A plain-text table for the terminal."""
+    def render(self, verbose: bool = True, source: str | None = None, output: str | None = None) -> str:
+        """The terminal report, ending with :meth:`summary`. ``verbose=False`` (the command
+        line's default) leaves out the per-conv tables — rewritten convs, latency selection,
+        per-layer plan — and groups kept convs by kind of reason; the JSON has everything.
+        ``source``/``output`` name the files in the summary's ``bench`` command."""
+        lines = self._render_layers() if verbose else self._render_layers_briefly()
+        lines += self._render_skipped(verbose)
+        if verbose:
+            lines += self._render_selection()
+        lines += self._render_budget(verbose)
+        lines += self._render_model_and_verification()
+        lines += self.summary(source, output)
+        while lines and not lines[0]:
+            lines.pop(0)
+        return "\n".join(lines)
+
+    def _render_layers_briefly(self) -> list[str]:
+        if not self.layers:
+            return []
+        return [f"rewrote {len(self.layers)} conv(s): "
+                + _first(f"{layer.name} (r={layer.multiplier})" for layer in self.layers)
+                + " — per conv: --verbose or the JSON report"]
+
+    def _render_skipped(self, verbose: bool) -> list[str]:
+        if not self.skipped:
+            return []
+        lines = ["", f"skipped {len(self.skipped)} conv(s):"]
+        by_reason: dict[str, list[str]] = {}
+        for s in self.skipped:
+            brief = not verbose and s.reason.startswith("kept regular by the plan:")
+            reason = "kept regular by the plan (each its reason: --verbose)" if brief else s.reason
+            by_reason.setdefault(reason, []).append(s.name)
+        for reason, names in by_reason.items():
+            lines.append(f"  {len(names):3d} × {reason}: {_first(names)}")
+        return lines
+
+    def _render_layers(self) -> list[str]:
         lines = []
         rows = [("layer", "weight", "method", "r", "MMACs before → after", "rel. error")]
         for layer in self.layers:
@@ -144,16 +180,10 @@ class Report:
                 what for kind, what in (("response", "the layer's response on held-out samples"),
                                         ("weight", "its weights, (w): no data")) if kind in kinds)
                 + " (the output's rel. error is in the same unit)")
-        if self.skipped:
-            lines.append("")
-            lines.append(f"skipped {len(self.skipped)} conv(s):")
-            by_reason: dict[str, list[str]] = {}
-            for s in self.skipped:
-                by_reason.setdefault(s.reason, []).append(s.name)
-            for reason, names in by_reason.items():
-                lines.append(f"  {len(names):3d} × {reason}: {_first(names)}")
-        lines += self._render_selection()
-        lines += self._render_budget()
+        return lines
+
+    def _render_model_and_verification(self) -> list[str]:
+        lines = []
         if self.folded:
             lines.append("")
             lines.append(f"folded {len(self.folded)} BatchNormalization/Mul/Add node(s) into their convs "
@@ -192,10 +222,75 @@ class Report:
                                  f"output; left out of the errors")
         for note in self.notes:
             lines.append(f"note: {note}")
-        return "\n".join(lines)
+        return lines
+
+    def summary(self, source: str | None = None, output: str | None = None) -> list[str]:
+        """The closing summary: what the report promises and how to check it — the output error
+        against its bound on how many held-out samples and where it is worst; the whole model's
+        latency ratio with its band, threads, batch and clock, and the ``bench`` command that
+        reproduces it; what came back."""
+        lines = ["", "summary:"]
+        b = self.budget or {}
+        v = self.verification
+        if v is None:
+            lines.append("  output error: not verified (--no-verify)")
+        else:
+            name, worst = max(v.outputs.items(), key=lambda item: item[1].feature_rel_l2, default=(None, None))
+            bound = ""
+            if b.get("mode") == "max_error":
+                bound = f" ≤ {b['target']:g} ({'default bound' if b.get('default') else '--max-error'})" \
+                    if b.get("met") else f" > bound {b['target']:g}"
+            elif self.options.get("max_rel_error") is not None:
+                bound = f" (--max-rel-error {self.options['max_rel_error']:g})"
+            where = "" if worst is None or not worst.feature_rel_l2 else f"; worst: {name!r} {worst.worst_feature()}"
+            few = (f" (fewer than {MIN_HELDOUT}: give ≥ {3 * MIN_HELDOUT} calibration samples for a firmer check)"
+                   if "held-out" in v.inputs and v.samples < MIN_HELDOUT else "")
+            lines.append(f"  output error: {v.worst_error():.3g}{bound} on {v.samples} {v.inputs}{few}{where}")
+            tolerance = b.get("tolerance")
+            if b.get("mode") == "task" and tolerance:
+                chosen = (b.get("rounds") or [{}])[b.get("chosen_round") or 0] if b.get("rounds") else {}
+                score = chosen.get("score")
+                lines.append(f"  score: {'-' if score is None else f'{score:.4g}'} (input model "
+                             f"{tolerance.get('input_score', float('nan')):.4g}, allowed drop "
+                             f"{tolerance.get('allowed_drop', float('nan')):.4g})")
+        m = b.get("model_latency")
+        threads = self.environment.get("threads")
+        if m:
+            lines.append(f"  latency: ×{m['ratio']:.3f} ± {m['ratio_halfwidth']:.3f} of the all-regular model as a whole "
+                         f"({m['threads']} thread{'s' if m['threads'] != 1 else ''}, batch {m['batch']}; {m['how']})"
+                         + ("" if m["faster"] else " — not faster, so not used"))
+            threads, batch = m["threads"], m["batch"]
+        else:
+            batch = None
+            lines.append("  latency: the whole model was not timed" + (
+                " (--select all prices by MACs)" if self.select != "latency" else ""))
+        if source and output and self.layers:
+            lines.append(f"  check: python -m onnx_dwdecomp bench {source} {output}"
+                         + (f" --threads {threads}" if threads else "")
+                         + (f" --batch-sizes {batch}" if batch else "") + " --runs 1000")
+        candidates = len(self.layers) + sum(1 for s in self.skipped if s.reason.startswith("kept regular"))
+        if self.layers:
+            m_ = self.model
+            lines.append(f"  returned: {len(self.layers)} of {candidates} candidate conv(s) rewritten, MACs "
+                         f"{_ratio(m_.macs_after, m_.macs_before)}" + (f", written to {output}" if output else ""))
+        else:
+            lines.append(f"  returned: the input model unchanged — {self._why_unchanged()}")
+        return lines
+
+    def _why_unchanged(self) -> str:
+        b = self.budget or {}
+        m = b.get("model_latency")
+        if m and not m["faster"]:
+            return "no plan that met the bound was faster as a whole model"
+        if b.get("mode") == "task":
+            return "no faster plan within the score tolerance"
+        if not self.skipped:
+            return "no candidate conv"
+        reasons = {s.reason.split(":")[0] for s in self.skipped}
+        return "every candidate conv kept: " + "; ".join(sorted(reasons))
 
 
-    def _render_budget(self) -> list[str]:
+    def _render_budget(self, verbose: bool = True) -> list[str]:
         b = self.budget
         if b is None:
             return []
@@ -216,6 +311,8 @@ class Report:
                     f"{'fastest' if b['price'] == 'latency' else 'fewest MACs'}; {b['macs'] / 1e6:.3f} M MACs")
         measured = b["measured_output_rel_l2"]
         met = {True: "met", False: "NOT met", None: "not verified"}[b["met"]]
+        if b["mode"] == "task" and not self.layers:
+            met = "no faster plan within tolerance"
         lines = ["", f"{head} — {met}",
                  f"  output error (per-feature rel. L2 on held-out samples): predicted "
                  f"{b['predicted_output_rel_l2']:.3g}, measured " + ("-" if measured is None else f"{measured:.3g}")
@@ -232,11 +329,14 @@ class Report:
                          f"{b['latency_ms_after']:.3f} ms (×{b['latency_ms_after'] / max(b['latency_ms_before'], 1e-12):.2f})")
         m = b.get("model_latency")
         if m:
-            lines.append(f"  whole model (interleaved, {m['runs']} rounds{', cached' if m['cached'] else ''}): "
+            lines.append(f"  whole model at {m['threads']} thread{'s' if m['threads'] != 1 else ''}, batch {m['batch']} "
+                         f"(interleaved, {m['runs']} rounds{', cached' if m['cached'] else ''}; {m['how']}): "
                          f"all-regular {m['regular_ms']:.3f} ms → plan {m['plan_ms']:.3f} ms "
                          f"(×{m['ratio']:.3f} ± {m['ratio_halfwidth']:.3f}) — "
                          f"{'faster' if m['faster'] else 'not faster, not used'}")
         lines += self._render_rounds(b)
+        if not verbose:
+            return lines + self._render_frontier(b, merge_equal=True)
         rows = [("layer", "r", "MMACs", "ms (regular)", "gain", "layer error", "held-out", "output share",
                  "patches")]
         for layer in b["layers"]:
@@ -273,10 +373,24 @@ class Report:
             ["  " + line for line in text_table(rows)]
 
     @staticmethod
-    def _render_frontier(b: dict) -> list[str]:
+    def _render_frontier(b: dict, merge_equal: bool = False) -> list[str]:
+        """The trade-off table; ``merge_equal``: consecutive bounds that give the same plan share
+        one row ("0.07–0.3")."""
         points = b.get("frontier") or []
         if not points:
             return []
+        if merge_equal:
+            merged: list[dict] = []
+            for p in points:
+                last = merged[-1] if merged else None
+                same = last is not None and not p["chosen"] and not last["chosen"] and p["bound"] is not None \
+                    and last["bound"] is not None and all(p[k] == last[k] for k in (
+                        "predicted_output_rel_l2", "convs_rewritten", "macs_ratio", "model_latency_ratio", "latency_ms"))
+                if same:
+                    merged[-1] = {**last, "bound_to": p["bound"]}
+                else:
+                    merged.append(dict(p))
+            points = merged
         latency = any(p["model_latency_ratio"] is not None for p in points)
         rows = [("bound", "predicted error", "convs", "MACs", "model latency" if latency else "convs' latency", "")]
         before = b["latency_ms_before"]
@@ -285,7 +399,8 @@ class Report:
                 lat = "-" if p["model_latency_ratio"] is None else f"×{p['model_latency_ratio']:.3f}"
             else:
                 lat = "-" if p["latency_ms"] is None or not before else f"×{p['latency_ms'] / before:.3f}"
-            rows.append(("-" if p["bound"] is None else f"{p['bound']:g}", f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
+            bound = "-" if p["bound"] is None else f"{p['bound']:g}" + (f"–{p['bound_to']:g}" if "bound_to" in p else "")
+            rows.append((bound, f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
                          f"×{p['macs_ratio']:.3f}", lat, "◀ chosen" if p["chosen"] else ""))
         how = "the curves, gains and α"
         if latency and b.get("latency_scale") is not None:
@@ -297,8 +412,10 @@ class Report:
         if self.select != "latency" or not self.selection:
             return []
         verdict = ("offered to the plan" if self.budget is not None else "rewrite")
-        lines = ["", f"latency selection ({len(timed)} of {len(self.selection)} candidate(s) timed in "
-                     f"onnxruntime; {verdict} when the separable median is ≥ {100 * MIN_GAIN:g} % lower):"]
+        threads = self.environment.get("threads")
+        lines = ["", f"latency selection ({len(timed)} of {len(self.selection)} candidate(s) timed alone in "
+                     f"onnxruntime at {threads} thread(s), each at its input shape in this job; {verdict} when the "
+                     f"separable median is ≥ {100 * MIN_GAIN:g} % lower):"]
         rows = [("layer", "regular ms", "separable ms", "speed-up", "decision")]
         for s in self.selection:
             timed_row = s.regular_ms is not None and s.separable_ms is not None

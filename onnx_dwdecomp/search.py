@@ -66,6 +66,8 @@ class PlanEvidence(NamedTuple):
     sensitivities: Sensitivities | None
     model_check: Decision | None
     evaluations: list[dict] | None
+    model_threads: int = 0  # the whole-model timing's onnxruntime threads and batch
+    model_batch: int = 0
 
 
 SolveRound = Callable[[Plan], SolvedRound]
@@ -198,7 +200,10 @@ def plan_record(planner: BudgetPlanner, evidence: PlanEvidence, macs: int, measu
         t = check.timing
         budget["model_latency"] = {"regular_ms": t.regular_ms, "plan_ms": t.separable_ms, "ratio": t.ratio,
                                    "ratio_halfwidth": t.ratio_halfwidth, "runs": t.runs, "retimes": t.retimes,
-                                   "cached": t.cached, "faster": check.rewrite, "reason": check.reason}
+                                   "cached": t.cached, "faster": check.rewrite, "reason": check.reason,
+                                   "threads": evidence.model_threads, "batch": evidence.model_batch,
+                                   "clock": t.clock, "loaded": t.loaded, "contention": round(t.contention, 3),
+                                   "load_average": round(t.load_average, 2), "how": t.load_text()}
     budget["frontier"] = planner.frontier()
     budget["evaluations"] = evidence.evaluations
     return budget

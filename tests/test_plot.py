@@ -49,3 +49,17 @@ def test_cli_plot(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
         assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "u.png").exists()
+
+
+def test_task_mode_plots_the_scores_with_the_tolerance_line():
+    """--eval: the scores that decided, against MACs, the input's score and the tolerance drawn
+    (before: a flat predicted-latency line and none of the scores)."""
+    from test_report import _round
+
+    budget = budget_dict(mode="task", tolerance={"max_drop": "0.5%", "input_score": 0.99, "allowed_drop": 0.005},
+                         rounds=[_round(10, 0.03, 0.02, 1.0, score=0.988, within=True),
+                                 _round(13, 0.05, 0.04, 1.0, score=0.97, within=False)], chosen_round=0)
+    svg = frontier_plot(budget, "svg").decode()
+    for label in ("tolerance", "input model", "scored plan, within tolerance", "scored plan, outside"):
+        assert label in svg
+    assert "tolerance" not in frontier_plot(budget_dict(), "svg").decode()

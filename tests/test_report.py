@@ -223,6 +223,7 @@ def test_render_without_verification():
 
 def test_render_notes_come_last():
     lines = full_report().render().splitlines()
+    lines = lines[:lines.index("summary:") - 1]  # then only the closing summary
     assert lines[-2:] == [f"note: {NOTES[0]}", "note: second note"]
     assert not any(ln.startswith("note:") for ln in full_report(notes=()).render().splitlines())
 
@@ -250,8 +251,11 @@ def test_render_section_order():
 def test_render_empty_report():
     lines = bare_report().render().splitlines()
     assert cells(lines[0])[0] == "layer" and set(lines[1]) == {"-", " "} and lines[2] == ""  # header, no rows
-    assert len(lines) == 8 and cells(lines[3])[0] == "model" and set(lines[4]) == {"-", " "}
-    assert [cells(ln)[0] for ln in lines[5:]] == ["MACs", "params", "size"]  # no other section
+    assert len(lines) == 13 and cells(lines[3])[0] == "model" and set(lines[4]) == {"-", " "}
+    assert [cells(ln)[0] for ln in lines[5:8]] == ["MACs", "params", "size"]  # no other section
+    assert lines[8:] == ["", "summary:", "  output error: not verified (--no-verify)",
+                         "  latency: the whole model was not timed (--select all prices by MACs)",
+                         "  returned: the input model unchanged — no candidate conv"]
 
 
 # --- render(): latency selection ------------------------------------------------------------------
@@ -259,8 +263,8 @@ def test_render_empty_report():
 def test_render_selection_rewrite():
     text = full_report().render()
     lines = text.splitlines()
-    header = (f"latency selection (2 of 3 candidate(s) timed in onnxruntime; rewrite when the separable median "
-              f"is ≥ {100 * MIN_GAIN:g} % lower):")
+    header = (f"latency selection (2 of 3 candidate(s) timed alone in onnxruntime at 2 thread(s), each at its "
+              f"input shape in this job; rewrite when the separable median is ≥ {100 * MIN_GAIN:g} % lower):")
     k = lines.index(header)
     assert lines[k - 1] == ""
     assert cells(lines[k + 1]) == ["layer", "regular ms", "separable ms", "speed-up", "decision"]
@@ -319,7 +323,9 @@ def budget_dict(**changes) -> dict:
              "patches": None, "curve": []},
         ],
         "model_latency": {"regular_ms": 4.0, "plan_ms": 3.4, "ratio": 0.85, "ratio_halfwidth": 0.01, "runs": 50,
-                          "retimes": 0, "cached": False, "faster": True, "reason": "faster"},
+                          "retimes": 0, "cached": False, "faster": True, "reason": "faster", "threads": 1,
+                          "batch": 1, "clock": "cpu", "loaded": False, "contention": 1.0, "load_average": 0.5,
+                          "how": "CPU time of the calling thread"},
         "frontier": [
             {"bound": 0.01, "predicted_output_rel_l2": 0.009, "macs": 9_000_000, "macs_ratio": 0.9,
              "convs_rewritten": 1, "latency_ms": 2.8, "model_latency_ratio": 0.95, "multipliers": {}, "chosen": False},
@@ -348,8 +354,8 @@ def test_render_budget_max_error_default():
                                "4 held-out samples")
     assert lines[2].endswith("interaction scale α = 1.5 (1 before the first verified round)")
     assert lines[3] == "  convs' latency (selection timings): 3.000 ms → 2.500 ms (×0.83)"
-    assert lines[4] == ("  whole model (interleaved, 50 rounds): all-regular 4.000 ms → plan 3.400 ms "
-                        "(×0.850 ± 0.010) — faster")
+    assert lines[4] == ("  whole model at 1 thread, batch 1 (interleaved, 50 rounds; CPU time of the calling thread): "
+                        "all-regular 4.000 ms → plan 3.400 ms (×0.850 ± 0.010) — faster")
     k = lines.index("  rounds (* = chosen; predicted before the round, with the α shown):")
     assert cells(lines[k + 1]) == ["round", "convs", "predicted", "measured", "α", "convs' ms"]
     assert cells(lines[k + 4]) == ["2 *", "1", "0.0122", "0.011", "1.5", "2.500"]
@@ -447,3 +453,47 @@ def test_nonfinite_reference_values_are_shown_and_recorded():
     assert json.loads(rep.to_json())["verification"]["nonfinite"] == {"boxes": {"candidate": 0, "reference": 3,
                                                                                 "values": 40}}
     assert "nonfinite" not in json.loads(full_report().to_json())["verification"]
+
+
+# ---- the closing summary: the report ends with its promises
+
+
+def test_summary_states_every_promise_and_how_to_check_it():
+    lines = full_report(budget=budget_dict()).render(source="in.onnx", output="out.onnx").splitlines()
+    k = lines.index("summary:")
+    summary = lines[k + 1:]
+    assert lines[-len(summary):] == summary  # last in the report
+    assert summary[0].startswith("  output error: 0.0025 ≤ 0.02 (default bound) on 4 held-out calibration samples")
+    assert "fewer than 16" in summary[0]  # 4 samples: the note that the check is thin
+    assert summary[0].endswith("worst: 'logits' whole output")  # no feature axis recorded
+    assert summary[1] == ("  latency: ×0.850 ± 0.010 of the all-regular model as a whole (1 thread, batch 1; "
+                          "CPU time of the calling thread)")
+    assert summary[2] == "  check: python -m onnx_dwdecomp bench in.onnx out.onnx --threads 1 --batch-sizes 1 --runs 1000"
+    assert summary[3] == "  returned: 2 of 2 candidate conv(s) rewritten, MACs ×0.250, written to out.onnx"
+
+
+def test_summary_of_an_unchanged_model_says_why():
+    slow = budget_dict(model_latency=budget_dict()["model_latency"] | {"faster": False, "ratio": 1.008})
+    text = full_report(layers=(), budget=slow).render()
+    assert "— not faster, so not used" in text
+    assert text.splitlines()[-1] == ("  returned: the input model unchanged — no plan that met the bound was "
+                                     "faster as a whole model")
+    task = budget_dict(mode="task", tolerance={"max_drop": "0.5%", "input_score": 0.99, "allowed_drop": 0.005},
+                       model_latency=None, rounds=[_round(10, 0.03, 0.02, 1.0, score=0.99, within=True)],
+                       chosen_round=0)
+    lines = full_report(layers=(), budget=task).render().splitlines()
+    assert any(ln.startswith("plan (--eval)") and ln.endswith("— no faster plan within tolerance") for ln in lines)
+    assert "  score: 0.99 (input model 0.99, allowed drop 0.005)" in lines
+    assert lines[-1] == "  returned: the input model unchanged — no faster plan within the score tolerance"
+
+
+def test_brief_render_leaves_the_per_conv_tables_to_verbose():
+    kept = SKIPPED + (Refused("conv7", "kept regular by the plan: r=1 alone adds ~0.03 predicted output error"),
+                      Refused("conv8", "kept regular by the plan: r=1 alone adds ~0.01 predicted output error"))
+    rep = full_report(budget=budget_dict(), skipped=kept)
+    brief, verbose = rep.render(verbose=False), rep.render(verbose=True)
+    assert "rewrote 2 conv(s): conv1 (r=1), conv2 (r=2)" in brief and "MMACs before → after" not in brief
+    assert "latency selection" not in brief and "per layer:" not in brief
+    assert "2 × kept regular by the plan (each its reason: --verbose): conv7, conv8" in brief
+    assert "r=1 alone adds ~0.03 predicted output error" in verbose and "MMACs before → after" in verbose
+    assert len(brief.splitlines()) < len(verbose.splitlines())
