@@ -47,7 +47,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1000000"`` → bytes."""
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"65536"`` → bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise OptionError(f"${ENV_VAR} {text!r}: expected a size in bytes, e.g. 8G or 512M")

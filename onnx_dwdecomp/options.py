@@ -24,14 +24,9 @@ from .timing import default_threads
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .usercode import display_name, load_callable
 
-#: Default accuracy bound with calibration data: held-out output error ≤ 2 %. Chosen on
-#: models/mnist (README "Accuracy-bounded default"): the error measured on held-out calibration
-#: digits (training data of the model) under-states the error on unseen test digits by about
-#: 1.5–2× (0.018 → 0.033, 0.027 → 0.053, 0.043 → 0.071 logit rel. L2); test logit errors up to
-#: 0.033 changed at most 2 of 1,000 test predictions (top-1 within 0.2 points), 0.053 changed 5–6
-#: (−0.4 to −0.5). Bounds of 0.03 and 0.05 each gave plans that lost 0.5 points. The four
-#: PyPI-wheel models kept their task metrics at 1.000 up to 0.05 (docs/THIRDPARTY.md). Intel
-#: Neural Compressor's default tolerance is 1 % relative accuracy loss.
+#: Default accuracy bound with calibration data: held-out output error ≤ 2 %, leaving room for
+#: held-out calibration samples under-stating the error on new data (measurements behind it:
+#: docs/DESIGN.md, "Why the default bound is 0.02").
 DEFAULT_MAX_ERROR = 0.02
 
 METHODS = ("svd", "gsvd", "channel")

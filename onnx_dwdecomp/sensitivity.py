@@ -5,7 +5,7 @@ The model
 A decomposed layer ``l`` leaves a relative response error ``e_l`` (a squared ratio,
 ``E‖Wx − Ŵx̂‖² / Var(Wx)``, measured on held-out patches). Rewriting it alone gives the network
 an output error ``ε_l`` (the per-feature relative L2 that plans bound, verify.py). Probes on real
-models (issue #20: MNIST, PP-OCR det) found
+models (MNIST, PP-OCR det; docs/DESIGN.md) found
 
 - ``ε_l² / e_l`` nearly constant within a layer across depth multipliers (0.44–1.13× from r = 1
   to r = 2) but different between layers (29× on MNIST, ~140× on PP-OCR det);

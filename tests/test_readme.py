@@ -32,10 +32,12 @@ def test_the_first_block_is_install_and_run_then_the_test_command():
 
 
 def _own_model_blocks() -> tuple[str, list[str]]:
-    """The "Your own model" example at the top: its Python block and its shell commands."""
-    top = README[:README.index("\n## ")]
-    (code,) = re.findall(r"```python\n(.*?)```", top, flags=re.S)
-    commands = re.findall(r"```bash\n(.*?)```", top, flags=re.S)[1].strip().splitlines()
+    """The "Your own model" example of the Quick start: its Python block and the shell commands
+    that follow it."""
+    own = _section("Quick start").split("**Your own model**", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", own, flags=re.S)
+    after = own.split(code, 1)[1]
+    commands = re.findall(r"```bash\n(.*?)```", after, flags=re.S)[0].strip().splitlines()
     return code, commands
 
 
@@ -65,7 +67,7 @@ def _same_model_without_torch(path: Path) -> None:
 
 
 def test_own_model_quick_start_runs(tmp_path, monkeypatch, capsys):
-    """The top's "Your own model" example as written: export (torch when installed, else the same
+    """The Quick start's "Your own model" example as written: export (torch when installed, else the same
     model built with onnx.helper), decompose with the --max-rel-error gate, bench."""
     import importlib.util
     import json
