@@ -81,15 +81,11 @@ def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int
     """A ``solve`` callback for calibrate_and_solve that records each layer's held-out error per
     multiplier and returns the factors of its first offered r ``r₀``, solved like the final solve
     (``rounds`` L-BFGS rounds, ``ridge``): the curve errors — and the probes that turn them into
-    output errors — are those of the factors the rounds will solve. With the sweep alone the
-    curves over-predicted the final layer errors 1.6–10× on models/mnist, and the first round's
-    predicted output error was 1.8–2.5× its measurement (1.06–1.24× with 10 rounds).
+    output errors — are those of the factors the rounds will solve.
 
     The other r get the GSVD sweep only, scaled by what the refinement gained at ``r₀``:
     ``e(r) = e_sweep(r) · e(r₀) / e_sweep(r₀)`` — one L-BFGS solve per layer instead of one per
-    option (on the ShuffleNet V2 x1.0 bench the curve pass waited 15 s of 32 for them). On
-    models/mnist this estimate was 0.82–1.44× the refined error at r = 2 (median 1.23) and
-    0.72–1.63× at r = 3, against 1.6–10× for the sweep alone.
+    option. How close both estimates came: docs/DESIGN.md, "The planner's error model".
     """
     def solve(layer: ConvLayer, stats: LayerStats, heldout_error: Callable) -> SeparableFactors:
         rs = wanted[layer.name]
@@ -247,8 +243,7 @@ class BudgetPlanner:
         savings by ``β = regular_ms·(1 − ratio − halfwidth) / Σ per-conv saving`` — the band's
         slow end, as per-conv timings of tiny convs miss much of what a rewrite saves or costs
         around them — capped at ``regular_ms / Σ regular convs`` (the convs cannot save more than
-        the whole model takes; a 10-round timing of a one-conv plan gave β = 6.8 and predicted
-        ratios of 0 before the cap)."""
+        the whole model takes; docs/DESIGN.md has the measurement behind the cap)."""
         alloc = self._allocations[index]
         self.model_ms = regular_ms
         if self.price == "latency" and alloc.latency_ms is not None:
