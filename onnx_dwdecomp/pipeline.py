@@ -17,7 +17,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -52,6 +52,7 @@ from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplie
 from .timing import default_threads, environment
 from .timing_cache import TimingCache
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
+from .node_profile import NodeTimes, cached_profile
 from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model,
                      compare_models, finite_stats_solver, random_batches)
 
@@ -78,6 +79,7 @@ class _Job:
     _reference: Reference | None = None
     _heldout_mask: np.ndarray | None = None
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
+    profiles: list[NodeTimes] = field(default_factory=list)  # this job's per-node profiles
 
     def reference(self) -> Reference:
         """The plain pass of the original model over the calibration samples (once per job; its
@@ -107,6 +109,30 @@ class _Job:
                                      self.data.subset_batches(self.heldout_mask(), fixed or self.opts.batch_size,
                                                               pad_to=fixed)]
         return self._heldout_batches
+
+    def deployment_batch(self) -> int:
+        """The batch the deployment runs: the resolved batch (1 for a dynamic batch dim, or
+        --input-shape's; a scalar input has none)."""
+        return next((self.shapes[s.name][0] for s in self.specs if self.shapes[s.name]), 1)
+
+    def deployment_feeds(self) -> dict[str, np.ndarray]:
+        """One seeded deployment-sized input (the whole-model timing's and the profiles')."""
+        return random_batches(self.specs, self.shapes, self.opts.seed, samples=self.deployment_batch())[0]
+
+    def profiler(self):
+        """``profile(model) → NodeTimes`` at the job's threads and providers, on one deployment
+        input, kept in the timing cache (node_profile.cached_profile)."""
+        feeds = self.deployment_feeds()
+        threads = self.opts.threads or default_threads()
+        cache = self.latency_selector().cache
+
+        def profile(model: onnx.ModelProto) -> NodeTimes:
+            t0 = time.perf_counter()
+            times = cached_profile(model, feeds, threads=threads, providers=self.opts.providers, cache=cache)
+            self.add_time("profiles", time.perf_counter() - t0)
+            self.profiles.append(times)
+            return times
+        return profile
 
     def latency_selector(self) -> LatencySelector:
         """One selector per job (its timings are reused across plan rounds), backed by the
@@ -184,10 +210,9 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     solve_round = functools.partial(_solve_rewrite_verify, job, layers)
     evaluations: list[dict] | None = None
     model_check: Decision | None = None
-    # the whole-model timing's setting: the resolved batch (1 for a dynamic batch dim, or
-    # --input-shape's; a scalar input has none), the job's threads; its input is made only when
-    # a plan is timed
-    batch = next((job.shapes[s.name][0] for s in job.specs if job.shapes[s.name]), 1)
+    # the whole-model timing's setting: the deployment batch and the job's threads; its input
+    # is made only when a plan is timed
+    batch = job.deployment_batch()
     threads = opts.threads or default_threads()
     if planner is None:
         chosen = solve_round(plan)
@@ -200,8 +225,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
             rounds = verified_rounds(planner, solve_round)
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()
-            feeds = random_batches(job.specs, job.shapes, opts.seed, samples=batch)[0]
-            decision = check_faster(job.work, model, feeds, threads=threads,
+            decision = check_faster(job.work, model, job.deployment_feeds(), threads=threads,
                                     providers=opts.providers, cache=job.latency_selector().cache)
             job.add_time("model_check", time.perf_counter() - t0)
             return decision
@@ -286,7 +310,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
-    priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector)
+    profile = job.profiler() if price == "latency" else None
+    priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector, profile)
     selected = Selected([layer for layer in layers if layer.name in priced.macs],
                         timed or [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                   for layer in layers], without_options)
@@ -320,7 +345,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     target = {"target_macs": opts.target_macs, "target_latency": opts.target_latency}.get(
         mode, opts.max_error or DEFAULT_MAX_ERROR)
     planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
-                            before_macs=before, default=opts.default_plan)
+                            before_macs=before, default=opts.default_plan, model_ms=priced.model_ms)
     return planner, sensitivities, selected
 
 

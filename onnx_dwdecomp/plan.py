@@ -132,7 +132,7 @@ class BudgetPlanner:
     """
 
     def __init__(self, *, mode: str, target: float, price: str, curves: list[LayerCurve], fixed_macs: int,
-                 before_macs: int, default: bool = False, scale: float = 1.0):
+                 before_macs: int, default: bool = False, scale: float = 1.0, model_ms: float | None = None):
         self.mode, self.target, self.price, self.default = mode, target, price, default
         self.curves = curves
         self.fixed = fixed_macs
@@ -163,8 +163,9 @@ class BudgetPlanner:
                 self.bound = target ** 2 / self.scale
                 self.allocation = allocate_error(curves, self.bound, price=price)
         self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
-        self.model_ms: float | None = None  # whole-model latency of the all-regular model (model_latency.py)
-        self.latency_scale: float | None = None  # measured whole-model saving / summed per-conv saving
+        # whole-model latency of the all-regular model: the profile's (pricing.in_model_latencies),
+        # then the whole-model check's (model_latency.py)
+        self.model_ms: float | None = model_ms
 
     def plan(self) -> Plan:
         return Plan(dict(self.allocation.multipliers))
@@ -237,20 +238,12 @@ class BudgetPlanner:
         if measured is not None and np.isfinite(measured) and measured > 0 and alloc.error > 0:
             self.scale = measured ** 2 / alloc.error
 
-    def calibrate_latency(self, index: int, regular_ms: float, ratio: float, halfwidth: float = 0.0) -> None:
-        """Round ``index``'s plan measured ``ratio`` (± ``halfwidth``, the noise band) of the
-        all-regular model's ``regular_ms`` as a whole model: the frontier scales its per-conv
-        savings by ``β = regular_ms·(1 − ratio − halfwidth) / Σ per-conv saving`` — the band's
-        slow end, as per-conv timings of tiny convs miss much of what a rewrite saves or costs
-        around them — capped at ``regular_ms / Σ regular convs`` (the convs cannot save more than
-        the whole model takes; docs/DESIGN.md has the measurement behind the cap)."""
-        alloc = self._allocations[index]
+    def calibrate_latency(self, regular_ms: float) -> None:
+        """The all-regular model measured ``regular_ms`` as a whole model (model_latency.py):
+        the time the frontier's model latency ratios are taken against. The options' prices are
+        their times inside the model (pricing.in_model_latencies), so a plan's saving is the sum
+        of its options' savings, as they are."""
         self.model_ms = regular_ms
-        if self.price == "latency" and alloc.latency_ms is not None:
-            regular_convs = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves)
-            saving = regular_convs - alloc.latency_ms
-            beta = regular_ms * (1.0 - ratio - halfwidth) / saving if saving > 0 else None
-            self.latency_scale = None if beta is None else min(max(beta, 0.0), regular_ms / regular_convs)
 
     def set_tolerance(self, baseline: float, allowed: float, text: str) -> None:
         self.tolerance = {"input_score": baseline, "allowed_drop": allowed, "max_drop": text}
@@ -339,9 +332,9 @@ class BudgetPlanner:
 
     def frontier(self, bounds: tuple[float, ...] = FRONTIER_BOUNDS) -> list[dict]:
         """What other output error bounds would give with the current sensitivities and scale:
-        per bound the allocation's predicted output error, MACs, convs' latency and (once a
-        plan was timed as a whole model, :meth:`calibrate_latency`) the predicted model latency
-        ratio ``1 − β·(Σ regular − Σ chosen) / t_model``."""
+        per bound the allocation's predicted output error, MACs, convs' latency and, priced
+        inside the model, the predicted model latency ratio ``1 − (Σ regular − Σ chosen) / t_model``
+        (:meth:`calibrate_latency`)."""
         regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self.price == "latency" else None
         chosen = self.allocation.multipliers
         plans = [(bound, allocate_error(self.curves, bound ** 2 / self.scale, price=self.price) if self.curves
@@ -360,9 +353,8 @@ class BudgetPlanner:
                      "latency_ms": alloc.latency_ms, "model_latency_ratio": None,
                      "multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
                      "chosen": alloc.multipliers == chosen and not any(p["chosen"] for p in points)}
-            if self.model_ms and self.latency_scale is not None and alloc.latency_ms is not None:
-                saving = self.latency_scale * (regular_ms - alloc.latency_ms)
-                point["model_latency_ratio"] = max(self.model_ms - saving, 0.0) / self.model_ms
+            if self.model_ms and alloc.latency_ms is not None:
+                point["model_latency_ratio"] = max(self.model_ms - (regular_ms - alloc.latency_ms), 0.0) / self.model_ms
             points.append(point)
         return points
 
@@ -392,7 +384,7 @@ class BudgetPlanner:
             "exact": self.allocation.exact,
             "stop_reason": self.stop_reason,
             "tolerance": self.tolerance,
-            "latency_scale": self.latency_scale,
+            "model_ms": self.model_ms,
             "curve": "symmetric statistics of the original network, GSVD (first offered r refined like the "
                      "final solve, the others scaled from their sweep), relative response error on the held-out "
                      "samples",

@@ -7,19 +7,25 @@ solve per layer in the curve pass — on a ResNet-18-shaped model r = 6–7 opti
 under load measured ×1.03 on a quiet machine, while their solves made the default job 8× the
 uniform one.
 
-With ``price="latency"`` (``--select latency``, the default) every option is also timed in
-onnxruntime at its real shape (latency.py): r = 1, 2, … while the separable form runs at least
-``MIN_GAIN`` faster than the regular conv (latency grows with r: a larger r is not tried once
-one is not faster), priced at ``ratio_r × t_regular`` (each ratio from its own interleaved
-timing, one regular reference per conv); a conv no multiplier makes faster stays regular, with
-that reason. A *tiny* conv (regular form below ``TINY_CONV_MS``) is timed once for its regular
-latency and offered its first ``TINY_OPTIONS`` multipliers, priced by MACs: its per-conv timings
-are noise. Either way the chosen plan is then timed as a whole model (search.py,
-model_latency.py). ``price="macs"`` (``--select all``) offers every such r and times nothing.
+With ``price="latency"`` (``--select latency``, the default) the options to offer are found by
+timing each conv alone in onnxruntime at its real shape (latency.py): r = 1, 2, … while the
+separable form runs at least ``MIN_GAIN`` faster than the regular conv (latency grows with r);
+a *tiny* conv (regular form below ``TINY_CONV_MS``, whose timings alone are noise) is offered
+its first ``TINY_OPTIONS`` multipliers. The offered options are then **priced inside the whole
+model** (:func:`in_model_latencies`, node_profile.py): the all-regular model and, per offered
+r, the model with every conv that offers r rewritten at r (data-free factors, pointwise convs
+merged as emitted) are profiled per node; a conv's regular price is its node's time (plus the
+1×1 conv its pointwise will be merged into), an option's the time of the nodes that replace it.
+An option not ``MIN_GAIN`` faster inside the model is not offered. A conv's time alone is not
+its share of the model: on models/mnist the convs alone timed ×6.55 faster where the model
+moved ×0.98. The chosen plan is then timed as a whole model (search.py, model_latency.py).
+``price="macs"`` (``--select all``) offers every such r and times nothing.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +36,9 @@ from .candidates import ConvLayer
 from .errors import BudgetError, Refused
 from .fold import rewrite_and_merge
 from .graph import label
-from .latency import MIN_GAIN, Decision, LatencySelector
+from .latency import MIN_GAIN, Decision, LatencySelector, TimingError
 from .methods import GSVD, Method
+from .node_profile import NodeTimes
 from .progress import say
 from .report import Selection
 from .rewrite import Replacement
@@ -54,10 +61,51 @@ TINY_OPTIONS = 2
 
 @dataclass(frozen=True)
 class Priced:
-    """Per layer: the offered options' MACs and, priced by latency, their latencies (ms)."""
+    """Per layer: the offered options' MACs and, priced by latency, their latencies (ms) inside
+    the whole model, and the all-regular model's time (``model_ms``)."""
 
     macs: dict[str, dict[int, int]]
     latency_ms: dict[str, dict[int, float]] | None
+    model_ms: float | None = None
+
+
+#: ``profile(model) → NodeTimes``: one model's per-node times at the job's settings.
+Profiler = Callable[[onnx.ModelProto], NodeTimes]
+
+
+def replacement_nodes(model: onnx.ModelProto, layer: ConvLayer) -> list[str]:
+    """Names of the nodes rewrite.py emitted for ``layer`` in ``model`` (its depthwise convs,
+    their Concat, its pointwise conv)."""
+    base = layer.name if not layer.name.startswith("Conv@") else layer.output
+    pattern = re.compile(re.escape(base) + r"/(depthwise(_\d+)?|depthwise_concat|pointwise)(_\d+)?")
+    return [node.name for node in model.graph.node if pattern.fullmatch(node.name)]
+
+
+def in_model_latencies(work: onnx.ModelProto, layers: list[ConvLayer], offered: dict[str, list[int]],
+                       second: dict[str, onnx.NodeProto], profile: Profiler
+                       ) -> tuple[dict[str, dict[int, float]], float]:
+    """Each layer's regular time (``SKIP``) and its offered multipliers' times inside the whole
+    model (module docstring), and the all-regular model's time; ``second[name]``: the 1×1 conv
+    the layer's pointwise conv is merged into, counted on both sides."""
+    regular = profile(work)
+    prices: dict[str, dict[int, float]] = {}
+    for layer in layers:
+        if layer.name in offered:
+            target = second.get(layer.name)
+            prices[layer.name] = {SKIP: regular.node_ms.get(layer.name, 0.0)
+                                  + (regular.node_ms.get(target.name, 0.0) if target is not None else 0.0)}
+    for r in sorted({r for rs in offered.values() for r in rs}):
+        group = [layer for layer in layers if r in offered.get(layer.name, ())]
+        say(f"select: profiling the model with {len(group)} conv(s) at r={r}")
+        rewritten, _ = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, r))
+                                                for layer in group])
+        times = profile(rewritten.model)
+        for layer in group:
+            nodes = replacement_nodes(rewritten.model, layer)
+            if layer.name in second:
+                nodes.append(second[layer.name].name)  # the merged conv keeps the 1×1 conv's name
+            prices[layer.name][r] = sum(times.node_ms.get(n, 0.0) for n in nodes)
+    return prices, regular.model_ms
 
 
 def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, onnx.NodeProto]:
@@ -178,9 +226,11 @@ def option_latencies(layers: list[ConvLayer], infos, macs: dict[str, dict[int, i
 
 
 def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: str,
-                  selector: LatencySelector | None) -> tuple[Priced, list[Selection], list[Refused]]:
+                  selector: LatencySelector | None, profile: Profiler | None = None
+                  ) -> tuple[Priced, list[Selection], list[Refused]]:
     """The options offered per layer (layers with none left out), the selection records and
-    the layers kept regular for want of an option, with the reason."""
+    the layers kept regular for want of an option, with the reason. With ``profile`` the
+    latency-priced options are priced inside the whole model (:func:`in_model_latencies`)."""
     second = merge_targets(work, layers)
     macs = option_macs(work, layers, infos, second)
     macs = {name: options for name, options in macs.items() if len(options) > 1}
@@ -196,8 +246,27 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
     skipped += [Refused(name, "kept regular: latency not measured" if name in unknown else
                         f"kept regular: no multiplier runs ≥ {100 * MIN_GAIN:g} % faster in onnxruntime")
                 for name in macs if name not in latencies]
+    model_ms = None
+    inside = None
+    if profile is not None and latencies:
+        try:
+            inside, model_ms = in_model_latencies(
+                work, [layer for layer in layers if layer.name in latencies],
+                {name: sorted(r for r in o if r != SKIP) for name, o in latencies.items()}, second, profile)
+        except TimingError as exc:  # a model onnxruntime cannot profile: the convs' own timings price it
+            say(f"select: {exc}; options priced by the convs timed alone")
+    if inside is not None:
+        latencies = {}
+        for name, options in inside.items():
+            kept = {r: ms for r, ms in options.items() if r == SKIP or ms <= (1 - MIN_GAIN) * options[SKIP]}
+            if len(kept) > 1:
+                latencies[name] = kept
+            else:
+                best = min((ms for r, ms in options.items() if r != SKIP), default=float("nan"))
+                skipped.append(Refused(name, f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster inside the model "
+                                             f"(regular {options[SKIP]:.4f} ms, best option {best:.4f} ms)"))
     macs = {name: {r: macs[name][r] for r in offered} for name, offered in latencies.items()}
-    return Priced(macs, latencies), selection, skipped
+    return Priced(macs, latencies, model_ms), selection, skipped
 
 
 def check_latency_reachable(target: float, latency_ms: dict[str, dict[int, float]]) -> None:

@@ -325,7 +325,7 @@ class Report:
                          f"{probes['samples']} held-out samples{took}; interaction scale "
                          f"α = {b['interaction_scale']:.3g} (1 before the first verified round)")
         if b["latency_ms_before"] and b["latency_ms_after"] is not None:  # timed, and some conv was
-            lines.append(f"  convs' latency (selection timings): {b['latency_ms_before']:.3f} ms → "
+            lines.append(f"  convs' latency (inside the model, per-node profile): {b['latency_ms_before']:.3f} ms → "
                          f"{b['latency_ms_after']:.3f} ms (×{b['latency_ms_after'] / max(b['latency_ms_before'], 1e-12):.2f})")
         m = b.get("model_latency")
         if m:
@@ -403,8 +403,8 @@ class Report:
             rows.append((bound, f"{p['predicted_output_rel_l2']:.3g}", str(p["convs_rewritten"]),
                          f"×{p['macs_ratio']:.3f}", lat, "◀ chosen" if p["chosen"] else ""))
         how = "the curves, gains and α"
-        if latency and b.get("latency_scale") is not None:
-            how += f"; latency: per-conv savings × {b['latency_scale']:.3g}, the whole-model timing's share"
+        if latency and b.get("model_ms"):
+            how += f"; latency: the all-regular model's {b['model_ms']:.3f} ms less the options' savings inside it"
         return ["", f"trade-off (predicted from {how}; other bounds: --max-error E):"] + text_table(rows)
 
     def _render_selection(self) -> list[str]:

@@ -169,7 +169,7 @@ def checked_choice(planner: BudgetPlanner, rounds: list[SolvedRound], solve_roun
         decision = time_model(rounds[k].model)
         if decision.timing is not None:
             t = decision.timing
-            planner.calibrate_latency(k, t.regular_ms, t.ratio, t.ratio_halfwidth)
+            planner.calibrate_latency(t.regular_ms)
         if decision.rewrite:
             if k != index:
                 notes.append(f"the cheapest plan (round {index + 1}) was not faster as a whole model; "

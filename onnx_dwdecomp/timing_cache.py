@@ -23,7 +23,9 @@ rounds, noise band, re-timings, clock), enough to re-derive and show the decisio
 timings are not stored: they are cheap to repeat and may depend on the installation; nor are
 wall-clock timings taken under load (``Timing.loaded``, latency.LatencySelector): a busy
 machine's verdict is never frozen. Version 1 files (wall clock at every thread count, load not
-checked) are ignored and rewritten.
+checked) are ignored and rewritten. Beside the timings, ``"profiles"`` keeps per-node profiles
+of whole models (node_profile.NodeTimes, keyed by node_profile.ProfileKey: the model's sha256,
+input shapes, threads, providers), from which the plan's prices come.
 
 Every new timing is written at once: under an exclusive ``fcntl.flock`` on the sidecar
 ``timing_cache.json.lock``, the file is re-read, this run's entries are merged into it, and the
@@ -107,7 +109,8 @@ class TimingCache:
         self.notes: list[str] = []
         self._writable = True
         self._pending: dict[str, dict] = {}  # this run's entries not yet in the file
-        self._entries, problem = _read_entries(self.path)
+        self._pending_profiles: dict[str, dict] = {}
+        self._entries, self._profiles, problem = _read_entries(self.path)
         if problem and not _ours(self.path):  # e.g. --timing-cache pointed at a model: never overwrite it
             self._writable = False
             problem = "is not an onnx_dwdecomp timing cache; left alone, the timings of this run are not saved"
@@ -135,6 +138,16 @@ class TimingCache:
         self._entries[key] = self._pending[key] = entry
         self._save()
 
+    def get_profile(self, key: object) -> dict | None:
+        """The stored per-node profile under ``key`` (a dataclass, node_profile.ProfileKey), or None."""
+        return self._profiles.get(self.key(key))
+
+    def put_profile(self, key: object, profile: dict) -> None:
+        """Store a per-node profile (node_profile.NodeTimes as a dict) under ``key`` and write the file."""
+        k = self.key(key)
+        self._profiles[k] = self._pending_profiles[k] = profile
+        self._save()
+
     def _save(self) -> None:
         """Merge this run's pending entries into the file under the lock and replace it atomically;
         the first failure to write notes it and stops further attempts."""
@@ -145,16 +158,18 @@ class TimingCache:
                 raise PermissionError(errno.EACCES, "the file is read-only", str(self.path))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock():
-                entries, _ = _read_entries(self.path)  # damage was noted on construction
+                entries, profiles, _ = _read_entries(self.path)  # damage was noted on construction
                 entries.update(self._pending)
-                self._write(entries)
+                profiles.update(self._pending_profiles)
+                self._write(entries, profiles)
         except (OSError, OutputError) as exc:
             self._writable = False
             self.notes.append(f"timing cache {self.path} is not writable ({first_line(exc)}); "
                               f"timings of this run are not saved")
             return
-        self._entries = entries
+        self._entries, self._profiles = entries, profiles
         self._pending.clear()
+        self._pending_profiles.clear()
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -169,8 +184,9 @@ class TimingCache:
         finally:
             os.close(fd)  # releases the lock
 
-    def _write(self, entries: dict[str, dict]) -> None:
-        text = json.dumps({"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items()))}, indent=1)
+    def _write(self, entries: dict[str, dict], profiles: dict[str, dict]) -> None:
+        text = json.dumps({"format": FORMAT, "version": VERSION, "entries": dict(sorted(entries.items())),
+                           "profiles": dict(sorted(profiles.items()))}, indent=1)
         # the existing file's mode: a shared cache stays shared
         write_text_atomic(self.path, text, flag="--timing-cache", mode=_file_mode(self.path))
 
@@ -198,24 +214,37 @@ def _ours(path: Path) -> bool:
     return not head.strip() or FORMAT.encode() in head
 
 
-def _read_entries(path: Path) -> tuple[dict[str, dict], str | None]:
-    """The valid entries of the cache file at ``path`` and, when some or all of the file is
-    unusable, what is wrong with it (a missing file is an empty cache, no problem)."""
+def _read_entries(path: Path) -> tuple[dict[str, dict], dict[str, dict], str | None]:
+    """The valid timing entries and per-node profiles of the cache file at ``path`` and, when
+    some or all of the file is unusable, what is wrong with it (a missing file is an empty
+    cache, no problem)."""
     try:
         data = json.loads(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
-        return {}, None
+        return {}, {}, None
     except OSError as exc:
-        return {}, f"cannot be read ({first_line(exc)}); ignored"
+        return {}, {}, f"cannot be read ({first_line(exc)}); ignored"
     except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        return {}, "is empty, truncated or not JSON; ignored and rewritten on save"
+        return {}, {}, "is empty, truncated or not JSON; ignored and rewritten on save"
     if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"), dict)):
-        return {}, "is not an onnx_dwdecomp timing cache; ignored and rewritten on save"
+        return {}, {}, "is not an onnx_dwdecomp timing cache; ignored and rewritten on save"
     if data.get("version") != VERSION:
-        return {}, f"has format version {data.get('version')!r}, not {VERSION}; ignored and rewritten on save"
+        return {}, {}, f"has format version {data.get('version')!r}, not {VERSION}; ignored and rewritten on save"
     entries = {key: entry for key, entry in data["entries"].items() if _valid_entry(entry)}
-    dropped = len(data["entries"]) - len(entries)
-    return entries, f"has {dropped} malformed entr{'y' if dropped == 1 else 'ies'}; ignored" if dropped else None
+    raw_profiles = data.get("profiles") if isinstance(data.get("profiles"), dict) else {}
+    profiles = {key: p for key, p in raw_profiles.items() if _valid_profile(p)}
+    dropped = len(data["entries"]) - len(entries) + len(raw_profiles) - len(profiles)
+    return entries, profiles, f"has {dropped} malformed entr{'y' if dropped == 1 else 'ies'}; ignored" if dropped else None
+
+
+def _valid_profile(profile) -> bool:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    return (isinstance(profile, dict) and set(profile) == {"node_ms", "model_ms", "overhead_ms", "runs"}
+            and isinstance(profile["node_ms"], dict) and all(number(v) for v in profile["node_ms"].values())
+            and number(profile["model_ms"]) and number(profile["overhead_ms"])
+            and isinstance(profile["runs"], int) and profile["runs"] >= 1)
 
 
 def _valid_entry(entry) -> bool:

@@ -135,3 +135,32 @@ def _private_timing_cache(tmp_path_factory, monkeypatch):
     """Latency selection's persistent timing cache goes to a folder of each test's own, never
     the user's, and no test reads timings another test stored (some inject fake timers)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+
+
+def fake_node_times(ratios: dict[int, float]):
+    """A stand-in for node_profile.profile_node_times: every conv of the given model takes 1 ms
+    inside it, except the nodes rewrite.py emits for a conv at multiplier r (r depthwise convs),
+    which take ``ratios[r]`` ms together (all on the pointwise conv); the model 1 ms more than
+    its convs."""
+    import re
+
+    from onnx_dwdecomp.node_profile import NodeTimes
+
+    emitted = re.compile(r"(.*)/(depthwise(?:_\d+)?|depthwise_concat|pointwise)(?:_\d+)?")
+
+    def profile(model, feeds, *, threads, providers, **_):
+        depthwise: dict[str, int] = {}
+        node_ms = {}
+        for node in model.graph.node:
+            m = emitted.fullmatch(node.name)
+            if m is None:
+                if node.op_type == "Conv":
+                    node_ms[node.name] = 1.0
+            elif m.group(2).startswith("depthwise") and m.group(2) != "depthwise_concat":
+                depthwise[m.group(1)] = depthwise.get(m.group(1), 0) + 1
+        for node in model.graph.node:
+            m = emitted.fullmatch(node.name)
+            if m is not None and m.group(2) == "pointwise":
+                node_ms[node.name] = ratios[depthwise[m.group(1)]]
+        return NodeTimes(node_ms, sum(node_ms.values()) + 1.0, 0.0, 5)
+    return profile

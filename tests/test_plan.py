@@ -102,9 +102,15 @@ def mixed_net(c: int = 6, hw: int = 12) -> onnx.ModelProto:
 
 @pytest.fixture()
 def fast_r1(monkeypatch):
-    """Every conv's r = 1 form twice as fast as the regular conv, r ≥ 2 not faster."""
+    """Every conv's r = 1 form twice as fast as the regular conv, r ≥ 2 not faster: timed alone
+    and inside the model."""
+    from conftest import fake_node_times
+    from onnx_dwdecomp import node_profile
+
     calls: list[int] = []
-    monkeypatch.setattr(latency, "ort_timer", _fake_timer({1: 0.5} | {r: 1.0 for r in range(2, 10)}, calls))
+    ratios = {1: 0.5} | {r: 1.0 for r in range(2, 10)}
+    monkeypatch.setattr(latency, "ort_timer", _fake_timer(ratios, calls))
+    monkeypatch.setattr(node_profile, "profile_node_times", fake_node_times(ratios))
     return calls
 
 

@@ -353,7 +353,7 @@ def test_render_budget_max_error_default():
     assert lines[2].startswith("  predicted = √(α·Σ gain²·layer error²): gains from 2 single-layer probes on "
                                "4 held-out samples")
     assert lines[2].endswith("interaction scale α = 1.5 (1 before the first verified round)")
-    assert lines[3] == "  convs' latency (selection timings): 3.000 ms → 2.500 ms (×0.83)"
+    assert lines[3] == "  convs' latency (inside the model, per-node profile): 3.000 ms → 2.500 ms (×0.83)"
     assert lines[4] == ("  whole model at 1 thread, batch 1 (interleaved, 50 rounds; CPU time of the calling thread): "
                         "all-regular 4.000 ms → plan 3.400 ms (×0.850 ± 0.010) — faster")
     k = lines.index("  rounds (* = chosen; predicted before the round, with the α shown):")
