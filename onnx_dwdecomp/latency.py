@@ -264,21 +264,28 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
         raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
 
 
+#: Rounds beyond what fits in this many seconds (× the re-timing scale) are not required:
+#: a slow model (seconds a round) is timed on fewer than ``min_runs`` rounds, at least 3.
+MAX_TIMING_S = 10.0
+
+
 def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1, *, budget_s: float,
                min_runs: int, max_runs: int, warmup: int) -> Timing:
     """The :class:`Timing` of two calls (regular, separable) at ``threads`` onnxruntime threads.
 
     A first pass of 3 rounds (after ``warmup`` untimed calls each) estimates the time per round;
     the second pass runs ``scale · budget_s / round`` rounds, clamped to
-    ``[scale · min_runs, scale · max_runs]``, on timing.clock_for(threads) (CPU time of the
-    calling thread at one thread, wall clock otherwise). A wall-clock timing is marked
-    ``loaded`` when timing.machine_load found the machine busy before or after it.
+    ``[scale · min_runs, scale · max_runs]`` — the lower end lowered to what fits in
+    ``scale · MAX_TIMING_S`` (at least 3 rounds) for slow models — on timing.clock_for(threads)
+    (CPU time of the calling thread at one thread, wall clock otherwise). A wall-clock timing
+    is marked ``loaded`` when timing.machine_load found the machine busy before or after it.
     """
     clock_name, clock = clock_for(threads)
     contention, load, busy = machine_load(threads)
     probe = interleaved_timings(fns, runs=3, warmup=warmup, clock=clock)
-    per_round = float(sum(np.median(t) for t in probe))
-    runs = int(np.clip(scale * budget_s / max(per_round, 1e-9), scale * min_runs, scale * max_runs))
+    per_round = max(float(sum(np.median(t) for t in probe)), 1e-9)
+    least = min(scale * min_runs, max(3, math.ceil(scale * MAX_TIMING_S / per_round)))
+    runs = int(np.clip(scale * budget_s / per_round, least, scale * max_runs))
     times = interleaved_timings(fns, runs=runs, warmup=0, clock=clock)
     after = machine_load(threads)
     timing = Timing.from_samples(1e3 * times[0], 1e3 * times[1])

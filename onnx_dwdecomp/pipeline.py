@@ -40,7 +40,7 @@ from .options import DEFAULT_MAX_ERROR, DecomposeOptions
 from .plan import BudgetPlanner, Plan, curve_error, curve_solver, kept_reason, layer_curves
 from .pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
                       time_option)
-from .progress import reporting, say
+from .progress import Steps, reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
 from .search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
@@ -551,8 +551,9 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
     if job.data is None or not layers:
         t0 = time.perf_counter()
         factors = {}
+        steps = Steps("solve: layer", len(layers))
         for k, layer in enumerate(layers):
-            say(f"solve: layer {k + 1}/{len(layers)} {layer.name}")
+            steps.step(k, layer.name)
             factors[layer.name] = solve(layer, None)
         return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
     outcome = calibrate_and_solve(

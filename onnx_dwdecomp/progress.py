@@ -11,6 +11,7 @@ other's reporter.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -32,3 +33,22 @@ def say(message: str) -> None:
     reporter = _REPORTER.get()
     if reporter is not None:
         reporter(message)
+
+
+class Steps:
+    """Progress of a phase of ``total`` steps, with the time left once it can be told: after
+    the first step, the mean pace so far times the steps to go ("probe 45/112 conv7, ~4 min
+    left")."""
+
+    def __init__(self, phase: str, total: int):
+        self.phase, self.total, self.start = phase, total, time.perf_counter()
+
+    def step(self, k: int, what: str = "") -> None:
+        """Step ``k`` (0-based) is starting."""
+        elapsed = time.perf_counter() - self.start
+        left = f", ~{_duration(elapsed / k * (self.total - k))} left" if k and elapsed >= 1.0 else ""
+        say(f"{self.phase} {k + 1}/{self.total}{' ' + what if what else ''}{left}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

@@ -43,7 +43,7 @@ from onnx import helper
 
 from .candidates import ConvLayer
 from .errors import CalibrationError, first_line
-from .progress import say
+from .progress import Steps
 from .runtime import make_session, run
 from .solve import ChannelFactors, SeparableFactors
 from .verify import OutputScale, real_outputs, real_rows, worst_output_error
@@ -134,8 +134,9 @@ def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
 
     reference = outputs_with(original)
     probes = {}
+    steps = Steps("plan: sensitivity probe", len(layers))
     for k, layer in enumerate(layers):
-        say(f"plan: sensitivity probe {k + 1}/{len(layers)} {layer.name}")
+        steps.step(k, layer.name)
         w, b = inputs[layer.name]
         f = factors[layer.name]
         changed = dict(original)

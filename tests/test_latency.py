@@ -373,3 +373,17 @@ def test_the_real_timer_records_its_clock():
     assert t.clock == "cpu" and t.contention > 0
     t = ort_timer(_config(threads=2), budget_s=0.01, min_runs=3, max_runs=5)
     assert t.clock == "wall"
+
+
+def test_a_slow_pair_is_timed_on_fewer_rounds(monkeypatch):
+    """A model that takes seconds a round is not held to min_runs rounds: what fits in
+    MAX_TIMING_S, at least 3 (a 2.4 s segmentation network's check took 12 minutes before)."""
+    import time
+
+    monkeypatch.setattr(latency, "MAX_TIMING_S", 0.1)
+    monkeypatch.setattr(latency, "machine_load", lambda threads: (1.0, 0.0, False))
+    fns = [lambda: time.sleep(0.01), lambda: time.sleep(0.01)]  # 0.02 s a round (wall clock at 2 threads)
+    t = latency.timed_pair(fns, 2, budget_s=0.0, min_runs=10, max_runs=100, warmup=0)
+    assert 3 <= t.runs <= 5  # ⌈0.1 / 0.02⌉ = 5 rounds fit (fewer if the sleeps overran), not 10
+    t = latency.timed_pair(fns, 2, budget_s=0.0, min_runs=2, max_runs=100, warmup=0)
+    assert t.runs == 2  # min_runs below what fits: as asked

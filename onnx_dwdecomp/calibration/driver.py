@@ -20,7 +20,7 @@ import onnx
 from ..candidates import ConvLayer
 from ..data.dataset import CalibrationData
 from ..errors import CalibrationError, first_line
-from ..progress import say
+from ..progress import Steps
 from ..rewrite import NameAllocator, Replacement, replacement_convs, to_onnx_nodes
 from ..runtime import make_session, run
 from ..shapes import TensorInfo
@@ -169,9 +169,10 @@ def _symmetric_pass(state: _PassState, solve: SolveFn) -> None:
     worker thread while this one runs the forward pass and the statistics of layer ``k + 1`` (one
     solve in flight), all under one BLAS thread (see :func:`calibrate_and_solve`)."""
     pending: _PendingSolve | None = None
+    steps = Steps("calibrate: layer", len(state.layers))
     with ThreadPoolExecutor(max_workers=1) as worker, one_blas_thread():
         for k, (layer, seg) in enumerate(zip(state.layers, state.segments)):
-            say(f"calibrate: layer {k + 1}/{len(state.layers)} {layer.name}")
+            steps.step(k, layer.name)
             t0 = time.perf_counter()
             state.advance(state.orig, seg)  # the decomposed network is not needed
             state.timing["forward"] += time.perf_counter() - t0
@@ -200,9 +201,10 @@ def _asymmetric_pass(state: _PassState, solve: SolveFn) -> None:
     names = NameAllocator.for_model(state.model)
     previous: Replacement | None = None
     ahead: Future | None = None
+    steps = Steps("calibrate: layer", len(state.layers))
     with ThreadPoolExecutor(max_workers=1) as worker:
         for k, (layer, seg) in enumerate(zip(state.layers, state.segments)):
-            say(f"calibrate: layer {k + 1}/{len(state.layers)} {layer.name}")
+            steps.step(k, layer.name)
             t0 = time.perf_counter()
             replace = None if previous is None else to_onnx_nodes(replacement_convs(previous, names))
             if ahead is None:
