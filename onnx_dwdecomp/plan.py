@@ -209,6 +209,17 @@ class BudgetPlanner:
         if solved >= MAX_ERROR_ROUNDS:
             self.stop_reason = f"round cap ({MAX_ERROR_ROUNDS} solved rounds)"
             return None
+        if solved >= 2 and self._best is None:
+            self.stop_reason = (f"no plan met the bound in {solved} rounds (measured "
+                                + ", ".join(f"{r['measured_output_rel_l2']:.3g}" for r in self.rounds
+                                            if r["measured_output_rel_l2"] is not None)
+                                + "): the predictions do not hold on these held-out samples")
+            return None
+        scales = [r["interaction_scale"] for r in self.rounds[-2:]] + [self.scale]
+        if self._best is not None and solved >= 2 and max(scales[-2:]) > 2 * min(scales[-2:]):
+            self.stop_reason = (f"the interaction scale swings ({scales[-2]:.3g} → {scales[-1]:.3g}): "
+                                f"the cheapest plan measured within the bound is kept")
+            return None
         missed_bound = 0.999 * alloc.error  # strictly below the missed round's error sum
         self.bound = (AIM * self.target) ** 2 / self.scale if finite else missed_bound
         if not hit:

@@ -131,13 +131,15 @@ def test_max_error_round_tightens_after_a_miss():
     assert plan.scale == pytest.approx(0.2 ** 2 / first.error)
     assert plan.allocation.error < first.error and plan.allocation.macs > first.macs
     assert plan.allocation.error <= (0.9 * 0.1) ** 2 / plan.scale
-    plan.revise(0.2)
-    plan.revise(0.2)
-    assert plan.revise(0.2) is None  # at most MAX_ERROR_ROUNDS rounds
-    assert len(plan.rounds) == MAX_ERROR_ROUNDS and "round cap" in plan.stop_reason
+    # a second miss: the predictions do not hold, the search says so and stops (before: it ran
+    # to the round cap, α swinging, on a model whose held-out samples were 2 images)
+    assert plan.revise(0.2) is None
+    assert len(plan.rounds) == 2 < MAX_ERROR_ROUNDS
+    assert plan.stop_reason == ("no plan met the bound in 2 rounds (measured 0.2, 0.2): the predictions do not "
+                                "hold on these held-out samples")
     assert plan.final() is None  # nothing met: the caller falls back to the all-regular plan
     fallback = plan.fall_back(0.0)
-    assert set(fallback.multipliers.values()) == {SKIP} and plan.chosen_round == MAX_ERROR_ROUNDS
+    assert set(fallback.multipliers.values()) == {SKIP} and plan.chosen_round == 2
     assert plan.met(0) is True and plan.rounds[-1]["fallback"] is True
     assert plan.to_dict(0, {}, {})["layers"][0]["multiplier"] == "skip"
 
@@ -156,6 +158,18 @@ def test_max_error_round_loosens_after_a_hit_and_keeps_the_cheapest_hit():
         plan.revise(0.5)
     assert plan.final() == 0 and plan.met(0) is True
     assert plan.allocation == first
+
+
+def test_a_swinging_interaction_scale_keeps_the_cheapest_hit():
+    """Round 1 hits far below the bound (α drops 10×), round 2 misses (α up 90×): the error
+    model does not settle, the search stops with the hit instead of oscillating to the cap."""
+    curves = synthetic_curves(5, 1)
+    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
+    first = plan.allocation
+    assert plan.revise(0.1 * np.sqrt(0.1)) is not None  # measured α = 0.01
+    second = plan.allocation
+    assert plan.revise(0.1 * np.sqrt(second.error / first.error) * 3) is None  # a miss, α 90× higher
+    assert "swings" in plan.stop_reason and plan.final() == 0
 
 
 def test_a_hit_near_the_bound_ends_the_rounds():
