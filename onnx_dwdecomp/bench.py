@@ -23,7 +23,7 @@ requested batch size. For each batch size::
     warm-up:   A × warmup, B × warmup, ...
     timing:    A, B, A, B, ... (``runs`` rounds), each call timed with time.perf_counter
 
-Why interleave: see :mod:`onnx_dwdecomp.timing`.
+Why interleave: see :mod:`onnx_dwdecomp.timing.clock`.
 
 Why median and p90, not mean. Latency distributions are skewed: a few slow calls (a preemption,
 a page fault) can move the mean a lot while telling nothing about the model. The median is the
@@ -62,7 +62,7 @@ from .pipeline import _named_shapes
 from .report import text_table
 from .runtime import DEFAULT_PROVIDERS, check_providers, session_options
 from .shapes import graph_inputs, infer_tensor_info, model_cost, parse_input_shapes, resolve_input_shapes
-from .timing import default_threads, environment, interleaved_timings
+from .timing.clock import default_threads, environment, interleaved_timings
 from .version import version_line
 
 __all__ = ["ModelBench", "run_bench", "format_table", "add_bench_arguments", "run_bench_command"]

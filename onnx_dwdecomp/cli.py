@@ -31,7 +31,7 @@ from .options import INPUT, RUNTIME, VERIFICATION, DecomposeOptions
 from .pipeline import decompose_loaded
 from .plot import check_plot_path, frontier_plot
 from .shapes import parse_input_shapes, split_shapes
-from .timing_cache import default_cache_path
+from .timing.cache import default_cache_path
 from .version import version_line
 
 COMMANDS = ("decompose", "bench")

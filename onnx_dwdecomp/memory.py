@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import OptionError, ResourceError
 from .formatting import fmt_bytes
-from .timing import default_threads
+from .timing.clock import default_threads
 
 #: Allowance per onnxruntime thread per session (stack in use, per-thread scratch).
 THREAD_BYTES = 4 << 20

@@ -20,7 +20,7 @@ from .data.readers import load_reader
 from .errors import BudgetError, EvaluationError, OptionError
 from .runtime import DEFAULT_PROVIDERS, check_providers
 from .solve import RIDGE, SOLVER_ROUNDS
-from .timing import default_threads
+from .timing.clock import default_threads
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .usercode import display_name, load_callable
 
@@ -141,7 +141,7 @@ class DecomposeOptions:
         "--providers", group=RUNTIME, metavar="NAME[,NAME...]",
         help="onnxruntime execution providers in priority order, for calibration, latency timing and "
              "verification (e.g. CUDAExecutionProvider,CPUExecutionProvider with onnxruntime-gpu)"))
-    # persistent timing cache (timing_cache.py): None = the default file in the user cache
+    # persistent timing cache (timing/cache.py): None = the default file in the user cache
     # folder, a path = that file, False = measure afresh and store nothing
     timing_cache: str | os.PathLike | bool | None = _option(None, _flag(
         "--timing-cache", group=RUNTIME, metavar="PATH", exclusive="timing_cache",

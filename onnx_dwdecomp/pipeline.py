@@ -32,9 +32,9 @@ from .data.dataset import CalibrationData, load_calibration
 from .data.specs import fix_dims, fixed_batch
 from .errors import CalibrationError, OptionError, Refused, first_line
 from .fold import FoldResult, fold_batchnorm, rewrite_and_merge
-from .latency import MIN_GAIN, Decision, LatencySelector
+from .timing.latency import MIN_GAIN, Decision, LatencySelector
 from .methods import METHODS
-from .model_latency import check_faster
+from .timing.model import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
 from .plan import BudgetPlanner, Plan, curve_error, curve_solver, kept_reason, layer_curves
@@ -49,10 +49,10 @@ from .sensitivity import Sensitivities, measure_sensitivities
 from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
                      resolve_input_shapes)
 from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplier, relative_weight_error
-from .timing import default_threads, environment
-from .timing_cache import TimingCache
+from .timing.clock import default_threads, environment
+from .timing.cache import TimingCache
 from .tuning import DEFAULT_MAX_DROP, parse_max_drop
-from .node_profile import NodeTimes, cached_profile
+from .timing.node_profile import NodeTimes, cached_profile
 from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model,
                      compare_models, finite_stats_solver, random_batches)
 
@@ -458,7 +458,7 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
 
 
 def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:
-    """The layers whose replacement onnxruntime runs faster (see latency.py), timed as emitted
+    """The layers whose replacement onnxruntime runs faster (see timing/latency.py), timed as emitted
     (merged into a following 1×1 conv where it will be), with every layer's decision."""
     infos, method, opts, selector = job.infos, job.method, job.opts, job.latency_selector()
     merged = merged_channels(merge_targets(job.work, layers), infos)

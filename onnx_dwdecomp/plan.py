@@ -164,7 +164,7 @@ class BudgetPlanner:
                 self.allocation = allocate_error(curves, self.bound, price=price)
         self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
         # whole-model latency of the all-regular model: the profile's (pricing.in_model_latencies),
-        # then the whole-model check's (model_latency.py)
+        # then the whole-model check's (timing/model.py)
         self.model_ms: float | None = model_ms
 
     def plan(self) -> Plan:
@@ -250,7 +250,7 @@ class BudgetPlanner:
             self.scale = measured ** 2 / alloc.error
 
     def calibrate_latency(self, regular_ms: float) -> None:
-        """The all-regular model measured ``regular_ms`` as a whole model (model_latency.py):
+        """The all-regular model measured ``regular_ms`` as a whole model (timing/model.py):
         the time the frontier's model latency ratios are taken against. The options' prices are
         their times inside the model (pricing.in_model_latencies), so a plan's saving is the sum
         of its options' savings, as they are."""

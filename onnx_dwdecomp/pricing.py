@@ -8,17 +8,17 @@ under load measured ×1.03 on a quiet machine, while their solves made the defau
 uniform one.
 
 With ``price="latency"`` (``--select latency``, the default) the options to offer are found by
-timing each conv alone in onnxruntime at its real shape (latency.py): r = 1, 2, … while the
+timing each conv alone in onnxruntime at its real shape (timing/latency.py): r = 1, 2, … while the
 separable form runs at least ``MIN_GAIN`` faster than the regular conv (latency grows with r);
 a *tiny* conv (regular form below ``TINY_CONV_MS``, whose timings alone are noise) is offered
 its first ``TINY_OPTIONS`` multipliers. The offered options are then **priced inside the whole
-model** (:func:`in_model_latencies`, node_profile.py): the all-regular model and, per offered
+model** (:func:`in_model_latencies`, timing/node_profile.py): the all-regular model and, per offered
 r, the model with every conv that offers r rewritten at r (data-free factors, pointwise convs
 merged as emitted) are profiled per node; a conv's regular price is its node's time (plus the
 1×1 conv its pointwise will be merged into), an option's the time of the nodes that replace it.
 An option not ``MIN_GAIN`` faster inside the model is not offered. A conv's time alone is not
 its share of the model: on models/mnist the convs alone timed ×6.55 faster where the model
-moved ×0.98. The chosen plan is then timed as a whole model (search.py, model_latency.py).
+moved ×0.98. The chosen plan is then timed as a whole model (search.py, timing/model.py).
 ``price="macs"`` (``--select all``) offers every such r and times nothing.
 """
 
@@ -36,9 +36,9 @@ from .candidates import ConvLayer
 from .errors import BudgetError, Refused
 from .fold import rewrite_and_merge
 from .graph import label
-from .latency import MIN_GAIN, Decision, LatencySelector, TimingError
+from .timing.latency import MIN_GAIN, Decision, LatencySelector, TimingError
 from .methods import GSVD, Method
-from .node_profile import NodeTimes
+from .timing.node_profile import NodeTimes
 from .progress import say
 from .report import Selection
 from .rewrite import Replacement

@@ -8,7 +8,7 @@ the resolved input shapes (batch 1 unless ``--input-shape`` says otherwise).
 
 ``selection`` says for every candidate conv why it was or was not rewritten; with latency
 selection it carries the median onnxruntime latencies of the regular conv and its replacement
-measured in isolation (see latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
+measured in isolation (see timing/latency.py). ``folded`` lists the BatchNormalization/Mul/Add nodes
 folded into convs before decomposition, ``merged`` the pointwise pairs merged after it (fold.py).
 
 ``options`` are the options as resolved (defaults filled in); ``environment`` records the
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .calibration.holdout import MIN_HELDOUT
 from .errors import Refused
-from .latency import MIN_GAIN
+from .timing.latency import MIN_GAIN
 from .verify import Verification
 
 if TYPE_CHECKING:  # fold.py pulls in onnx-graphsurgeon; the report only needs the records

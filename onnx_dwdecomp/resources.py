@@ -52,7 +52,7 @@ from .errors import ResourceError
 from .formatting import fmt_bytes, fmt_shape
 from .memory import THREAD_BYTES, available_memory, array_bytes, check_threads
 from .modelio import model_byte_size
-from .timing import default_threads
+from .timing.clock import default_threads
 from .verify import RANDOM_SAMPLES
 
 

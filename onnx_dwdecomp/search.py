@@ -9,7 +9,7 @@ verify). This module decides which plans to solve and which one to keep:
 - :func:`task_search` — ``--eval``: candidate plans of the frontier scored by the user's function,
   a bisection over them (tuning.py);
 - :func:`checked_choice` — the chosen plan timed as a whole model against the all-regular one
-  (model_latency.py): a plan that is not faster is not handed back;
+  (timing/model.py): a plan that is not faster is not handed back;
 - :func:`plan_record` — what the report shows of all that.
 """
 
@@ -27,8 +27,8 @@ import onnx
 from .budget import SKIP
 from .candidates import ConvLayer
 from .fold import FoldResult
-from .latency import Decision
-from .model_latency import MODEL_MIN_GAIN
+from .timing.latency import Decision
+from .timing.model import MODEL_MIN_GAIN
 from .modelio import save_model_atomic
 from .plan import BudgetPlanner, Plan
 from .progress import say

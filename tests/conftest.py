@@ -12,7 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp import latency, model_latency
+from onnx_dwdecomp.timing import latency
+
+from onnx_dwdecomp.timing import model as model_latency
 from onnx_dwdecomp.calibration.moments import MomentSums
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -144,7 +146,7 @@ def fake_node_times(ratios: dict[int, float]):
     its convs."""
     import re
 
-    from onnx_dwdecomp.node_profile import NodeTimes
+    from onnx_dwdecomp.timing.node_profile import NodeTimes
 
     emitted = re.compile(r"(.*)/(depthwise(?:_\d+)?|depthwise_concat|pointwise)(?:_\d+)?")
 

@@ -14,11 +14,12 @@ import onnx
 import pytest
 
 from conftest import conv_model, run_model
-from onnx_dwdecomp import latency, zoo
+from onnx_dwdecomp import zoo
+from onnx_dwdecomp.timing import latency
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import OptionError
 from onnx_dwdecomp.candidates import ConvLayer, conv_kinds, find_candidates
-from onnx_dwdecomp.latency import (BAND_Z, MAX_RETIMES, MIN_GAIN, RETIME_FACTOR, ConvConfig, LatencySelector,
+from onnx_dwdecomp.timing.latency import (BAND_Z, MAX_RETIMES, MIN_GAIN, RETIME_FACTOR, ConvConfig, LatencySelector,
                                    Timing, TimingError, conv_pair_models, decide, ort_timer, within_noise)
 from onnx_dwdecomp.pipeline import decompose
 from onnx_dwdecomp.rewrite import Replacement, apply_replacements
@@ -352,7 +353,7 @@ def test_a_timing_under_load_decides_the_run_but_is_not_cached(tmp_path):
     """The README command beside CPU hogs once froze ×0.913 in the cache where a quiet `bench`
     measured ×0.98. A wall-clock timing taken under load is used for this run's decision, never
     stored; a quiet one is stored and reused however busy the next run's machine is."""
-    from onnx_dwdecomp.timing_cache import TimingCache
+    from onnx_dwdecomp.timing.cache import TimingCache
 
     loaded = Timing(1.0, 0.8, runs=30, clock="wall", contention=1.5, load_average=3.2, loaded=True)
     quiet = Timing(1.0, 0.97, runs=30, clock="wall")

@@ -6,7 +6,7 @@ import pytest
 
 from onnx_dwdecomp import memory
 from onnx_dwdecomp.errors import OptionError, ResourceError
-from onnx_dwdecomp.timing import default_threads
+from onnx_dwdecomp.timing.clock import default_threads
 
 
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import correlated_images, three_layer_net
-from onnx_dwdecomp import decompose, latency, model_latency
-from onnx_dwdecomp.latency import Timing
-from onnx_dwdecomp.model_latency import MODEL_MIN_GAIN, check_faster, ort_model_timer
-from onnx_dwdecomp.timing_cache import TimingCache
+from onnx_dwdecomp import decompose
+from onnx_dwdecomp.timing import latency
+from onnx_dwdecomp.timing import model as model_latency
+from onnx_dwdecomp.timing.latency import Timing
+from onnx_dwdecomp.timing.model import MODEL_MIN_GAIN, check_faster, ort_model_timer
+from onnx_dwdecomp.timing.cache import TimingCache
 from test_plan import fast_r1, mixed_net  # noqa: F401  (fixture)
 
 REAL_TIMER = ort_model_timer  # conftest replaces the module's timer with a fake in every test

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import correlated_images, fake_node_times, three_layer_net
-from onnx_dwdecomp import node_profile
+from onnx_dwdecomp.timing import node_profile
 from onnx_dwdecomp.budget import SKIP
 from onnx_dwdecomp.candidates import find_candidates
-from onnx_dwdecomp.node_profile import OTHER, cached_profile, fingerprint, profile_node_times
+from onnx_dwdecomp.timing.node_profile import OTHER, cached_profile, fingerprint, profile_node_times
 from onnx_dwdecomp.pricing import in_model_latencies, merge_targets
-from onnx_dwdecomp.timing_cache import TimingCache
+from onnx_dwdecomp.timing.cache import TimingCache
 
 CPU = ("CPUExecutionProvider",)
 

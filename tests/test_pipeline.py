@@ -83,7 +83,7 @@ def test_report_records_versions_machine_and_resolved_options(net):
     import onnxruntime
 
     import onnx_dwdecomp
-    from onnx_dwdecomp.timing import cpu_model, default_threads
+    from onnx_dwdecomp.timing.clock import cpu_model, default_threads
 
     d = json.loads(decompose(net, select="all")[1].to_json())
     env = d["environment"]

@@ -11,13 +11,13 @@ import pytest
 from conftest import conv_model, correlated_images, separable_weight, square_net, three_layer_net
 from onnx import helper, numpy_helper
 
-from onnx_dwdecomp import latency
+from onnx_dwdecomp.timing import latency
 from onnx_dwdecomp.budget import SKIP, LayerCurve, Option, allocate_error
 from onnx_dwdecomp.calibration.patches import PATCHES_PER_DIM, positions_per_sample
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
-from onnx_dwdecomp.latency import LatencySelector, Timing
+from onnx_dwdecomp.timing.latency import LatencySelector, Timing
 from onnx_dwdecomp.pipeline import DecomposeOptions, decompose
 from onnx_dwdecomp.options import DEFAULT_MAX_ERROR
 from onnx_dwdecomp.pricing import option_latencies
@@ -105,7 +105,7 @@ def fast_r1(monkeypatch):
     """Every conv's r = 1 form twice as fast as the regular conv, r ≥ 2 not faster: timed alone
     and inside the model."""
     from conftest import fake_node_times
-    from onnx_dwdecomp import node_profile
+    from onnx_dwdecomp.timing import node_profile
 
     calls: list[int] = []
     ratios = {1: 0.5} | {r: 1.0 for r in range(2, 10)}

@@ -15,7 +15,7 @@ import pytest
 
 from onnx_dwdecomp.errors import Refused
 from onnx_dwdecomp.fold import Fold, Merge
-from onnx_dwdecomp.latency import MIN_GAIN
+from onnx_dwdecomp.timing.latency import MIN_GAIN
 from onnx_dwdecomp.report import LayerResult, ModelTotals, Report, Selection, _first, _ratio, text_table
 from onnx_dwdecomp.verify import OutputAgreement, Verification
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from onnx_dwdecomp.errors import OptionError
-from onnx_dwdecomp.timing import clock_for, default_threads, interleaved_timings
+from onnx_dwdecomp.timing.clock import clock_for, default_threads, interleaved_timings
 
 
 def test_interleaved_order_and_counts():
@@ -55,7 +55,7 @@ def test_the_cpu_clock_does_not_count_time_off_the_cpu():
 
 
 def test_machine_load_says_busy_on_contention_or_load(monkeypatch):
-    from onnx_dwdecomp import timing
+    from onnx_dwdecomp.timing import clock as timing
 
     monkeypatch.setattr(timing, "default_threads", lambda: 2)
     monkeypatch.setattr(timing, "cpu_contention", lambda: 1.5)

@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_dwdecomp.latency import ConvConfig, LatencySelector, Timing, TimingError
-from onnx_dwdecomp.timing import cpu_model
-from onnx_dwdecomp.timing_cache import FORMAT, VERSION, TimingCache, default_cache_path
+from onnx_dwdecomp.timing.latency import ConvConfig, LatencySelector, Timing, TimingError
+from onnx_dwdecomp.timing.clock import cpu_model
+from onnx_dwdecomp.timing.cache import FORMAT, VERSION, TimingCache, default_cache_path
 
 
 def _config(c=8, mult=1, threads=1, providers=("CPUExecutionProvider",)):

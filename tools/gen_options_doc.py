@@ -77,7 +77,7 @@ def machine_substitutions() -> list[tuple[str, str]]:
     """``(regex, replacement)`` pairs that turn machine-specific values of help texts into the
     fixed words the help text uses for them: ``(default: the CPUs available, 8)`` →
     ``(default: the CPUs available)``."""
-    from onnx_dwdecomp.timing import default_threads
+    from onnx_dwdecomp.timing.clock import default_threads
 
     n = default_threads()
     return [(rf"(CPUs available)\s*[,:]\s*{n}(?=\))", r"\1")]

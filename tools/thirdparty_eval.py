@@ -330,7 +330,7 @@ def evaluate(spec: ModelSpec, src_path: Path, calib: np.ndarray, heldout: np.nda
     import onnx
 
     import onnx_dwdecomp
-    from onnx_dwdecomp.timing import interleaved_timings
+    from onnx_dwdecomp.timing.clock import interleaved_timings
 
     task = multiplier == "task"
     planned = multiplier in ("plan", "task")  # per-layer plans: within the error bound / the tolerance

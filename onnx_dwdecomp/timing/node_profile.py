@@ -44,10 +44,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import first_line
+from ..errors import first_line
 from .latency import TimingError
-from .runtime import session_options
-from .timing import clock_for, machine_load
+from ..runtime import session_options
+from .clock import clock_for, machine_load
 
 #: Key of the summed time of optimized nodes that map to no node of the given model.
 OTHER = ""
@@ -108,7 +108,7 @@ class ProfileKey:
 
 def cached_profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int,
                    providers: Sequence[str], cache=None) -> NodeTimes:
-    """:func:`profile_node_times`, read from ``cache`` (timing_cache.TimingCache) when it has
+    """:func:`profile_node_times`, read from ``cache`` (cache.TimingCache) when it has
     this model's profile at these shapes, threads and providers; a new profile is stored unless
     the machine was busy before or after it."""
     key = ProfileKey("node_profile", hashlib.sha256(model.SerializeToString()).hexdigest(),

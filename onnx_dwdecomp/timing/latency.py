@@ -14,7 +14,7 @@ dilations, the replacement's middle width and grouping (``C·r`` channels with `
 the separable form at multiplier ``r``; ``d'`` channels, group 1, for a channel decomposition),
 bias, dtype, thread count and execution providers — is timed once (:class:`LatencySelector`
 keeps each configuration's timing for the run, and with a
-:class:`~onnx_dwdecomp.timing_cache.TimingCache` across runs; ShuffleNet V2 x1.0 has 20
+:class:`~onnx_dwdecomp.timing.cache.TimingCache` across runs; ShuffleNet V2 x1.0 has 20
 candidates but 8 configurations). Two one-purpose models are built with seeded random weights
 of the real shapes:
 
@@ -83,13 +83,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .candidates import ConvLayer
-from .errors import DwDecompError, first_line
-from .latency_records import BAND_Z, ConvConfig, Timing
-from .memory import THREAD_BYTES, require
-from .runtime import DEFAULT_PROVIDERS, session_options
-from .timing import clock_for, default_threads, interleaved_timings, machine_load
-from .timing_cache import TimingCache
+from ..candidates import ConvLayer
+from ..errors import DwDecompError, first_line
+from .records import BAND_Z, ConvConfig, Timing
+from ..memory import THREAD_BYTES, require
+from ..runtime import DEFAULT_PROVIDERS, session_options
+from .clock import clock_for, default_threads, interleaved_timings, machine_load
+from .cache import TimingCache
 
 __all__ = ["MIN_GAIN", "BAND_Z", "MAX_RETIMES", "RETIME_FACTOR", "DEFAULT_PROVIDERS", "ConvConfig",
            "Timing", "Decision", "Timer", "LatencySelector", "TimingError", "decide", "within_noise",

@@ -2,7 +2,7 @@
 
 Key
 ---
-A timing is valid for exactly what determined it: the full :class:`~onnx_dwdecomp.latency_records.ConvConfig`
+A timing is valid for exactly what determined it: the full :class:`~onnx_dwdecomp.timing.records.ConvConfig`
 (conv configuration, the option's middle width and grouping, i.e. the multiplier, dtype, intra-op
 threads and execution providers), the onnxruntime version and the CPU model (``model name`` of
 ``/proc/cpuinfo``, else ``platform.processor()`` or ``platform.machine()``). The key is that
@@ -18,7 +18,7 @@ unset or relative) by default::
                            "regular_iqr_ms": 0.002, "separable_iqr_ms": 0.001,
                            "ratio_halfwidth": 0.021, "retimes": 0, "clock": "cpu"}, ...}}
 
-An entry holds the :class:`~onnx_dwdecomp.latency_records.Timing` summary (medians, interquartile ranges,
+An entry holds the :class:`~onnx_dwdecomp.timing.records.Timing` summary (medians, interquartile ranges,
 rounds, noise band, re-timings, clock), enough to re-derive and show the decision. Failed
 timings are not stored: they are cheap to repeat and may depend on the installation; nor are
 wall-clock timings taken under load (``Timing.loaded``, latency.LatencySelector): a busy
@@ -58,10 +58,10 @@ try:
 except ImportError:  # not POSIX: atomic replace without the lock
     fcntl = None
 
-from .errors import OutputError, first_line
-from .latency_records import ConvConfig, Timing
-from .modelio import write_text_atomic
-from .timing import cpu_model
+from ..errors import OutputError, first_line
+from .records import ConvConfig, Timing
+from ..modelio import write_text_atomic
+from .clock import cpu_model
 
 __all__ = ["FORMAT", "VERSION", "TimingCache", "default_cache_path"]
 
@@ -89,7 +89,7 @@ class TimingCache:
     path : path-like, optional
         Default :func:`default_cache_path`.
     onnxruntime_version, cpu : str, optional
-        Parts of every key; default the installed onnxruntime's version and :func:`~onnx_dwdecomp.timing.cpu_model`.
+        Parts of every key; default the installed onnxruntime's version and :func:`~onnx_dwdecomp.timing.clock.cpu_model`.
 
     Attributes
     ----------

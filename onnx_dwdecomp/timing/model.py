@@ -1,6 +1,6 @@
 """The chosen plan checked as a whole: is the rewritten model faster than the one it replaces?
 
-Per-conv timings price the options (latency.py), but tiny convs time as noise (the same 20 µs
+Per-conv timings price the options (timing/latency.py), but tiny convs time as noise (the same 20 µs
 conv measured 25.6 and 16.5 µs in two runs) and their sum leaves out what the rewrite changes
 around them (an extra intermediate tensor, a Concat). So the plan's model and the model it
 would otherwise hand back (every conv regular, BatchNormalization folded) are timed against
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import first_line
+from ..errors import first_line
 from .latency import Decision, LatencySelector, Timing, TimingError, timed_pair
-from .runtime import session_options
-from .timing_cache import TimingCache
+from ..runtime import session_options
+from .cache import TimingCache
 
 #: The plan's model must be at least this much faster (median ratio) than the all-regular one.
 MODEL_MIN_GAIN = 0.02

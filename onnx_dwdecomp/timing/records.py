@@ -1,5 +1,5 @@
-"""The records of latency selection, shared by the selector (latency.py) and the persistent
-timing cache (timing_cache.py): what determines a conv's latency (:class:`ConvConfig`, the
+"""The records of latency selection, shared by the selector (timing/latency.py) and the persistent
+timing cache (timing/cache.py): what determines a conv's latency (:class:`ConvConfig`, the
 cache's key) and one interleaved measurement of it (:class:`Timing`, the cache's entry). The
 noise band's formula is in latency.py's docstring.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .candidates import ConvLayer
-from .runtime import DEFAULT_PROVIDERS
+from ..candidates import ConvLayer
+from ..runtime import DEFAULT_PROVIDERS
 
 #: Half-width of the noise band in standard errors of the ratio.
 BAND_Z = 2.0

@@ -1,4 +1,4 @@
-"""Interleaved wall-clock timing, shared by ``bench`` and the latency selection (latency.py),
+"""Interleaved wall-clock timing, shared by ``bench`` and the latency selection (timing/latency.py),
 and the record of what timings depend on (:func:`environment`: versions, CPU, threads, providers),
 written into the JSON of both.
 
@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from .checks import check_int
-from .version import __version__
+from ..checks import check_int
+from ..version import __version__
 
 
 def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
