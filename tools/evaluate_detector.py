@@ -88,7 +88,19 @@ def decode(out: np.ndarray, conf: float = CONF, iou: float = IOU_NMS
 
 def detect(outputs: np.ndarray, conf: float = CONF, iou: float = IOU_NMS
            ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`decode` for each image of a ``(N, 4 + C, A)`` batch output."""
+    """:func:`decode` for each image of a batch output.
+
+    Parameters
+    ----------
+    outputs : ndarray, shape (N, 4 + C, A)
+    conf, iou : float
+        As in :func:`decode`.
+
+    Returns
+    -------
+    list of (boxes (K, 4), scores (K,), classes (K,))
+        One tuple per image.
+    """
     outputs = np.asarray(outputs)
     if outputs.ndim != 3:
         raise ValueError(f"expected (N, 4 + C, A), got shape {outputs.shape}")
@@ -132,7 +144,24 @@ def match_f1(ref: Sequence[tuple[np.ndarray, np.ndarray]],
 
 def predict(model_path: str | Path, images: np.ndarray, batch_size: int = 50,
             threads: int | None = None) -> np.ndarray:
-    """Run the model's first output on ``images`` (float32 NCHW) in batches; stacked result."""
+    """Run the model on ``images`` in batches with onnxruntime (CPU).
+
+    Parameters
+    ----------
+    model_path : path
+        ONNX model; its first input is fed, its first output returned.
+    images : ndarray, shape (N, C, H, W)
+        Cast to float32.
+    batch_size : int
+        Rows per ``session.run``.
+    threads : int, optional
+        Intra-op threads (onnxruntime's default when None).
+
+    Returns
+    -------
+    ndarray
+        The first output of every batch, concatenated on axis 0.
+    """
     import onnxruntime as ort
 
     if batch_size < 1:
@@ -161,7 +190,20 @@ def _pairs(dets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]):
 
 def compare(original: np.ndarray, rewritten: np.ndarray, conf: float = CONF,
             iou: float = IOU_NMS) -> dict[str, float]:
-    """Box F1 of the rewritten model's detections against the original's (both ``(N, 4+C, A)``)."""
+    """Box F1 of the rewritten model's detections against the original's.
+
+    Parameters
+    ----------
+    original, rewritten : ndarray, shape (N, 4 + C, A)
+        Raw outputs of the two models on the same images.
+    conf, iou : float
+        Confidence threshold and per-class NMS IoU (:func:`decode`).
+
+    Returns
+    -------
+    dict
+        As :func:`match_f1`, the original's detections as reference.
+    """
     if np.shape(original) != np.shape(rewritten):
         raise ValueError(f"output shapes differ: {np.shape(original)} vs {np.shape(rewritten)}")
     return match_f1(_pairs(detect(original, conf, iou)), _pairs(detect(rewritten, conf, iou)))
@@ -169,14 +211,41 @@ def compare(original: np.ndarray, rewritten: np.ndarray, conf: float = CONF,
 
 def evaluate_vs_ground_truth(model_path: str | Path, data_path: str | Path, conf: float = CONF,
                              iou: float = IOU_NMS) -> dict[str, float]:
-    """Box F1 of ``model_path``'s detections against the ``.npz`` ground truth."""
+    """Box F1 of ``model_path``'s detections against the ``.npz`` ground truth.
+
+    Parameters
+    ----------
+    model_path : path
+        The detector.
+    data_path : path
+        ``.npz`` with ``images``, ``boxes`` (N, K, 4) xyxy and ``labels`` (N, K), -1 = padding.
+    conf, iou : float
+        As in :func:`decode`.
+
+    Returns
+    -------
+    dict
+        As :func:`match_f1`, ground truth as reference.
+    """
     with np.load(data_path) as data:
         images, gt = data["images"], ground_truth(data)
     return match_f1(gt, _pairs(detect(predict(model_path, images), conf, iou)))
 
 
 def feature_change(original: np.ndarray, rewritten: np.ndarray) -> np.ndarray:
-    """Per feature of axis 1: RMS of the change / RMS of the original's feature, shape (4 + C,)."""
+    """How much each row of axis 1 moved, relative to its own scale.
+
+    Parameters
+    ----------
+    original, rewritten : ndarray, shape (N, F, ...)
+        Outputs of the two models; axis 1 holds the features (box rows, class rows).
+
+    Returns
+    -------
+    ndarray, shape (F,)
+        ``RMS(rewritten[:, f] - original[:, f]) / RMS(original[:, f])`` over all other axes
+        (the plain RMS of the change where the original's row is all zero).
+    """
     ref = np.moveaxis(np.asarray(original, np.float64), 1, 0).reshape(np.shape(original)[1], -1)
     new = np.moveaxis(np.asarray(rewritten, np.float64), 1, 0).reshape(ref.shape)
     rms = np.sqrt(np.mean(ref ** 2, axis=1))

@@ -2,8 +2,9 @@
 
 Usage::
 
-    python tools/train_detector.py [--out-dir models/detector] [--steps 1200] [--seed 0]
-                                   [--threads 2] [--no-readme-check]
+    python tools/train_detector.py [--out-dir models/detector] [--steps 1200] [--batch 32]
+                                   [--lr 0.002] [--seed 0] [--threads 1]
+                                   [--form lowrank|plain] [--penalty 0.05]
 
 Scenes (:func:`make_scene`, numpy only, seeded): 96x96 RGB, a smooth random colour texture
 (bilinearly upsampled 7x7 noise in 0.3..0.7 plus per-pixel noise, sigma 0.03) with 1-4 filled
@@ -12,11 +13,15 @@ high-contrast colour, overlapping earlier shapes' boxes by IoU <= 0.1. Pixels ar
 uint8 and fed as ``uint8 / 255`` float32 NCHW. Ground truth: the tight box of each shape's
 mask, xyxy in pixels (x2, y2 exclusive), and its class id.
 
-Model (:class:`Detector`): 20 regular 3x3 convs (Conv -> BN -> SiLU; 16..96 channels), a
-stride-32 backbone with an FPN top-down neck (strides 8 / 16 / 32, 48 / 64 / 96 channels) and
-a YOLOv8-style anchor-free decoupled head per stride (a shared 3x3, then a box 3x3 -> 1x1 -> 4
-and a class 3x3 -> 1x1 -> C). The decode is part of the graph: ltrb distances
-``softplus(raw) * stride`` from each grid cell's centre, turned into ``cx, cy, w, h`` in
+Model (:class:`Detector`): 20 regular 3x3 convs (Conv -> BN -> SiLU; 16..80 channels), a
+stride-32 backbone with an FPN top-down neck (strides 8 / 16 / 32, 48 / 64 / 80 channels) and
+a YOLOv8-style anchor-free decoupled head per stride (a shared 3x3 to 32 / 48 / 48 channels,
+then a box 3x3 -> 1x1 -> 4 and a class 3x3 -> 1x1 -> C). With ``--form lowrank`` (default)
+each regular 3x3 is trained as a depthwise 3x3 merged into a 1x1 plus a residual penalised
+by ``--penalty`` x its sum of squares (:class:`LowRankConv3x3`) and exported merged: near
+rank 1 per input channel, so the tool has real choices; ``--form plain``: ordinary convs.
+
+The decode is part of the graph: ltrb distances ``softplus(raw) * stride`` from each grid cell's centre, turned into ``cx, cy, w, h`` in
 pixels; class probabilities ``sigmoid(logits)``. The single output ``output0`` is
 ``(N, 4 + C, A)``, A = 12*12 + 6*6 + 3*3 = 189 anchors, stride 8 first (row-major cells).
 
@@ -24,9 +29,11 @@ Training: each ground-truth box goes to the stride matching its size (max side <
 8, < 40 px: 16, else 32) and to the cells of that stride whose centres lie inside the box
 and within 1.5 strides of its centre (always the centre cell). Loss: BCE on the class
 probabilities of every anchor (sum / positives) + 2 x (1 - GIoU) + 0.5 x L1 of ltrb / stride
-on the positives. AdamW, cosine schedule, batch 32, fresh scenes every step (random
-horizontal flips come free with the generator), ``torch.manual_seed(seed)``,
-``torch.set_num_threads(threads)``.
+on the positives (+ the low-rank penalty). AdamW, warm-up then cosine schedule, batch 32,
+fresh scenes every step, ``torch.manual_seed(seed)``, ``torch.set_num_threads(threads)``
+(default 1: on the shared 2-core machine two threads ran 2.7x slower per step). Rerunning
+with the same torch build and thread count gives byte-identical files (checked: two runs of
+the default, same ``detector.onnx`` md5; the ``.npz`` files depend on numpy only).
 
 Writes into ``--out-dir``: ``detector.onnx`` (legacy exporter, opset 17, BN folded,
 input ``images`` / output ``output0``, dynamic batch), ``calib.npz`` (key ``images``: 64
