@@ -13,10 +13,13 @@ Python's garbage collector is paused during the timing loop so its pauses do not
 Which clock. At one intra-op thread onnxruntime runs in the calling thread, so that thread's
 CPU time (``time.thread_time``) measures the run while barely seeing other processes: a
 timing taken beside CPU hogs reads like one taken on a quiet machine (cache and memory-bandwidth
-effects remain). With more threads the work is spread over onnxruntime's own threads and only
-wall-clock time measures it; then :func:`machine_load` says whether other processes competed
-for the CPUs, and a timing taken under load is used for the run's decision but not kept
-(latency.LatencySelector, the timing cache).
+effects remain). With more threads the work is spread over onnxruntime's own threads: on a
+quiet machine wall-clock time measures it; when :func:`machine_load` finds other processes
+competing for the CPUs, wall-clock rounds mostly measure the waiting (models/mnist at 2 threads
+beside two CPU hogs: ×0.910 ± 0.040 where a quiet ``bench`` measured ×0.993), so the rounds
+are timed on the process's CPU time (``time.process_time``: the work of all onnxruntime
+threads, ×0.994 in the same setting). A timing taken under load decides the run but is not
+kept (latency.LatencySelector, the timing cache).
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
         Called with the 1-based round number after each round (outside the timed calls).
     clock : callable, optional
         The clock read around each call: ``time.perf_counter`` (wall) by default,
-        ``time.thread_time`` for the calling thread's CPU time (:func:`clock_for`).
+        ``time.thread_time`` for the calling thread's CPU time (:func:`clock_for`); a clock
+        that returns a tuple reads several at once (:func:`wall_and_process`).
 
     Returns
     -------
-    list of ndarray, shape (runs,)
+    list of ndarray, shape (runs,) or (runs, k) for a clock of k readings
         Per fn, the seconds each timed call took on ``clock``, in call order.
     """
     check_int(runs, "--runs", 1)
@@ -68,7 +72,7 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times = np.empty((len(fns), runs), dtype=np.float64)
+    times = np.empty((len(fns), runs) + np.shape(clock()), dtype=np.float64)
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -77,7 +81,7 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
             for i, fn in enumerate(fns):
                 t0 = clock()
                 fn()
-                times[i, r] = clock() - t0
+                times[i, r] = np.subtract(clock(), t0)
             if on_round is not None:
                 on_round(r + 1)
     finally:
@@ -89,12 +93,58 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
 #: A short busy loop that takes this much more wall-clock than CPU time shares its core with
 #: other processes (:func:`machine_load`).
 CONTENDED = 1.15
+#: Other processes using more than this share of all CPUs during a timing make it a timing
+#: under load (:class:`OthersLoad`).
+OTHERS_BUSY = 0.2
 
 
-def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
+def wall_and_process() -> tuple[float, float]:
+    """Wall-clock and process CPU time, read together (:func:`interleaved_timings`' clock)."""
+    return time.perf_counter(), time.process_time()
+
+
+class OthersLoad:
+    """The share of all CPUs that *other* processes used between :meth:`start` and :meth:`share`
+    — ``(Δ busy time of the machine − Δ CPU time of this process) / (Δ wall · CPUs)`` from
+    ``/proc/stat`` — measured over the timing itself (a short busy loop before it can miss hogs
+    that just started: a freshly woken thread gets the CPU first). ``None`` where the OS has no
+    ``/proc/stat``."""
+
+    def start(self) -> "OthersLoad":
+        self._t0, self._busy0, self._own0 = time.perf_counter(), _machine_busy_s(), time.process_time()
+        return self
+
+    def share(self) -> float | None:
+        busy = _machine_busy_s()
+        if busy is None or self._busy0 is None:
+            return None
+        wall = time.perf_counter() - self._t0
+        others = (busy - self._busy0) - (time.process_time() - self._own0)
+        return max(others, 0.0) / max(wall * (os.cpu_count() or 1), 1e-9)
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds all CPUs spent busy since boot (``/proc/stat``: user, nice, system, irq, softirq,
+    steal), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+def clock_for(threads: int, busy: bool = False) -> tuple[str, Callable[[], float]]:
     """The clock that times onnxruntime at ``threads`` intra-op threads (module docstring):
-    ``("cpu", time.thread_time)`` at one thread, ``("wall", time.perf_counter)`` otherwise."""
-    return ("cpu", time.thread_time) if threads == 1 else ("wall", time.perf_counter)
+    ``("cpu", time.thread_time)`` at one thread; at more, ``("wall", time.perf_counter)`` on a
+    quiet machine and ``("process", time.process_time)`` on a ``busy`` one."""
+    if threads == 1:
+        return "cpu", time.thread_time
+    return ("process", time.process_time) if busy else ("wall", time.perf_counter)
 
 
 def cpu_contention(seconds: float = 0.02) -> float:

@@ -105,10 +105,14 @@ class Timing:
         equality: it says where the measurement came from, not what it is).
     clock : str
         ``"cpu"``: the calling thread's CPU time (one intra-op thread), ``"wall"``: wall-clock
-        time (timing.clock_for).
+        time, ``"process"``: the process's CPU time (more threads on a busy machine; never
+        cached) — clock.clock_for.
     contention, load_average : float
-        The machine's load while timing, worst of before and after (timing.machine_load; not
+        The machine's load while timing, worst of before and after (clock.machine_load; not
         part of equality, not stored in the cache).
+    others : float
+        The share of all CPUs other processes used during the rounds (clock.OthersLoad; 0 at
+        one thread, where it is not measured).
     loaded : bool
         Other processes competed for the CPUs of a wall-clock timing: used for this run's
         decision, never stored in the timing cache (not part of equality).
@@ -125,6 +129,7 @@ class Timing:
     clock: str = "wall"
     contention: float = field(default=1.0, compare=False)
     load_average: float = field(default=0.0, compare=False)
+    others: float = field(default=0.0, compare=False)
     loaded: bool = field(default=False, compare=False)
 
     @classmethod
@@ -161,11 +166,12 @@ class Timing:
 
     def load_text(self) -> str:
         """How the timing was taken: clock and, under load, the load (for reports)."""
-        clock = "CPU time of the calling thread" if self.clock == "cpu" else "wall clock"
+        clock = {"cpu": "CPU time of the calling thread", "process": "CPU time of the process"}.get(self.clock,
+                                                                                                  "wall clock")
         if not self.loaded:
             return clock
-        return (f"{clock}, under load: CPU contention ×{self.contention:.2f}, load average {self.load_average:.1f}; "
-                f"not cached")
+        return (f"{clock}, under load: other processes used {100 * self.others:.0f} % of the CPUs, CPU contention "
+                f"×{self.contention:.2f}, load average {self.load_average:.1f}; not cached")
 
 
 def _iqr(x: np.ndarray) -> float:
