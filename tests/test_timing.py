@@ -52,8 +52,6 @@ def test_the_cpu_clock_does_not_count_time_off_the_cpu():
     assert np.all(wall[0] >= 0.009) and np.all(cpu[0] < 0.003)  # sleep: 10 ms wall, ~0 CPU
     assert np.all(cpu[1] > 0.003)  # the busy loop is on the CPU (tolerance: a loaded 2-core machine)
     assert clock_for(1)[0] == "cpu" and clock_for(2)[0] == "wall"
-    # more threads on a busy machine: the process's CPU time (all onnxruntime threads' work)
-    assert clock_for(2, busy=True)[0] == "process" and clock_for(1, busy=True)[0] == "cpu"
 
 
 def test_machine_load_says_busy_on_contention_or_load(monkeypatch):

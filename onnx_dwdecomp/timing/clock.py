@@ -13,13 +13,12 @@ Python's garbage collector is paused during the timing loop so its pauses do not
 Which clock. At one intra-op thread onnxruntime runs in the calling thread, so that thread's
 CPU time (``time.thread_time``) measures the run while barely seeing other processes: a
 timing taken beside CPU hogs reads like one taken on a quiet machine (cache and memory-bandwidth
-effects remain). With more threads the work is spread over onnxruntime's own threads: on a
-quiet machine wall-clock time measures it; when :func:`machine_load` finds other processes
-competing for the CPUs, wall-clock rounds mostly measure the waiting (models/mnist at 2 threads
-beside two CPU hogs: ×0.910 ± 0.040 where a quiet ``bench`` measured ×0.993), so the rounds
-are timed on the process's CPU time (``time.process_time``: the work of all onnxruntime
-threads, ×0.994 in the same setting). A timing taken under load decides the run but is not
-kept (latency.LatencySelector, the timing cache).
+effects remain). With more threads the work is spread over onnxruntime's own threads and only
+the wall clock measures it (the process's CPU clock sums the other threads' time only at
+scheduler ticks: ×0.78 for a one-conv plan that `bench` measured at ×0.99). So the machine's
+load is measured over the rounds (:class:`OthersLoad`: what other processes used of the CPUs,
+from ``/proc/stat``): a busy machine's timing takes more rounds, decides the run, and is not
+kept (timing.latency.timed_pair, the timing cache).
 """
 
 from __future__ import annotations
@@ -58,12 +57,11 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
         Called with the 1-based round number after each round (outside the timed calls).
     clock : callable, optional
         The clock read around each call: ``time.perf_counter`` (wall) by default,
-        ``time.thread_time`` for the calling thread's CPU time (:func:`clock_for`); a clock
-        that returns a tuple reads several at once (:func:`wall_and_process`).
+        ``time.thread_time`` for the calling thread's CPU time (:func:`clock_for`).
 
     Returns
     -------
-    list of ndarray, shape (runs,) or (runs, k) for a clock of k readings
+    list of ndarray, shape (runs,)
         Per fn, the seconds each timed call took on ``clock``, in call order.
     """
     check_int(runs, "--runs", 1)
@@ -72,7 +70,7 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times = np.empty((len(fns), runs) + np.shape(clock()), dtype=np.float64)
+    times = np.empty((len(fns), runs), dtype=np.float64)
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -81,7 +79,7 @@ def interleaved_timings(fns: Sequence[Callable[[], object]], *, runs: int, warmu
             for i, fn in enumerate(fns):
                 t0 = clock()
                 fn()
-                times[i, r] = np.subtract(clock(), t0)
+                times[i, r] = clock() - t0
             if on_round is not None:
                 on_round(r + 1)
     finally:
@@ -96,11 +94,6 @@ CONTENDED = 1.15
 #: Other processes using more than this share of all CPUs during a timing make it a timing
 #: under load (:class:`OthersLoad`).
 OTHERS_BUSY = 0.2
-
-
-def wall_and_process() -> tuple[float, float]:
-    """Wall-clock and process CPU time, read together (:func:`interleaved_timings`' clock)."""
-    return time.perf_counter(), time.process_time()
 
 
 class OthersLoad:
@@ -138,13 +131,10 @@ def _machine_busy_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / ticks
 
 
-def clock_for(threads: int, busy: bool = False) -> tuple[str, Callable[[], float]]:
+def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
     """The clock that times onnxruntime at ``threads`` intra-op threads (module docstring):
-    ``("cpu", time.thread_time)`` at one thread; at more, ``("wall", time.perf_counter)`` on a
-    quiet machine and ``("process", time.process_time)`` on a ``busy`` one."""
-    if threads == 1:
-        return "cpu", time.thread_time
-    return ("process", time.process_time) if busy else ("wall", time.perf_counter)
+    ``("cpu", time.thread_time)`` at one thread, ``("wall", time.perf_counter)`` otherwise."""
+    return ("cpu", time.thread_time) if threads == 1 else ("wall", time.perf_counter)
 
 
 def cpu_contention(seconds: float = 0.02) -> float:

@@ -88,7 +88,7 @@ from ..errors import DwDecompError, first_line
 from .records import BAND_Z, ConvConfig, Timing
 from ..memory import THREAD_BYTES, require
 from ..runtime import DEFAULT_PROVIDERS, session_options
-from .clock import OTHERS_BUSY, OthersLoad, clock_for, default_threads, interleaved_timings, machine_load, wall_and_process
+from .clock import OTHERS_BUSY, OthersLoad, clock_for, default_threads, interleaved_timings, machine_load
 from .cache import TimingCache
 
 __all__ = ["MIN_GAIN", "BAND_Z", "MAX_RETIMES", "RETIME_FACTOR", "DEFAULT_PROVIDERS", "ConvConfig",
@@ -264,6 +264,8 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
         raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
 
 
+#: A timing at more than one thread on a busy machine takes this many times its rounds more.
+BUSY_RETIME = 3
 #: Rounds beyond what fits in this many seconds (× the re-timing scale) are not required:
 #: a slow model (seconds a round) is timed on fewer than ``min_runs`` rounds, at least 3.
 MAX_TIMING_S = 10.0
@@ -277,20 +279,17 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
     the second pass runs ``scale · budget_s / round`` rounds, clamped to
     ``[scale · min_runs, scale · max_runs]`` — the lower end lowered to what fits in
     ``scale · MAX_TIMING_S`` (at least 3 rounds) for slow models. At one thread the rounds are
-    timed on the calling thread's CPU time. At more, each call is read on the wall clock and
-    the process's CPU time together, and the machine's load decides which counts: busy — other
-    processes used more than ``OTHERS_BUSY`` of the CPUs during the rounds (clock.OthersLoad),
-    or clock.machine_load found it busy before or after — the process's CPU time, and the
-    timing is ``loaded`` (never cached); quiet, the wall clock.
+    timed on the calling thread's CPU time. At more, on the wall clock; when the machine was
+    busy — other processes used more than ``OTHERS_BUSY`` of the CPUs during the rounds
+    (clock.OthersLoad), or clock.machine_load found it busy before or after — ``BUSY_RETIME`` ×
+    as many rounds more are timed (their noise averages out), and the timing is ``loaded``:
+    used for this run, never cached.
     """
     contention, load, busy = machine_load(threads)
-    if threads == 1:  # the calling thread's CPU time: load barely changes it
-        clock_name, clock = clock_for(threads)
-        meter = None
-    else:  # wall clock and process CPU time read together; which one counts is known after
-        clock_name, clock, meter = "wall", wall_and_process, OthersLoad().start()
+    clock_name, clock = clock_for(threads)
+    meter = OthersLoad().start() if threads > 1 else None
     probe = interleaved_timings(fns, runs=3, warmup=warmup, clock=clock)
-    per_round = max(float(sum(np.median(np.asarray(t).reshape(len(t), -1)[:, 0]) for t in probe)), 1e-9)
+    per_round = max(float(sum(np.median(t) for t in probe)), 1e-9)
     least = min(scale * min_runs, max(3, math.ceil(scale * MAX_TIMING_S / per_round)))
     runs = int(np.clip(scale * budget_s / per_round, least, scale * max_runs))
     times = interleaved_timings(fns, runs=runs, warmup=0, clock=clock)
@@ -298,8 +297,9 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
     others = meter.share() if meter is not None else None
     if meter is not None:
         busy = busy or after[2] or (others is not None and others > OTHERS_BUSY)
-        clock_name = clock_for(threads, busy)[0]
-        times = [t[:, 1 if busy else 0] for t in times]
+        if busy:  # load's noise averages out over more rounds; the timing is not kept
+            more = interleaved_timings(fns, runs=BUSY_RETIME * runs, warmup=0, clock=clock)
+            times = [np.concatenate([t, m]) for t, m in zip(times, more)]
     timing = Timing.from_samples(1e3 * times[0], 1e3 * times[1])
     return replace(timing, clock=clock_name, contention=max(contention, after[0]), load_average=max(load, after[1]),
                    others=others or 0.0, loaded=meter is not None and busy)

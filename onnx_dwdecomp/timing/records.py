@@ -105,8 +105,7 @@ class Timing:
         equality: it says where the measurement came from, not what it is).
     clock : str
         ``"cpu"``: the calling thread's CPU time (one intra-op thread), ``"wall"``: wall-clock
-        time, ``"process"``: the process's CPU time (more threads on a busy machine; never
-        cached) — clock.clock_for.
+        time (clock.clock_for).
     contention, load_average : float
         The machine's load while timing, worst of before and after (clock.machine_load; not
         part of equality, not stored in the cache).
@@ -166,12 +165,11 @@ class Timing:
 
     def load_text(self) -> str:
         """How the timing was taken: clock and, under load, the load (for reports)."""
-        clock = {"cpu": "CPU time of the calling thread", "process": "CPU time of the process"}.get(self.clock,
-                                                                                                  "wall clock")
+        clock = "CPU time of the calling thread" if self.clock == "cpu" else "wall clock"
         if not self.loaded:
             return clock
         return (f"{clock}, under load: other processes used {100 * self.others:.0f} % of the CPUs, CPU contention "
-                f"×{self.contention:.2f}, load average {self.load_average:.1f}; not cached")
+                f"×{self.contention:.2f}, load average {self.load_average:.1f}; {self.runs} rounds, not cached")
 
 
 def _iqr(x: np.ndarray) -> float:
