@@ -137,7 +137,7 @@ class Report:
         if verbose:
             lines += self._render_selection()
         lines += self._render_budget(verbose)
-        lines += self._render_model_and_verification()
+        lines += self._render_model_and_verification(verbose)
         lines += self.summary(source, output)
         while lines and not lines[0]:
             lines.pop(0)
@@ -182,7 +182,7 @@ class Report:
                 + " (the output's rel. error is in the same unit)")
         return lines
 
-    def _render_model_and_verification(self) -> list[str]:
+    def _render_model_and_verification(self, verbose: bool = True) -> list[str]:
         lines = []
         if self.folded:
             lines.append("")
@@ -212,10 +212,11 @@ class Report:
                 rows.append((name, f"{o.feature_rel_l2:.3e}", f"{o.max_abs:.3e}",
                              f"{o.cosine:.6f}", "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
             lines += text_table(rows)
-            lines.append("rel. error: per-feature relative L2 against the calibration outputs' scale "
-                         if self.calibration is not None or "calibration" in v.inputs else
-                         "rel. error: per-feature relative L2 ")
-            lines[-1] += "(the output error --max-error and --max-rel-error bound; verify.py)"
+            if verbose:
+                lines.append("rel. error: per-feature relative L2 against the calibration outputs' scale "
+                             if self.calibration is not None or "calibration" in v.inputs else
+                             "rel. error: per-feature relative L2 ")
+                lines[-1] += "(the output error --max-error and --max-rel-error bound; verify.py)"
             for name, o in v.nonfinite.items():
                 if o.reference:
                     lines.append(f"  {name}: {o.reference} of {o.values} value(s) are NaN/Inf in the input model's own "

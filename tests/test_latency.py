@@ -381,8 +381,11 @@ def test_a_slow_pair_is_timed_on_fewer_rounds(monkeypatch):
     MAX_TIMING_S, at least 3 (a 2.4 s segmentation network's check took 12 minutes before)."""
     import time
 
+    from onnx_dwdecomp.timing import clock
+
     monkeypatch.setattr(latency, "MAX_TIMING_S", 0.1)
     monkeypatch.setattr(latency, "machine_load", lambda threads: (1.0, 0.0, False))
+    monkeypatch.setattr(clock.OthersLoad, "share", lambda self: 0.0)  # a quiet machine
     fns = [lambda: time.sleep(0.01), lambda: time.sleep(0.01)]  # 0.02 s a round (wall clock at 2 threads)
     t = latency.timed_pair(fns, 2, budget_s=0.0, min_runs=10, max_runs=100, warmup=0)
     assert 3 <= t.runs <= 5  # ⌈0.1 / 0.02⌉ = 5 rounds fit (fewer if the sleeps overran), not 10
@@ -411,16 +414,14 @@ def test_more_threads_on_a_busy_machine_take_more_rounds_and_are_not_kept(monkey
     assert one.clock == "cpu" and not one.loaded  # the thread's CPU time: load does not matter
 
 
-def test_others_load_leaves_this_process_out():
-    """This process busy for 0.3 s: its own CPU time is not counted as other processes' load
-    (tolerance: a shared 2-core machine may run something else meanwhile)."""
-    import time
+def test_others_load_leaves_this_process_out(monkeypatch):
+    """``(Δ machine busy − Δ own CPU) / (Δ wall · CPUs)``: 2 s of wall on 2 CPUs, the machine
+    busy 3 s of which this process 1 s → other processes used half of the CPUs."""
+    from onnx_dwdecomp.timing import clock
 
-    from onnx_dwdecomp.timing.clock import OthersLoad
-
-    meter = OthersLoad().start()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        pass
-    share = meter.share()
-    assert share is None or 0.0 <= share < 0.5
+    readings = {"busy": iter([10.0, 13.0]), "own": iter([5.0, 6.0]), "wall": iter([100.0, 102.0])}
+    monkeypatch.setattr(clock, "_machine_busy_s", lambda: next(readings["busy"]))
+    monkeypatch.setattr(clock.time, "process_time", lambda: next(readings["own"]))
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: next(readings["wall"]))
+    monkeypatch.setattr(clock.os, "cpu_count", lambda: 2)
+    assert clock.OthersLoad().start().share() == pytest.approx(0.5)
