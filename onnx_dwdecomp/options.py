@@ -21,7 +21,7 @@ from .errors import BudgetError, EvaluationError, OptionError
 from .runtime import DEFAULT_PROVIDERS, check_providers
 from .solve import RIDGE, SOLVER_ROUNDS
 from .timing.clock import default_threads
-from .tuning import DEFAULT_MAX_DROP, parse_max_drop
+from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .usercode import display_name, load_callable
 
 #: Default accuracy bound with calibration data: held-out output error ≤ 2 %, leaving room for

@@ -11,8 +11,8 @@ import pytest
 from conftest import correlated_images, square_net, three_layer_net
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_dwdecomp import budget
-from onnx_dwdecomp.budget import (
+from onnx_dwdecomp.planning import budget
+from onnx_dwdecomp.planning.budget import (
     SKIP,
     LayerCurve,
     Option,
@@ -23,8 +23,8 @@ from onnx_dwdecomp.budget import (
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.pipeline import decompose
-from onnx_dwdecomp.plan import MAX_ERROR_ROUNDS, NEAR, BudgetPlanner
-from onnx_dwdecomp.pricing import MAX_OPTION_MACS
+from onnx_dwdecomp.planning.planner import MAX_ERROR_ROUNDS, NEAR, BudgetPlanner
+from onnx_dwdecomp.planning.pricing import MAX_OPTION_MACS
 
 # ------------------------------------------------------------------------------ allocation
 

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import correlated_images, fake_node_times, three_layer_net
 from onnx_dwdecomp.timing import node_profile
-from onnx_dwdecomp.budget import SKIP
+from onnx_dwdecomp.planning.budget import SKIP
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.timing.node_profile import OTHER, cached_profile, fingerprint, profile_node_times
-from onnx_dwdecomp.pricing import in_model_latencies, merge_targets
+from onnx_dwdecomp.planning.pricing import in_model_latencies, merge_targets
 from onnx_dwdecomp.timing.cache import TimingCache
 
 CPU = ("CPUExecutionProvider",)

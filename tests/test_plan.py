@@ -12,7 +12,7 @@ from conftest import conv_model, correlated_images, separable_weight, square_net
 from onnx import helper, numpy_helper
 
 from onnx_dwdecomp.timing import latency
-from onnx_dwdecomp.budget import SKIP, LayerCurve, Option, allocate_error
+from onnx_dwdecomp.planning.budget import SKIP, LayerCurve, Option, allocate_error
 from onnx_dwdecomp.calibration.patches import PATCHES_PER_DIM, positions_per_sample
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.cli import main
@@ -20,7 +20,7 @@ from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.timing.latency import LatencySelector, Timing
 from onnx_dwdecomp.pipeline import DecomposeOptions, decompose
 from onnx_dwdecomp.options import DEFAULT_MAX_ERROR
-from onnx_dwdecomp.pricing import option_latencies
+from onnx_dwdecomp.planning.pricing import option_latencies
 from onnx_dwdecomp.shapes import infer_tensor_info
 
 # ------------------------------------------------------------------------------ options
@@ -268,7 +268,7 @@ def test_curve_solver_equals_separate_solves_per_multiplier():
     from conftest import stats_from_samples
 
     from onnx_dwdecomp.candidates import ConvLayer
-    from onnx_dwdecomp.plan import curve_solver
+    from onnx_dwdecomp.planning.error_model import curve_solver
     from onnx_dwdecomp.solve import SOLVER_ROUNDS as CURVE_ITER
     from onnx_dwdecomp.solve import gsvd_factors, relative_weight_error
 

@@ -11,7 +11,7 @@ from conftest import correlated_images, square_net
 from onnx_dwdecomp import decompose
 from onnx_dwdecomp.candidates import find_candidates
 from onnx_dwdecomp.rewrite import Replacement, apply_replacements
-from onnx_dwdecomp.sensitivity import measure_sensitivities, predicted_error, probe_model, sensitivity
+from onnx_dwdecomp.planning.sensitivity import measure_sensitivities, probe_model, sensitivity
 from onnx_dwdecomp.solve import svd_factors
 from onnx_dwdecomp.verify import compare_models
 
@@ -76,9 +76,7 @@ def test_probe_model_reads_weights_from_inputs_and_leaves_the_model_alone():
     onnx.checker.check_model(probe)
 
 
-def test_sensitivity_and_prediction_rules():
+def test_sensitivity_rules():
     assert sensitivity(0.1, 0.04) == pytest.approx(0.25)
     assert sensitivity(0.1, 0.0) == 0.0  # an exact option predicts 0 whatever the weight
     assert sensitivity(float("nan"), 0.1) == float("inf")
-    # √(α·Σ s·e): 2·0.01 + 0.5·0.02 = 0.03, α = 3 → 0.3
-    assert predicted_error({"a": 2.0, "b": 0.5}, [("a", 0.01), ("b", 0.02), ("c", 9.0)], 3.0) == pytest.approx(0.3)

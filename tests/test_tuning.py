@@ -12,9 +12,9 @@ import pytest
 
 from conftest import correlated_images, three_layer_net
 from onnx_dwdecomp import EvaluationError, OptionError, decompose
-from onnx_dwdecomp.budget import SKIP, LayerCurve, Option
+from onnx_dwdecomp.planning.budget import SKIP, LayerCurve, Option
 from onnx_dwdecomp.cli import main
-from onnx_dwdecomp.tuning import (MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations,
+from onnx_dwdecomp.planning.tuning import (MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations,
                                   parse_max_drop)
 
 

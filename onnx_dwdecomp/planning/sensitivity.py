@@ -34,19 +34,19 @@ calibration samples in all; no graph surgery and no session per probe.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .candidates import ConvLayer
-from .errors import CalibrationError, first_line
-from .progress import Steps
-from .runtime import make_session, run
-from .solve import ChannelFactors, SeparableFactors
-from .verify import OutputScale, real_outputs, real_rows, worst_output_error
+from ..candidates import ConvLayer
+from ..errors import CalibrationError, first_line
+from ..progress import Steps
+from ..runtime import make_session, run
+from ..solve import ChannelFactors, SeparableFactors
+from ..verify import OutputScale, real_outputs, real_rows, worst_output_error
 
 #: Name prefix of the probe model's weight inputs (made unique against the model's own names).
 PREFIX = "dwdecomp_probe_"
@@ -147,10 +147,3 @@ def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
         probes[layer.name] = LayerProbe(layer.name, int(multipliers[layer.name]), e, error, sensitivity(error, e))
     samples = sum(real_rows(feeds) for feeds in batches)
     return Sensitivities(probes, samples, time.perf_counter() - t0)
-
-
-def predicted_error(weights: Mapping[str, float], layer_errors: Iterable[tuple[str, float]], scale: float = 1.0
-                    ) -> float:
-    """``√(α · Σ s_l e_l)`` for ``(name, e_l)`` pairs (layers without a weight count 0)."""
-    total = sum(weights.get(name, 0.0) * e for name, e in layer_errors)
-    return float(np.sqrt(max(scale * total, 0.0)))

@@ -43,16 +43,14 @@ The budgeted planner
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import SKIP, Allocation, LayerCurve, Option, allocate_cost, allocate_error, reachable_macs, uniform
-from .candidates import ConvLayer
-from .pricing import Priced
-from .progress import say
-from .solve import RIDGE, SOLVER_ROUNDS, GsvdProblem, LayerStats, SeparableFactors
+from ..candidates import ConvLayer
+from ..progress import say
+from .budget import SKIP, Allocation, LayerCurve, allocate_cost, allocate_error, reachable_macs, uniform
+from .error_model import ErrorModel
 
 #: --max-error: solve + verify rounds at most (not counting a round that rewrites nothing).
 MAX_ERROR_ROUNDS = 4
@@ -74,70 +72,23 @@ class Plan:
         return [layer for layer in layers if self.multipliers.get(layer.name, SKIP) != SKIP]
 
 
-# ---------------------------------------------------------------------------------- curves
-
-def curve_solver(curves: dict[str, dict[int, float]], wanted: dict[str, list[int]], *,
-                 rounds: int = SOLVER_ROUNDS, ridge: float = RIDGE):
-    """A ``solve`` callback for calibrate_and_solve that records each layer's held-out error per
-    multiplier and returns the factors of its first offered r ``r₀``, solved like the final solve
-    (``rounds`` L-BFGS rounds, ``ridge``): the curve errors — and the probes that turn them into
-    output errors — are those of the factors the rounds will solve.
-
-    The other r get the GSVD sweep only, scaled by what the refinement gained at ``r₀``:
-    ``e(r) = e_sweep(r) · e(r₀) / e_sweep(r₀)`` — one L-BFGS solve per layer instead of one per
-    option. How close both estimates came: docs/DESIGN.md, "The planner's error model".
-    """
-    def solve(layer: ConvLayer, stats: LayerStats, heldout_error: Callable) -> SeparableFactors:
-        rs = wanted[layer.name]
-        problem = GsvdProblem(layer.weight, layer.bias, stats, ridge)  # shared by every r (moments, SVD, whitening)
-        first = problem.factors(rs[0], max_iter=rounds)
-        refined = heldout_error(first)
-        swept = {r: heldout_error(problem.factors(r, max_iter=0)) for r in rs}
-        gain = refined / swept[rs[0]] if swept[rs[0]] > 0 and np.isfinite(swept[rs[0]]) else 1.0
-        curves[layer.name] = {r: refined if r == rs[0] else swept[r] * gain for r in rs}
-        return first
-    return solve
-
-
-def layer_curves(layers: list[ConvLayer], priced: Priced, errors: dict[str, dict[int, float]],
-                 weights: dict[str, float]) -> list[LayerCurve]:
-    """Each layer's options with their curve errors, weighted by the layer's sensitivity."""
-    out = []
-    for layer in layers:
-        lat = priced.latency_ms[layer.name] if priced.latency_ms is not None else {}
-        out.append(LayerCurve(layer.name, tuple(
-            Option(r, m, 0.0 if r == SKIP else curve_error(errors[layer.name][r]), lat.get(r))
-            for r, m in sorted(priced.macs[layer.name].items())), curve_weight(weights.get(layer.name, 0.0))))
-    return out
-
-
-def curve_weight(sensitivity: float) -> float:
-    """A sensitivity for the allocation: inf/NaN (a probe that broke the output) counts as very large."""
-    return float(sensitivity) if np.isfinite(sensitivity) else 1e6
-
-
-def curve_error(error: float) -> float:
-    """A held-out error for the allocation: NaN/inf (no held-out variance) counts as very large."""
-    return float(error) if np.isfinite(error) else 1e6
-
-
 # ---------------------------------------------------------------------------------- planner
 
 class BudgetPlanner:
     """Curves, allocation and the --max-error rounds of one decompose call (module docstring).
 
     ``curves[l].weight`` is layer ``l``'s sensitivity ``s_l`` (sensitivity.py); a plan's output
-    error is predicted as ``√(scale · Σ s_l e_l)``, ``scale`` (the interaction scale α) starting
-    at 1 and re-measured by every verified round.
+    error is predicted by ``errors`` (error_model.ErrorModel: ``√(α · Σ s_l e_l)``, α starting
+    at 1 and re-measured by every verified round).
     """
 
     def __init__(self, *, mode: str, target: float, price: str, curves: list[LayerCurve], fixed_macs: int,
                  before_macs: int, default: bool = False, scale: float = 1.0, model_ms: float | None = None):
         self.mode, self.target, self.price, self.default = mode, target, price, default
         self.curves = curves
+        self.errors = ErrorModel(curves, scale)
         self.fixed = fixed_macs
         self.before = before_macs
-        self.scale = scale
         self.rounds: list[dict] = []
         self._allocations: list[Allocation] = []
         self._best: int | None = None  # index of the cheapest round that met --max-error
@@ -157,22 +108,27 @@ class BudgetPlanner:
             self.allocation = uniform(curves, SKIP)
         else:
             self.limit = None
-            self.bound = (AIM * target) ** 2 / self.scale
+            self.bound = self.errors.error_budget(AIM * target)
             self.allocation = allocate_error(curves, self.bound, price=price)
             if self.allocation.error <= 0:  # the aim's margin left nothing: try what is predicted within E
-                self.bound = target ** 2 / self.scale
+                self.bound = self.errors.error_budget(target)
                 self.allocation = allocate_error(curves, self.bound, price=price)
         self.tolerance: dict | None = None  # task mode: the input's score and the allowed drop
         # whole-model latency of the all-regular model: the profile's (pricing.in_model_latencies),
         # then the whole-model check's (timing/model.py)
         self.model_ms: float | None = model_ms
 
+    @property
+    def scale(self) -> float:
+        """The interaction scale α of the error model."""
+        return self.errors.scale
+
     def plan(self) -> Plan:
         return Plan(dict(self.allocation.multipliers))
 
     def predicted(self, alloc: Allocation | None = None) -> float:
         """Predicted output error of an allocation (default: the current one)."""
-        return float(np.sqrt(max(self.scale * (alloc or self.allocation).error, 0.0)))
+        return self.errors.predict(alloc or self.allocation)
 
     def _cost(self, alloc: Allocation) -> float:
         return alloc.macs if self.price == "macs" else alloc.latency_ms
@@ -201,7 +157,7 @@ class BudgetPlanner:
             self.stop_reason = ("no rewrite fits the bound (each layer's probe alone exceeds it)" if self.curves else
                                 "no conv has an option cheaper than the regular conv")
             return None
-        self._rescale(alloc, measured)
+        self.errors.rescale(alloc, measured)
         if hit and measured >= NEAR * self.target:
             self.stop_reason = f"measured {measured:.3g} is within [{NEAR:g}, 1] × the bound"
             return None
@@ -221,7 +177,7 @@ class BudgetPlanner:
                                 f"the cheapest plan measured within the bound is kept")
             return None
         missed_bound = 0.999 * alloc.error  # strictly below the missed round's error sum
-        self.bound = (AIM * self.target) ** 2 / self.scale if finite else missed_bound
+        self.bound = self.errors.error_budget(AIM * self.target) if finite else missed_bound
         if not hit:
             self.bound = min(self.bound, missed_bound)
         nxt = allocate_error(self.curves, self.bound, price=self.price)
@@ -244,11 +200,6 @@ class BudgetPlanner:
             f"{self.scale:.3g}, re-allocating (round {len(self.rounds) + 1})")
         return self.plan()
 
-    def _rescale(self, alloc: Allocation, measured: float | None) -> None:
-        """``α = measured² / Σ s e`` from a verified round (kept when it says nothing)."""
-        if measured is not None and np.isfinite(measured) and measured > 0 and alloc.error > 0:
-            self.scale = measured ** 2 / alloc.error
-
     def calibrate_latency(self, regular_ms: float) -> None:
         """The all-regular model measured ``regular_ms`` as a whole model (timing/model.py):
         the time the frontier's model latency ratios are taken against. The options' prices are
@@ -262,7 +213,7 @@ class BudgetPlanner:
     def record_scored(self, alloc: Allocation, measured: float | None, score: float, within: bool) -> None:
         """Task mode: record a scored candidate (``within`` the tolerance or not) and re-measure α."""
         self.record(alloc, measured, score=score, within=within)
-        self._rescale(alloc, measured)
+        self.errors.rescale(alloc, measured)
         if within and (self._best is None or self._cost(alloc) < self._cost(self._allocations[self._best])):
             self._best = len(self._allocations) - 1
 
@@ -335,10 +286,9 @@ class BudgetPlanner:
         """Why a plan that rewrites nothing was chosen (for the report)."""
         if not self.curves:
             return "no candidate conv has an option that is cheaper than the regular conv"
-        name, error = min(((c.name, min(c.weight * o.error for o in c.options if o.multiplier != SKIP))
-                           for c in self.curves), key=lambda item: item[1])
+        name, error = self.errors.smallest_single_rewrite()
         return (f"no conv can be rewritten within the output error bound {self.target:g}: the smallest "
-                f"predicted output rel. L2 of a single rewrite is {np.sqrt(self.scale * error):.3g} ({name}); "
+                f"predicted output rel. L2 of a single rewrite is {error:.3g} ({name}); "
                 f"the output is not slower than the input")
 
     def frontier(self, bounds: tuple[float, ...] = FRONTIER_BOUNDS) -> list[dict]:
@@ -348,7 +298,7 @@ class BudgetPlanner:
         (:meth:`calibrate_latency`)."""
         regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self.price == "latency" else None
         chosen = self.allocation.multipliers
-        plans = [(bound, allocate_error(self.curves, bound ** 2 / self.scale, price=self.price) if self.curves
+        plans = [(bound, allocate_error(self.curves, self.errors.error_budget(bound), price=self.price) if self.curves
                   else uniform(self.curves, SKIP))
                  for bound in sorted(set(bounds) | ({self.target} if self.mode == "max_error" else set()))]
         if self.curves and not any(alloc.multipliers == chosen for _, alloc in plans):
@@ -433,13 +383,13 @@ def kept_reason(planner: BudgetPlanner, name: str, not_faster: bool) -> str:
     if not offered:
         return "kept regular: no option cheaper than the regular conv"
     cheapest = min(offered, key=lambda o: curve.weight * o.error)
-    share = float(np.sqrt(max(planner.scale * curve.weight * cheapest.error, 0.0)))
+    share = planner.errors.alone(curve, cheapest)
     regular = curve.option(SKIP)
     if regular.latency_ms is not None and cheapest.latency_ms is not None:
         saving = f"saves {regular.latency_ms - cheapest.latency_ms:.3f} ms of {regular.latency_ms:.3f} ms (per conv)"
     else:
         saving = f"saves {100 * (1 - cheapest.macs / max(regular.macs, 1)):.0f} % of its MACs"
-    bound = (f"the score tolerance" if planner.mode == "task" else
+    bound = ("the score tolerance" if planner.mode == "task" else
              f"bound {planner.target:g}" if planner.mode == "max_error" else "the budget")
     return (f"kept regular by the plan: r={cheapest.multiplier} alone adds ~{share:.2g} predicted output error "
             f"({bound}) and {saving}")
