@@ -142,8 +142,8 @@ def _private_timing_cache(tmp_path_factory, monkeypatch):
 def fake_node_times(ratios: dict[int, float]):
     """A stand-in for node_profile.profile_node_times: every conv of the given model takes 1 ms
     inside it, except the nodes rewrite.py emits for a conv at multiplier r (r depthwise convs),
-    which take ``ratios[r]`` ms together (all on the pointwise conv); the model 1 ms more than
-    its convs."""
+    which take ``ratios[r]`` ms together (all on the pointwise conv, the depthwise ones 0); the
+    model 1 ms more than its convs."""
     import re
 
     from onnx_dwdecomp.timing.node_profile import NodeTimes
@@ -160,6 +160,7 @@ def fake_node_times(ratios: dict[int, float]):
                     node_ms[node.name] = 1.0
             elif m.group(2).startswith("depthwise") and m.group(2) != "depthwise_concat":
                 depthwise[m.group(1)] = depthwise.get(m.group(1), 0) + 1
+                node_ms[node.name] = 0.0
         for node in model.graph.node:
             m = emitted.fullmatch(node.name)
             if m is not None and m.group(2) == "pointwise":

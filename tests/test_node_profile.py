@@ -87,3 +87,46 @@ def test_a_quiet_profile_is_cached_one_under_load_is_not(tmp_path, monkeypatch):
     assert len(calls) == 3 and again.cached and again == first  # read back from the file
     other = cached_profile(model, feeds, threads=1, providers=CPU, cache=cache)  # another key
     assert len(calls) == 4 and not other.cached
+
+
+def test_a_conv_missing_from_the_profile_is_priced_by_its_time_alone():
+    """A replacement conv the profile could not map back must not read as free (0 ms): that
+    option falls back to its ratio timed alone × the conv's regular time inside the model."""
+    from test_budget import merge_net
+
+    model = merge_net()
+    layers = find_candidates(model, (), ()).layers
+    second = merge_targets(model, layers)
+    fake = fake_node_times({1: 0.25})
+
+    def lossy(m):  # the profile loses every depthwise conv
+        times = fake(m, {}, threads=1, providers=CPU)
+        return node_profile.NodeTimes({n: t for n, t in times.node_ms.items() if "depthwise" not in n},
+                                      times.model_ms, 0.0, 5)
+
+    prices, _ = in_model_latencies(model, layers, {layer.name: [1] for layer in layers}, second, lossy)
+    assert all(prices[layer.name][1] is None and prices[layer.name][SKIP] > 0 for layer in layers)
+
+
+def test_price_options_fall_back_to_the_ratio_timed_alone():
+    from test_budget import merge_net
+
+    from onnx_dwdecomp.planning.pricing import price_options
+    from onnx_dwdecomp.shapes import infer_tensor_info
+    from onnx_dwdecomp.timing.latency import LatencySelector, Timing
+
+    model = merge_net()
+    layers = find_candidates(model, (), ()).layers
+    infos = infer_tensor_info(model, {"x": (1, 8, 10, 10)})
+    selector = LatencySelector(lambda config, scale=1: Timing(1.0, 0.4 if config.mid_channels == config.input_shape[1]
+                                                               else 1.0, runs=9), threads=1)
+    fake = fake_node_times({1: 0.25})
+
+    def lossy(m):
+        times = fake(m, {}, threads=1, providers=CPU)
+        return node_profile.NodeTimes({n: t for n, t in times.node_ms.items() if "depthwise" not in n},
+                                      times.model_ms, 0.0, 5)
+
+    priced, _, _ = price_options(model, layers, infos, "latency", selector, lossy)
+    for name, options in priced.latency_ms.items():
+        assert options[1] == pytest.approx(0.4 * options[SKIP])  # alone ×0.4, not 0 ms

@@ -83,29 +83,40 @@ def replacement_nodes(model: onnx.ModelProto, layer: ConvLayer) -> list[str]:
 
 def in_model_latencies(work: onnx.ModelProto, layers: list[ConvLayer], offered: dict[str, list[int]],
                        second: dict[str, onnx.NodeProto], profile: Profiler
-                       ) -> tuple[dict[str, dict[int, float]], float]:
+                       ) -> tuple[dict[str, dict[int, float | None]], float]:
     """Each layer's regular time (``SKIP``) and its offered multipliers' times inside the whole
     model (module docstring), and the all-regular model's time; ``second[name]``: the 1×1 conv
-    the layer's pointwise conv is merged into, counted on both sides."""
+    the layer's pointwise conv is merged into, counted on both sides. A price is None when one
+    of its convs was not found in the profile (node_profile maps nodes back by name or weight)."""
     regular = profile(work)
-    prices: dict[str, dict[int, float]] = {}
+    convs = {node.name for node in work.graph.node if node.op_type == "Conv"}
+    prices: dict[str, dict[int, float | None]] = {}
     for layer in layers:
         if layer.name in offered:
             target = second.get(layer.name)
-            prices[layer.name] = {SKIP: regular.node_ms.get(layer.name, 0.0)
-                                  + (regular.node_ms.get(target.name, 0.0) if target is not None else 0.0)}
+            prices[layer.name] = {SKIP: _inside(regular, [layer.name] + ([target.name] if target is not None else []),
+                                                convs)}
     for r in sorted({r for rs in offered.values() for r in rs}):
         group = [layer for layer in layers if r in offered.get(layer.name, ())]
         say(f"select: profiling the model with {len(group)} conv(s) at r={r}")
         rewritten, _ = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, r))
                                                 for layer in group])
         times = profile(rewritten.model)
+        convs_r = {node.name for node in rewritten.model.graph.node if node.op_type == "Conv"}
         for layer in group:
             nodes = replacement_nodes(rewritten.model, layer)
             if layer.name in second:
                 nodes.append(second[layer.name].name)  # the merged conv keeps the 1×1 conv's name
-            prices[layer.name][r] = sum(times.node_ms.get(n, 0.0) for n in nodes)
+            prices[layer.name][r] = _inside(times, nodes, convs_r)
     return prices, regular.model_ms
+
+
+def _inside(times: NodeTimes, nodes: list[str], convs: set[str]) -> float | None:
+    """The summed time of ``nodes`` inside the model; None when a conv among them is missing from
+    the profile (another node — a Concat — that did not map counts 0)."""
+    if any(n in convs and n not in times.node_ms for n in nodes):
+        return None
+    return sum(times.node_ms.get(n, 0.0) for n in nodes)
 
 
 def merge_targets(work: onnx.ModelProto, layers: list[ConvLayer]) -> dict[str, onnx.NodeProto]:
@@ -256,8 +267,13 @@ def price_options(work: onnx.ModelProto, layers: list[ConvLayer], infos, price: 
         except TimingError as exc:  # a model onnxruntime cannot profile: the convs' own timings price it
             say(f"select: {exc}; options priced by the convs timed alone")
     if inside is not None:
-        latencies = {}
+        alone, latencies = latencies, {}
         for name, options in inside.items():
+            if options[SKIP] is None:  # the conv itself was not found in the profile: its prices alone
+                options = alone[name]
+            else:  # an option not found: the in-model regular time × its ratio timed alone
+                options = {r: alone[name][r] / alone[name][SKIP] * options[SKIP] if ms is None else ms
+                           for r, ms in options.items()}
             kept = {r: ms for r, ms in options.items() if r == SKIP or ms <= (1 - MIN_GAIN) * options[SKIP]}
             if len(kept) > 1:
                 latencies[name] = kept
