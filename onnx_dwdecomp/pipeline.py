@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 
 from . import resources
-from .planning.budget import SKIP
 from .calibration.driver import CalibrationOptions, calibrate_and_solve
 from .calibration.holdout import split_holdout
 from .candidates import ConvLayer, candidate_notes, find_candidates
@@ -32,30 +31,31 @@ from .data.dataset import CalibrationData, load_calibration
 from .data.specs import fix_dims, fixed_batch
 from .errors import CalibrationError, OptionError, Refused, first_line
 from .fold import FoldResult, fold_batchnorm, rewrite_and_merge
-from .timing.latency import MIN_GAIN, Decision, LatencySelector
 from .methods import METHODS
-from .timing.model import check_faster
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
+from .planning.budget import SKIP
 from .planning.error_model import curve_error, curve_solver, layer_curves
 from .planning.planner import BudgetPlanner, Plan, kept_reason
 from .planning.pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
-                      time_option)
+                               time_option)
+from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
+from .planning.sensitivity import Sensitivities, measure_sensitivities
+from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .progress import Steps, reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
-from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
 from .runtime import make_session, using_providers
-from .planning.sensitivity import Sensitivities, measure_sensitivities
-from .shapes import (ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs,
-                     resolve_input_shapes)
+from .shapes import ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs, resolve_input_shapes
 from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplier, relative_weight_error
-from .timing.clock import default_threads, environment
 from .timing.cache import TimingCache
-from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
+from .timing.clock import default_threads, environment
+from .timing.latency import MIN_GAIN, Decision, LatencySelector
+from .timing.model import check_faster
 from .timing.node_profile import NodeTimes, cached_profile
-from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model,
-                     compare_models, finite_stats_solver, random_batches)
+from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model, compare_models,
+                     finite_stats_solver, random_batches)
+
 
 class DecomposeResult(NamedTuple):
     model: onnx.ModelProto

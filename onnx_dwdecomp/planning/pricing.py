@@ -31,19 +31,19 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .budget import SKIP
 from ..candidates import ConvLayer
 from ..errors import BudgetError, Refused
 from ..fold import rewrite_and_merge
 from ..graph import label
-from ..timing.latency import MIN_GAIN, Decision, LatencySelector, TimingError
 from ..methods import GSVD, Method
-from ..timing.node_profile import NodeTimes
 from ..progress import say
 from ..report import Selection
 from ..rewrite import Replacement
 from ..shapes import node_macs
 from ..solve import check_multiplier, svd_factors
+from ..timing.latency import MIN_GAIN, Decision, LatencySelector, TimingError
+from ..timing.node_profile import NodeTimes
+from .budget import SKIP
 
 #: Offered options: MACs at most this share of the regular conv's (module docstring, step 1).
 MAX_OPTION_MACS = 0.5

@@ -24,19 +24,19 @@ from typing import NamedTuple
 
 import onnx
 
-from .budget import SKIP
 from ..candidates import ConvLayer
 from ..fold import FoldResult
+from ..modelio import save_model_atomic
+from ..progress import say
+from ..solve import ChannelFactors, SeparableFactors
 from ..timing.latency import Decision
 from ..timing.model import MODEL_MIN_GAIN
-from ..modelio import save_model_atomic
-from .planner import BudgetPlanner, Plan
-from ..progress import say
-from .sensitivity import Sensitivities
-from ..solve import ChannelFactors, SeparableFactors
-from .tuning import LADDER, MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations
 from ..usercode import display_name
 from ..verify import Verification
+from .budget import SKIP
+from .planner import BudgetPlanner, Plan
+from .sensitivity import Sensitivities
+from .tuning import LADDER, MAX_EVALUATIONS, Bisection, Tolerance, call_evaluate, candidate_allocations
 
 #: Rounds that met the bound timed as whole models at most before falling back to all-regular.
 MODEL_CHECKS = 2

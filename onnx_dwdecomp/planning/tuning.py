@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import SKIP, Allocation, LayerCurve, allocate_error
 from ..errors import EvaluationError, OptionError
+from .budget import SKIP, Allocation, LayerCurve, allocate_error
 
 #: Calls of the user's evaluate function per job at most, the input model's included.
 MAX_EVALUATIONS = 8

@@ -59,9 +59,9 @@ except ImportError:  # not POSIX: atomic replace without the lock
     fcntl = None
 
 from ..errors import OutputError, first_line
-from .records import ConvConfig, Timing
 from ..modelio import write_text_atomic
 from .clock import cpu_model
+from .records import ConvConfig, Timing
 
 __all__ = ["FORMAT", "VERSION", "TimingCache", "default_cache_path"]
 

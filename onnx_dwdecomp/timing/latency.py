@@ -85,11 +85,11 @@ from onnx import helper, numpy_helper
 
 from ..candidates import ConvLayer
 from ..errors import DwDecompError, first_line
-from .records import BAND_Z, ConvConfig, Timing
 from ..memory import THREAD_BYTES, require
 from ..runtime import DEFAULT_PROVIDERS, session_options
-from .clock import OTHERS_BUSY, OthersLoad, clock_for, default_threads, interleaved_timings, machine_load
 from .cache import TimingCache
+from .clock import OTHERS_BUSY, OthersLoad, clock_for, default_threads, interleaved_timings, machine_load
+from .records import BAND_Z, ConvConfig, Timing
 
 __all__ = ["MIN_GAIN", "BAND_Z", "MAX_RETIMES", "RETIME_FACTOR", "DEFAULT_PROVIDERS", "ConvConfig",
            "Timing", "Decision", "Timer", "LatencySelector", "TimingError", "decide", "within_noise",

@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 
 from ..errors import first_line
-from .latency import Decision, LatencySelector, Timing, TimingError, timed_pair
 from ..runtime import session_options
 from .cache import TimingCache
+from .latency import Decision, LatencySelector, Timing, TimingError, timed_pair
 
 #: The plan's model must be at least this much faster (median ratio) than the all-regular one.
 MODEL_MIN_GAIN = 0.02

@@ -45,9 +45,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import first_line
-from .latency import TimingError
 from ..runtime import session_options
 from .clock import clock_for, machine_load
+from .latency import TimingError
 
 #: Key of the summed time of optimized nodes that map to no node of the given model.
 OTHER = ""
