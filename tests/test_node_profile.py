@@ -130,3 +130,26 @@ def test_price_options_fall_back_to_the_ratio_timed_alone():
     priced, _, _ = price_options(model, layers, infos, "latency", selector, lossy)
     for name, options in priced.latency_ms.items():
         assert options[1] == pytest.approx(0.4 * options[SKIP])  # alone ×0.4, not 0 ms
+
+
+def test_a_conv_whose_weight_is_a_constant_node_is_found(tmp_path):
+    """Paddle2ONNX writes weights as Constant nodes; onnxruntime folds them into initializers
+    under other names. The conv is still found by its weight's fingerprint (before: PP-OCR det
+    lost 4 of 6 candidates, priced 0 ms inside the model)."""
+    from onnx import helper, numpy_helper
+
+    model = three_layer_net(c=16, hw=24)
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            w = inits.pop(node.input[1])
+            consts.append(helper.make_node("Constant", [], [w.name], value=w, name=f"const_{w.name}"))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits.values())
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    times = profile_node_times(model, {"x": correlated_images(1, 16, 24, 24)}, threads=1, providers=CPU,
+                               budget_s=0.05, min_runs=3, max_runs=5)
+    assert all(n.name in times.node_ms for n in model.graph.node if n.op_type == "Conv")

@@ -201,11 +201,13 @@ class BudgetPlanner:
         return self.plan()
 
     def calibrate_latency(self, regular_ms: float) -> None:
-        """The all-regular model measured ``regular_ms`` as a whole model (timing/model.py):
-        the time the frontier's model latency ratios are taken against. The options' prices are
-        their times inside the model (pricing.in_model_latencies), so a plan's saving is the sum
-        of its options' savings, as they are."""
-        self.model_ms = regular_ms
+        """The all-regular model measured ``regular_ms`` as a whole model (timing/model.py): the
+        time the frontier's model latency ratios are taken against when the options were not
+        priced inside the model. Priced inside it, the profile's own model time stays the
+        reference: the savings were measured on its scale (ddddocr-det: profile 51 ms, a later
+        whole-model timing 69 ms — mixing them put the prediction 0.030 off instead of 0.005)."""
+        if self.model_ms is None:
+            self.model_ms = regular_ms
 
     def set_tolerance(self, baseline: float, allowed: float, text: str) -> None:
         self.tolerance = {"input_score": baseline, "allowed_drop": allowed, "max_drop": text}

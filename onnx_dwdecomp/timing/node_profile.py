@@ -19,7 +19,8 @@ onnxruntime renames nodes it rewrites (a Conv fused with its activation and move
 NCHWc layout is named after its output tensor): the optimized graph is saved beside the
 trace, and each of its nodes is mapped back to a node of the given model by name, else — for
 a Conv — by its weight's fingerprint ``(Σ w², Σ |w|)``, which reordering and zero-padding the
-weight for a blocked layout leave unchanged. Nodes that map nowhere (inserted reorders,
+weight for a blocked layout leave unchanged (an initializer, or a ``Constant`` node's value:
+Paddle2ONNX exports keep weights in ``Constant`` nodes whose names onnxruntime drops). Nodes that map nowhere (inserted reorders,
 shape arithmetic) are summed under ``OTHER``.
 
 Nothing is written outside a temporary folder, which is removed. A profile taken on a quiet
@@ -61,14 +62,26 @@ def fingerprint(weight: np.ndarray) -> tuple[float, float]:
     return float(np.sum(w * w)), float(np.sum(np.abs(w)))
 
 
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Tensor name → value of the initializers and ``Constant`` node outputs (Paddle2ONNX writes
+    weights as ``Constant`` nodes, which onnxruntime folds into initializers)."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tensors[node.output[0]] = attr.t
+    return tensors
+
+
 def _conv_weights(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """Conv node name → fingerprint of its initializer weight (convs with another weight source
-    are left out)."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """Conv node name → fingerprint of its constant weight (convs whose weight is computed at run
+    time are left out)."""
+    tensors = _constant_tensors(model)
     out = {}
     for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
-            out[node.name] = fingerprint(numpy_helper.to_array(inits[node.input[1]]))
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in tensors:
+            out[node.name] = fingerprint(numpy_helper.to_array(tensors[node.input[1]]))
     return out
 
 
@@ -210,13 +223,13 @@ def _plain_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int
 def _owners(optimized: onnx.ModelProto, names: set[str], weights: dict[str, tuple[float, float]]
             ) -> dict[str, str]:
     """Optimized node name → the given model's node it computes (by name, else by weight)."""
-    inits = {t.name: t for t in optimized.graph.initializer}
+    tensors = _constant_tensors(optimized)
     owner = {}
     for node in optimized.graph.node:
         if node.name in names:
             owner[node.name] = node.name
-        elif node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
-            match = _match(fingerprint(numpy_helper.to_array(inits[node.input[1]])), weights)
+        elif node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in tensors:
+            match = _match(fingerprint(numpy_helper.to_array(tensors[node.input[1]])), weights)
             if match is not None:
                 owner[node.name] = match
     return owner
