@@ -516,15 +516,17 @@ def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) 
             if not isinstance(value, np.ndarray) or not value.ndim or not np.issubdtype(value.dtype, np.floating):
                 continue
             sample_axis = value.shape[0] == fed
-            f = scales.add(name, value[:b.count] if sample_axis else value)[0][1]
-            if sample_axis and per_sample.get(name, []) is not None:
+            f = np.nan_to_num(scales.add(name, value[:b.count] if sample_axis else value)[0][1],
+                              nan=0.0, posinf=0.0, neginf=0.0)
+            parts = per_sample.get(name, [])
+            if sample_axis and parts is not None and (not parts or parts[0].shape[1] == f.shape[1]):
                 per_sample.setdefault(name, []).append((f * f).reshape(b.count, -1, f.shape[1]).sum(axis=1))
-            else:
+            else:  # no sample axis, or the feature view changed between batches: no per-sample energy
                 per_sample[name] = None
     result = scales.scales()
     energy = None
     for name, parts in per_sample.items():
-        if parts:
+        if parts and result[name][0].mean_square.shape == (parts[0].shape[1],):
             mean_square = result[name][0].mean_square
             live = mean_square > 0
             part = (np.concatenate(parts)[:, live] / mean_square[live]).sum(axis=1)

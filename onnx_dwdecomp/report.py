@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -266,9 +267,7 @@ class Report:
             lines.append("  latency: the whole model was not timed" + (
                 " (--select all prices by MACs)" if self.select != "latency" else ""))
         if source and output and self.layers:
-            lines.append(f"  check: python -m onnx_dwdecomp bench {source} {output}"
-                         + (f" --threads {threads}" if threads else "")
-                         + (f" --batch-sizes {batch}" if batch else "") + " --runs 1000")
+            lines.append("  check: " + self._bench_command(source, output, threads, batch))
         candidates = len(self.layers) + sum(1 for s in self.skipped if s.reason.startswith("kept regular"))
         if self.layers:
             m_ = self.model
@@ -277,6 +276,22 @@ class Report:
         else:
             lines.append(f"  returned: the input model unchanged — {self._why_unchanged()}")
         return lines
+
+    def _bench_command(self, source: str, output: str, threads: int | None, batch: int | None) -> str:
+        """The ``bench`` command that times the two files as the job did: its threads, batch, input
+        shapes (as resolved: dim 0 is bench's batch) and execution providers."""
+        words = ["python", "-m", "onnx_dwdecomp", "bench", source, output]
+        if threads:
+            words += ["--threads", str(threads)]
+        if batch:
+            words += ["--batch-sizes", str(batch)]
+        for name, dims in (self.options.get("input_shapes") or {}).items():
+            if dims:
+                words += ["--input-shape", f"{name}:{','.join(map(str, dims))}"]
+        providers = list(self.options.get("providers") or [])
+        if providers and providers != ["CPUExecutionProvider"]:
+            words += ["--providers", ",".join(providers)]
+        return " ".join(shlex.quote(w) for w in words + ["--runs", "1000"])
 
     def _why_unchanged(self) -> str:
         b = self.budget or {}

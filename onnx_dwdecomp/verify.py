@@ -379,6 +379,8 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, scale: OutputScale |
 
 
 def _own_scale(axis: int | None, ref: np.ndarray) -> FeatureScale:
+    if not len(ref):
+        return FeatureScale(axis, np.zeros(ref.shape[1]), np.zeros(ref.shape[1]))
     return FeatureScale(axis, np.mean(ref * ref, axis=0), np.abs(ref).max(axis=0, initial=0.0))
 
 
@@ -424,7 +426,7 @@ def _feature_error(diff_norms: np.ndarray, scale: FeatureScale, rows: int) -> tu
     docstring)."""
     mean_square = np.nan_to_num(scale.mean_square, nan=0.0, posinf=0.0)
     typical_rms = float(np.sqrt(np.mean(mean_square)))  # sqrt(M)
-    if typical_rms == 0:
+    if typical_rms == 0 or rows == 0:  # nothing to be relative to (an empty output: no error)
         return float(np.linalg.norm(diff_norms) > 0), None
     live = (np.nan_to_num(scale.peak, nan=0.0, posinf=0.0) >= NEAR_DEAD * typical_rms) & (mean_square > 0)
     errors = diff_norms[live] / np.sqrt(rows * mean_square[live])

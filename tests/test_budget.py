@@ -172,6 +172,26 @@ def test_a_swinging_interaction_scale_keeps_the_cheapest_hit():
     assert "swings" in plan.stop_reason and plan.final() == 0
 
 
+def test_a_second_miss_that_came_close_gets_one_more_round():
+    """Bound 0.1: 0.13 then 0.101 — the second miss came closer and is within 1.1 × the bound,
+    so one more round is tried instead of handing back the input."""
+    curves = synthetic_curves(5, 1)
+    plan = _planner(curves, 1000, 1000 + reachable_macs(curves)[1], 1e-3)
+    assert plan.revise(0.13) is not None
+    assert plan.revise(0.101) is not None and plan.stop_reason == ""
+    assert plan.revise(0.12) is None and "no plan met the bound in 3 rounds" in plan.stop_reason
+
+
+def test_a_monotone_interaction_scale_is_not_a_swing():
+    """Two hits whose α falls both times (0.1 → α₁ → α₂ < α₁): the predictions were pessimistic
+    in one direction, not oscillating; the search may go on to a looser plan."""
+    curves = synthetic_curves(5, 1)
+    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
+    assert plan.revise(0.03) is not None
+    plan.revise(0.05)  # α: 0.1 → 0.012 → 0.0039
+    assert "swings" not in plan.stop_reason
+
+
 def test_a_hit_near_the_bound_ends_the_rounds():
     curves = synthetic_curves(5, 1)
     plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)

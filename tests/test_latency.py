@@ -420,8 +420,24 @@ def test_others_load_leaves_this_process_out(monkeypatch):
     from onnx_dwdecomp.timing import clock
 
     readings = {"busy": iter([10.0, 13.0]), "own": iter([5.0, 6.0]), "wall": iter([100.0, 102.0])}
-    monkeypatch.setattr(clock, "_machine_busy_s", lambda: next(readings["busy"]))
+    monkeypatch.setattr(clock, "_machine_busy_s", lambda cpus: next(readings["busy"]))
     monkeypatch.setattr(clock.time, "process_time", lambda: next(readings["own"]))
     monkeypatch.setattr(clock.time, "perf_counter", lambda: next(readings["wall"]))
-    monkeypatch.setattr(clock.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(clock, "_affinity", lambda: {0, 5})  # this process may use 2 of the machine's CPUs
     assert clock.OthersLoad().start().share() == pytest.approx(0.5)
+
+
+def test_busy_time_counts_only_this_process_cpus(tmp_path, monkeypatch):
+    """Two hogs on the 2 CPUs a container gives this process, on a 64-CPU host: their load must
+    not be diluted over the host's 64 CPUs (3 %) — only the allowed CPUs' lines count."""
+    from onnx_dwdecomp.timing import clock
+
+    lines = ["cpu  9999 0 9999 9999 0 0 0 0 0 0"] + [f"cpu{k} {1000 if k in (3, 4) else 10} 0 0 500 0 0 0 0 0 0"
+                                                       for k in range(64)]
+    stat = tmp_path / "stat"
+    stat.write_text("\n".join(lines) + "\nintr 0\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k))
+    monkeypatch.setattr(clock.os, "sysconf", lambda name: 100)
+    assert clock._machine_busy_s({3, 4}) == pytest.approx(20.0)  # 2 × 1000 ticks at 100 Hz
+    assert clock._machine_busy_s({99}) is None

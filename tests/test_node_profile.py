@@ -76,6 +76,7 @@ def test_a_quiet_profile_is_cached_one_under_load_is_not(tmp_path, monkeypatch):
         return node_profile.NodeTimes({"conv0": 1.0}, 2.0, 0.1, 5)
 
     monkeypatch.setattr(node_profile, "profile_node_times", fake)
+    monkeypatch.setattr(node_profile.OthersLoad, "share", lambda self: 0.0)  # busy or not: machine_load below
     cache = TimingCache(tmp_path / "c.json", onnxruntime_version="x", cpu="y")
     monkeypatch.setattr(node_profile, "machine_load", lambda threads: (1.5, 4.0, True))
     assert cached_profile(model, feeds, threads=2, providers=CPU, cache=cache).loaded
@@ -153,3 +154,21 @@ def test_a_conv_whose_weight_is_a_constant_node_is_found(tmp_path):
     times = profile_node_times(model, {"x": correlated_images(1, 16, 24, 24)}, threads=1, providers=CPU,
                                budget_s=0.05, min_runs=3, max_runs=5)
     assert all(n.name in times.node_ms for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_convs_without_a_name_are_priced_inside_the_model():
+    """An unnamed conv is ``Conv@<output>`` to the tool; its time inside the model must be found
+    (before: 0 ms regular, every option dropped as 'not faster inside the model')."""
+    model = three_layer_net(c=16, hw=24)
+    for node in model.graph.node:
+        node.name = ""
+    layers = find_candidates(model, (), ()).layers
+    feeds = {"x": correlated_images(1, 16, 24, 24)}
+
+    def profile(m):
+        return profile_node_times(m, feeds, threads=1, providers=CPU, budget_s=0.05, min_runs=3, max_runs=5)
+
+    prices, _ = in_model_latencies(model, layers, {layer.name: [1] for layer in layers},
+                                   merge_targets(model, layers), profile)
+    assert all(layer.name.startswith("Conv@") for layer in layers)
+    assert all(prices[layer.name][SKIP] > 0 and prices[layer.name][1] > 0 for layer in layers)

@@ -468,7 +468,8 @@ def test_summary_states_every_promise_and_how_to_check_it():
     assert summary[0].endswith("worst: 'logits' whole output")  # no feature axis recorded
     assert summary[1] == ("  latency: ×0.850 ± 0.010 of the all-regular model as a whole (1 thread, batch 1; "
                           "CPU time of the calling thread)")
-    assert summary[2] == "  check: python -m onnx_dwdecomp bench in.onnx out.onnx --threads 1 --batch-sizes 1 --runs 1000"
+    assert summary[2] == ("  check: python -m onnx_dwdecomp bench in.onnx out.onnx --threads 1 --batch-sizes 1 "
+                          "--input-shape x:1,8,16,16 --runs 1000")  # the job's shapes: dynamic dims resolved alike
     assert summary[3] == "  returned: 2 of 2 candidate conv(s) rewritten, MACs ×0.250, written to out.onnx"
 
 

@@ -34,8 +34,10 @@ The budgeted planner
    reset to a model-wide guess); a miss re-allocates strictly below the missed error sum, a hit
    more than ``NEAR`` below the bound re-allocates looser when that is cheaper than the best
    hit so far. The rounds stop at a hit within ``[NEAR, 1] × E``, at a plan already measured,
-   when nothing cheaper (after a miss: nothing that rewrites a conv) is predicted, or after
-   ``MAX_ERROR_ROUNDS`` solved rounds. The result is the cheapest round that met the bound, else the all-regular plan (the output then equals
+   when nothing cheaper (after a miss: nothing that rewrites a conv) is predicted, after two
+   misses (the predictions do not hold; one more round when the second came closer and within
+   ``NEAR_MISS × E``), when ``α`` turns and changes more than 2× (it oscillates: the cheapest
+   hit is kept), or after ``MAX_ERROR_ROUNDS`` solved rounds. The result is the cheapest round that met the bound, else the all-regular plan (the output then equals
    the input: the tool never hands back a plan it measured outside the bound).
 6. **Frontier.** From the same curves, sensitivities, ``α`` and prices, what the bounds of
    ``FRONTIER_BOUNDS`` would give (:meth:`BudgetPlanner.frontier`), for the report and ``--plot``.
@@ -58,6 +60,9 @@ MAX_ERROR_ROUNDS = 4
 AIM = 0.9
 #: A round that meets the bound with a measured error ≥ NEAR × the bound ends the search.
 NEAR = 0.8
+#: Two rounds that miss the bound end the search, unless the second came closer and within
+#: NEAR_MISS × the bound: then one more round.
+NEAR_MISS = 1.1
 #: Output error bounds the report's trade-off table (and --plot) shows.
 FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
@@ -165,16 +170,18 @@ class BudgetPlanner:
         if solved >= MAX_ERROR_ROUNDS:
             self.stop_reason = f"round cap ({MAX_ERROR_ROUNDS} solved rounds)"
             return None
-        if solved >= 2 and self._best is None:
+        misses = [r["measured_output_rel_l2"] for r in self.rounds if r["measured_output_rel_l2"] is not None]
+        near_miss = finite and measured <= NEAR_MISS * self.target and len(misses) >= 2 and misses[-1] < misses[-2]
+        if solved >= 2 and self._best is None and not (near_miss and solved < 3):
             self.stop_reason = (f"no plan met the bound in {solved} rounds (measured "
-                                + ", ".join(f"{r['measured_output_rel_l2']:.3g}" for r in self.rounds
-                                            if r["measured_output_rel_l2"] is not None)
+                                + ", ".join(f"{m:.3g}" for m in misses)
                                 + "): the predictions do not hold on these held-out samples")
             return None
         scales = [r["interaction_scale"] for r in self.rounds[-2:]] + [self.scale]
-        if self._best is not None and solved >= 2 and max(scales[-2:]) > 2 * min(scales[-2:]):
-            self.stop_reason = (f"the interaction scale swings ({scales[-2]:.3g} → {scales[-1]:.3g}): "
-                                f"the cheapest plan measured within the bound is kept")
+        turned = len(scales) == 3 and (scales[1] - scales[0]) * (scales[2] - scales[1]) < 0
+        if self._best is not None and solved >= 2 and turned and max(scales[1:]) > 2 * min(scales[1:]):
+            self.stop_reason = (f"the interaction scale swings ({scales[0]:.3g} → {scales[1]:.3g} → "
+                                f"{scales[2]:.3g}): the cheapest plan measured within the bound is kept")
             return None
         missed_bound = 0.999 * alloc.error  # strictly below the missed round's error sum
         self.bound = self.errors.error_budget(AIM * self.target) if finite else missed_bound

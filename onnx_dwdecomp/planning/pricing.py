@@ -89,12 +89,12 @@ def in_model_latencies(work: onnx.ModelProto, layers: list[ConvLayer], offered: 
     the layer's pointwise conv is merged into, counted on both sides. A price is None when one
     of its convs was not found in the profile (node_profile maps nodes back by name or weight)."""
     regular = profile(work)
-    convs = {node.name for node in work.graph.node if node.op_type == "Conv"}
+    convs = {label(node) for node in work.graph.node if node.op_type == "Conv"}
     prices: dict[str, dict[int, float | None]] = {}
     for layer in layers:
         if layer.name in offered:
             target = second.get(layer.name)
-            prices[layer.name] = {SKIP: _inside(regular, [layer.name] + ([target.name] if target is not None else []),
+            prices[layer.name] = {SKIP: _inside(regular, [layer.name] + ([label(target)] if target is not None else []),
                                                 convs)}
     for r in sorted({r for rs in offered.values() for r in rs}):
         group = [layer for layer in layers if r in offered.get(layer.name, ())]
@@ -102,19 +102,20 @@ def in_model_latencies(work: onnx.ModelProto, layers: list[ConvLayer], offered: 
         rewritten, _ = rewrite_and_merge(work, [Replacement(layer, svd_factors(layer.weight, layer.bias, r))
                                                 for layer in group])
         times = profile(rewritten.model)
-        convs_r = {node.name for node in rewritten.model.graph.node if node.op_type == "Conv"}
+        convs_r = {label(node) for node in rewritten.model.graph.node if node.op_type == "Conv"}
         for layer in group:
             nodes = replacement_nodes(rewritten.model, layer)
             if layer.name in second:
-                nodes.append(second[layer.name].name)  # the merged conv keeps the 1×1 conv's name
+                nodes.append(label(second[layer.name]))  # the merged conv keeps the 1×1 conv's name
             prices[layer.name][r] = _inside(times, nodes, convs_r)
     return prices, regular.model_ms
 
 
 def _inside(times: NodeTimes, nodes: list[str], convs: set[str]) -> float | None:
-    """The summed time of ``nodes`` inside the model; None when a conv among them is missing from
-    the profile (another node — a Concat — that did not map counts 0)."""
-    if any(n in convs and n not in times.node_ms for n in nodes):
+    """The summed time of ``nodes`` (graph.label's) inside the model; None when none of them is a
+    conv or a conv among them is missing from the profile (a node that did not map — a Concat —
+    counts 0)."""
+    if not any(n in convs for n in nodes) or any(n in convs and n not in times.node_ms for n in nodes):
         return None
     return sum(times.node_ms.get(n, 0.0) for n in nodes)
 

@@ -97,44 +97,58 @@ OTHERS_BUSY = 0.2
 
 
 class OthersLoad:
-    """The share of all CPUs that *other* processes used between :meth:`start` and :meth:`share`
-    — ``(Δ busy time of the machine − Δ CPU time of this process) / (Δ wall · CPUs)`` from
-    ``/proc/stat`` — measured over the timing itself (a short busy loop before it can miss hogs
-    that just started: a freshly woken thread gets the CPU first). ``None`` where the OS has no
-    ``/proc/stat``."""
+    """The share of this process's CPUs (``os.sched_getaffinity``) that *other* processes used
+    between :meth:`start` and :meth:`share` — ``(Δ busy time of those CPUs − Δ CPU time of this
+    process) / (Δ wall · their count)`` from ``/proc/stat`` — measured over the timing itself (a
+    short busy loop before it can miss hogs that just started: a freshly woken thread gets the
+    CPU first). ``None`` where the OS has no ``/proc/stat``."""
 
     def start(self) -> "OthersLoad":
-        self._t0, self._busy0, self._own0 = time.perf_counter(), _machine_busy_s(), time.process_time()
+        self._cpus = _affinity()
+        self._t0, self._busy0, self._own0 = time.perf_counter(), _machine_busy_s(self._cpus), time.process_time()
         return self
 
     def share(self) -> float | None:
-        busy = _machine_busy_s()
+        busy = _machine_busy_s(self._cpus)
         if busy is None or self._busy0 is None:
             return None
         wall = time.perf_counter() - self._t0
         others = (busy - self._busy0) - (time.process_time() - self._own0)
-        return max(others, 0.0) / max(wall * (os.cpu_count() or 1), 1e-9)
+        return max(others, 0.0) / max(wall * len(self._cpus), 1e-9)
 
 
-def _machine_busy_s() -> float | None:
-    """Seconds all CPUs spent busy since boot (``/proc/stat``: user, nice, system, irq, softirq,
-    steal), or None."""
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _machine_busy_s(cpus: set[int]) -> float | None:
+    """Seconds the CPUs ``cpus`` spent busy since boot (``/proc/stat``'s ``cpuN`` lines: user,
+    nice, system, irq, softirq, steal), or None."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / ticks
+    total, seen = 0, 0
+    for fields in lines:
+        if int(fields[0][3:]) in cpus and len(fields) >= 9:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+            total += user + nice + system + irq + softirq + steal
+            seen += 1
+    return total / ticks if seen else None
 
 
 def clock_for(threads: int) -> tuple[str, Callable[[], float]]:
     """The clock that times onnxruntime at ``threads`` intra-op threads (module docstring):
-    ``("cpu", time.thread_time)`` at one thread, ``("wall", time.perf_counter)`` otherwise."""
-    return ("cpu", time.thread_time) if threads == 1 else ("wall", time.perf_counter)
+    ``("cpu", time.thread_time)`` at one thread where that clock resolves microseconds (not on
+    every OS), ``("wall", time.perf_counter)`` otherwise."""
+    if threads == 1 and time.get_clock_info("thread_time").resolution <= 1e-6:
+        return "cpu", time.thread_time
+    return "wall", time.perf_counter
 
 
 def cpu_contention(seconds: float = 0.02) -> float:

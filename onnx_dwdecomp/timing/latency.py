@@ -28,7 +28,7 @@ the slow grouped-GEMM path and measured slower than the regular conv here).
 
 and run in onnxruntime with a deployment's settings (all graph optimisations, sequential
 execution, ``threads`` intra-op threads, spinning off as in ``bench``), interleaved regular,
-separable, regular, … (:func:`onnx_dwdecomp.bench.interleaved_timings`) so that machine noise
+separable, regular, … (:func:`onnx_dwdecomp.timing.clock.interleaved_timings`) so that machine noise
 hits both alike. A short first pass estimates the per-call time, the second pass takes as many
 rounds as fit in ``budget_s`` (between ``min_runs`` and ``max_runs``).
 
@@ -67,7 +67,7 @@ persistent cache.
 Timings depend on the machine, the onnxruntime version, the thread count and the load at the
 moment, so two runs without a shared timing cache can choose differently for a conv near the
 threshold; the noise band makes that rarer and the cache (keyed by all of those, see
-:mod:`onnx_dwdecomp.timing_cache`) makes a repeated run on the same machine reuse the same
+:mod:`onnx_dwdecomp.timing.cache`) makes a repeated run on the same machine reuse the same
 timings. ``select="all"`` (``--select all``) times nothing (a uniform multiplier rewrites every
 candidate, a plan prices its options by MACs): use
 it for outputs that are the same on every machine.
@@ -297,8 +297,9 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
     others = meter.share() if meter is not None else None
     if meter is not None:
         busy = busy or after[2] or (others is not None and others > OTHERS_BUSY)
-        if busy:  # load's noise averages out over more rounds; the timing is not kept
-            more = interleaved_timings(fns, runs=BUSY_RETIME * runs, warmup=0, clock=clock)
+        if busy:  # load's noise averages out over more rounds (what fits in the time cap); not kept
+            extra = min(BUSY_RETIME * runs, max(3, math.ceil(BUSY_RETIME * scale * MAX_TIMING_S / per_round)))
+            more = interleaved_timings(fns, runs=extra, warmup=0, clock=clock)
             times = [np.concatenate([t, m]) for t, m in zip(times, more)]
     timing = Timing.from_samples(1e3 * times[0], 1e3 * times[1])
     return replace(timing, clock=clock_name, contention=max(contention, after[0]), load_average=max(load, after[1]),

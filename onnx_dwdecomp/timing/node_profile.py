@@ -11,9 +11,9 @@ median over the runs of its summed kernel time in each run.
 Profiling adds about the same overhead to every kernel event (on models/mnist, 439 nodes at
 one thread: kernel times summing to 3.4 ms for a model that runs in ~1.5 ms), so a profile
 gives shares, not totals. The model is also timed without profiling (``model_ms``, same
-settings, the job's clock: timing.clock_for), and the overhead is taken off every node that
-ran, alike: ``δ = (Σ_nodes t_node − model_ms) / nodes``, ``t'_node = max(t_node − δ, 0)``;
-the corrected times then add up to the model's time.
+settings, wall clock like the trace), and the overhead is taken off every kernel that ran,
+alike: ``δ = (Σ_nodes t_node − model_ms) / kernels``, ``t'_node = max(t_node − k_node·δ, 0)``;
+the corrected times then add up to the model's time (less what the clamp at 0 keeps).
 
 onnxruntime renames nodes it rewrites (a Conv fused with its activation and moved to the
 NCHWc layout is named after its output tensor): the optimized graph is saved beside the
@@ -25,8 +25,9 @@ shape arithmetic) are summed under ``OTHER``.
 
 Nothing is written outside a temporary folder, which is removed. A profile taken on a quiet
 machine is kept in the timing cache (:func:`cached_profile`), so a rerun prices alike and the
-same inputs give the same output model; one taken under load (timing.machine_load) is used
-for the run, not kept.
+same inputs give the same output model; one taken under load (other processes using the CPUs
+during it, clock.OthersLoad, or clock.machine_load before or after) is used for the run, not
+kept.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import first_line
+from ..graph import label
 from ..runtime import session_options
-from .clock import clock_for, machine_load
+from .clock import OTHERS_BUSY, OthersLoad, machine_load
 from .latency import TimingError
 
 #: Key of the summed time of optimized nodes that map to no node of the given model.
@@ -75,13 +77,13 @@ def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def _conv_weights(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """Conv node name → fingerprint of its constant weight (convs whose weight is computed at run
-    time are left out)."""
+    """Conv node label (graph.label: its name, or ``Conv@<output>`` when it has none) →
+    fingerprint of its constant weight (convs whose weight is computed at run time are left out)."""
     tensors = _constant_tensors(model)
     out = {}
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in tensors:
-            out[node.name] = fingerprint(numpy_helper.to_array(tensors[node.input[1]]))
+            out[label(node)] = fingerprint(numpy_helper.to_array(tensors[node.input[1]]))
     return out
 
 
@@ -130,9 +132,10 @@ def cached_profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, thre
     stored = cache.get_profile(key) if cache is not None else None
     if stored is not None:
         return NodeTimes(**stored, cached=True)
-    busy = machine_load(threads)[2]
+    busy, meter = machine_load(threads)[2], OthersLoad().start()
     times = profile_node_times(model, feeds, threads=threads, providers=providers)
-    busy = busy or machine_load(threads)[2]
+    others = meter.share()
+    busy = busy or machine_load(threads)[2] or (others is not None and others > OTHERS_BUSY)
     if cache is not None and not busy:
         cache.put_profile(key, times.to_cache())
     return NodeTimes(times.node_ms, times.model_ms, times.overhead_ms, times.runs, loaded=busy)
@@ -141,7 +144,8 @@ def cached_profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, thre
 def profile_node_times(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int,
                        providers: Sequence[str], budget_s: float = 1.0, min_runs: int = 5,
                        max_runs: int = 30, warmup: int = 3) -> NodeTimes:
-    """Each node's time (ms) inside the whole model (module docstring). As many runs as fit in
+    """Each node's time (ms) inside the whole model (module docstring), keyed by graph.label (the
+    node's name, or ``Op@<output>`` for an unnamed node). As many runs as fit in
     ``budget_s`` (by the warm-up's pace), between ``min_runs`` and ``max_runs``, profiled, then
     as many unprofiled for ``model_ms``.
 
@@ -153,7 +157,7 @@ def profile_node_times(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, 
     import onnxruntime as ort
 
     weights = _conv_weights(model)
-    names = {node.name for node in model.graph.node}
+    names = {node.name for node in model.graph.node if node.name}
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_profile_") as folder:
         options = session_options(threads)
         options.enable_profiling = True
@@ -205,11 +209,12 @@ def profile_node_times(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, 
 
 def _plain_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int, providers: Sequence[str],
               runs: int, warmup: int) -> float:
-    """Median time (ms) of ``model`` without profiling, on the job's clock (timing.clock_for)."""
+    """Median wall-clock time (ms) of ``model`` without profiling — the trace's clock, so the
+    overhead δ is one clock's difference."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=list(providers))
-    _, clock = clock_for(threads)
+    clock = time.perf_counter
     for _ in range(warmup):
         session.run(None, feeds)
     times = []
@@ -222,7 +227,8 @@ def _plain_ms(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int
 
 def _owners(optimized: onnx.ModelProto, names: set[str], weights: dict[str, tuple[float, float]]
             ) -> dict[str, str]:
-    """Optimized node name → the given model's node it computes (by name, else by weight)."""
+    """Optimized node name → the given model's node it computes (by name, else by weight; keys
+    of the result are graph.label's)."""
     tensors = _constant_tensors(optimized)
     owner = {}
     for node in optimized.graph.node:
