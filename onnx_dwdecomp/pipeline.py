@@ -1,5 +1,5 @@
 """The whole job: load → fold BN → candidates → price (pricing.py) → error curves and
-sensitivity probes → plan (plan.py) → [calibrate → solve → rewrite → fold pointwise pairs →
+sensitivity probes → plan (planning/) → [calibrate → solve → rewrite → fold pointwise pairs →
 verify → revise] (search.py) → the chosen plan timed as a whole model → report.
 
 ``decompose(model_or_path, **options)`` returns ``(model, report)``; it never touches the
@@ -307,7 +307,7 @@ class Selected(NamedTuple):
 
 def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, Sensitivities | None, Selected]:
     """Price the options, trace the error curves on held-out patches, probe each layer's
-    sensitivity, allocate (plan.py)."""
+    sensitivity, allocate (planning/)."""
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None

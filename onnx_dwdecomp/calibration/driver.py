@@ -33,7 +33,7 @@ from .store import CUT_BUDGET, TensorStore
 
 
 #: ``solve(layer, fit_stats, heldout_error)``: factors from the fit statistics;
-#: ``heldout_error(factors)`` measures any candidate on the held-out patches (plan.py's curves).
+#: ``heldout_error(factors)`` measures any candidate on the held-out patches (the planning error model's curves).
 SolveFn = Callable[[ConvLayer, LayerStats, Callable[["SeparableFactors | ChannelFactors"], float]],
                    "SeparableFactors | ChannelFactors"]
 

@@ -16,7 +16,7 @@ scale-free). The weighted sum models each decomposed layer as injecting noise of
 ``e_l`` into the signal it carries, reaching the output with a layer's own gain: with
 independent noise sources the network output's squared relative error is about
 ``α·Σ w_l e_l``, where the planner sets ``w_l`` to the layer's measured sensitivity (one probe
-per layer, sensitivity.py) and ``α`` corrects the interaction (plan.py). Weighting by a
+per layer, sensitivity.py) and ``α`` corrects the interaction (planner.py, error_model.py). Weighting by a
 layer's share of the response variance would be wrong here: a layer with small activations is
 not less important for the output's *relative* error.
 

@@ -1,4 +1,4 @@
-"""Prices: what each candidate conv's options cost (plan.py step 1).
+"""Prices: what each candidate conv's options cost (planner.py step 1).
 
 Every option's exact MACs (a new pointwise conv merged into a following 1×1 conv included,
 :func:`option_macs`); offered are the r whose MACs are at most ``MAX_OPTION_MACS`` (½) of the

@@ -1,6 +1,6 @@
 """After the allocation: which plan is handed back.
 
-A planned job (plan.py) turns plans into solved, rewritten and verified models through one
+A planned job (planner.py) turns plans into solved, rewritten and verified models through one
 callback, ``solve_round(plan) -> SolvedRound`` (the pipeline's calibrate → solve → rewrite →
 verify). This module decides which plans to solve and which one to keep:
 
