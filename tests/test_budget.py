@@ -140,7 +140,7 @@ def test_max_error_round_tightens_after_a_miss():
     assert plan.final() is None  # nothing met: the caller falls back to the all-regular plan
     fallback = plan.fall_back(0.0)
     assert set(fallback.multipliers.values()) == {SKIP} and plan.chosen_round == 2
-    assert plan.met(0) is True and plan.rounds[-1]["fallback"] is True
+    assert plan.met(0) is True and plan.rounds[-1].fallback is True
     assert plan.to_dict(0, {}, {})["layers"][0]["multiplier"] == "skip"
 
 

@@ -68,6 +68,36 @@ FRONTIER_BOUNDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
+class RoundRecord:
+    """One round of the planner: the plan allocated (``multipliers``, ``"skip"`` = regular), what
+    was predicted for it with the interaction scale it was allocated with, what was measured; in
+    task-aware mode the user's ``score`` and whether it is ``within`` the tolerance; the
+    all-regular ``fallback`` and its ``reason``. The report's JSON is :meth:`to_dict`."""
+
+    multipliers: dict[str, int | str]
+    predicted_macs: int
+    predicted_latency_ms: float | None
+    predicted_error_sum: float
+    interaction_scale: float
+    predicted_output_rel_l2: float
+    measured_output_rel_l2: float | None
+    score: float | None = None
+    within: bool | None = None
+    fallback: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in ("multipliers", "predicted_macs", "predicted_latency_ms",
+                                              "predicted_error_sum", "interaction_scale",
+                                              "predicted_output_rel_l2", "measured_output_rel_l2")}
+        if self.within is not None:
+            out.update(score=self.score, within=self.within)
+        if self.fallback:
+            out.update(fallback=True, reason=self.reason)
+        return out
+
+
+@dataclass(frozen=True)
 class Plan:
     """What each candidate conv becomes: ``multipliers[name]`` is its depth multiplier, or ``SKIP``."""
 
@@ -94,7 +124,7 @@ class BudgetPlanner:
         self.errors = ErrorModel(curves, scale)
         self.fixed = fixed_macs
         self.before = before_macs
-        self.rounds: list[dict] = []
+        self.rounds: list[RoundRecord] = []
         self._allocations: list[Allocation] = []
         self._best: int | None = None  # index of the cheapest round that met --max-error
         self.chosen_round = 0
@@ -139,11 +169,10 @@ class BudgetPlanner:
         return alloc.macs if self.price == "macs" else alloc.latency_ms
 
     def record(self, alloc: Allocation, measured: float | None, **extra) -> None:
-        self.rounds.append({"multipliers": {k: _r(v) for k, v in alloc.multipliers.items()},
-                            "predicted_macs": self.fixed + alloc.macs, "predicted_latency_ms": alloc.latency_ms,
-                            "predicted_error_sum": alloc.error, "interaction_scale": self.scale,
-                            "predicted_output_rel_l2": self.predicted(alloc),
-                            "measured_output_rel_l2": measured, **extra})
+        """Append the round of ``alloc`` (``extra``: RoundRecord's score, within, fallback, reason)."""
+        self.rounds.append(RoundRecord({k: _r(v) for k, v in alloc.multipliers.items()}, self.fixed + alloc.macs,
+                                       alloc.latency_ms, alloc.error, self.scale, self.predicted(alloc), measured,
+                                       **extra))
         self._allocations.append(alloc)
 
     def revise(self, measured: float | None) -> Plan | None:
@@ -170,14 +199,14 @@ class BudgetPlanner:
         if solved >= MAX_ERROR_ROUNDS:
             self.stop_reason = f"round cap ({MAX_ERROR_ROUNDS} solved rounds)"
             return None
-        misses = [r["measured_output_rel_l2"] for r in self.rounds if r["measured_output_rel_l2"] is not None]
+        misses = [r.measured_output_rel_l2 for r in self.rounds if r.measured_output_rel_l2 is not None]
         near_miss = finite and measured <= NEAR_MISS * self.target and len(misses) >= 2 and misses[-1] < misses[-2]
         if solved >= 2 and self._best is None and not (near_miss and solved < 3):
             self.stop_reason = (f"no plan met the bound in {solved} rounds (measured "
                                 + ", ".join(f"{m:.3g}" for m in misses)
                                 + "): the predictions do not hold on these held-out samples")
             return None
-        scales = [r["interaction_scale"] for r in self.rounds[-2:]] + [self.scale]
+        scales = [r.interaction_scale for r in self.rounds[-2:]] + [self.scale]
         turned = len(scales) == 3 and (scales[1] - scales[0]) * (scales[2] - scales[1]) < 0
         if self._best is not None and solved >= 2 and turned and max(scales[1:]) > 2 * min(scales[1:]):
             self.stop_reason = (f"the interaction scale swings ({scales[0]:.3g} → {scales[1]:.3g} → "
@@ -233,7 +262,7 @@ class BudgetPlanner:
         if self.mode == "task" and self._best is None:
             return None
         if self.mode == "max_error" and self._best is None and any(
-                r["measured_output_rel_l2"] is not None for r in self.rounds):
+                r.measured_output_rel_l2 is not None for r in self.rounds):
             return None
         index = len(self._allocations) - 1 if self._best is None else self._best
         self.choose(index)
@@ -246,11 +275,11 @@ class BudgetPlanner:
     def hits(self) -> list[int]:
         """Rounds that met the bound, cheapest first."""
         if self.mode == "task":
-            met = [k for k, r in enumerate(self.rounds) if r.get("within")]
+            met = [k for k, r in enumerate(self.rounds) if r.within]
         else:
-            met = [k for k, r in enumerate(self.rounds) if r["measured_output_rel_l2"] is not None
-                   and np.isfinite(r["measured_output_rel_l2"]) and r["measured_output_rel_l2"] <= self.target
-                   and not r.get("fallback") and self._allocations[k].error > 0]
+            met = [k for k, r in enumerate(self.rounds) if r.measured_output_rel_l2 is not None
+                   and np.isfinite(r.measured_output_rel_l2) and r.measured_output_rel_l2 <= self.target
+                   and not r.fallback and self._allocations[k].error > 0]
         return sorted(met, key=lambda k: self._cost(self._allocations[k]))
 
     def fall_back(self, measured: float | None, reason: str = "") -> Plan:
@@ -262,7 +291,7 @@ class BudgetPlanner:
         return self.plan()
 
     def measured(self) -> float | None:
-        return self.rounds[self.chosen_round]["measured_output_rel_l2"] if self.rounds else None
+        return self.rounds[self.chosen_round].measured_output_rel_l2 if self.rounds else None
 
     def met(self, macs: int) -> bool | None:
         if self.mode == "target_macs":
@@ -270,8 +299,8 @@ class BudgetPlanner:
         if self.mode == "target_latency":
             return sum(c.option(self.allocation.multipliers[c.name]).cost("latency") for c in self.curves) <= self.limit
         if self.mode == "task":
-            chosen = self.rounds[self.chosen_round] if self.rounds else {}
-            return bool(chosen.get("within") or chosen.get("fallback"))
+            chosen = self.rounds[self.chosen_round] if self.rounds else None
+            return chosen is not None and bool(chosen.within or chosen.fallback)
         measured = self.measured()
         return None if measured is None else measured <= self.target
 
@@ -330,7 +359,7 @@ class BudgetPlanner:
 
     def to_dict(self, macs: int, measured_errors: dict[str, float], patches: dict[str, int]) -> dict:
         chosen = self.allocation.multipliers
-        scale = self.rounds[self.chosen_round]["interaction_scale"] if self.rounds else self.scale
+        scale = self.rounds[self.chosen_round].interaction_scale if self.rounds else self.scale
         lo, hi = reachable_macs(self.curves)
         regular_ms = [c.option(SKIP).latency_ms for c in self.curves]
         return {
@@ -358,7 +387,7 @@ class BudgetPlanner:
             "curve": "symmetric statistics of the original network, GSVD (first offered r refined like the "
                      "final solve, the others scaled from their sweep), relative response error on the held-out "
                      "samples",
-            "rounds": self.rounds,
+            "rounds": [r.to_dict() for r in self.rounds],
             "chosen_round": self.chosen_round,
             "layers": [{
                 "name": c.name,
