@@ -17,7 +17,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -80,7 +80,6 @@ class _Job:
     _reference: Reference | None = None
     _heldout_mask: np.ndarray | None = None
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
-    profiles: list[NodeTimes] = field(default_factory=list)  # this job's per-node profiles
 
     def reference(self) -> Reference:
         """The plain pass of the original model over the calibration samples (once per job; its
@@ -131,7 +130,6 @@ class _Job:
             t0 = time.perf_counter()
             times = cached_profile(model, feeds, threads=threads, providers=self.opts.providers, cache=cache)
             self.add_time("profiles", time.perf_counter() - t0)
-            self.profiles.append(times)
             return times
         return profile
 
