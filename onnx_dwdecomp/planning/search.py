@@ -5,7 +5,7 @@ callback, ``solve_round(plan) -> SolvedRound`` (the pipeline's calibrate → sol
 verify). This module decides which plans to solve and which one to keep:
 
 - :func:`verified_rounds` — ``--max-error``/budgets: the planner's rounds, each re-measuring the
-  interaction scale (plan.BudgetPlanner.revise);
+  interaction scale (planner.BudgetPlanner.revise);
 - :func:`task_search` — ``--eval``: candidate plans of the frontier scored by the user's function,
   a bisection over them (tuning.py);
 - :func:`checked_choice` — the chosen plan timed as a whole model against the all-regular one
