@@ -182,6 +182,7 @@ def profile_node_times(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, 
         optimized = onnx.load(os.path.join(folder, "optimized.onnx"), load_external_data=False)
     owner = _owners(optimized, names, weights)
     per_run: dict[str, list[float]] = defaultdict(list)
+    kernels: dict[str, int] = defaultdict(int)  # kernel events per node over the timed runs
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")[-runs:]
     for event in events:
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
@@ -193,17 +194,12 @@ def profile_node_times(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, 
         bucket = per_run[node]
         bucket.extend([0.0] * (len(starts) - len(bucket)))
         bucket[run] += event["dur"] / 1e3
-    kernels = sum(1 for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
-                  and e["ts"] >= (starts[0] if starts else 0))
+        kernels[node] += 1
     medians = {node: float(np.median(times)) for node, times in per_run.items()}
-    per_node = kernels / max(len(starts), 1)  # kernel events per run
-    overhead = max(sum(medians.values()) - model_ms, 0.0) / max(per_node, 1.0)
-    counts = defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and starts \
-                and e["ts"] >= starts[0]:
-            counts[owner.get(e["name"][:-len("_kernel_time")], OTHER)] += 1.0 / len(starts)
-    node_ms = {node: max(ms - overhead * counts[node], 0.0) for node, ms in medians.items()}
+    timed = max(len(starts), 1)
+    per_run_kernels = sum(kernels.values()) / timed
+    overhead = max(sum(medians.values()) - model_ms, 0.0) / max(per_run_kernels, 1.0)
+    node_ms = {node: max(ms - overhead * kernels[node] / timed, 0.0) for node, ms in medians.items()}
     return NodeTimes(node_ms, model_ms, overhead, len(starts))
 
 
