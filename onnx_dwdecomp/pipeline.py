@@ -40,7 +40,7 @@ from .planning.planner import BudgetPlanner, Plan, kept_reason
 from .planning.pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
                                time_option)
 from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
-from .planning.sensitivity import Sensitivities, measure_sensitivities
+from .planning.sensitivity import Sensitivities, SensitivityProbes
 from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .progress import Steps, reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
@@ -54,7 +54,7 @@ from .timing.latency import MIN_GAIN, Decision, LatencySelector
 from .timing.model import check_faster
 from .timing.node_profile import NodeTimes, cached_profile
 from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model, compare_models,
-                     finite_stats_solver, random_batches)
+                     finite_stats_solver, model_outputs, random_batches)
 
 
 class DecomposeResult(NamedTuple):
@@ -80,6 +80,7 @@ class _Job:
     _reference: Reference | None = None
     _heldout_mask: np.ndarray | None = None
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
+    _heldout_reference: list[dict[str, np.ndarray]] | None = None
 
     def reference(self) -> Reference:
         """The plain pass of the original model over the calibration samples (once per job; its
@@ -109,6 +110,15 @@ class _Job:
                                      self.data.subset_batches(self.heldout_mask(), fixed or self.opts.batch_size,
                                                               pad_to=fixed)]
         return self._heldout_batches
+
+    def heldout_reference(self) -> list[dict[str, np.ndarray]]:
+        """The input model's outputs on :meth:`heldout_batches` (run once per job; the probes and
+        every round's verification compare against them; its time goes to ``reference_pass``)."""
+        if self._heldout_reference is None:
+            t0 = time.perf_counter()
+            self._heldout_reference = model_outputs(self.source, self.heldout_batches(), "the input model")
+            self.add_time("reference_pass", time.perf_counter() - t0)
+        return self._heldout_reference
 
     def deployment_batch(self) -> int:
         """The batch the deployment runs: the resolved batch (1 for a dynamic batch dim, or
@@ -323,20 +333,18 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     errors: dict[str, dict[int, float]] = {}
     sensitivities = None
     if layers:
-        say("plan: error curves (symmetric pass)")
+        say("plan: error curves and sensitivity probes (symmetric pass)")
         wanted = {name: sorted(r for r in c if r != SKIP) for name, c in priced.macs.items()}
-        outcome = calibrate_and_solve(job.work, layers, job.data, job.infos,
-                                      finite_stats_solver(curve_solver(errors, wanted, rounds=opts.solver_rounds,
-                                                                       ridge=opts.ridge)),
-                                      _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
-                                      heldout=job.heldout_mask())
         # one probe per layer: that layer alone at its first offered option (the curve pass's
-        # factors), on the held-out samples (sensitivity.py)
+        # factors), on the held-out samples, run inside the pass (sensitivity.py)
         first = {layer.name: wanted[layer.name][0] for layer in layers}
-        sensitivities = measure_sensitivities(
-            job.work, layers, {name: result.factors for name, result in outcome.layers.items()},
-            {name: curve_error(errors[name][r]) for name, r in first.items()}, first,
-            job.heldout_batches(), job.output_scales())
+        probes = SensitivityProbes(job.heldout_reference(), job.output_scales(), first, len(layers))
+        calibrate_and_solve(job.work, layers, job.data, job.infos,
+                            finite_stats_solver(curve_solver(errors, wanted, rounds=opts.solver_rounds,
+                                                             ridge=opts.ridge)),
+                            _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
+                            heldout=job.heldout_mask(), probe=probes)
+        sensitivities = probes.finish(job.work, job.heldout_batches(), [layer.name for layer in layers])
         job.add_time("sensitivity_probes", sensitivities.seconds)
     curves = layer_curves(layers, priced, errors, sensitivities.weights() if sensitivities else {})
     fixed = before - sum(c.option(SKIP).macs for c in curves)
@@ -380,7 +388,8 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
         else:
             batches = random_batches(job.specs, job.shapes, job.opts.seed)
             what = f"random inputs (seed {job.opts.seed})"
-        verification = compare_models(job.source, new_model, batches, what, job.output_scales())
+        verification = compare_models(job.source, new_model, batches, what, job.output_scales(),
+                                      job.heldout_reference() if job.data is not None else None)
     job.add_time("verify", time.perf_counter() - t0)
     return SolvedRound(plan, layers, solved.factors, solved.heldout_errors, solved.patches, solved.calib_report,
                        new_model, pw_fold, verification)

@@ -466,43 +466,51 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
 
 def compare_models(original: onnx.ModelProto, rewritten: onnx.ModelProto,
                    batches: Iterable[dict[str, np.ndarray]], inputs: str,
-                   scales: dict[str, OutputScale] | None = None) -> Verification:
+                   scales: dict[str, OutputScale] | None = None,
+                   reference: list[dict[str, np.ndarray]] | None = None) -> Verification:
     """Run both models on the same batches and measure agreement per graph output that is a
     tensor (sequence outputs are skipped), against the typical magnitudes ``scales[name]``
-    (per feature axis, over the calibration samples) where given.
+    (per feature axis, over the calibration samples) where given. ``reference`` is the
+    original's :func:`model_outputs` on these batches when already known (a job checks every
+    plan round on the same held-out samples and runs the input model on them once).
 
     A batch padded to a fixed batch size (:class:`PaddedFeeds`) counts its real rows only:
     outputs whose axis 0 has the fed row count are cut to them.
     """
-    try:
-        ref_session = make_session(original)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise ModelError(f"onnxruntime cannot load the input model: {first_line(exc)}") from exc
-    new_session = make_session(rewritten)
+    batches = list(batches)
+    if reference is None:
+        reference = model_outputs(original, batches, "the input model")
+    candidate = model_outputs(rewritten, batches, "the rewritten model")
     names = [o.name for o in original.graph.output]
-    ref_out: dict[str, list] = {n: [] for n in names}
-    new_out: dict[str, list] = {n: [] for n in names}
-    samples = 0
-    for feeds in batches:
-        samples += real_rows(feeds)
-        try:
-            reference = run(ref_session, dict(feeds), names)
-        except Exception as exc:  # onnxruntime's own exception types
-            raise ModelError(f"onnxruntime cannot run the input model: {first_line(exc)}") from exc
-        for name, value in real_outputs(reference, feeds).items():
-            ref_out[name].append(value)
-        for name, value in real_outputs(run(new_session, dict(feeds), names), feeds).items():
-            new_out[name].append(value)
     outputs, nonfinite = {}, {}
     for n in names:
-        if not all(isinstance(v, np.ndarray) for v in ref_out[n] + new_out[n]):
+        ref_parts, new_parts = [b[n] for b in reference], [b[n] for b in candidate]
+        if not all(isinstance(v, np.ndarray) for v in ref_parts + new_parts):
             continue
-        ref, new = _join(ref_out[n]), _join(new_out[n])
+        ref, new = _join(ref_parts), _join(new_parts)
         outputs[n] = agreement(ref, new, (scales or {}).get(n))
         counts = NonFinite.of(ref, new)
         if counts.candidate or counts.reference:
             nonfinite[n] = counts
-    return Verification(samples, inputs, outputs, nonfinite)
+    return Verification(sum(real_rows(feeds) for feeds in batches), inputs, outputs, nonfinite)
+
+
+def model_outputs(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], what: str
+                  ) -> list[dict[str, np.ndarray]]:
+    """``model``'s graph outputs on each batch (output name → value), padding rows cut
+    (:func:`real_outputs`); ``what`` names the model in errors."""
+    try:
+        session = make_session(model)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ModelError(f"onnxruntime cannot load {what}: {first_line(exc)}") from exc
+    names = [o.name for o in model.graph.output]
+    out = []
+    for feeds in batches:
+        try:
+            out.append(real_outputs(run(session, dict(feeds), names), feeds))
+        except Exception as exc:  # onnxruntime's own exception types
+            raise ModelError(f"onnxruntime cannot run {what}: {first_line(exc)}") from exc
+    return out
 
 
 def worst_output_error(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],

@@ -28,7 +28,7 @@ from ..solve import ChannelFactors, LayerStats, SeparableFactors, one_blas_threa
 from .holdout import HOLDOUT_FRACTION, HeldoutPatches, heldout_measure, split_holdout
 from .moments import MomentSums
 from .patches import output_hw, patch_pair, positions_per_sample
-from .segments import Segment, plan_segments, segment_model
+from .segments import Segment, plan_segments, segment_model, suffix_segment
 from .store import CUT_BUDGET, TensorStore
 
 
@@ -36,6 +36,11 @@ from .store import CUT_BUDGET, TensorStore
 #: ``heldout_error(factors)`` measures any candidate on the held-out patches (the planning error model's curves).
 SolveFn = Callable[[ConvLayer, LayerStats, Callable[["SeparableFactors | ChannelFactors"], float]],
                    "SeparableFactors | ChannelFactors"]
+#: ``probe(layer, calibrated, run_on)``: a symmetric pass's layer is solved; ``run_on()`` runs the
+#: network from that layer to its outputs, the layer replaced by its factors, over the held-out
+#: samples, from the cut tensors the pass holds (per held-out batch: output name → value);
+#: None where those tensors cannot be fed (the planning/sensitivity.py probes).
+ProbeFn = Callable[[ConvLayer, "CalibratedLayer", "Callable[[], list[dict[str, np.ndarray]]] | None"], None]
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,14 @@ class CalibrationOutcome:
 
 def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: CalibrationData,
                         infos: dict[str, TensorInfo], solve: SolveFn, options: CalibrationOptions,
-                        fixed_batch: int | None = None,
-                        heldout: np.ndarray | None = None) -> CalibrationOutcome:
+                        fixed_batch: int | None = None, heldout: np.ndarray | None = None,
+                        probe: ProbeFn | None = None) -> CalibrationOutcome:
     """Decompose ``layers`` in graph order, each against statistics of the partially decomposed network.
 
     ``heldout`` is the mask of samples left out of the statistics (default :func:`split_holdout`).
+    ``probe`` (symmetric pass only) is called once per layer with its factors (:data:`ProbeFn`):
+    the rest of the network runs from the cut tensors the pass already holds, a fraction of a
+    forward pass of the held-out samples instead of a whole one.
 
     ``solve(layer, stats)`` turns one layer's calibration statistics into factors; the factors
     of every layer are in place in the decomposed copy before the next layer's statistics are
@@ -88,12 +96,17 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     thread: ``solve`` is the time it waited for solves (the rest overlapped).
     """
     layers = sorted(layers, key=lambda layer: layer.node_index)
+    if probe is not None and not options.symmetric:
+        raise ValueError("sensitivity probes run in the symmetric pass only")
     if heldout is None:
         heldout = split_holdout(data.num_samples, options.holdout, options.seed)
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
         state = _PassState(model, layers, infos, options, fixed_batch, heldout, data.num_samples, tmp)
-        state.load(data)
-        (_symmetric_pass if options.symmetric else _asymmetric_pass)(state, solve)
+        state.load(data, tail=probe is not None)
+        if options.symmetric:
+            _symmetric_pass(state, solve, probe)
+        else:
+            _asymmetric_pass(state, solve)
         spilled = state.orig.spilled_bytes + state.approx.spilled_bytes
     return CalibrationOutcome(state.results, int((~heldout).sum()), int(heldout.sum()),
                               options.positions, spilled, state.timing)
@@ -114,20 +127,22 @@ class _PassState:
         self.approx = TensorStore(options.memory_budget, tmp, n, self.batch, fixed_batch)
         self.segments: list[Segment] = []
         self.results: dict[str, CalibratedLayer] = {}
+        self.names: NameAllocator | None = None  # the probes' replacement names (made on the first probe)
 
     def shared(self) -> int:
         """Bytes both stores hold in memory (the spill budget is theirs together)."""
         return sum((self.orig.in_memory() | self.approx.in_memory()).values())
 
-    def load(self, data: CalibrationData) -> None:
-        """The graph inputs of every batch into the stores, and the segments between the layers."""
+    def load(self, data: CalibrationData, tail: bool = False) -> None:
+        """The graph inputs of every batch into the stores, and the segments between the layers
+        (with ``tail``, the rest of the graph too: its inputs stay until the end, for the probes)."""
         t0 = time.perf_counter()
         for b, loaded in enumerate(data.iter_batches(self.batch, pad_to=self.fixed_batch)):
             for name, value in loaded.feeds.items():
                 self.orig.put(name, b, value, self.shared)
         self.approx.values.update(self.orig.values)  # identical until the first decomposed layer
         self.timing["load_data"] = time.perf_counter() - t0
-        self.segments = plan_segments(self.model, [layer.node_index for layer in self.layers])
+        self.segments = plan_segments(self.model, [layer.node_index for layer in self.layers], tail=tail)
 
     def advance(self, store: TensorStore, seg: Segment, replace=None) -> None:
         """Run ``seg`` (its first node replaced by ``replace``) over every batch into ``store``."""
@@ -147,6 +162,37 @@ class _PassState:
     def free(self, k: int) -> None:
         _free_cut_tensors(k, self.layers, self.segments, (self.orig, self.approx))
 
+    def suffix_run(self, layer: ConvLayer, factors: SeparableFactors | ChannelFactors
+                   ) -> Callable[[], list[dict[str, np.ndarray]]] | None:
+        """``run_on()`` of :data:`ProbeFn` for ``layer``, or None when the part of the graph from
+        it on reads a tensor the store does not hold per sample (a shape-derived one), misses a
+        graph output, or the model's batch is fixed (its held-out rows would need padding)."""
+        seg = suffix_segment(self.model, layer.node_index)
+        held = self.orig.values
+        if (self.fixed_batch is not None or set(seg.outputs) != {o.name for o in self.model.graph.output}
+                or not all(isinstance(held.get(name), np.ndarray) for name in seg.inputs)):
+            return None
+        rows = np.flatnonzero(self.heldout)
+
+        def run_on() -> list[dict[str, np.ndarray]]:
+            self.names = self.names or NameAllocator.for_model(self.model)
+            replace = to_onnx_nodes(replacement_convs(Replacement(layer, factors), self.names))
+            where = f"nodes {seg.start}.. of the model (a sensitivity probe)"
+            try:
+                session = make_session(segment_model(self.model, seg, self.infos, replace))
+            except Exception as exc:  # onnxruntime's own exception types
+                raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
+            out = []
+            for start in range(0, len(rows), self.batch):
+                chunk = rows[start:start + self.batch]
+                feeds = {name: np.asarray(held[name][chunk]) for name in seg.inputs}
+                try:
+                    out.append(run(session, feeds, list(seg.outputs)))
+                except Exception as exc:  # onnxruntime's own exception types
+                    raise CalibrationError(f"onnxruntime cannot run {where}: {first_line(exc)}") from exc
+            return out
+        return run_on
+
 
 class _PendingSolve(NamedTuple):
     """A symmetric layer's solve in flight on the worker thread."""
@@ -156,18 +202,23 @@ class _PendingSolve(NamedTuple):
     heldout_error: Callable[[SeparableFactors | ChannelFactors], float]
     count: int
 
-    def join(self, state: _PassState) -> None:
-        """Wait for the factors (the main thread's wait is ``timing["solve"]``) and record the layer."""
+    def join(self, state: _PassState, probe: ProbeFn | None) -> None:
+        """Wait for the factors (the main thread's wait is ``timing["solve"]``), record the
+        layer and probe it (while the worker solves the next one)."""
         t0 = time.perf_counter()
         factors = self.future.result()
         state.timing["solve"] += time.perf_counter() - t0
-        state.results[self.layer.name] = CalibratedLayer(factors, self.heldout_error(factors), self.count)
+        result = state.results[self.layer.name] = CalibratedLayer(factors, self.heldout_error(factors), self.count)
+        if probe is not None:
+            probe(self.layer, result, state.suffix_run(self.layer, factors))
 
 
-def _symmetric_pass(state: _PassState, solve: SolveFn) -> None:
+def _symmetric_pass(state: _PassState, solve: SolveFn, probe: ProbeFn | None) -> None:
     """x̂ = x: no layer's statistics depend on another's factors, so layer ``k`` is solved on the
-    worker thread while this one runs the forward pass and the statistics of layer ``k + 1`` (one
-    solve in flight), all under one BLAS thread (see :func:`calibrate_and_solve`)."""
+    worker thread while this one runs the forward pass and the statistics of layer ``k + 1``,
+    then probes layer ``k`` (at most two solves queued), all under one BLAS thread (see
+    :func:`calibrate_and_solve`). Layer ``k``'s probe reads the cut tensors at its conv: they
+    stay in the store until the probe is done."""
     pending: _PendingSolve | None = None
     steps = Steps("calibrate: layer", len(state.layers))
     with ThreadPoolExecutor(max_workers=1) as worker, one_blas_thread():
@@ -182,14 +233,15 @@ def _symmetric_pass(state: _PassState, solve: SolveFn) -> None:
             fit_stats = fit.stats()
             heldout_error = heldout_measure(HeldoutPatches(layer, x_in, x_in, state.heldout, positions, state.batch))
             state.timing["statistics"] += time.perf_counter() - t0
-            if pending is not None:
-                pending.join(state)
-            pending = _PendingSolve(layer, worker.submit(contextvars.copy_context().run, solve, layer, fit_stats,
-                                                         heldout_error), heldout_error, fit.count)
+            previous, pending = pending, _PendingSolve(
+                layer, worker.submit(contextvars.copy_context().run, solve, layer, fit_stats, heldout_error),
+                heldout_error, fit.count)
+            if previous is not None:
+                previous.join(state, probe)
             del x_in, xhat_in, fit_stats, heldout_error  # the cut tensors can go
             state.free(k)
         if pending is not None:
-            pending.join(state)
+            pending.join(state, probe)
 
 
 def _asymmetric_pass(state: _PassState, solve: SolveFn) -> None:

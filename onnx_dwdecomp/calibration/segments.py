@@ -89,34 +89,50 @@ def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str
     return needed
 
 
-def plan_segments(model: onnx.ModelProto, cuts: list[int]) -> list[Segment]:
-    """Segments between successive cut positions (node indices; a cut sits before its node).
+def plan_segments(model: onnx.ModelProto, cuts: list[int], tail: bool = False) -> list[Segment]:
+    """Segments between successive cut positions (node indices; a cut sits before its node);
+    with ``tail``, one more from the last cut to the end of the graph, whose outputs are the
+    graph outputs it computes (the sensitivity probes run the network on from each cut, and
+    the tensors that part reads must stay in the store until the last probe).
 
     The first input of a node at a cut (a decomposed conv's input) is never ``per_batch``.
     """
-    graph = model.graph
-    producers = static_producers(graph)
-    per_batch = shape_derived(graph) - {graph.node[stop].input[0] for stop in cuts}
-    constants = {t.name for t in graph.initializer} | set(producers)
-    last_use: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
-        for name in node_reads(node):
-            last_use[name] = index
-    for out in graph.output:
-        last_use[out.name] = len(graph.node)
-    segments = []
-    start = 0
-    for stop in cuts:
-        nodes = graph.node[start:stop]
+    spans = _Spans(model, cuts)
+    stops = list(cuts) + ([len(model.graph.node)] if tail and cuts else [])
+    return [spans.segment(start, stop) for start, stop in zip([0] + stops[:-1], stops)]
+
+
+def suffix_segment(model: onnx.ModelProto, start: int) -> Segment:
+    """Nodes ``[start, end)`` of the graph as one segment: the cut tensors it reads (computed
+    before ``start``) and the graph outputs it computes."""
+    return _Spans(model, [start]).segment(start, len(model.graph.node))
+
+
+class _Spans:
+    """What every segment of one graph is cut from: static producers, shape-derived tensors,
+    each tensor's last reader (graph outputs: read "after" the last node)."""
+
+    def __init__(self, model: onnx.ModelProto, cuts: list[int]):
+        graph = self.graph = model.graph
+        self.producers = static_producers(graph)
+        self.per_batch = shape_derived(graph) - {graph.node[stop].input[0] for stop in cuts}
+        self.constants = {t.name for t in graph.initializer} | set(self.producers)
+        self.last_use: dict[str, int] = {}
+        for index, node in enumerate(graph.node):
+            for name in node_reads(node):
+                self.last_use[name] = index
+        for out in graph.output:
+            self.last_use[out.name] = len(graph.node)
+
+    def segment(self, start: int, stop: int) -> Segment:
+        nodes = self.graph.node[start:stop]
         produced = {o for n in nodes for o in n.output if o}
         reads = set().union(*(node_reads(n) for n in nodes)) if nodes else set()
-        inputs = sorted(r for r in reads if r not in produced and r not in constants)
-        outputs = sorted(p for p in produced if last_use.get(p, -1) >= stop and p not in producers)
-        static = _static_closure({r for r in reads if r not in produced}, graph, producers)
-        segments.append(Segment(start, stop, tuple(inputs), tuple(outputs), tuple(sorted(static)),
-                                tuple(o for o in outputs if o in per_batch)))
-        start = stop
-    return segments
+        inputs = sorted(r for r in reads if r not in produced and r not in self.constants)
+        outputs = sorted(p for p in produced if self.last_use.get(p, -1) >= stop and p not in self.producers)
+        static = _static_closure({r for r in reads if r not in produced}, self.graph, self.producers)
+        return Segment(start, stop, tuple(inputs), tuple(outputs), tuple(sorted(static)),
+                       tuple(o for o in outputs if o in self.per_batch))
 
 
 def segment_model(model: onnx.ModelProto, seg: Segment, infos: dict[str, TensorInfo],

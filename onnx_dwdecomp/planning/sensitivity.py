@@ -23,12 +23,20 @@ layer error (both relative RMS), shown in the report.
 
 The probe
 ---------
-One onnxruntime session of the model in which every probed conv reads its weight and bias from
-new graph inputs (``<prefix>w<i>``/``<prefix>b<i>``); layer ``l``'s probe feeds the dense
-equivalent ``Ŵ_l = Σ_s P ⊗ F`` of its separable factors (the same function as the two-conv form,
-up to round-off) and the original weights everywhere else. The reference run feeds every
-original weight, so the probes share its round-off. ``L + 1`` runs over the held-out
-calibration samples in all; no graph surgery and no session per probe.
+Layer ``l``'s probe runs the network with ``l`` replaced by its factors at its first offered
+option (the curve pass's solve) over the held-out calibration samples and compares the outputs
+with the input model's on them (its held-out reference, run once per job). It runs inside the
+curve pass (:class:`SensitivityProbes` is the calibration driver's ``probe``): from the cut
+tensors the pass holds at ``l``'s conv, only the nodes from ``l`` on — on average about half a
+forward pass of the held-out samples per probe instead of a whole one.
+
+Where the part from ``l`` on cannot be fed from held tensors (it reads a shape-derived tensor,
+or the model's batch is fixed), the probe runs the whole network instead: one session of the
+model in which every such conv reads its weight and bias from new graph inputs
+(``<prefix>w<i>``/``<prefix>b<i>``), fed the dense equivalent ``Ŵ_l = Σ_s P ⊗ F`` of its
+factors (the same function as the two-conv form, up to round-off) and the original weights
+everywhere else; its reference run feeds every original weight, so those probes share its
+round-off.
 """
 
 from __future__ import annotations
@@ -41,12 +49,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..calibration.driver import CalibratedLayer
 from ..candidates import ConvLayer
 from ..errors import CalibrationError, first_line
 from ..progress import Steps
 from ..runtime import make_session, run
 from ..solve import ChannelFactors, SeparableFactors
 from ..verify import OutputScale, real_outputs, real_rows, worst_output_error
+from .error_model import curve_error
 
 #: Name prefix of the probe model's weight inputs (made unique against the model's own names).
 PREFIX = "dwdecomp_probe_"
@@ -86,6 +96,53 @@ def sensitivity(output_error: float, layer_error: float) -> float:
     return float(output_error ** 2 / layer_error) if layer_error > 0 else 0.0
 
 
+class SensitivityProbes:
+    """The probes of one curve pass (module docstring): called by the calibration driver as each
+    layer's factors come in (``probe(layer, calibrated, run_on)``), then :meth:`finish` probes the
+    layers whose rest of the network could not be fed from the pass's tensors on the whole network.
+
+    ``reference`` is the input model's outputs on the held-out samples (per batch, in sample
+    order); ``multipliers[name]`` the option each layer's factors were solved at.
+    """
+
+    def __init__(self, reference: list[dict[str, np.ndarray]], scales: dict[str, OutputScale] | None,
+                 multipliers: Mapping[str, int], total: int):
+        self.reference, self.scales, self.multipliers = reference, scales, multipliers
+        self.steps = Steps("plan: sensitivity probe", total)
+        self.probes: dict[str, LayerProbe] = {}
+        self.deferred: dict[str, tuple[ConvLayer, CalibratedLayer]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, layer: ConvLayer, calibrated: CalibratedLayer, run_on) -> None:
+        if run_on is None:
+            self.deferred[layer.name] = (layer, calibrated)
+            return
+        t0 = time.perf_counter()
+        self.steps.step(len(self.probes), layer.name)
+        error = worst_output_error(self.reference, run_on(), self.scales)
+        self.probes[layer.name] = self._probe(layer.name, calibrated.heldout_error, error)
+        self.seconds += time.perf_counter() - t0
+
+    def _probe(self, name: str, layer_error: float, output_error: float) -> LayerProbe:
+        e = curve_error(layer_error)
+        return LayerProbe(name, int(self.multipliers[name]), e, output_error, sensitivity(output_error, e))
+
+    def finish(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], order: list[str]
+               ) -> Sensitivities:
+        """Every layer's probe (``order``: the layers' names), the deferred ones run on the whole
+        network over the held-out ``batches`` (:func:`measure_sensitivities`)."""
+        if self.deferred:
+            layers = [layer for layer, _ in self.deferred.values()]
+            whole = measure_sensitivities(
+                model, layers, {name: c.factors for name, (_, c) in self.deferred.items()},
+                {name: curve_error(c.heldout_error) for name, (_, c) in self.deferred.items()},
+                self.multipliers, batches, self.scales)
+            self.probes.update(whole.probes)
+            self.seconds += whole.seconds
+        samples = sum(real_rows(feeds) for feeds in batches)
+        return Sensitivities({name: self.probes[name] for name in order}, samples, self.seconds)
+
+
 def probe_model(model: onnx.ModelProto, layers: list[ConvLayer]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
     """A copy of ``model`` whose convs ``layers`` read weight and bias from new graph inputs;
     returns it and ``{layer name: (weight input, bias input)}``. The old weight producers stay
@@ -114,8 +171,9 @@ def measure_sensitivities(model: onnx.ModelProto, layers: list[ConvLayer],
                           layer_errors: Mapping[str, float], multipliers: Mapping[str, int],
                           batches: list[dict[str, np.ndarray]], scales: dict[str, OutputScale] | None
                           ) -> Sensitivities:
-    """One probe per layer (module docstring) on the held-out ``batches``; ``layer_errors[name]``
-    is the layer error of ``factors[name]`` (the curve pass's, at ``multipliers[name]``)."""
+    """One whole-network probe per layer (module docstring) on the held-out ``batches``;
+    ``layer_errors[name]`` is the layer error of ``factors[name]`` (the curve pass's, at
+    ``multipliers[name]``)."""
     t0 = time.perf_counter()
     probe, inputs = probe_model(model, layers)
     try:
