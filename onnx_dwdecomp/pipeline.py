@@ -77,6 +77,7 @@ class _Job:
     fixed_batch: int | None
     timing: dict[str, float]
     selector: LatencySelector | None = None
+    memory_estimate: dict | None = None  # resources.check_job's, for the report
     _reference: Reference | None = None
     _heldout_mask: np.ndarray | None = None
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
@@ -199,7 +200,8 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
             selection.append(Selection(layer.name, False, reason.reason))
         else:
             layers.append(layer)
-    resources.check_decompose_job(job, layers)  # memory estimate and --threads bound, before any big allocation
+    # memory estimate and --threads bound, before any big allocation
+    job.memory_estimate = resources.check_decompose_job(job, layers)
 
     # choose plan → solve → rewrite → verify → revise plan
     t0 = time.perf_counter()
@@ -462,7 +464,8 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
                   calibration=chosen.calib_report, options=opts.to_dict(job.shapes),
                   select=opts.select, selection=tuple(selection), folded=bn_fold.folds,
                   merged=chosen.merged.folds, budget=budget,
-                  environment=environment(opts.providers, opts.threads or default_threads()))
+                  environment=environment(opts.providers, opts.threads or default_threads()),
+                  memory_estimate=job.memory_estimate)
 
 
 def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:

@@ -92,6 +92,7 @@ class Report:
     merged: tuple["Merge", ...] = ()
     budget: dict | None = None
     environment: dict = field(default_factory=dict)  # versions, machine, providers (timing.environment)
+    memory_estimate: dict | None = None  # resources.check_job: the estimated peak and each phase, bytes
 
     def to_dict(self) -> dict:
         out = {
@@ -108,6 +109,7 @@ class Report:
             "verification": None,
             "calibration": self.calibration,
             "timing_s": {k: round(v, 4) for k, v in self.timing_s.items()},
+            "memory_estimate": self.memory_estimate,
             "notes": list(self.notes),
         }
         if self.budget is not None:

@@ -15,14 +15,16 @@ before calibration, latency timing or verification allocates anything), in bytes
                    (held-out calibration samples, else RANDOM_SAMPLES random ones drawn in
                    float64); I, I_e: input bytes, elements per sample; O, O_e: output bytes,
                    elements per sample (both models' outputs kept, joined, compared in float64)
-    calibrate    = 2 · forward(B) + min(2·N·X, 1 GiB)
+    calibrate    = 2 · forward(B) + min(2·N·X, 1 GiB) + S·O
                    + max over layers of [2·B·P_l·D_l·4 + N·T_l·16 + 8·(D_l² + n_l·D_l)]
                    B: --batch-size (or the model's fixed batch), N: samples (--calib-size),
                    X: largest conv input per sample (the cut tensors of both networks, spilled to
                    disk past 1 GiB), P_l: output positions sampled per image (--positions,
                    raised to 4·D_l / fit samples, at most T_l: positions_per_sample; T_l for
                    'all'), T_l: the layer's output positions, D_l = C·kh·kw, n_l output
-                   channels (float32 patch pairs, seeded position draws, float64 moments)
+                   channels (float32 patch pairs, seeded position draws, float64 moments);
+                   S·O: the input model's outputs on the S held-out samples (kept for the
+                   sensitivity probes and every round's verification)
     latency      = max over candidates of [x·(1 + 8/itemsize) + 2·(y + m)]
                    + 2 · threads · THREAD_BYTES
                    x, y, m: the conv's input, output and depthwise output at the resolved shapes
@@ -176,7 +178,10 @@ def job_parts(*, model, infos, specs, shapes, fixed_batch, samples: int | None, 
             if sum(v for v, _, _ in terms) > layer_max:
                 layer_max, layer_terms = sum(v for v, _, _ in terms), terms
         cuts = min(2 * n * x_max, CUT_BUDGET)
+        heldout_outputs = heldout_count(n) * out_b
         terms = [(2 * forward(b), f"{node_where} at batch {b}", "--batch-size B"),
+                 (heldout_outputs, f"the input model's outputs on {heldout_count(n)} held-out sample(s), "
+                                   f"{fmt_bytes(out_b)} per sample", "--calib-size N (fewer held-out samples)"),
                  (cuts, f"tensors between segments for {n} samples", "--calib-size N (fewer samples)"), *layer_terms]
         _, detail, hint = max(terms, key=lambda term: term[0])
         parts.append(Part("calibration", sum(v for v, _, _ in terms), detail, hint))
@@ -205,19 +210,19 @@ def _resizable(specs) -> bool:
     return any(d is None for s in specs for d in s.shape[1:])
 
 
-def check_job(**kwargs) -> None:
+def check_job(**kwargs) -> dict:
     """Estimate the job (:func:`job_parts`, same arguments) and raise :class:`ResourceError`
-    when ``weights + max(phases)`` exceeds the available memory; checks ``threads`` first."""
+    when ``weights + max(phases)`` exceeds the available memory; checks ``threads`` first.
+    Returns the estimate for the report: ``{"peak_bytes": …, "phases": {phase: bytes}}``."""
     check_threads(kwargs.get("threads"))
     parts = job_parts(**kwargs)
-    available, source = available_memory()
-    if available is None:
-        return
     weights, phases = parts[0], parts[1:]
     worst = max(phases, key=lambda p: p.nbytes, default=None)
     total = weights.nbytes + (worst.nbytes if worst else 0)
-    if total <= available:
-        return
+    estimate = {"peak_bytes": total, "phases": {p.phase: p.nbytes for p in parts}}
+    available, source = available_memory()
+    if available is None or total <= available:
+        return estimate
     if worst is None or weights.nbytes >= worst.nbytes:
         worst = weights
     # every phase that does not fit on its own: its flag too, so one run names them all
@@ -227,10 +232,10 @@ def check_job(**kwargs) -> None:
                         f"({worst.detail}), {fmt_bytes(available)} {source}; {'; '.join(hints)}")
 
 
-def check_decompose_job(job, layers) -> None:
+def check_decompose_job(job, layers) -> dict:
     """:func:`check_job` for a pipeline job (pipeline._Job) and its candidate convs."""
     opts = job.opts
-    check_job(model=job.work, infos=job.infos, specs=job.specs, shapes=job.shapes, fixed_batch=job.fixed_batch,
+    return check_job(model=job.work, infos=job.infos, specs=job.specs, shapes=job.shapes, fixed_batch=job.fixed_batch,
               samples=job.data.num_samples if job.data is not None else None, batch_size=opts.batch_size,
               positions=opts.positions, verify=opts.verify, random_samples=RANDOM_SAMPLES, layers=layers,
               latency=opts.select == "latency", threads=opts.threads, multiplier=opts.multiplier,

@@ -84,7 +84,7 @@ def row(text: str, first_cell: str) -> list[str]:
 def test_to_dict_keys():
     d = full_report().to_dict()
     assert set(d) == {"method", "options", "environment", "layers", "skipped", "select", "selection", "folded",
-                      "merged", "model", "verification", "calibration", "timing_s", "notes"}
+                      "merged", "model", "verification", "calibration", "timing_s", "memory_estimate", "notes"}
     assert "budget" not in d  # only plans have one (no "budget": null)
     assert set(full_report(budget=budget_dict()).to_dict()) == set(d) | {"budget"}
 

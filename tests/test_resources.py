@@ -43,3 +43,23 @@ def test_estimate_counts_the_verification_outputs(monkeypatch):
     with pytest.raises(ResourceError, match="verification needs about .* KiB .*--no-verify"):
         resources.check_job(**_job(monkeypatch, "100K"))
     resources.check_job(**_job(monkeypatch, "100K", verify=False))
+
+
+def test_estimate_is_returned_and_counts_the_heldout_reference(monkeypatch):
+    """The estimate goes into the report (peak = the model's copies + the largest phase), and the
+    calibration phase counts the input model's outputs on the held-out samples, kept for the
+    probes and the rounds' verification: 40 of 400 samples × 6·12·12·4 bytes each."""
+    from onnx_dwdecomp.calibration.holdout import heldout_count
+
+    kwargs = _job(monkeypatch, "64M", samples=400, batch_size=8, positions=8)
+    estimate = resources.check_job(**kwargs)
+    phases = estimate["phases"]
+    assert estimate["peak_bytes"] == phases["the model's copies"] + max(
+        v for k, v in phases.items() if k != "the model's copies")
+    parts = resources.job_parts(**kwargs)
+    calibration = next(p for p in parts if p.phase == "calibration")
+    assert heldout_count(400) == 40
+    kept = 40 * 6 * 12 * 12 * 4
+    monkeypatch.setattr(resources, "heldout_count", lambda n, *a: 0)
+    without = next(p for p in resources.job_parts(**kwargs) if p.phase == "calibration")
+    assert calibration.nbytes - without.nbytes == kept
