@@ -7,7 +7,10 @@ round by round (the machine is shared and noisy; ratios of neighbouring runs are
 
 - model: the merged regular counterpart of ShuffleNet V2 (``zoo.shufflenet_v2(width, "merged")``,
   random weights) at 224², written once into a temporary folder with the calibration ``.npz``
-  (``--images`` seeded standard-normal images, key ``input``);
+  (``--images`` seeded standard-normal images, key ``input``); or, with ``--model PATH --calib
+  PATH`` (both), that model and ``.npz``, used where they are (not copied). The model must have
+  one input; the reference reads the ``.npz`` array whose key is that input's name, or else its
+  only array (``tools/make_residual_cnn.py`` writes such pairs);
 - decompose: ``python -m onnx_dwdecomp model.onnx --calib calib.npz -o out.onnx --report r.json
   --quiet`` (default options; anything after ``--`` is passed through), wall clock of the
   process and its peak RSS (``os.wait4``: the child's own ``ru_maxrss``);
@@ -31,6 +34,8 @@ deletes the file before every round; ``none`` passes ``--no-timing-cache``.
     python tools/bench_decompose.py -- --multiplier 1 --select all
     python tools/bench_decompose.py --baseline /tmp/old_tree    # A/B: the same rounds with another
                                                                 # source tree's onnx_dwdecomp, interleaved
+    python tools/make_residual_cnn.py --convs 48 --out-dir /tmp/res48      # any model + calibration .npz
+    python tools/bench_decompose.py --model /tmp/res48/model.onnx --calib /tmp/res48/calib.npz
 
 Random inputs have other statistics than photos, but the work done (forward passes, moment
 sums, solves) depends on shapes; the plan (which convs, which multipliers) can differ.
@@ -56,15 +61,16 @@ REFERENCE = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime as ort
-model, calib, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-x = np.load(calib)["input"]
+model, calib, batch, threads, name, key = sys.argv[1:7]
+batch, threads = int(batch), int(threads)
+x = np.load(calib)[key]
 t0 = time.perf_counter()
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = threads
 session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 t1 = time.perf_counter()
 for start in range(0, len(x), batch):
-    session.run(None, {"input": x[start:start + batch]})
+    session.run(None, {name: x[start:start + batch]})
 t2 = time.perf_counter()
 print(json.dumps({"session_s": t1 - t0, "run_s": t2 - t1}))
 """
@@ -84,6 +90,39 @@ def _run(cmd: list[str], cwd: str, tree: Path = ROOT) -> tuple[float, int, int, 
         return wall, proc.returncode, usage.ru_maxrss * 1024, out.read()
 
 
+def model_input(model_path: Path) -> str:
+    """The name of the model's single graph input (initializers are not inputs); SystemExit otherwise."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    if len(names) != 1:
+        raise SystemExit(f"{model_path}: the reference pass needs a model with one input, it has {len(names)}: {names}")
+    return names[0]
+
+
+def calib_key(calib_path: Path, name: str) -> tuple[str, tuple[int, ...]]:
+    """The ``.npz`` member for input ``name`` — the key ``name``, or else the only array — and its
+    shape (read from the member's header; the data is not loaded); SystemExit otherwise."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(calib_path) as zf:
+            keys = {info.filename[:-4]: info for info in zf.infolist() if info.filename.endswith(".npy")}
+            key = name if name in keys else next(iter(keys)) if len(keys) == 1 else None
+            if key is None:
+                raise SystemExit(f"{calib_path}: no array {name!r} (the model's input) and not a single array: "
+                                 f"{sorted(keys)}")
+            with zf.open(keys[key]) as member:
+                version = np.lib.format.read_magic(member)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                shape = read[version](member)[0] if version in read else \
+                    np.lib.format._read_array_header(member, version)[0]  # 3.0: no public reader
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SystemExit(f"{calib_path}: not a readable .npz file ({exc})") from exc
+    return key, tuple(shape)
+
+
 def _breakdown(report: dict) -> str:
     timing = report.get("timing_s", {})
     calib = (report.get("calibration") or {}).get("timing_s", {})
@@ -101,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--model", type=Path, help="bench this ONNX model (with --calib) instead of ShuffleNet V2")
+    parser.add_argument("--calib", type=Path, help="its calibration .npz (with --model)")
+    parser.add_argument("--width", type=float, help="ShuffleNet V2 width (default 1.0; not with --model)")
+    parser.add_argument("--images", type=int, help="ShuffleNet V2 images (default 128; not with --model)")
+    parser.add_argument("--image-size", type=int, help="ShuffleNet V2 input side (default 224; not with --model)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds timed (default 5)")
     parser.add_argument("--cache", choices=["warm", "cold", "none"], default="warm",
                         help="timing cache: warm (one cold round first, reported apart), cold (deleted "
@@ -116,29 +157,52 @@ def main(argv: list[str] | None = None) -> int:
                              "TREE (a copy of an older source tree): interleaved A/B")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-
-    import onnx
-
-    from onnx_dwdecomp import zoo
+    if (args.model is None) != (args.calib is None):
+        parser.error("--model and --calib go together")
+    if args.model is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("width", "images", "image_size") if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: ShuffleNet V2 options, not for --model")
+        for path in (args.model, args.calib):
+            if not path.is_file():
+                parser.error(f"no such file: {path}")
+    else:
+        args.width = 1.0 if args.width is None else args.width
+        args.images = 128 if args.images is None else args.images
+        args.image_size = 224 if args.image_size is None else args.image_size
 
     with tempfile.TemporaryDirectory(prefix="bench_decompose_") as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_path, calib_path = work / "model.onnx", work / "calib.npz"
         cache_path = work / "timing_cache.json"
-        onnx.save_model(zoo.shufflenet_v2(args.width, "merged", image_size=args.image_size), str(model_path))
-        images = np.random.default_rng(0).standard_normal(
-            (args.images, 3, args.image_size, args.image_size), dtype=np.float32)
-        np.savez(calib_path, input=images)
-        del images
+        if args.model is not None:  # referenced where they are (absolute: the children run in work/)
+            model_path, calib_path = args.model.resolve(), args.calib.resolve()
+            input_name = model_input(model_path)
+            key, shape = calib_key(calib_path, input_name)
+            args.images = shape[0] if shape else 1
+            what = (f"model: {args.model} (input {input_name!r} ← {args.calib}[{key!r}], "
+                    f"{' × '.join(map(str, shape))})")
+        else:
+            import onnx
+
+            from onnx_dwdecomp import zoo
+
+            model_path, calib_path = work / "model.onnx", work / "calib.npz"
+            onnx.save_model(zoo.shufflenet_v2(args.width, "merged", image_size=args.image_size), str(model_path))
+            images = np.random.default_rng(0).standard_normal(
+                (args.images, 3, args.image_size, args.image_size), dtype=np.float32)
+            np.savez(calib_path, input=images)
+            del images
+            input_name, key = "input", "input"
+            what = f"model: ShuffleNet V2 x{args.width} merged, {args.image_size}², {args.images} images"
         py = sys.executable
         decompose = [py, "-m", "onnx_dwdecomp", str(model_path), "--calib", str(calib_path),
                      "-o", str(work / "out.onnx"), "--report", str(work / "report.json"), "--quiet"]
         decompose += ["--no-timing-cache"] if args.cache == "none" else ["--timing-cache", str(cache_path)]
         decompose += extra
         reference = [py, "-c", REFERENCE, str(model_path), str(calib_path), str(args.ref_batch),
-                     str(args.ref_threads)]
-        print(f"model: ShuffleNet V2 x{args.width} merged, {args.image_size}², {args.images} images; "
+                     str(args.ref_threads), input_name, key]
+        print(f"{what}; "
               f"decompose: default options{' + ' + ' '.join(extra) if extra else ''}, cache {args.cache}; "
               f"reference: fresh session, batch {args.ref_batch}, {args.ref_threads} threads")
 
@@ -177,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"(run only {row['ratio_run_only']:5.2f}) | {row['rewritten']} convs rewritten", flush=True)
                 print("      " + _breakdown(report).replace("\n", "\n      "), flush=True)
 
-        summary = {"images": args.images, "width": args.width, "cache": args.cache, "extra_args": extra}
+        summary = {"images": args.images, "width": args.width, "cache": args.cache, "extra_args": extra,
+                   "model": str(model_path) if args.model is not None else None}
         for name, tree in trees.items():
             timed = [r for r in rounds[name] if r["kind"] == "timed"]
             result = {
