@@ -114,11 +114,11 @@ class _Job:
 
     def heldout_reference(self) -> list[dict[str, np.ndarray]]:
         """The input model's outputs on :meth:`heldout_batches` (run once per job; the probes and
-        every round's verification compare against them; its time goes to ``reference_pass``)."""
+        every round's verification compare against them; ``timing_s["heldout_reference"]``)."""
         if self._heldout_reference is None:
             t0 = time.perf_counter()
             self._heldout_reference = model_outputs(self.source, self.heldout_batches(), "the input model")
-            self.add_time("reference_pass", time.perf_counter() - t0)
+            self.add_time("heldout_reference", time.perf_counter() - t0)
         return self._heldout_reference
 
     def deployment_batch(self) -> int:
@@ -322,7 +322,9 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
     profile = job.profiler() if price == "latency" else None
+    t0, profiled = time.perf_counter(), job.timing.get("profiles", 0.0)
     priced, timed, without_options = price_options(job.work, layers, job.infos, price, selector, profile)
+    job.add_time("pricing", time.perf_counter() - t0 - (job.timing.get("profiles", 0.0) - profiled))
     selected = Selected([layer for layer in layers if layer.name in priced.macs],
                         timed or [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                   for layer in layers], without_options)
@@ -341,12 +343,14 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
         # factors), on the held-out samples, run inside the pass (sensitivity.py)
         first = {layer.name: wanted[layer.name][0] for layer in layers}
         probes = SensitivityProbes(job.heldout_reference(), job.output_scales(), first, len(layers))
+        t0 = time.perf_counter()
         calibrate_and_solve(job.work, layers, job.data, job.infos,
                             finite_stats_solver(curve_solver(errors, wanted, rounds=opts.solver_rounds,
                                                              ridge=opts.ridge)),
                             _calibration_options(opts, symmetric=True), fixed_batch=job.fixed_batch,
                             heldout=job.heldout_mask(), probe=probes)
         sensitivities = probes.finish(job.work, job.heldout_batches(), [layer.name for layer in layers])
+        job.add_time("curve_pass", time.perf_counter() - t0 - sensitivities.seconds)
         job.add_time("sensitivity_probes", sensitivities.seconds)
     curves = layer_curves(layers, priced, errors, sensitivities.weights() if sensitivities else {})
     fixed = before - sum(c.option(SKIP).macs for c in curves)

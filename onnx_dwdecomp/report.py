@@ -110,6 +110,7 @@ class Report:
             "calibration": self.calibration,
             "timing_s": {k: round(v, 4) for k, v in self.timing_s.items()},
             "memory_estimate": self.memory_estimate,
+            "job_cost": job_cost(self.timing_s),
             "notes": list(self.notes),
         }
         if self.budget is not None:
@@ -224,6 +225,12 @@ class Report:
                 if o.reference:
                     lines.append(f"  {name}: {o.reference} of {o.values} value(s) are NaN/Inf in the input model's own "
                                  f"output; left out of the errors")
+        cost = job_cost(self.timing_s)
+        if verbose and cost:
+            lines.append("")
+            lines.append(f"job: {cost['total_s']:.1f} s = {cost['forward_passes']:.1f} forward passes of the calibration "
+                         f"set ({cost['forward_pass_s']:.2f} s each, onnxruntime's time for the reference pass): "
+                         + ", ".join(f"{name} {n:.1f}" for name, n in cost["phases"].items() if n >= 0.05))
         for note in self.notes:
             lines.append(f"note: {note}")
         return lines
@@ -480,3 +487,30 @@ def text_table(rows: list[tuple[str, ...]]) -> list[str]:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
+
+
+#: The job's phases for :func:`job_cost`: label → the ``timing_s`` keys it adds up (disjoint).
+COST_PHASES = {
+    "reference pass": ("reference_pass",), "held-out reference": ("heldout_reference",),
+    "conv timings": ("pricing",), "in-model profiles": ("profiles",), "curve pass": ("curve_pass",),
+    "sensitivity probes": ("sensitivity_probes",), "rounds' calibration and solve": ("calibration", "solve"),
+    "verification": ("verify",), "whole-model check": ("model_check",),
+}
+
+
+def job_cost(timing_s: dict[str, float]) -> dict | None:
+    """What each phase of the job cost in forward passes of the calibration set — the yardstick
+    is the reference pass, onnxruntime's time for one plain pass of the input model over all
+    calibration samples; the rest of ``total`` (loading, folding, rewriting, Python) is "other".
+    None without a reference pass (no calibration data)."""
+    forward = timing_s.get("reference_pass")
+    total = timing_s.get("total")
+    if not forward or total is None:
+        return None
+    phases = {label: sum(timing_s.get(k, 0.0) for k in keys) for label, keys in COST_PHASES.items()}
+    phases = {label: v for label, v in phases.items() if v}
+    phases["other"] = max(total - sum(phases.values()), 0.0)
+    return {"forward_pass_s": round(forward, 4), "total_s": round(total, 4),
+            "forward_passes": round(total / forward, 2),
+            "phases": {label: round(v / forward, 2) for label, v in phases.items()}}
+

@@ -84,7 +84,7 @@ def row(text: str, first_cell: str) -> list[str]:
 def test_to_dict_keys():
     d = full_report().to_dict()
     assert set(d) == {"method", "options", "environment", "layers", "skipped", "select", "selection", "folded",
-                      "merged", "model", "verification", "calibration", "timing_s", "memory_estimate", "notes"}
+                      "merged", "model", "verification", "calibration", "timing_s", "memory_estimate", "job_cost", "notes"}
     assert "budget" not in d  # only plans have one (no "budget": null)
     assert set(full_report(budget=budget_dict()).to_dict()) == set(d) | {"budget"}
 
@@ -498,3 +498,23 @@ def test_brief_render_leaves_the_per_conv_tables_to_verbose():
     assert "2 × kept regular by the plan (each its reason: --verbose): conv7, conv8" in brief
     assert "r=1 alone adds ~0.03 predicted output error" in verbose and "MMACs before → after" in verbose
     assert len(brief.splitlines()) < len(verbose.splitlines())
+
+
+def test_job_cost_in_forward_passes():
+    """Each phase in units of the reference pass (one plain forward of the calibration set); the
+    phases are disjoint and "other" is the rest of the total, so they add up to the total."""
+    from onnx_dwdecomp.report import job_cost
+
+    timing = {"load": 0.5, "reference_pass": 2.0, "heldout_reference": 0.25, "pricing": 1.0, "profiles": 0.5,
+              "curve_pass": 6.0, "sensitivity_probes": 1.5, "plan": 9.5, "calibration": 3.0, "solve": 1.0,
+              "verify": 0.5, "model_check": 1.0, "total": 20.0}
+    cost = job_cost(timing)
+    assert cost["forward_passes"] == 10.0 and cost["forward_pass_s"] == 2.0
+    assert cost["phases"]["curve pass"] == 3.0 and cost["phases"]["rounds' calibration and solve"] == 2.0
+    # other: 20 − 16.75 s in the phases = 3.25 s (load and what no phase counts; "plan" nests phases), / 2
+    assert cost["phases"]["other"] == pytest.approx(1.625, abs=0.01)
+    assert sum(cost["phases"].values()) == pytest.approx(cost["forward_passes"], abs=0.05)
+    assert job_cost({"total": 3.0}) is None  # no data, no reference pass
+    text = full_report(timing_s=timing).render(verbose=True)
+    assert "job: 20.0 s = 10.0 forward passes of the calibration set" in text
+    assert "job:" not in full_report(timing_s=timing).render(verbose=False)
