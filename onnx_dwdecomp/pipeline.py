@@ -51,7 +51,7 @@ from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplie
 from .timing.cache import TimingCache
 from .timing.clock import default_threads, environment
 from .timing.latency import MIN_GAIN, Decision, LatencySelector
-from .timing.model import check_faster
+from .timing.model import MODEL_MIN_GAIN, check_faster
 from .timing.node_profile import NodeTimes, cached_profile
 from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, model_outputs, random_batches)
@@ -116,8 +116,9 @@ class _Job:
         """The input model's outputs on :meth:`heldout_batches` (run once per job; the probes and
         every round's verification compare against them; ``timing_s["heldout_reference"]``)."""
         if self._heldout_reference is None:
+            batches = self.heldout_batches()
             t0 = time.perf_counter()
-            self._heldout_reference = model_outputs(self.source, self.heldout_batches(), "the input model")
+            self._heldout_reference = model_outputs(self.source, batches, "the input model")
             self.add_time("heldout_reference", time.perf_counter() - t0)
         return self._heldout_reference
 
@@ -328,6 +329,10 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     selected = Selected([layer for layer in layers if layer.name in priced.macs],
                         timed or [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                   for layer in layers], without_options)
+    cannot_pay = _cannot_pay(priced, opts.plan_mode())
+    if cannot_pay:  # no curve pass, no probes, no rounds: nothing they could find would be used
+        selected = Selected([], selected.selection,
+                            selected.skipped + [Refused(layer.name, cannot_pay) for layer in selected.layers])
     layers = selected.layers
     before = model_cost(job.work, job.infos).macs
     if opts.target_macs is not None:
@@ -360,6 +365,26 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
                             before_macs=before, default=opts.default_plan, model_ms=priced.model_ms)
     return planner, sensitivities, selected
+
+
+def _cannot_pay(priced, mode: str) -> str | None:
+    """Why no plan can pay, or None: priced inside the model, rewriting every candidate at its
+    fastest option saves less than ``MODEL_MIN_GAIN`` of the all-regular model's time — and a plan
+    the whole-model check does not find ``MODEL_MIN_GAIN`` faster is not used (the bound and task modes;
+    a MACs or latency target is the user's call)."""
+    if mode not in ("max_error", "task") or priced.latency_ms is None or not priced.model_ms:
+        return None
+    saving = 0.0
+    for times in priced.latency_ms.values():
+        regular = times.get(SKIP)
+        fastest = min((t for r, t in times.items() if r != SKIP and t is not None), default=None)
+        if regular is not None and fastest is not None:
+            saving += max(regular - fastest, 0.0)
+    if saving >= MODEL_MIN_GAIN * priced.model_ms:
+        return None
+    return (f"kept regular: rewriting every candidate at its fastest option would save {saving:.3f} ms of the "
+            f"model's {priced.model_ms:.3f} ms ({100 * saving / priced.model_ms:.3g} %), less than the "
+            f"{100 * MODEL_MIN_GAIN:g} % a plan must gain as a whole model")
 
 
 def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> CalibrationOptions:
