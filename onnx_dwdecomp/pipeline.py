@@ -26,34 +26,35 @@ import onnx
 from . import resources
 from .calibration.driver import CalibrationOptions, calibrate_and_solve
 from .calibration.holdout import split_holdout
+from .calibration.reference import Reference, reference_pass
 from .candidates import ConvLayer, candidate_notes, find_candidates
 from .data.dataset import CalibrationData, load_calibration
 from .data.specs import fix_dims, fixed_batch
-from .errors import CalibrationError, OptionError, Refused, first_line
+from .errors import CalibrationError, OptionError, Refused
 from .fold import FoldResult, fold_batchnorm, rewrite_and_merge
 from .methods import METHODS
 from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
 from .planning.budget import SKIP
-from .planning.error_model import curve_error, curve_solver, layer_curves
+from .planning.error_model import curve_solver, layer_curves
 from .planning.planner import BudgetPlanner, Plan, kept_reason
-from .planning.pricing import (check_latency_reachable, check_reachable, merge_targets, merged_channels, price_options,
-                               time_option)
+from .planning.pricing import (cannot_pay_reason, check_latency_reachable, check_reachable, merge_targets,
+                               merged_channels, price_options, time_option)
 from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
 from .planning.sensitivity import Sensitivities, SensitivityProbes
 from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
 from .progress import Steps, reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
-from .runtime import make_session, using_providers
+from .runtime import using_providers
 from .shapes import ModelCost, graph_inputs, infer_tensor_info, model_cost, node_macs, resolve_input_shapes
 from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplier, relative_weight_error
 from .timing.cache import TimingCache
 from .timing.clock import default_threads, environment
 from .timing.latency import MIN_GAIN, Decision, LatencySelector
-from .timing.model import MODEL_MIN_GAIN, check_faster
+from .timing.model import check_faster
 from .timing.node_profile import NodeTimes, cached_profile
-from .verify import (OutputScale, PaddedFeeds, ScaleAccumulator, check_finite_weights, check_model, compare_models,
+from .verify import (OutputScale, PaddedFeeds, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, model_outputs, random_batches)
 
 
@@ -329,7 +330,7 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     selected = Selected([layer for layer in layers if layer.name in priced.macs],
                         timed or [Selection(layer.name, layer.name in priced.macs, "--select all: priced by MACs")
                                   for layer in layers], without_options)
-    cannot_pay = _cannot_pay(priced, opts.plan_mode())
+    cannot_pay = cannot_pay_reason(priced, opts.plan_mode())
     if cannot_pay:  # no curve pass, no probes, no rounds: nothing they could find would be used
         selected = Selected([], selected.selection,
                             selected.skipped + [Refused(layer.name, cannot_pay) for layer in selected.layers])
@@ -365,26 +366,6 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
     planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
                             before_macs=before, default=opts.default_plan, model_ms=priced.model_ms)
     return planner, sensitivities, selected
-
-
-def _cannot_pay(priced, mode: str) -> str | None:
-    """Why no plan can pay, or None: priced inside the model, rewriting every candidate at its
-    fastest option saves less than ``MODEL_MIN_GAIN`` of the all-regular model's time — and a plan
-    the whole-model check does not find ``MODEL_MIN_GAIN`` faster is not used (the bound and task modes;
-    a MACs or latency target is the user's call)."""
-    if mode not in ("max_error", "task") or priced.latency_ms is None or not priced.model_ms:
-        return None
-    saving = 0.0
-    for times in priced.latency_ms.values():
-        regular = times.get(SKIP)
-        fastest = min((t for r, t in times.items() if r != SKIP and t is not None), default=None)
-        if regular is not None and fastest is not None:
-            saving += max(regular - fastest, 0.0)
-    if saving >= MODEL_MIN_GAIN * priced.model_ms:
-        return None
-    return (f"kept regular: rewriting every candidate at its fastest option would save {saving:.3f} ms of the "
-            f"model's {priced.model_ms:.3f} ms ({100 * saving / priced.model_ms:.3g} %), less than the "
-            f"{100 * MODEL_MIN_GAIN:g} % a plan must gain as a whole model")
 
 
 def _calibration_options(opts: DecomposeOptions, symmetric: bool) -> CalibrationOptions:
@@ -519,58 +500,6 @@ def _select_by_latency(job: _Job, layers: list[ConvLayer]) -> Selected:
             selected.skipped.append(Refused(layer.name, "kept regular: latency not measured" if t is None else
                                             f"kept regular: not ≥ {100 * MIN_GAIN:g} % faster in onnxruntime"))
     return selected
-
-
-class Reference(NamedTuple):
-    scales: dict[str, OutputScale]  # per output: mean square and peak per feature over all samples
-    energy: np.ndarray | None  # per sample: output power normalised per feature (None: no per-sample output)
-    seconds: float  # onnxruntime's time for the pass
-
-
-def reference_pass(model: onnx.ModelProto, data, batch: int, fixed: int | None) -> Reference:
-    """One plain onnxruntime pass of the original model over all calibration samples.
-
-    Gives each output's per-feature mean square ``m_f`` and peak (the scale verification
-    measures errors against, verify.py) and each sample's energy ``Σ_outputs Σ_f Σ_positions
-    y_f² / m_f`` along the output's first feature axis (the held-out split is spread over it,
-    calibration.holdout.split_holdout); outputs whose axis 0 is not the sample axis count in
-    the scales only.
-    """
-    session = make_session(model)
-    names = [o.name for o in model.graph.output]
-    scales = ScaleAccumulator()
-    per_sample: dict[str, list[np.ndarray] | None] = {}
-    seconds = 0.0
-    for b in data.iter_batches(fixed or batch, pad_to=fixed):
-        fed = len(next(iter(b.feeds.values())))
-        try:
-            t0 = time.perf_counter()
-            values = session.run(names, b.feeds)
-            seconds += time.perf_counter() - t0
-        except Exception as exc:  # onnxruntime's own exception types
-            raise CalibrationError(f"onnxruntime cannot run the input model on calibration batches of "
-                                   f"{fixed or batch}: {first_line(exc)} (a model that only runs at batch 1 "
-                                   f"needs --batch-size 1)") from exc
-        for name, value in zip(names, values):
-            if not isinstance(value, np.ndarray) or not value.ndim or not np.issubdtype(value.dtype, np.floating):
-                continue
-            sample_axis = value.shape[0] == fed
-            f = np.nan_to_num(scales.add(name, value[:b.count] if sample_axis else value)[0][1],
-                              nan=0.0, posinf=0.0, neginf=0.0)
-            parts = per_sample.get(name, [])
-            if sample_axis and parts is not None and (not parts or parts[0].shape[1] == f.shape[1]):
-                per_sample.setdefault(name, []).append((f * f).reshape(b.count, -1, f.shape[1]).sum(axis=1))
-            else:  # no sample axis, or the feature view changed between batches: no per-sample energy
-                per_sample[name] = None
-    result = scales.scales()
-    energy = None
-    for name, parts in per_sample.items():
-        if parts and result[name][0].mean_square.shape == (parts[0].shape[1],):
-            mean_square = result[name][0].mean_square
-            live = mean_square > 0
-            part = (np.concatenate(parts)[:, live] / mean_square[live]).sum(axis=1)
-            energy = part if energy is None else energy + part
-    return Reference(result, energy, seconds)
 
 
 class _Solved(NamedTuple):

@@ -18,10 +18,10 @@ SELECT_ALL = ["--select", "all"]  # latency selection times onnxruntime: slow an
 
 
 def _strip_timings(value):
-    """The report without wall-clock fields (``timing_s`` anywhere, per-layer ``*_ms``)."""
+    """The report without wall-clock fields (``timing_s`` anywhere, ``job_cost``, per-layer ``*_ms``)."""
     if isinstance(value, dict):
         return {k: _strip_timings(v) for k, v in value.items()
-                if k != "timing_s" and not k.endswith("_ms")}
+                if k not in ("timing_s", "job_cost") and not k.endswith("_ms")}
     if isinstance(value, list):
         return [_strip_timings(v) for v in value]
     return value

@@ -42,6 +42,7 @@ from ..rewrite import Replacement
 from ..shapes import node_macs
 from ..solve import check_multiplier, svd_factors
 from ..timing.latency import MIN_GAIN, Decision, LatencySelector, TimingError
+from ..timing.model import MODEL_MIN_GAIN
 from ..timing.node_profile import NodeTimes
 from .budget import SKIP
 
@@ -307,3 +308,23 @@ def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, i
             f"--target-macs {target_macs:g} is out of reach: with the {len(macs)} selected conv(s) "
             f"the output model's MACs range from {least / before:.4f} (each at its cheapest multiplier) to 1 "
             f"× the input's ({least} .. {before} MACs)")
+
+
+def cannot_pay_reason(priced: Priced, mode: str) -> str | None:
+    """Why no plan can pay, or None: priced inside the model, rewriting every candidate at its
+    fastest option saves less than ``MODEL_MIN_GAIN`` of the all-regular model's time — and a plan
+    the whole-model check does not find ``MODEL_MIN_GAIN`` faster is not used (the bound and task modes;
+    a MACs or latency target is the user's call)."""
+    if mode not in ("max_error", "task") or priced.latency_ms is None or not priced.model_ms:
+        return None
+    saving = 0.0
+    for times in priced.latency_ms.values():
+        regular = times.get(SKIP)
+        fastest = min((t for r, t in times.items() if r != SKIP and t is not None), default=None)
+        if regular is not None and fastest is not None:
+            saving += max(regular - fastest, 0.0)
+    if saving >= MODEL_MIN_GAIN * priced.model_ms:
+        return None
+    return (f"kept regular: rewriting every candidate at its fastest option would save {saving:.3f} ms of the "
+            f"model's {priced.model_ms:.3f} ms ({100 * saving / priced.model_ms:.3g} %), less than the "
+            f"{100 * MODEL_MIN_GAIN:g} % a plan must gain as a whole model")
