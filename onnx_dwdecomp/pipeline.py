@@ -37,12 +37,13 @@ from .modelio import LoadedModel, load_model, model_byte_size
 from .options import DEFAULT_MAX_ERROR, DecomposeOptions
 from .planning.budget import SKIP
 from .planning.error_model import curve_solver, layer_curves
-from .planning.planner import BudgetPlanner, Plan, kept_reason
+from .planning.planner import Plan, Planner
 from .planning.pricing import (cannot_pay_reason, check_latency_reachable, check_reachable, merge_targets,
                                merged_channels, price_options, time_option)
-from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, task_search, verified_rounds
+from .planning.search import PlanEvidence, SolvedRound, checked_choice, plan_record, solve_rounds
 from .planning.sensitivity import Sensitivities, SensitivityProbes
-from .planning.tuning import DEFAULT_MAX_DROP, parse_max_drop
+from .planning.strategies import MaxError, TargetLatency, TargetMacs, TaskSearch
+from .planning.tuning import DEFAULT_MAX_DROP, Scorer, parse_max_drop
 from .progress import Steps, reporting, say
 from .report import LayerResult, ModelTotals, Report, Selection
 from .rewrite import Replacement
@@ -207,21 +208,19 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
 
     # choose plan → solve → rewrite → verify → revise plan
     t0 = time.perf_counter()
-    planner: BudgetPlanner | None = None
+    planner: Planner | None = None
     sensitivities: Sensitivities | None = None
     if opts.plan_mode() == "uniform":
         selected = (_select_by_latency(job, layers) if opts.select == "latency" else
                     Selected(layers, [Selection(layer.name, True, "--select all") for layer in layers], []))
-        plan: Plan | None = Plan({layer.name: uniform_r for layer in selected.layers})
+        plan = Plan({layer.name: uniform_r for layer in selected.layers})
     else:
         planner, sensitivities, selected = _budget_planner(job, layers)
-        plan = planner.plan()
     layers = selected.layers
     selection += selected.selection
     skipped += selected.skipped
     job.add_time("plan", time.perf_counter() - t0)
     solve_round = functools.partial(_solve_rewrite_verify, job, layers)
-    evaluations: list[dict] | None = None
     model_check: Decision | None = None
     # the whole-model timing's setting: the deployment batch and the job's threads; its input
     # is made only when a plan is timed
@@ -230,12 +229,7 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     if planner is None:
         chosen = solve_round(plan)
     else:
-        if planner.mode == "task":
-            rounds, evaluations = task_search(planner, solve_round, job.source, opts.evaluate,
-                                              parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None
-                                                             else opts.max_drop), job.add_time)
-        else:
-            rounds = verified_rounds(planner, solve_round)
+        rounds = solve_rounds(planner, solve_round)
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()
             decision = check_faster(job.work, model, job.deployment_feeds(), threads=threads,
@@ -245,13 +239,13 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
 
         chosen, model_check = checked_choice(planner, rounds, solve_round, time_model, notes)
         not_faster = model_check is not None and not model_check.rewrite
-        skipped += [Refused(layer.name, kept_reason(planner, layer.name, not_faster))
+        skipped += [Refused(layer.name, planner.kept_reason(layer.name, not_faster))
                     for layer in layers if chosen.plan.multipliers.get(layer.name, SKIP) == SKIP]
 
     if chosen.verification is not None:
         chosen.verification.require_pass(job.source)  # NaN/Inf where the input model is finite: a failure
     report = _report(job, bn_fold, chosen, planner, skipped, selection, notes, start,
-                     PlanEvidence(sensitivities, model_check, evaluations, threads, batch))
+                     PlanEvidence(sensitivities, model_check, threads, batch))
     return DecomposeResult(chosen.model, report)
 
 
@@ -317,9 +311,9 @@ class Selected(NamedTuple):
     skipped: list[Refused]
 
 
-def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, Sensitivities | None, Selected]:
+def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[Planner, Sensitivities | None, Selected]:
     """Price the options, trace the error curves on held-out patches, probe each layer's
-    sensitivity, allocate (planning/)."""
+    sensitivity, and the mode's strategy (planning/strategies.py)."""
     opts = job.opts
     price = "latency" if opts.select == "latency" else "macs"
     selector = job.latency_selector() if price == "latency" else None
@@ -360,11 +354,18 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[BudgetPlanner, 
         job.add_time("sensitivity_probes", sensitivities.seconds)
     curves = layer_curves(layers, priced, errors, sensitivities.weights() if sensitivities else {})
     fixed = before - sum(c.option(SKIP).macs for c in curves)
-    mode = opts.plan_mode()
-    target = {"target_macs": opts.target_macs, "target_latency": opts.target_latency}.get(
-        mode, opts.max_error or DEFAULT_MAX_ERROR)
-    planner = BudgetPlanner(mode=mode, target=target, price=price, curves=curves, fixed_macs=fixed,
-                            before_macs=before, default=opts.default_plan, model_ms=priced.model_ms)
+    common = {"price": price, "curves": curves, "fixed_macs": fixed, "before_macs": before, "model_ms": priced.model_ms}
+    planner: Planner
+    if opts.evaluate is not None:  # the report's target: the default bound (the search has none)
+        tolerance = parse_max_drop(DEFAULT_MAX_DROP if opts.max_drop is None else opts.max_drop)
+        planner = TaskSearch(score=Scorer(opts.evaluate, job.add_time), tolerance=tolerance, source=job.source,
+                             target=DEFAULT_MAX_ERROR, **common)
+    elif opts.target_macs is not None:
+        planner = TargetMacs(target=opts.target_macs, **common)
+    elif opts.target_latency is not None:
+        planner = TargetLatency(target=opts.target_latency, **common)
+    else:
+        planner = MaxError(target=opts.max_error or DEFAULT_MAX_ERROR, default=opts.default_plan, **common)
     return planner, sensitivities, selected
 
 
@@ -407,7 +408,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
                        new_model, pw_fold, verification)
 
 
-def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | None, skipped: list[Refused],
+def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: Planner | None, skipped: list[Refused],
             selection: list[Selection], notes: list[str], start: float, evidence: PlanEvidence) -> Report:
     opts, work, infos = job.opts, job.work, job.infos
     new_model = chosen.model
@@ -444,12 +445,7 @@ def _report(job: _Job, bn_fold, chosen: SolvedRound, planner: BudgetPlanner | No
                                                     if bn_fold.modified else "the output equals the input"))
     notes += [f"{r.name} not folded into its conv: {r.reason}" for r in bn_fold.refused]
     if planner is not None:
-        notes += planner.notes(after.macs)
-        if not chosen.layers and planner.mode == "max_error" and not planner.tried_a_rewrite():
-            notes.append(planner.why_nothing())
-        if planner.default:
-            notes.append(f"plan: the fastest found whose held-out output error stays ≤ {planner.target:g} "
-                         f"(default bound; --max-error E to change it, --multiplier R for one multiplier everywhere)")
+        notes += planner.notes(after.macs, rewritten=bool(chosen.layers))
     if job.data is None:
         notes.append("no calibration data: data-free SVD, no accuracy was checked on real inputs "
                      "(pass --calib for the data-driven, accuracy-bounded plan)")

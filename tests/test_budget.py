@@ -1,4 +1,5 @@
-"""Tests of onnx_dwdecomp.budget (allocation) and of --target-macs / --max-error end to end."""
+"""Tests of planning/budget.py (allocation) and of --target-macs / --max-error end to end (the
+strategies on hand-made curves: test_strategies.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from onnx_dwdecomp.planning.budget import (
 from onnx_dwdecomp.cli import main
 from onnx_dwdecomp.errors import BudgetError, OptionError
 from onnx_dwdecomp.pipeline import decompose
-from onnx_dwdecomp.planning.planner import MAX_ERROR_ROUNDS, NEAR, BudgetPlanner
+from onnx_dwdecomp.planning.strategies import MAX_ERROR_ROUNDS
 from onnx_dwdecomp.planning.pricing import MAX_OPTION_MACS
 
 # ------------------------------------------------------------------------------ allocation
@@ -114,137 +115,6 @@ def test_allocation_errors():
         budget.check_curves(curves + curves[:1])
     with pytest.raises(ValueError, match="finite"):
         budget.check_curves([LayerCurve("x", (Option(SKIP, 1, float("nan")),))])
-
-
-def _planner(curves, fixed, before, scale):
-    return BudgetPlanner(mode="max_error", target=0.1, price="macs", curves=curves, fixed_macs=fixed,
-                         before_macs=before, scale=scale)
-
-
-def test_max_error_round_tightens_after_a_miss():
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 1000, 1000 + reachable_macs(curves)[1], 1e-3)
-    first = plan.allocation
-    assert first.error <= (0.9 * 0.1) ** 2 / 1e-3
-    # a round whose output error is twice the bound
-    assert plan.revise(0.2) is not None
-    assert plan.scale == pytest.approx(0.2 ** 2 / first.error)
-    assert plan.allocation.error < first.error and plan.allocation.macs > first.macs
-    assert plan.allocation.error <= (0.9 * 0.1) ** 2 / plan.scale
-    # a second miss: the predictions do not hold, the search says so and stops (before: it ran
-    # to the round cap, α swinging, on a model whose held-out samples were 2 images)
-    assert plan.revise(0.2) is None
-    assert len(plan.rounds) == 2 < MAX_ERROR_ROUNDS
-    assert plan.stop_reason == ("no plan met the bound in 2 rounds (measured 0.2, 0.2): the predictions do not "
-                                "hold on these held-out samples")
-    assert plan.final() is None  # nothing met: the caller falls back to the all-regular plan
-    fallback = plan.fall_back(0.0)
-    assert set(fallback.multipliers.values()) == {SKIP} and plan.chosen_round == 2
-    assert plan.met(0) is True and plan.rounds[-1].fallback is True
-    assert plan.to_dict(0, {}, {})["layers"][0]["multiplier"] == "skip"
-
-
-def test_max_error_round_loosens_after_a_hit_and_keeps_the_cheapest_hit():
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
-    first = plan.allocation
-    assert first.error > 0
-    # far below the bound: the prediction was pessimistic, the next round uses fewer MACs
-    assert plan.revise(0.01) is not None
-    assert plan.allocation.macs < first.macs
-    # the looser round misses: it tightens again, but never to something dearer than the hit
-    if plan.revise(0.5) is not None:
-        assert plan.allocation.macs < first.macs
-        plan.revise(0.5)
-    assert plan.final() == 0 and plan.met(0) is True
-    assert plan.allocation == first
-
-
-def test_a_swinging_interaction_scale_keeps_the_cheapest_hit():
-    """Round 1 hits far below the bound (α drops 10×), round 2 misses (α up 90×): the error
-    model does not settle, the search stops with the hit instead of oscillating to the cap."""
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
-    first = plan.allocation
-    assert plan.revise(0.1 * np.sqrt(0.1)) is not None  # measured α = 0.01
-    second = plan.allocation
-    assert plan.revise(0.1 * np.sqrt(second.error / first.error) * 3) is None  # a miss, α 90× higher
-    assert "swings" in plan.stop_reason and plan.final() == 0
-
-
-def test_a_second_miss_that_came_close_gets_one_more_round():
-    """Bound 0.1: 0.13 then 0.101 — the second miss came closer and is within 1.1 × the bound,
-    so one more round is tried instead of handing back the input."""
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 1000, 1000 + reachable_macs(curves)[1], 1e-3)
-    assert plan.revise(0.13) is not None
-    assert plan.revise(0.101) is not None and plan.stop_reason == ""
-    assert plan.revise(0.12) is None and "no plan met the bound in 3 rounds" in plan.stop_reason
-
-
-def test_a_monotone_interaction_scale_is_not_a_swing():
-    """Two hits whose α falls both times (0.1 → α₁ → α₂ < α₁): the predictions were pessimistic
-    in one direction, not oscillating; the search may go on to a looser plan."""
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
-    assert plan.revise(0.03) is not None
-    plan.revise(0.05)  # α: 0.1 → 0.012 → 0.0039
-    assert "swings" not in plan.stop_reason
-
-
-def test_a_hit_near_the_bound_ends_the_rounds():
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 0.1)
-    assert plan.allocation.error > 0
-    assert plan.revise(NEAR * 0.1 + 1e-6) is None
-    assert "within" in plan.stop_reason and plan.final() == 0
-
-
-def test_the_prediction_is_the_sensitivity_weighted_sum():
-    """Two layers with the same curve, one 100× as sensitive: the allocation rewrites the
-    insensitive one first, and the predicted output error is √(α·Σ s·e)."""
-    options = (Option(SKIP, 900, 0.0), Option(1, 100, 0.01))
-    curves = [LayerCurve("loud", options, weight=100.0), LayerCurve("quiet", options, weight=1.0)]
-    plan = BudgetPlanner(mode="max_error", target=0.5, price="macs", curves=curves, fixed_macs=0,
-                         before_macs=1800)
-    assert plan.allocation.multipliers == {"loud": SKIP, "quiet": 1}
-    assert plan.predicted() == pytest.approx(np.sqrt(1.0 * 0.01))
-    # measured 2× the prediction: α = 4, and the frontier's predictions scale with it
-    plan.revise(0.2)
-    assert plan.scale == pytest.approx(4.0)
-    point = next(p for p in plan.frontier() if p["bound"] == 0.5)
-    assert point["convs_rewritten"] == 1 and point["predicted_output_rel_l2"] == pytest.approx(0.2)
-
-
-def test_an_empty_first_plan_ends_the_rounds():
-    """Every layer's probe alone exceeds the bound: nothing can fit, the planner stops at once."""
-    curves = [LayerCurve(f"l{k}", (Option(SKIP, 900, 0.0), Option(1, 200, e1), Option(2, 400, e2)), weight=10.0)
-              for k, (e1, e2) in enumerate(((0.2, 0.05), (0.1, 0.02), (0.3, 0.1)))]
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 1.0)
-    assert all(r == SKIP for r in plan.allocation.multipliers.values())
-    assert plan.revise(0.0) is None
-    assert "no rewrite fits" in plan.stop_reason
-    assert "smallest predicted output rel. L2 of a single rewrite is 0.447" in plan.why_nothing()
-
-
-def test_a_nan_round_is_a_miss_that_keeps_the_scale():
-    curves = synthetic_curves(5, 1)
-    plan = _planner(curves, 0, reachable_macs(curves)[1], 1e-3)
-    first = plan.allocation
-    nxt = plan.revise(float("nan"))
-    assert plan.scale == 1e-3 and plan._best is None
-    assert nxt is not None and plan.allocation.error < first.error  # strictly below the missed round
-
-
-def test_a_margin_that_leaves_nothing_retries_below_the_missed_round():
-    """Two layers; after a miss with both rewritten, 0.9·E alone would keep everything regular,
-    but one of them alone may still fit: the next round tries it."""
-    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.10))),
-              LayerCurve("b", (Option(SKIP, 900, 0.0), Option(1, 200, 0.08)))]
-    plan = _planner(curves, 0, 1800, (0.9 * 0.1) ** 2 / 0.18)  # bound admits both: Σe = 0.18
-    assert plan.allocation.multipliers == {"a": 1, "b": 1}
-    nxt = plan.revise(0.5)  # far off: α = 0.25 / 0.18, 0.9·E → bound 0.0058
-    assert nxt is not None and sum(v != SKIP for v in nxt.multipliers.values()) == 1
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -390,57 +260,3 @@ def test_conv_that_no_multiplier_makes_cheaper_stays_regular():
         assert [layer.name for layer in report.layers] == ["c3"]
         assert "c1" in {s.name for s in report.skipped}
         assert report.to_dict()["budget"]["met"]
-
-
-def test_a_rewrite_predicted_within_the_bound_but_above_the_aim_is_tried():
-    """The first allocation aims at 0.9·E; when that leaves nothing but a rewrite is predicted
-    within E itself (0.95·E here), that rewrite is tried: verification decides, not the margin."""
-    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, (0.95 * 0.1) ** 2)))]
-    plan = _planner(curves, 0, 900, 1.0)
-    assert plan.allocation.multipliers == {"a": 1} and plan.predicted() == pytest.approx(0.095)
-    assert plan.revise(0.096) is None and plan.final() == 0  # near the bound: done
-    assert plan.tried_a_rewrite()
-
-
-def test_a_miss_with_nothing_below_it_falls_back_without_solving_the_regular_plan():
-    """The only rewrite missed the bound and nothing is predicted below it: the rounds stop
-    (no round spent on the all-regular plan, whose 'hit' made the report say each probe alone
-    exceeds the bound and hid the miss) and final() hands the choice to the fallback."""
-    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.005)))]
-    plan = _planner(curves, 0, 900, 1.0)
-    assert plan.allocation.multipliers == {"a": 1}
-    assert plan.revise(0.2) is None
-    assert "no rewrite fits" not in plan.stop_reason and "missed" in plan.stop_reason
-    assert len(plan.rounds) == 1 and plan.final() is None
-
-
-def test_no_curves_stop_reason_names_the_cause():
-    """No conv has an option: the stop reason must not blame the probes (there were none)."""
-    plan = _planner([], 500, 500, 1.0)
-    assert plan.revise(0.0) is None
-    assert "probe" not in plan.stop_reason and "no conv has an option" in plan.stop_reason
-    assert plan.final() == 0 and plan.to_dict(500, {}, {})["layers"] == []
-
-
-def test_the_frontier_has_a_row_for_the_plan_handed_back():
-    """The plan was allocated at 0.9·E with the scale of its round; when no bound of the table
-    gives the same plan, the chosen plan is a row of its own (bound "-"), marked."""
-    curves = [LayerCurve(f"l{k}", (Option(SKIP, 900, 0.0), Option(1, 100, e)), weight=1.0)
-              for k, e in enumerate((0.004, 0.006, 0.009))]
-    plan = _planner(curves, 0, 2700, 1.0)
-    plan.allocation = budget.allocate_error(curves, 0.0041)  # only l0: no table bound gives exactly this
-    rows = plan.frontier(bounds=(0.05, 0.1, 0.2))
-    chosen = [p for p in rows if p["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["bound"] is None and chosen[0]["convs_rewritten"] == 1
-    errors = [p["predicted_output_rel_l2"] for p in rows]
-    assert errors == sorted(errors)
-
-
-def test_the_frontier_marks_the_chosen_plan_once():
-    """Nothing rewritten: several small bounds give the same all-regular plan; one row is marked."""
-    curves = [LayerCurve("a", (Option(SKIP, 900, 0.0), Option(1, 100, 0.01)))]
-    plan = _planner(curves, 0, 900, 1.0)
-    plan.allocation = budget.uniform(curves, SKIP)
-    rows = plan.frontier(bounds=(0.01, 0.02, 0.05, 0.2))
-    assert [p["bound"] for p in rows if p["chosen"]] == [0.01]
-    assert sum(p["convs_rewritten"] == 0 for p in rows) == 3  # 0.01, 0.02, 0.05 keep it regular (0.05² < 0.01)

@@ -302,7 +302,7 @@ def _round(convs: int, predicted: float, measured: float | None, scale: float, *
 
 
 def budget_dict(**changes) -> dict:
-    """The keys pipeline._plan_record / plan.BudgetPlanner.to_dict give that the renderer reads
+    """The keys search.plan_record / planner.Planner.to_dict give that the renderer reads
     (max-error plan, latency price)."""
     b = {
         "mode": "max_error", "default": True, "target": 0.02, "price": "latency",

@@ -6,8 +6,10 @@
 - ``error_model``: a plan's output error predicted from the layers' error curves, their
   gains and the interaction scale α — ``predict(plan)``, ``rescale(measured)``;
 - ``budget``: allocating multipliers under a MACs, latency or error budget (numpy only);
-- ``planner``: the budget planner — its rounds, the trade-off frontier, the kept convs'
-  reasons;
-- ``search``: the verified rounds, the whole-model check, which plan is handed back;
-- ``tuning``: the task-aware search against the user's ``--eval`` metric.
+- ``planner``: what every mode's strategy shares — the rounds and the round chosen, the
+  trade-off frontier, the kept convs' reasons, the report's record;
+- ``strategies``: one strategy per mode (``MaxError``, ``TargetMacs``, ``TargetLatency``,
+  ``TaskSearch``): the plans it proposes, the rounds it takes back;
+- ``search``: solving what a strategy proposes, the whole-model check, which plan is handed back;
+- ``tuning``: the task-aware search's parts — tolerance, candidates, bisection, the user's scores.
 """

@@ -22,18 +22,28 @@ The search
    the input model's included; every score is in the report.
 4. The result is the fastest evaluated candidate within tolerance (the search's lower end);
    none → the all-regular model, with the reason.
+
+strategies.TaskSearch runs the search; :class:`Scorer` calls the user's function on a model,
+each call an :class:`Evaluation` in the report.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from ..errors import EvaluationError, OptionError
+from ..modelio import save_model_atomic
+from ..progress import say
+from ..usercode import display_name
 from .budget import SKIP, Allocation, LayerCurve, allocate_error
 
 #: Calls of the user's evaluate function per job at most, the input model's included.
@@ -69,6 +79,48 @@ def parse_max_drop(value: str | float | int) -> Tolerance:
     if not math.isfinite(number):
         raise OptionError(f"--max-drop {value!r}: expected a finite number")
     return Tolerance(number / 100 if match.group(2) else number, bool(match.group(2)))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One call of the user's function: the ``model`` scored (``"input"``, or ``"candidate k/n"``)
+    and its ``score``; for a candidate the index of its solved ``round``, the convs it rewrites,
+    whether it is ``within`` the tolerance and its measured output error. The report's JSON is
+    :meth:`to_dict` (the input model's: ``model`` and ``score`` alone)."""
+
+    model: str
+    score: float
+    round: int | None = None
+    convs_rewritten: int | None = None
+    within: bool | None = None
+    measured_output_rel_l2: float | None = None
+
+    def to_dict(self) -> dict:
+        if self.round is None:
+            return {"model": self.model, "score": self.score}
+        return {"model": self.model, "round": self.round, "convs_rewritten": self.convs_rewritten,
+                "score": self.score, "within": self.within, "measured_output_rel_l2": self.measured_output_rel_l2}
+
+
+class Scorer:
+    """``score(model, what)``: the user's ``evaluate`` on an in-memory model, written to a private
+    temporary folder that is removed after the call with whatever ``evaluate`` wrote beside it;
+    the seconds go to ``add_time("evaluate", s)``."""
+
+    def __init__(self, evaluate: Callable[[str], float], add_time: Callable[[str, float], None]):
+        self._evaluate, self._add_time = evaluate, add_time
+        self._name = display_name(evaluate)
+        self._calls = 0
+
+    def __call__(self, model: onnx.ModelProto, what: str) -> float:
+        with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_eval_") as tmp:
+            path = save_model_atomic(model, os.path.join(tmp, f"candidate{self._calls}.onnx"), external_data=False)
+            self._calls += 1
+            say(f"plan: scoring {what} with {self._name}")
+            t0 = time.perf_counter()
+            value = call_evaluate(self._evaluate, str(path), self._name, what)
+            self._add_time("evaluate", time.perf_counter() - t0)
+        return value
 
 
 def call_evaluate(evaluate: Callable[[str], float], path: str, name: str, what: str) -> float:
