@@ -309,8 +309,12 @@ class Report:
             return "no plan that met the bound was faster as a whole model"
         if b.get("mode") == "task":
             return "no faster plan within the score tolerance"
+        if str(b.get("stop_reason", "")).endswith("not solved"):
+            return "no plan within the bound is predicted ≥ 2 % faster as a whole model"
         if not self.skipped:
             return "no candidate conv"
+        if len({s.reason for s in self.skipped}) == 1:
+            return "every candidate conv " + self.skipped[0].reason
         reasons = {s.reason.split(":")[0] for s in self.skipped}
         return "every candidate conv kept: " + "; ".join(sorted(reasons))
 

@@ -486,6 +486,16 @@ def test_summary_of_an_unchanged_model_says_why():
     assert any(ln.startswith("plan (--eval)") and ln.endswith("— no faster plan within tolerance") for ln in lines)
     assert "  score: 0.99 (input model 0.99, allowed drop 0.005)" in lines
     assert lines[-1] == "  returned: the input model unchanged — no faster plan within the score tolerance"
+    gated = budget_dict(model_latency=None, stop_reason="the fastest plan predicted within the bound saves 0.196 ms "
+                        "of the model's 15.585 ms (1.26 %), less than the 2 % a plan must gain as a whole model: "
+                        "not solved")
+    assert full_report(layers=(), budget=gated).render().splitlines()[-1] == (
+        "  returned: the input model unchanged — no plan within the bound is predicted ≥ 2 % faster as a whole model")
+    one = (Refused("a", "kept regular: rewriting every candidate at its fastest option would save 0.1 ms"),
+           Refused("b", "kept regular: rewriting every candidate at its fastest option would save 0.1 ms"))
+    assert full_report(layers=(), skipped=one, budget=None).render().splitlines()[-1] == (
+        "  returned: the input model unchanged — every candidate conv kept regular: rewriting every candidate at "
+        "its fastest option would save 0.1 ms")
 
 
 def test_brief_render_leaves_the_per_conv_tables_to_verbose():

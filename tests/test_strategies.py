@@ -317,3 +317,39 @@ def test_task_search_with_nothing_within_falls_back():
     assert plan.chosen is None and plan.check_order() == []
     assert plan.fall_back(0.0) == "no candidate plan kept the score within the tolerance"
     assert plan.to_dict(0, {}, {})["met"] is True  # the all-regular model is the input
+
+
+def test_max_error_does_not_solve_a_plan_predicted_under_the_model_gain():
+    """Priced inside the model, a plan whose savings come to < 2 % of the model's time is not
+    solved (the whole-model check would refuse it; solving, verifying and timing it costs
+    several forward passes): the first round rewrites nothing and says why, so do the kept
+    convs. The same plan in a model where its savings are ≥ 2 % is proposed."""
+    # both at r=1 save 0.5 ms at a predicted √(0.01 + 2·0.02) = 0.22 ≤ 0.9·0.3; a alone 0.1 ms
+    curves = two_layers(a=(1.0, 0.9), b=(1.0, 0.6))
+
+    def planner(model_ms):
+        return MaxError(target=0.3, price="latency", curves=curves, fixed_macs=0, before_macs=1800, scale=1.0,
+                        model_ms=model_ms)
+
+    paying = planner(20.0).propose()
+    assert paying.multipliers == {"a": 1, "b": 1}  # 0.5 ms of 20 ms: 2.5 %
+    plan = planner(30.0)  # 0.5 ms of 30 ms: 1.67 %
+    first = plan.propose()
+    assert first.multipliers == {"a": SKIP, "b": SKIP}
+    assert step(plan, 0.0) is None
+    reason = ("the fastest plan predicted within the bound saves 0.500 ms of the model's 30.000 ms (1.67 %), "
+              "less than the 2 % a plan must gain as a whole model: not solved")
+    assert stop_reason(plan) == reason
+    assert plan.kept_reason("a", False) == "kept regular: " + reason
+    assert plan.notes(1800, rewritten=False)[0] == "every conv kept regular: " + reason
+
+
+def test_max_error_stops_when_the_re_allocated_plan_does_not_pay():
+    """After a miss (0.6: α = 0.36 / 0.05) only a fits (0.01 ≤ 0.27² / 7.2), saving 0.1 ms of 20 ms: not solved,
+    the rounds stop with that reason (nothing met the bound: the caller falls back)."""
+    curves = two_layers(a=(1.0, 0.9), b=(1.0, 0.6))
+    plan = MaxError(target=0.3, price="latency", curves=curves, fixed_macs=0, before_macs=1800, scale=1.0,
+                    model_ms=20.0)
+    assert plan.propose().multipliers == {"a": 1, "b": 1}
+    assert step(plan, 0.6) is None
+    assert stop_reason(plan).startswith("the re-allocated plan saves 0.100 ms of the model's 20.000 ms (0.5 %)")

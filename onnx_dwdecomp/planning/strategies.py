@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 
 from ..progress import say
-from .budget import SKIP, Allocation, allocate_cost, allocate_error
+from ..timing.model import MODEL_MIN_GAIN
+from .budget import SKIP, Allocation, allocate_cost, allocate_error, uniform
 from .planner import Plan, Planner
 from .tuning import LADDER, MAX_EVALUATIONS, Bisection, Evaluation, Scorer, Tolerance, candidate_allocations
 
@@ -51,6 +52,26 @@ class MaxError(Planner):
         self._alloc = allocate_error(self.curves, self._errors.error_budget(AIM * self._target), price=self._price)
         if self._alloc.error <= 0:  # the aim's margin left nothing: try what is predicted within E
             self._alloc = allocate_error(self.curves, self._errors.error_budget(self._target), price=self._price)
+        if self._alloc.error > 0 and not self._pays(self._alloc):
+            self._stop = self._too_slow(self._alloc, "the fastest plan predicted within the bound")
+            self._alloc = uniform(self.curves, SKIP)
+
+    def _pays(self, alloc: Allocation) -> bool:
+        """Whether ``alloc`` is predicted ≥ ``MODEL_MIN_GAIN`` faster as a whole model (priced
+        inside it: its savings against the profile's model time); a plan predicted slower than
+        that is not solved — the whole-model check would all but surely refuse it, and solving,
+        verifying and timing it costs several forward passes. True when priced by MACs."""
+        if self._price != "latency" or not self._model_ms or alloc.latency_ms is None:
+            return True
+        return self._saving(alloc) >= MODEL_MIN_GAIN * self._model_ms
+
+    def _saving(self, alloc: Allocation) -> float:
+        return sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) - alloc.latency_ms
+
+    def _too_slow(self, alloc: Allocation, what: str) -> str:
+        return (f"{what} saves {self._saving(alloc):.3f} ms of the model's {self._model_ms:.3f} ms "
+                f"({100 * self._saving(alloc) / self._model_ms:.3g} %), less than the {100 * MODEL_MIN_GAIN:g} % "
+                f"a plan must gain as a whole model: not solved")
 
     def take_back(self, measured: float | None, model: onnx.ModelProto | None = None) -> None:
         """Record the round just verified (worst output error ``measured``; NaN counts as a miss
@@ -74,8 +95,8 @@ class MaxError(Planner):
         finite = bool(np.isfinite(measured))
         if alloc.error <= 0:
             # every single rewrite was measured (its probe) above the bound: nothing can fit
-            self._stop = ("no rewrite fits the bound (each layer's probe alone exceeds it)" if self.curves else
-                          "no conv has an option cheaper than the regular conv")
+            self._stop = self._stop or ("no rewrite fits the bound (each layer's probe alone exceeds it)"
+                                        if self.curves else "no conv has an option cheaper than the regular conv")
             return None
         self._errors.rescale(alloc, measured)
         if hit and measured >= NEAR * self._target:
@@ -116,7 +137,15 @@ class MaxError(Planner):
         if self._best is not None and self._cost(nxt) >= self._cost(self._allocs[self._best]):
             self._stop = "no cheaper plan is predicted within the bound"
             return None
+        if not self._pays(nxt):
+            self._stop = self._too_slow(nxt, "the re-allocated plan")
+            return None
         return nxt
+
+    def kept_reason(self, name: str, not_faster: bool) -> str:
+        if not any(a.error > 0 for a in self._allocs) and self._stop.endswith("not solved"):
+            return f"kept regular: {self._stop}"
+        return super().kept_reason(name, not_faster)
 
     def _final(self) -> int | None:
         """The cheapest round measured within the bound; None when rounds were measured and none
@@ -146,7 +175,9 @@ class MaxError(Planner):
         (the smallest predicted single rewrite against the bound); the default bound named."""
         notes = super().notes(macs, rewritten)
         if not rewritten and not any(a.error > 0 for a in self._allocs):
-            if not self.curves:
+            if self._stop.endswith("not solved"):
+                notes.append(f"every conv kept regular: {self._stop}")
+            elif not self.curves:
                 notes.append("no candidate conv has an option that is cheaper than the regular conv")
             else:
                 name, error = self._errors.smallest_single_rewrite()
