@@ -327,7 +327,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[Planner, Sensit
     cannot_pay = cannot_pay_reason(priced, opts.plan_mode())
     if cannot_pay:  # no curve pass, no probes, no rounds: nothing they could find would be used
         selected = Selected([], selected.selection,
-                            selected.skipped + [Refused(layer.name, cannot_pay) for layer in selected.layers])
+                            selected.skipped + [Refused(layer.name, f"kept regular: {cannot_pay}")
+                                                for layer in selected.layers])
     layers = selected.layers
     before = model_cost(job.work, job.infos).macs
     if opts.target_macs is not None:
@@ -365,7 +366,8 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[Planner, Sensit
     elif opts.target_latency is not None:
         planner = TargetLatency(target=opts.target_latency, **common)
     else:
-        planner = MaxError(target=opts.max_error or DEFAULT_MAX_ERROR, default=opts.default_plan, **common)
+        planner = MaxError(target=opts.max_error or DEFAULT_MAX_ERROR, default=opts.default_plan,
+                           unplanned=cannot_pay or "", **common)
     return planner, sensitivities, selected
 
 

@@ -353,3 +353,16 @@ def test_max_error_stops_when_the_re_allocated_plan_does_not_pay():
     assert plan.propose().multipliers == {"a": 1, "b": 1}
     assert step(plan, 0.6) is None
     assert stop_reason(plan).startswith("the re-allocated plan saves 0.100 ms of the model's 20.000 ms (0.5 %)")
+
+
+def test_max_error_with_nothing_offered_says_why():
+    """No conv offered because none could pay (pricing.cannot_pay_reason): the one round rewrites
+    nothing and the stop reason and note give that reason — not "no option cheaper than the
+    regular conv", which would be false."""
+    why = "rewriting every candidate at its fastest option would save 0.077 ms of the model's 18.604 ms (0.415 %)"
+    plan = MaxError(target=0.02, price="latency", curves=[], fixed_macs=100, before_macs=100, model_ms=18.6,
+                    unplanned=why)
+    assert plan.propose().multipliers == {}
+    assert step(plan, 0.0) is None
+    assert stop_reason(plan) == why
+    assert plan.notes(100, rewritten=False)[0] == "every conv kept regular: " + why

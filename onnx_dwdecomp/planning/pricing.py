@@ -325,6 +325,6 @@ def cannot_pay_reason(priced: Priced, mode: str) -> str | None:
             saving += max(regular - fastest, 0.0)
     if saving >= MODEL_MIN_GAIN * priced.model_ms:
         return None
-    return (f"kept regular: rewriting every candidate at its fastest option would save {saving:.3f} ms of the "
+    return (f"rewriting every candidate at its fastest option would save {saving:.3f} ms of the "
             f"model's {priced.model_ms:.3f} ms ({100 * saving / priced.model_ms:.3g} %), less than the "
             f"{100 * MODEL_MIN_GAIN:g} % a plan must gain as a whole model")

@@ -42,13 +42,15 @@ NEAR_MISS = 1.1
 
 class MaxError(Planner):
     """``--max-error E`` (``target``; ``default``: E is the default bound, not asked for): the
-    fastest plan whose held-out output error stays ≤ E, by verified rounds."""
+    fastest plan whose held-out output error stays ≤ E, by verified rounds. ``unplanned``: why
+    no conv was offered to the plan at all (pricing.cannot_pay_reason), for the report."""
 
     _label = "max_error"
 
-    def __init__(self, *, default: bool = False, **common):
+    def __init__(self, *, default: bool = False, unplanned: str = "", **common):
         super().__init__(**common)
         self._default = default
+        self._stop = self._unplanned = unplanned
         self._alloc = allocate_error(self.curves, self._errors.error_budget(AIM * self._target), price=self._price)
         if self._alloc.error <= 0:  # the aim's margin left nothing: try what is predicted within E
             self._alloc = allocate_error(self.curves, self._errors.error_budget(self._target), price=self._price)
@@ -175,7 +177,7 @@ class MaxError(Planner):
         (the smallest predicted single rewrite against the bound); the default bound named."""
         notes = super().notes(macs, rewritten)
         if not rewritten and not any(a.error > 0 for a in self._allocs):
-            if self._stop.endswith("not solved"):
+            if self._unplanned or self._stop.endswith("not solved"):
                 notes.append(f"every conv kept regular: {self._stop}")
             elif not self.curves:
                 notes.append("no candidate conv has an option that is cheaper than the regular conv")
