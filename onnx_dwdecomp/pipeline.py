@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from . import resources
-from .calibration.driver import CalibrationOptions, calibrate_and_solve
+from .calibration.driver import CalibratedLayer, CalibrationOptions, calibrate_and_solve
 from .calibration.holdout import split_holdout
 from .calibration.reference import Reference, reference_pass
 from .candidates import ConvLayer, candidate_notes, find_candidates
@@ -80,6 +80,9 @@ class _Job:
     timing: dict[str, float]
     selector: LatencySelector | None = None
     memory_estimate: dict | None = None  # resources.check_job's, for the report
+    #: the plan rounds' solved layers, keyed by the (name, multiplier) of every rewritten layer up
+    #: to and including it in graph order (_solve_all)
+    solved: dict[tuple, CalibratedLayer] = dataclasses.field(default_factory=dict)
     _reference: Reference | None = None
     _heldout_mask: np.ndarray | None = None
     _heldout_batches: list[dict[str, np.ndarray]] | None = None
@@ -525,10 +528,17 @@ def _solve_all(job: _Job, layers: list[ConvLayer], multipliers: dict[str, int]) 
             steps.step(k, layer.name)
             factors[layer.name] = solve(layer, None)
         return _Solved(factors, {}, {}, None, {"solve": time.perf_counter() - t0})
+    # a layer solved in an earlier round against the same earlier layers at the same multipliers
+    # (asymmetric statistics depend on them) is reused, not re-solved
+    ordered = sorted(layers, key=lambda layer: layer.node_index)
+    keys = {layer.name: tuple((earlier.name, multipliers[earlier.name]) for earlier in ordered[:k + 1])
+            for k, layer in enumerate(ordered)}
+    known = {} if opts.symmetric else {name: job.solved[key] for name, key in keys.items() if key in job.solved}
     outcome = calibrate_and_solve(
         job.work, layers, job.data, job.infos, finite_stats_solver(solve),
         _calibration_options(opts, opts.symmetric), fixed_batch=job.fixed_batch,
-        heldout=job.heldout_mask())
+        heldout=job.heldout_mask(), known=known)
+    job.solved.update({keys[name]: result for name, result in outcome.layers.items()})
     factors = {name: result.factors for name, result in outcome.layers.items()}
     errors = {name: result.heldout_error for name, result in outcome.layers.items()}
     patches = {name: result.stats_count for name, result in outcome.layers.items()}

@@ -427,3 +427,36 @@ def test_symmetric_pass_solves_on_a_worker_thread_deterministically():
         assert result.heldout_error == other.heldout_error
         again = gsvd_factors(by_name[name].weight, by_name[name].bias, seen[name], 2)  # in this thread
         np.testing.assert_array_equal(result.factors.pointwise, again.pointwise)
+
+
+def test_known_layers_are_reused_with_the_same_results():
+    """A plan round reuses the layers solved in an earlier round against the same earlier
+    factors: their statistics and solves are skipped, the network still runs through them, and
+    every later layer comes out exactly as when all were solved afresh (same arrays, same sums)."""
+    from conftest import correlated_images, three_layer_net
+    from onnx_dwdecomp.calibration.driver import CalibrationOptions, calibrate_and_solve
+    from onnx_dwdecomp.candidates import find_candidates
+    from onnx_dwdecomp.data.dataset import load_calibration
+    from onnx_dwdecomp.shapes import graph_inputs, infer_tensor_info
+    from onnx_dwdecomp.solve import gsvd_factors
+
+    model = three_layer_net()
+    data = load_calibration(correlated_images(20, 6, 12, 12), graph_inputs(model))
+    infos = infer_tensor_info(model, {"x": (1, 6, 12, 12)})
+    layers = find_candidates(model, (), ()).layers
+    solved: list[str] = []
+
+    def solve(layer, stats, _err):
+        solved.append(layer.name)
+        return gsvd_factors(layer.weight, layer.bias, stats, 1, max_iter=3)
+
+    opts = CalibrationOptions(batch_size=4, positions=None)
+    fresh = calibrate_and_solve(model, layers, data, infos, solve, opts).layers
+    assert solved == ["conv0", "conv1", "conv2"]
+    solved.clear()
+    again = calibrate_and_solve(model, layers, data, infos, solve, opts,
+                                known={name: fresh[name] for name in ("conv0", "conv1")}).layers
+    assert solved == ["conv2"]
+    assert np.array_equal(again["conv2"].factors.dense_weight(), fresh["conv2"].factors.dense_weight())
+    assert again["conv2"].heldout_error == fresh["conv2"].heldout_error
+    assert again["conv0"] is fresh["conv0"]

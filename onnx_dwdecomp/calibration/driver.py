@@ -73,13 +73,17 @@ class CalibrationOutcome:
 def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: CalibrationData,
                         infos: dict[str, TensorInfo], solve: SolveFn, options: CalibrationOptions,
                         fixed_batch: int | None = None, heldout: np.ndarray | None = None,
-                        probe: ProbeFn | None = None) -> CalibrationOutcome:
+                        probe: ProbeFn | None = None,
+                        known: dict[str, CalibratedLayer] | None = None) -> CalibrationOutcome:
     """Decompose ``layers`` in graph order, each against statistics of the partially decomposed network.
 
     ``heldout`` is the mask of samples left out of the statistics (default :func:`split_holdout`).
     ``probe`` (symmetric pass only) is called once per layer with its factors (:data:`ProbeFn`):
     the rest of the network runs from the cut tensors the pass already holds, a fraction of a
-    forward pass of the held-out samples instead of a whole one.
+    forward pass of the held-out samples instead of a whole one. ``known`` (asymmetric pass only):
+    layers already solved against the same earlier layers and factors (a previous plan round
+    with the same prefix); the network still runs through them with their factors, but their
+    statistics and solves are skipped — the same arrays, so the same results.
 
     ``solve(layer, stats)`` turns one layer's calibration statistics into factors; the factors
     of every layer are in place in the decomposed copy before the next layer's statistics are
@@ -98,6 +102,8 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
     layers = sorted(layers, key=lambda layer: layer.node_index)
     if probe is not None and not options.symmetric:
         raise ValueError("sensitivity probes run in the symmetric pass only")
+    if known and options.symmetric:
+        raise ValueError("known layers are reused in the asymmetric pass only")
     if heldout is None:
         heldout = split_holdout(data.num_samples, options.holdout, options.seed)
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
@@ -106,7 +112,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
         if options.symmetric:
             _symmetric_pass(state, solve, probe)
         else:
-            _asymmetric_pass(state, solve)
+            _asymmetric_pass(state, solve, known or {})
         spilled = state.orig.spilled_bytes + state.approx.spilled_bytes
     return CalibrationOutcome(state.results, int((~heldout).sum()), int(heldout.sum()),
                               options.positions, spilled, state.timing)
@@ -244,7 +250,7 @@ def _symmetric_pass(state: _PassState, solve: SolveFn, probe: ProbeFn | None) ->
             pending.join(state, probe)
 
 
-def _asymmetric_pass(state: _PassState, solve: SolveFn) -> None:
+def _asymmetric_pass(state: _PassState, solve: SolveFn, known: dict[str, CalibratedLayer]) -> None:
     """Each layer against the decomposed network's input: the factors of every layer are in
     place in the decomposed copy before the next layer's statistics are gathered. The original
     network's next segment does not depend on this layer's factors: it runs on the worker thread
@@ -267,17 +273,24 @@ def _asymmetric_pass(state: _PassState, solve: SolveFn) -> None:
                 state.advance(state.approx, seg, replace)
             state.timing["forward"] += time.perf_counter() - t0
 
-            fit, positions, x_in, xhat_in = state.statistics(k, layer)
+            reused = known.get(layer.name)  # solved against the same earlier factors: no statistics
+            if reused is None:
+                fit, positions, x_in, xhat_in = state.statistics(k, layer)
             ahead = None
             if k + 1 < len(state.segments):  # the job's providers go with the context (runtime.py)
                 ahead = worker.submit(contextvars.copy_context().run, state.advance, state.orig, state.segments[k + 1])
-            t0 = time.perf_counter()
-            fit_stats = fit.stats()
-            heldout_error = heldout_measure(HeldoutPatches(layer, x_in, xhat_in, state.heldout, positions, state.batch))
-            factors = solve(layer, fit_stats, heldout_error)
-            state.timing["solve"] += time.perf_counter() - t0
-            state.results[layer.name] = CalibratedLayer(factors, heldout_error(factors), fit.count)
-            previous = Replacement(layer, factors)
+            if reused is not None:
+                state.results[layer.name] = reused
+            else:
+                t0 = time.perf_counter()
+                fit_stats = fit.stats()
+                heldout_error = heldout_measure(HeldoutPatches(layer, x_in, xhat_in, state.heldout, positions,
+                                                               state.batch))
+                factors = solve(layer, fit_stats, heldout_error)
+                state.timing["solve"] += time.perf_counter() - t0
+                state.results[layer.name] = CalibratedLayer(factors, heldout_error(factors), fit.count)
+                del x_in, xhat_in, fit_stats
+            previous = Replacement(layer, state.results[layer.name].factors)
             if ahead is not None:
                 t0 = time.perf_counter()
                 ahead.result()
