@@ -53,7 +53,7 @@ from .solve import ChannelFactors, LayerStats, SeparableFactors, check_multiplie
 from .timing.cache import TimingCache
 from .timing.clock import default_threads, environment
 from .timing.latency import MIN_GAIN, Decision, LatencySelector
-from .timing.model import check_faster
+from .timing.model import check_faster, check_time_limit
 from .timing.node_profile import NodeTimes, cached_profile
 from .verify import (OutputScale, PaddedFeeds, check_finite_weights, check_model, compare_models,
                      finite_stats_solver, model_outputs, random_batches)
@@ -236,7 +236,8 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
         def time_model(model: onnx.ModelProto) -> Decision:
             t0 = time.perf_counter()
             decision = check_faster(job.work, model, job.deployment_feeds(), threads=threads,
-                                    providers=opts.providers, cache=job.latency_selector().cache)
+                                    providers=opts.providers, cache=job.latency_selector().cache,
+                                    time_limit_s=check_time_limit(job.reference().seconds if job.data else None))
             job.add_time("model_check", time.perf_counter() - t0)
             return decision
 

@@ -159,6 +159,21 @@ def test_still_inside_the_band_after_the_last_retiming_keeps_the_conv_regular():
     assert within_noise(d.timing) and d.reason.startswith("within noise after 2 re-timings, kept regular")
 
 
+def test_a_retiming_that_would_pass_the_time_limit_is_not_run():
+    """A whole-model check's verdict has a time limit (timing/model.py, a few forward passes of
+    the job): _noisy's rounds are 1 + 0.94 ms, so 5 rounds take ~9.7 ms and the 3× re-timing
+    would add ~29 ms. Under a 30 ms limit it is not run and the conv stays regular — the safe
+    side, though the medians say 6 % faster; with 40 ms it runs (and the next, ×9, would not)."""
+    timer, scales = _noisy(0.94, spread=0.3)
+    d = LatencySelector(timer, threads=1, time_limit_s=0.030).decide(_config())
+    assert scales == [1] and not d.rewrite and d.timing.runs == 5
+    assert d.reason.startswith("within noise, and a re-timing would not fit in the 0.03 s this timing may take; kept "
+                               "regular: separable 0.940 ms vs regular 1.000 ms")
+    timer, scales = _noisy(0.94, spread=0.3)
+    d = LatencySelector(timer, threads=1, time_limit_s=0.040).decide(_config())
+    assert scales == [1, 3] and not d.rewrite and d.timing.retimes == 1
+
+
 @pytest.mark.parametrize("separable, halfwidth, rewrite, scales", [
     (0.5, 0.25, True, [1]),                  # θ = 0.75 exactly on the upper band edge: decided
     (1.0, 0.25, False, [1]),                 # θ exactly on the lower band edge: decided

@@ -105,3 +105,14 @@ def test_a_model_whose_first_input_is_a_scalar_is_checked(tmp_path):
     np.savez(tmp_path / "c.npz", s=np.array(2.0, np.float32), x=correlated_images(40, 6, 12, 12, seed=1))
     _, rep = decompose(net, calib=str(tmp_path / "c.npz"), max_error=0.3)
     assert rep.budget["mode"] == "max_error"
+
+
+def test_a_verdict_may_take_a_few_forward_passes_and_at_least_30_s():
+    """The whole-model check's time limit: 3 forward passes of the calibration set, at least
+    30 s. Under the floor a model whose two runs take 0.2 s a round still gets every re-timing
+    (10, then 30, then 90 rounds: 2 + 6 + 18 = 26 s), so quick models decide as before."""
+
+    from onnx_dwdecomp.timing.model import check_time_limit
+
+    assert check_time_limit(None) == 30.0 and check_time_limit(4.8) == 30.0
+    assert check_time_limit(20.0) == 60.0

@@ -128,9 +128,10 @@ def within_noise(timing: Timing, min_gain: float = MIN_GAIN) -> bool:
     return abs(timing.ratio - (1.0 - min_gain)) < timing.ratio_halfwidth
 
 
-def decide(timing: Timing, min_gain: float = MIN_GAIN) -> Decision:
+def decide(timing: Timing, min_gain: float = MIN_GAIN, time_limit_s: float | None = None) -> Decision:
     """The rewrite decision on the point estimate of one timing, or "keep regular" when the
-    threshold is still inside the noise band after the last re-timing (module docstring).
+    threshold is still inside the noise band after the last re-timing (module docstring) — or
+    before it, when ``time_limit_s`` is given: the re-timing would not fit in that budget.
 
     The reason states the medians and the evidence: ratio and band, rounds, re-timings and the
     persistent cache.
@@ -144,6 +145,9 @@ def decide(timing: Timing, min_gain: float = MIN_GAIN) -> Decision:
         evidence += ", from the timing cache"
     if within_noise(t, min_gain) and t.retimes >= MAX_RETIMES:
         return Decision(False, f"within noise after {t.retimes} re-timings, kept regular: {text} ({evidence})", t)
+    if within_noise(t, min_gain) and time_limit_s is not None:
+        return Decision(False, f"within noise, and a re-timing would not fit in the {time_limit_s:.3g} s this "
+                               f"timing may take; kept regular: {text} ({evidence})", t)
     if t.regular_ms > 0 and t.separable_ms <= (1.0 - min_gain) * t.regular_ms:
         return Decision(True, f"faster: {text} (×{1 / t.ratio:.2f}; {evidence})", t)
     return Decision(False, f"not faster: {text}; needs ≥ {100 * min_gain:g} % lower median ({evidence})", t)
@@ -306,6 +310,11 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
                    others=others or 0.0, loaded=meter is not None and busy)
 
 
+def _seconds(timing: Timing) -> float:
+    """What a timing's rounds took: both calls, every round (its medians × rounds)."""
+    return timing.runs * (timing.regular_ms + timing.separable_ms) / 1e3
+
+
 class LatencySelector:
     """Decides per conv, timing each distinct :class:`ConvConfig` once.
 
@@ -322,6 +331,9 @@ class LatencySelector:
         one, timings live for this selector only.
     providers : sequence of str
         onnxruntime execution providers of the probe sessions (part of every configuration).
+    time_limit_s : float, optional
+        What one decision's timings may take (their rounds, both calls): a re-timing that would
+        pass it is not run, and a ratio still within its noise band keeps the regular form.
 
     Attributes
     ----------
@@ -333,8 +345,9 @@ class LatencySelector:
 
     def __init__(self, timer: Timer | None = None, *, threads: int | None = None,
                  min_gain: float = MIN_GAIN, cache: TimingCache | None = None,
-                 providers: Sequence[str] = DEFAULT_PROVIDERS):
+                 providers: Sequence[str] = DEFAULT_PROVIDERS, time_limit_s: float | None = None):
         self.timer = timer or ort_timer
+        self.time_limit_s = time_limit_s
         self.threads = threads or default_threads()
         self.min_gain = min_gain
         self.cache = cache
@@ -376,8 +389,12 @@ class LatencySelector:
         stays regular."""
         try:
             timing = self.timing(config)
+            spent = 0.0 if timing.cached else _seconds(timing)
             while within_noise(timing, self.min_gain) and timing.retimes < MAX_RETIMES:
+                if self.time_limit_s is not None and spent + RETIME_FACTOR * _seconds(timing) > self.time_limit_s:
+                    return decide(timing, self.min_gain, self.time_limit_s)
                 timing = self._measure(config, retimes=timing.retimes + 1)
+                spent += _seconds(timing)
         except TimingError as exc:
             return Decision(False, f"not timed ({exc}); kept regular, --select all forces it")
         return decide(timing, self.min_gain)

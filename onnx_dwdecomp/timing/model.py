@@ -36,6 +36,17 @@ from .latency import Decision, LatencySelector, Timing, TimingError, timed_pair
 MODEL_MIN_GAIN = 0.02
 #: Timing budget (seconds) of the first measurement; re-timings scale it (latency.RETIME_FACTOR).
 BUDGET_S = 0.5
+#: One verdict's timings may take this many forward passes of the calibration set (the job's
+#: yardstick, report.job_cost), and at least CHECK_MIN_S seconds: a re-timing that would pass
+#: that is not run, and a ratio still within its noise band keeps every conv regular. (A
+#: 1024² model at 0.5 s a run took 130 rounds of both models, 169 s, for one "not faster".)
+CHECK_FORWARDS = 3
+CHECK_MIN_S = 30.0
+
+
+def check_time_limit(forward_s: float | None) -> float:
+    """Seconds one whole-model verdict may take, given the job's forward pass (None: no data)."""
+    return max(CHECK_MIN_S, CHECK_FORWARDS * (forward_s or 0.0))
 
 
 @dataclass(frozen=True)
@@ -80,14 +91,17 @@ def ort_model_timer(reference: bytes, candidate: bytes, feeds: dict[str, np.ndar
 
 
 def check_faster(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray], *,
-                 threads: int, providers: Sequence[str], cache: TimingCache | None) -> Decision:
+                 threads: int, providers: Sequence[str], cache: TimingCache | None,
+                 time_limit_s: float | None = None) -> Decision:
     """Whether ``candidate`` runs at least ``MODEL_MIN_GAIN`` faster than ``reference`` (module
-    docstring); the decision carries the timing (``regular_ms`` = reference)."""
+    docstring) within ``time_limit_s`` of timing (:func:`check_time_limit`); the decision
+    carries the timing (``regular_ms`` = reference)."""
     ref_bytes, cand_bytes = reference.SerializeToString(), candidate.SerializeToString()
     pair = model_pair(ref_bytes, cand_bytes, feeds, threads, providers)
 
     def timer(config: ModelPair, scale: int = 1) -> Timing:
         return ort_model_timer(ref_bytes, cand_bytes, feeds, config.threads, config.providers, scale)
 
-    selector = LatencySelector(timer, threads=threads, min_gain=MODEL_MIN_GAIN, cache=cache, providers=providers)
+    selector = LatencySelector(timer, threads=threads, min_gain=MODEL_MIN_GAIN, cache=cache, providers=providers,
+                               time_limit_s=time_limit_s)
     return selector.decide(pair)
