@@ -86,6 +86,7 @@ from onnx import helper, numpy_helper
 from ..candidates import ConvLayer
 from ..errors import DwDecompError, first_line
 from ..memory import THREAD_BYTES, require
+from ..progress import say
 from ..runtime import DEFAULT_PROVIDERS, session_options
 from .cache import TimingCache
 from .clock import OTHERS_BUSY, OthersLoad, clock_for, default_threads, interleaved_timings, machine_load
@@ -268,6 +269,8 @@ def ort_timer(config: ConvConfig, scale: int = 1, *, budget_s: float = 0.15, min
         raise TimingError(f"onnxruntime cannot run {config.describe()}: {first_line(exc)}") from exc
 
 
+#: A timing whose rounds will take longer than this says so (progress).
+LONG_TIMING_S = 5.0
 #: A timing at more than one thread on a busy machine takes this many times its rounds more.
 BUSY_RETIME = 3
 #: Rounds beyond what fits in this many seconds (× the re-timing scale) are not required:
@@ -296,6 +299,8 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
     per_round = max(float(sum(np.median(t) for t in probe)), 1e-9)
     least = min(scale * min_runs, max(3, math.ceil(scale * MAX_TIMING_S / per_round)))
     runs = int(np.clip(scale * budget_s / per_round, least, scale * max_runs))
+    if runs * per_round > LONG_TIMING_S:
+        say(f"timing: {runs} interleaved rounds, ~{runs * per_round:.0f} s")
     times = interleaved_timings(fns, runs=runs, warmup=0, clock=clock)
     after = machine_load(threads)
     others = meter.share() if meter is not None else None
@@ -303,6 +308,8 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
         busy = busy or after[2] or (others is not None and others > OTHERS_BUSY)
         if busy:  # load's noise averages out over more rounds (what fits in the time cap); not kept
             extra = min(BUSY_RETIME * runs, max(3, math.ceil(BUSY_RETIME * scale * MAX_TIMING_S / per_round)))
+            if extra * per_round > LONG_TIMING_S:
+                say(f"timing: under load, {extra} rounds more, ~{extra * per_round:.0f} s")
             more = interleaved_timings(fns, runs=extra, warmup=0, clock=clock)
             times = [np.concatenate([t, m]) for t, m in zip(times, more)]
     timing = Timing.from_samples(1e3 * times[0], 1e3 * times[1])
