@@ -214,8 +214,10 @@ def _decompose(loaded: LoadedModel, opts: DecomposeOptions) -> DecomposeResult:
     planner: Planner | None = None
     sensitivities: Sensitivities | None = None
     if opts.plan_mode() == "uniform":
+        t1 = time.perf_counter()
         selected = (_select_by_latency(job, layers) if opts.select == "latency" else
                     Selected(layers, [Selection(layer.name, True, "--select all") for layer in layers], []))
+        job.add_time("pricing", time.perf_counter() - t1)
         plan = Plan({layer.name: uniform_r for layer in selected.layers})
     else:
         planner, sensitivities, selected = _budget_planner(job, layers)
@@ -395,6 +397,8 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
     new_model = pw_fold.model
     job.add_time("rewrite", time.perf_counter() - t0)
 
+    # the input model's passes are timed on their own (reference_pass, heldout_reference)
+    reference = job.heldout_reference() if job.data is not None and job.opts.verify else None
     t0 = time.perf_counter()
     check_model(new_model)
     check_finite_weights(job.source, new_model)
@@ -407,8 +411,7 @@ def _solve_rewrite_verify(job: _Job, all_layers: list[ConvLayer], plan: Plan) ->
         else:
             batches = random_batches(job.specs, job.shapes, job.opts.seed)
             what = f"random inputs (seed {job.opts.seed})"
-        verification = compare_models(job.source, new_model, batches, what, job.output_scales(),
-                                      job.heldout_reference() if job.data is not None else None)
+        verification = compare_models(job.source, new_model, batches, what, job.output_scales(), reference)
     job.add_time("verify", time.perf_counter() - t0)
     return SolvedRound(plan, layers, solved.factors, solved.heldout_errors, solved.patches, solved.calib_report,
                        new_model, pw_fold, verification)

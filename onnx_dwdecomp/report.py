@@ -309,8 +309,11 @@ class Report:
             return "no plan that met the bound was faster as a whole model"
         if b.get("mode") == "task":
             return "no faster plan within the score tolerance"
-        if str(b.get("stop_reason", "")).endswith("not solved"):
-            return "no plan within the bound is predicted ≥ 2 % faster as a whole model"
+        stop = str(b.get("stop_reason", ""))
+        if stop.endswith("not solved"):
+            return "no plan that could meet the bound is predicted ≥ 2 % faster as a whole model"
+        if stop.startswith("rewriting every candidate at its fastest option"):
+            return "no plan can be ≥ 2 % faster: " + stop
         if not self.skipped:
             return "no candidate conv"
         if len({s.reason for s in self.skipped}) == 1:
@@ -498,7 +501,7 @@ COST_PHASES = {
     "reference pass": ("reference_pass",), "held-out reference": ("heldout_reference",),
     "conv timings": ("pricing",), "in-model profiles": ("profiles",), "curve pass": ("curve_pass",),
     "sensitivity probes": ("sensitivity_probes",), "rounds' calibration and solve": ("calibration", "solve"),
-    "verification": ("verify",), "whole-model check": ("model_check",),
+    "verification": ("verify",), "whole-model check": ("model_check",), "your evaluate function": ("evaluate",),
 }
 
 

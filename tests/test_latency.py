@@ -174,6 +174,22 @@ def test_a_retiming_that_would_pass_the_time_limit_is_not_run():
     assert scales == [1, 3] and not d.rewrite and d.timing.retimes == 1
 
 
+def test_the_time_limit_counts_what_a_timing_took_on_the_clock():
+    """Warm-ups, sessions and the extra rounds under load are not in a timing's medians: the limit
+    counts the wall seconds the timing took. A timer that takes 50 ms for 5 rounds whose medians
+    add to ~10 ms: the re-timing (~150 ms more) does not fit in 100 ms."""
+    import time
+
+    noisy, scales = _noisy(0.94, spread=0.3)
+
+    def slow(config, scale):
+        time.sleep(0.05 * scale)
+        return noisy(config, scale)
+
+    d = LatencySelector(slow, threads=1, time_limit_s=0.100).decide(_config())
+    assert scales == [1] and not d.rewrite
+
+
 @pytest.mark.parametrize("separable, halfwidth, rewrite, scales", [
     (0.5, 0.25, True, [1]),                  # θ = 0.75 exactly on the upper band edge: decided
     (1.0, 0.25, False, [1]),                 # θ exactly on the lower band edge: decided

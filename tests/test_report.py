@@ -490,7 +490,14 @@ def test_summary_of_an_unchanged_model_says_why():
                         "of the model's 15.585 ms (1.26 %), less than the 2 % a plan must gain as a whole model: "
                         "not solved")
     assert full_report(layers=(), budget=gated).render().splitlines()[-1] == (
-        "  returned: the input model unchanged — no plan within the bound is predicted ≥ 2 % faster as a whole model")
+        "  returned: the input model unchanged — no plan that could meet the bound is predicted ≥ 2 % faster as a "
+        "whole model")
+    why = ("rewriting every candidate at its fastest option would save 0.077 ms of the model's 18.604 ms (0.415 %), "
+           "less than the 2 % a plan must gain as a whole model")
+    mixed = (Refused("a", "kept regular: " + why), Refused("stem", "kept regular: not ≥ 5 % faster inside the model"))
+    unplanned = budget_dict(model_latency=None, stop_reason=why)
+    assert full_report(layers=(), skipped=mixed, budget=unplanned).render().splitlines()[-1] == (
+        "  returned: the input model unchanged — no plan can be ≥ 2 % faster: " + why)
     one = (Refused("a", "kept regular: rewriting every candidate at its fastest option would save 0.1 ms"),
            Refused("b", "kept regular: rewriting every candidate at its fastest option would save 0.1 ms"))
     assert full_report(layers=(), skipped=one, budget=None).render().splitlines()[-1] == (

@@ -138,3 +138,36 @@ def test_in_pass_probes_equal_whole_network_probes(reshape):
         assert p.output_error > 1e-3  # a real error, not round-off
         assert got.probes[name].output_error == pytest.approx(p.output_error, rel=1e-4)
         assert got.probes[name].layer_error == p.layer_error
+
+
+def test_a_probe_never_slices_an_input_without_a_sample_axis(tmp_path):
+    """An input without a sample axis (shape [4], one value for all samples) read after the last
+    conv: at --batch-size 4 the store keeps it like a per-sample tensor (its axis 0 equals each
+    batch's rows), so a probe fed from the store would slice it by held-out sample. Such a part
+    of the graph is probed on the whole network instead: the probes equal those of the batch-3
+    job, where the question never arises (same function, same samples; 1e-4 relative)."""
+    c, hw = 4, 8
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32),
+                                     f"w{k}") for k in range(2)]
+    inits.append(numpy_helper.from_array(np.array([1, c, 1, 1], np.int64), "shp"))
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["s", "shp"], ["s4"]),
+             helper.make_node("Mul", ["c1", "s4"], ["y"])]
+    graph = helper.make_graph(nodes, "unbatched", [
+        helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, hw, hw]),
+        helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [c])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, hw, hw])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=correlated_images(24, c, hw, hw), s=np.array([1, 2, 3, 4], np.float32))
+    probes = {}
+    for batch in (3, 4):
+        _, rep = decompose(model, calib=str(calib), batch_size=batch, max_error=0.5, select="all")
+        probes[batch] = {layer["name"]: layer["probe"]["output_error"] for layer in rep.budget["layers"]}
+    assert set(probes[4]) == {"conv0", "conv1"}
+    for name, error in probes[3].items():
+        assert probes[4][name] == pytest.approx(error, rel=1e-4)

@@ -108,7 +108,7 @@ def calibrate_and_solve(model: onnx.ModelProto, layers: list[ConvLayer], data: C
         heldout = split_holdout(data.num_samples, options.holdout, options.seed)
     with tempfile.TemporaryDirectory(prefix="onnx_dwdecomp_calib_") as tmp:
         state = _PassState(model, layers, infos, options, fixed_batch, heldout, data.num_samples, tmp)
-        state.load(data, tail=probe is not None)
+        state.load(data, tail=probe is not None and fixed_batch is None)
         if options.symmetric:
             _symmetric_pass(state, solve, probe)
         else:
@@ -134,6 +134,7 @@ class _PassState:
         self.segments: list[Segment] = []
         self.results: dict[str, CalibratedLayer] = {}
         self.names: NameAllocator | None = None  # the probes' replacement names (made on the first probe)
+        self.sample_free: set[str] = set()  # tensors without a sample axis (computed from unbatched inputs only)
 
     def shared(self) -> int:
         """Bytes both stores hold in memory (the spill budget is theirs together)."""
@@ -147,6 +148,7 @@ class _PassState:
             for name, value in loaded.feeds.items():
                 self.orig.put(name, b, value, self.shared)
         self.approx.values.update(self.orig.values)  # identical until the first decomposed layer
+        self.sample_free = sample_free(self.model.graph, data.unbatched)
         self.timing["load_data"] = time.perf_counter() - t0
         self.segments = plan_segments(self.model, [layer.node_index for layer in self.layers], tail=tail)
 
@@ -171,11 +173,13 @@ class _PassState:
     def suffix_run(self, layer: ConvLayer, factors: SeparableFactors | ChannelFactors
                    ) -> Callable[[], list[dict[str, np.ndarray]]] | None:
         """``run_on()`` of :data:`ProbeFn` for ``layer``, or None when the part of the graph from
-        it on reads a tensor the store does not hold per sample (a shape-derived one), misses a
-        graph output, or the model's batch is fixed (its held-out rows would need padding)."""
+        it on reads a tensor the store does not hold per sample (a shape-derived one, or one
+        computed from inputs without a sample axis, whose rows are no samples), misses a graph
+        output, or the model's batch is fixed (its held-out rows would need padding)."""
         seg = suffix_segment(self.model, layer.node_index)
         held = self.orig.values
         if (self.fixed_batch is not None or set(seg.outputs) != {o.name for o in self.model.graph.output}
+                or set(seg.inputs) & self.sample_free
                 or not all(isinstance(held.get(name), np.ndarray) for name in seg.inputs)):
             return None
         rows = np.flatnonzero(self.heldout)
@@ -244,7 +248,7 @@ def _symmetric_pass(state: _PassState, solve: SolveFn, probe: ProbeFn | None) ->
                 heldout_error, fit.count)
             if previous is not None:
                 previous.join(state, probe)
-            del x_in, xhat_in, fit_stats, heldout_error  # the cut tensors can go
+            del x_in, xhat_in, fit_stats, heldout_error, previous  # the cut tensors and patches can go
             state.free(k)
         if pending is not None:
             pending.join(state, probe)
@@ -296,6 +300,18 @@ def _asymmetric_pass(state: _PassState, solve: SolveFn, known: dict[str, Calibra
                 ahead.result()
                 state.timing["forward"] += time.perf_counter() - t0
             state.free(k)
+
+
+def sample_free(graph: onnx.GraphProto, unbatched: frozenset[str]) -> set[str]:
+    """Tensors computed from the graph inputs without a sample axis (``unbatched``) and constants
+    only: one value for every sample, whatever their first dimension."""
+    free = set(unbatched)
+    constants = {t.name for t in graph.initializer}
+    for node in graph.node:
+        reads = {name for name in node.input if name and name not in constants}
+        if reads and reads <= free:
+            free.update(o for o in node.output if o)
+    return free
 
 
 def _free_cut_tensors(k: int, layers: list[ConvLayer], segments: list[Segment], stores) -> None:

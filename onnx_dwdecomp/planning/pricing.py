@@ -313,9 +313,9 @@ def check_reachable(target_macs: float, before: int, macs: dict[str, dict[int, i
 def cannot_pay_reason(priced: Priced, mode: str) -> str | None:
     """Why no plan can pay, or None: priced inside the model, rewriting every candidate at its
     fastest option saves less than ``MODEL_MIN_GAIN`` of the all-regular model's time — and a plan
-    the whole-model check does not find ``MODEL_MIN_GAIN`` faster is not used (the bound and task modes;
-    a MACs or latency target is the user's call)."""
-    if mode not in ("max_error", "task") or priced.latency_ms is None or not priced.model_ms:
+    the whole-model check does not find ``MODEL_MIN_GAIN`` faster is not used (the bound mode; a
+    MACs or latency target is the user's call, and a task-aware search scores the input anyway)."""
+    if mode != "max_error" or priced.latency_ms is None or not priced.model_ms:
         return None
     saving = 0.0
     for times in priced.latency_ms.values():

@@ -99,7 +99,8 @@ def sensitivity(output_error: float, layer_error: float) -> float:
 class SensitivityProbes:
     """The probes of one curve pass (module docstring): called by the calibration driver as each
     layer's factors come in (``probe(layer, calibrated, run_on)``), then :meth:`finish` probes the
-    layers whose rest of the network could not be fed from the pass's tensors on the whole network.
+    layers whose rest of the network could not be fed from the pass's tensors (or that onnxruntime
+    would not load or run on its own) on the whole network.
 
     ``reference`` is the input model's outputs on the held-out samples (per batch, in sample
     order); ``multipliers[name]`` the option each layer's factors were solved at.
@@ -119,8 +120,13 @@ class SensitivityProbes:
             return
         t0 = time.perf_counter()
         self.steps.step(len(self.probes), layer.name)
-        error = worst_output_error(self.reference, run_on(), self.scales)
-        self.probes[layer.name] = self._probe(layer.name, calibrated.heldout_error, error)
+        try:
+            outputs = run_on()
+        except CalibrationError:  # onnxruntime refused the part from this conv on: the whole network
+            self.deferred[layer.name] = (layer, calibrated)
+        else:
+            error = worst_output_error(self.reference, outputs, self.scales)
+            self.probes[layer.name] = self._probe(layer.name, calibrated.heldout_error, error)
         self.seconds += time.perf_counter() - t0
 
     def _probe(self, name: str, layer_error: float, output_error: float) -> LayerProbe:

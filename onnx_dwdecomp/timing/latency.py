@@ -76,6 +76,7 @@ it for outputs that are the same on every machine.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -318,7 +319,8 @@ def timed_pair(fns: Sequence[Callable[[], object]], threads: int, scale: int = 1
 
 
 def _seconds(timing: Timing) -> float:
-    """What a timing's rounds took: both calls, every round (its medians × rounds)."""
+    """What a timing's rounds took, from its medians (both calls, every round): the cost of a
+    cached timing, whose wall time is not known."""
     return timing.runs * (timing.regular_ms + timing.separable_ms) / 1e3
 
 
@@ -395,13 +397,19 @@ class LatencySelector:
         its noise band (at most :data:`MAX_RETIMES` times); a configuration that cannot be timed
         stays regular."""
         try:
+            # what a timing took: its wall seconds (rounds, warm-ups, sessions, extra rounds under
+            # load), at least its rounds' medians (a cached timing's cost); a re-timing takes
+            # RETIME_FACTOR × the last
+            t0 = time.perf_counter()
             timing = self.timing(config)
-            spent = 0.0 if timing.cached else _seconds(timing)
+            spent = last = max(time.perf_counter() - t0, _seconds(timing))
             while within_noise(timing, self.min_gain) and timing.retimes < MAX_RETIMES:
-                if self.time_limit_s is not None and spent + RETIME_FACTOR * _seconds(timing) > self.time_limit_s:
+                if self.time_limit_s is not None and spent + RETIME_FACTOR * last > self.time_limit_s:
                     return decide(timing, self.min_gain, self.time_limit_s)
+                t0 = time.perf_counter()
                 timing = self._measure(config, retimes=timing.retimes + 1)
-                spent += _seconds(timing)
+                last = max(time.perf_counter() - t0, _seconds(timing))
+                spent += last
         except TimingError as exc:
             return Decision(False, f"not timed ({exc}); kept regular, --select all forces it")
         return decide(timing, self.min_gain)
