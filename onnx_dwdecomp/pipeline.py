@@ -332,7 +332,9 @@ def _budget_planner(job: _Job, layers: list[ConvLayer]) -> tuple[Planner, Sensit
                                   for layer in layers], without_options)
     cannot_pay = cannot_pay_reason(priced, opts.plan_mode())
     if cannot_pay:  # no curve pass, no probes, no rounds: nothing they could find would be used
-        selected = Selected([], selected.selection,
+        dropped = {layer.name for layer in selected.layers}
+        selected = Selected([], [dataclasses.replace(s, rewritten=False, reason=f"{s.reason}; {cannot_pay}")
+                                 if s.name in dropped else s for s in selected.selection],
                             selected.skipped + [Refused(layer.name, f"kept regular: {cannot_pay}")
                                                 for layer in selected.layers])
     layers = selected.layers

@@ -203,3 +203,23 @@ def test_progress_lines_reach_the_jobs_reporter_only(net, calib):
     say("after the job")
     assert len(lines) == count
 
+
+
+def test_nothing_is_planned_when_no_plan_can_pay(monkeypatch):
+    """With the pricing saying no plan can pay (planning/pricing.cannot_pay_reason), the job runs
+    no curve pass and no probe, keeps every candidate regular with that reason (in graph order),
+    lists none of them as offered, and says why in the stop reason and the returned line."""
+    import onnx_dwdecomp.pipeline as pipeline
+
+    why = ("rewriting every candidate at its fastest option would save 0.001 ms of the model's 1.000 ms (0.1 %), "
+           "less than the 2 % a plan must gain as a whole model")
+    monkeypatch.setattr(pipeline, "cannot_pay_reason", lambda priced, mode: why)
+    _, rep = decompose(three_layer_net(), calib=correlated_images(40, 6, 12, 12), threads=1, select="all")
+    d = rep.to_dict()
+    assert d["layers"] == [] and "curve_pass" not in d["timing_s"] and "sensitivity_probes" not in d["timing_s"]
+    assert [s["name"] for s in d["skipped"]] == ["conv0", "conv1", "conv2"]
+    assert all(s["reason"] == "kept regular: " + why for s in d["skipped"])
+    assert not any(s["rewritten"] for s in d["selection"])
+    assert d["budget"]["stop_reason"] == why
+    assert rep.render(verbose=False).splitlines()[-1] == ("  returned: the input model unchanged — no plan can be "
+                                                         "≥ 2 % faster: " + why)
