@@ -53,13 +53,19 @@ files and the fitted activation RMS. Deterministic: the same arguments give byte
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # tools/ scripts import their neighbours by plain name
+    sys.path.insert(0, str(TOOLS))
+
+from provenance import file_sha256  # noqa: E402
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -305,14 +311,6 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check(model, image: np.ndarray, threads: int = 2) -> dict:
     """One onnxruntime forward of one image (``threads`` intra-op threads) with every block's
     output as an extra graph output: its wall time and the RMS of each block output and the logits."""
@@ -384,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             "input": INPUT_NAME, "output": OUTPUT_NAME, "opset": OPSET, "conv3x3": len(rows),
             "sides": macs["sides"], "macs_per_image": macs["total_macs"], "conv_macs_per_image": macs["conv_macs"],
             "calib_macs": macs["total_macs"] * args.images,
-            "sha256": {"model.onnx": sha256(model_path), "calib.npz": sha256(calib_path)},
+            "sha256": {"model.onnx": file_sha256(model_path), "calib.npz": file_sha256(calib_path)},
             "fit": dict(zip(("images", "crop"), fit_region(args.image_size, args.images)), convs=stats)}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
 

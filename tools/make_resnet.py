@@ -28,7 +28,6 @@ Needs torch (CPU build; torchvision is not used) and scikit-image (``pip install
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -40,6 +39,7 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:  # tools/ scripts import their neighbours by plain name
     sys.path.insert(0, str(TOOLS))
 
+from provenance import file_sha256  # noqa: E402
 from thirdparty import to_rgb_uint8  # noqa: E402  (the same conversion of skimage samples)
 
 #: ImageNet normalisation (RGB, 0..1 scale).
@@ -231,14 +231,6 @@ def check_export(net, path: Path, x: np.ndarray) -> float:
     return rel
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
@@ -275,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"tool": "tools/make_resnet.py", "args": {k: str(v) for k, v in vars(args).items()},
             "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                       for p in (model_path, calib_path, test_path)},
             "onnxruntime_vs_torch_rel": rel, "activations": stats,
             "calib_crops": calib_names, "test_crops": test_names}

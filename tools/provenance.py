@@ -1,11 +1,13 @@
-"""Where and with what a study ran: the machine, the library versions and the git commit.
+"""Where and with what a study ran, and what a generator wrote: machine, versions, commit, sha256.
 
 Printed into the headers of ``docs/RESULTS.md`` (``tools/reproduce.py``) and ``docs/ACCURACY.md``
-(``tools/accuracy_study.py``).
+(``tools/accuracy_study.py``); ``file_sha256`` into the generators' ``meta.json``
+(``tools/make_resnet.py``, ``tools/make_residual_cnn.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -53,3 +55,12 @@ def git_description(root: Path = ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "?"
     return f"{head} + uncommitted changes in onnx_dwdecomp/" if dirty else head
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
