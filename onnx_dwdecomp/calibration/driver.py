@@ -28,7 +28,7 @@ from ..solve import ChannelFactors, LayerStats, SeparableFactors, one_blas_threa
 from .holdout import HOLDOUT_FRACTION, HeldoutPatches, heldout_measure, split_holdout
 from .moments import MomentSums
 from .patches import output_hw, patch_pair, positions_per_sample
-from .segments import Segment, plan_segments, segment_model, suffix_segment
+from .segments import Segment, plan_segments, sample_free, segment_model, suffix_segment
 from .store import CUT_BUDGET, TensorStore
 
 
@@ -188,10 +188,7 @@ class _PassState:
             self.names = self.names or NameAllocator.for_model(self.model)
             replace = to_onnx_nodes(replacement_convs(Replacement(layer, factors), self.names))
             where = f"nodes {seg.start}.. of the model (a sensitivity probe)"
-            try:
-                session = make_session(segment_model(self.model, seg, self.infos, replace))
-            except Exception as exc:  # onnxruntime's own exception types
-                raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
+            session = _segment_session(self.model, seg, self.infos, replace, where)
             out = []
             for start in range(0, len(rows), self.batch):
                 chunk = rows[start:start + self.batch]
@@ -302,18 +299,6 @@ def _asymmetric_pass(state: _PassState, solve: SolveFn, known: dict[str, Calibra
             state.free(k)
 
 
-def sample_free(graph: onnx.GraphProto, unbatched: frozenset[str]) -> set[str]:
-    """Tensors computed from the graph inputs without a sample axis (``unbatched``) and constants
-    only: one value for every sample, whatever their first dimension."""
-    free = set(unbatched)
-    constants = {t.name for t in graph.initializer}
-    for node in graph.node:
-        reads = {name for name in node.input if name and name not in constants}
-        if reads and reads <= free:
-            free.update(o for o in node.output if o)
-    return free
-
-
 def _free_cut_tensors(k: int, layers: list[ConvLayer], segments: list[Segment], stores) -> None:
     """After layer ``k``: drop the cut tensors no later segment or layer reads (keeping what the
     worker just made). A later layer's input need not be read by any segment: the last layer's
@@ -334,15 +319,21 @@ def _passthrough(segments: list[Segment], k: int) -> set[str]:
     return names
 
 
+def _segment_session(model, seg: Segment, infos, replace, where: str):
+    """An onnxruntime session of ``seg`` (its first node replaced by ``replace``); ``where`` names
+    it in the error."""
+    try:
+        return make_session(segment_model(model, seg, infos, replace))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
+
+
 def _advance(model, seg: Segment, infos, store: TensorStore, replace, batch: int, shared) -> None:
     """Run one segment over all calibration batches, adding its output cut tensors to ``store``."""
     if seg.stop == seg.start or not seg.outputs:
         return
     where = f"nodes {seg.start}..{seg.stop - 1} of the model on calibration batches of {batch}"
-    try:
-        session = make_session(segment_model(model, seg, infos, replace))
-    except Exception as exc:  # onnxruntime's own exception types
-        raise CalibrationError(f"onnxruntime cannot load {where}: {first_line(exc)}") from exc
+    session = _segment_session(model, seg, infos, replace, where)
     outs = list(seg.outputs)
     for b in range(len(store.ranges)):
         feeds = {name: store.batch(name, b) for name in seg.inputs}

@@ -1,6 +1,6 @@
 """The graph cut just before every calibrated conv into segments, each a standalone in-memory
 model; which cut tensors are static, shape-derived (kept per batch) or per sample (package
-docstring, onnx_dwdecomp.calibration).
+docstring, onnx_dwdecomp.calibration), and which have no sample axis at all (``sample_free``).
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ def shape_derived(graph: onnx.GraphProto) -> set[str]:
         else:
             derived |= outputs
     return derived
+
+
+def sample_free(graph: onnx.GraphProto, unbatched: frozenset[str]) -> set[str]:
+    """Tensors computed from the graph inputs without a sample axis (``unbatched``) and constants
+    only: one value for every sample, whatever their first dimension."""
+    free = set(unbatched)
+    constants = {t.name for t in graph.initializer}
+    for node in graph.node:
+        reads = {name for name in node.input if name and name not in constants}
+        if reads and reads <= free:
+            free.update(o for o in node.output if o)
+    return free
 
 
 def _static_closure(names: set[str], graph: onnx.GraphProto, producers: dict[str, int]) -> set[int]:

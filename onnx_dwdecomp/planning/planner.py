@@ -221,7 +221,6 @@ class Planner:
         per bound the allocation's predicted output error, MACs, convs' latency and, priced
         inside the model, the predicted model latency ratio ``1 − (Σ regular − Σ chosen) / t_model``
         (:meth:`take_check`)."""
-        regular_ms = sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) if self._price == "latency" else None
         chosen = self._alloc.multipliers
         plans = [(bound, allocate_error(self.curves, self._errors.error_budget(bound), price=self._price)
                   if self.curves else uniform(self.curves, SKIP))
@@ -235,13 +234,17 @@ class Planner:
         for bound, alloc in plans:
             ratio = None
             if self._model_ms and alloc.latency_ms is not None:
-                ratio = max(self._model_ms - (regular_ms - alloc.latency_ms), 0.0) / self._model_ms
+                ratio = max(self._model_ms - self._saving_ms(alloc), 0.0) / self._model_ms
             rows.append(FrontierRow(bound, self._errors.predict(alloc), self._fixed + alloc.macs,
                                     (self._fixed + alloc.macs) / max(self._before, 1),
                                     sum(1 for r in alloc.multipliers.values() if r != SKIP), alloc.latency_ms, ratio,
                                     {k: _r(v) for k, v in alloc.multipliers.items()},
                                     alloc.multipliers == chosen and not any(row.chosen for row in rows)))
         return rows
+
+    def _saving_ms(self, alloc: Allocation) -> float:
+        """What ``alloc`` saves inside the model (priced by latency): ``Σ regular − Σ chosen``."""
+        return sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) - alloc.latency_ms
 
     def notes(self, macs: int, rewritten: bool) -> list[str]:
         """The report's notes on the plan: the budget missed (``macs``: the output's MACs);

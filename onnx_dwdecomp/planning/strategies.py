@@ -65,14 +65,12 @@ class MaxError(Planner):
         verifying and timing it costs several forward passes. True when priced by MACs."""
         if self._price != "latency" or not self._model_ms or alloc.latency_ms is None:
             return True
-        return self._saving(alloc) >= MODEL_MIN_GAIN * self._model_ms
-
-    def _saving(self, alloc: Allocation) -> float:
-        return sum(c.option(SKIP).latency_ms or 0.0 for c in self.curves) - alloc.latency_ms
+        return self._saving_ms(alloc) >= MODEL_MIN_GAIN * self._model_ms
 
     def _too_slow(self, alloc: Allocation, what: str) -> str:
-        return (f"{what} saves {self._saving(alloc):.3f} ms of the model's {self._model_ms:.3f} ms "
-                f"({100 * self._saving(alloc) / self._model_ms:.3g} %), less than the {100 * MODEL_MIN_GAIN:g} % "
+        saving = self._saving_ms(alloc)
+        return (f"{what} saves {saving:.3f} ms of the model's {self._model_ms:.3f} ms "
+                f"({100 * saving / self._model_ms:.3g} %), less than the {100 * MODEL_MIN_GAIN:g} % "
                 f"a plan must gain as a whole model: not solved")
 
     def take_back(self, measured: float | None, model: onnx.ModelProto | None = None) -> None:
